@@ -1,0 +1,326 @@
+"""The μOmni Thinker: a pre-norm decoder-only LM, the same function of the same
+weights as the original PyTorch `ThinkerLM` (see shared/spec/thinker.md).
+
+Parameter names mirror the PyTorch `state_dict` (`tok_emb`, `blocks.{i}.attn.q`, ...)
+so that weight exchange is a renaming plus a transpose of linear kernels: nnx.Linear
+stores `kernel` as (in, out), PyTorch stores `weight` as (out, in).
+
+Shapes: B batch, T sequence, D d_model, H query heads, G kv groups, K head dim,
+F d_ff, E experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Finite, so a row with nothing to attend to gives a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkerConfig:
+    vocab_size: int = 32000
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    rope_theta: float = 10000.0
+    ctx_len: int = 512
+    use_gqa: bool = True
+    kv_groups: int = 2
+    use_swiglu: bool = True
+    use_moe: bool = False
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    dtype: str = "float32"  # compute dtype; params are always float32
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ThinkerConfig":
+        """Builds from any mapping, ConfigDict or attribute object holding these
+        field names; other fields are ignored, missing ones take the defaults."""
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if hasattr(config, "__contains__"):  # dict, Mapping, ConfigDict
+                if field.name not in config:
+                    continue
+                value = config[field.name]
+            elif hasattr(config, field.name):
+                value = getattr(config, field.name)
+            else:
+                continue
+            # JSON may spell 0.0 as 0 and 512 as 512.0; bools and strings pass as given.
+            if field.type in ("int", int) and not isinstance(value, bool):
+                if float(value) != int(value):
+                    raise ValueError(f"{field.name} must be an integer, got {value!r}")
+                value = int(value)
+            elif field.type in ("float", float) and not isinstance(value, bool):
+                value = float(value)
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(_DTYPES[self.dtype])
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first inconsistency and how to fix it."""
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}):"
+                " change one of them")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head dim d_model/n_heads ({self.head_dim}) must be even for RoPE:"
+                " change d_model or n_heads")
+        if self.use_gqa:
+            if self.kv_groups <= 0:
+                raise ValueError(
+                    f"kv_groups ({self.kv_groups}) must be positive when use_gqa is true")
+            if self.n_heads % self.kv_groups:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be divisible by kv_groups"
+                    f" ({self.kv_groups}) when use_gqa is true: change one of them")
+        if self.ctx_len < 2:
+            raise ValueError(f"ctx_len ({self.ctx_len}) must be at least 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be positive")
+        if self.use_moe:
+            if self.num_experts <= 0 or self.num_experts_per_tok <= 0:
+                raise ValueError(
+                    f"num_experts ({self.num_experts}) and num_experts_per_tok"
+                    f" ({self.num_experts_per_tok}) must be positive when use_moe is true")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts"
+                    f" ({self.num_experts}): lower it or add experts")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}")
+
+
+def count_params(state_or_model: Any) -> int:
+    """Total number of parameter scalars of a module (its nnx.Param variables), an
+    nnx.State, or a plain pytree of arrays / ShapeDtypeStructs (abstract is fine)."""
+    if isinstance(state_or_model, nnx.Module):
+        state_or_model = nnx.state(state_or_model, nnx.Param)
+    leaves = jax.tree.leaves(state_or_model, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    total = 0
+    for leaf in leaves:
+        if isinstance(leaf, nnx.Variable):
+            if not isinstance(leaf, nnx.Param):
+                continue  # e.g. RNG counters in a full state
+            leaf = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+    """positions (B, T) int -> cos, sin (B, T, 1, K) float32, broadcastable over heads."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, K/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, H, K) -> same, rotated in float32 ("rotate half", not interleaved)."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids (B, T) -> bool (B, 1, T, T): causal and same document."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def _linear(cfg: ThinkerConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias=False):
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(stddev=0.02),
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x**2) + eps) * weight, computed in float32."""
+
+    def __init__(self, dim: int, *, dtype, eps: float = 1e-5):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) -> (..., D) in the compute dtype."""
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...]).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with RoPE; GQA (`q`, `k`, `v`) or MHA (fused `qkv`)."""
+
+    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs):
+        d, k = cfg.d_model, cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, k
+        self.n_groups = cfg.kv_groups if cfg.use_gqa else cfg.n_heads
+        self.use_gqa = cfg.use_gqa
+        if cfg.use_gqa:
+            self.q = _linear(cfg, d, cfg.n_heads * k, rngs)
+            self.k = _linear(cfg, d, self.n_groups * k, rngs)
+            self.v = _linear(cfg, d, self.n_groups * k, rngs)
+        else:
+            self.qkv = _linear(cfg, d, 3 * d, rngs)
+        self.o = _linear(cfg, d, d, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None):
+        """x (B, T, D), cos/sin (B, T, 1, K), mask (B, 1, T, T) bool -> (B, T, D)."""
+        b, t, _ = x.shape
+        if self.use_gqa:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:
+            q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_groups, self.head_dim)
+        v = v.reshape(b, t, self.n_groups, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # repeat_interleave: query head h reads kv group h // (H // G), as the original does.
+        rep = self.n_heads // self.n_groups
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+
+        scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores / math.sqrt(self.head_dim), _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
+        out = jnp.einsum("bhts,bshk->bthk", probs.astype(v.dtype), v)
+        return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU (`gate_proj`, `up_proj`, `down_proj`, no biases) or exact-GELU (`fc1`, `fc2`)."""
+
+    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.use_swiglu = cfg.use_swiglu
+        if cfg.use_swiglu:
+            self.gate_proj = _linear(cfg, d, f, rngs)
+            self.up_proj = _linear(cfg, d, f, rngs)
+            self.down_proj = _linear(cfg, f, d, rngs)
+        else:
+            self.fc1 = _linear(cfg, d, f, rngs, bias=True)
+            self.fc2 = _linear(cfg, f, d, rngs, bias=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) -> (..., D)."""
+        if self.use_swiglu:
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class MoE(nnx.Module):
+    """Top-k routed mixture of MLP experts (dense: every expert runs on every token)."""
+
+    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs):
+        self.top_k = cfg.num_experts_per_tok
+        self.router = _linear(cfg, cfg.d_model, cfg.num_experts, rngs)
+        self.experts = nnx.List([MLP(cfg, rngs=rngs) for _ in range(cfg.num_experts)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (B, T, D) -> (B, T, D)."""
+        probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)  # (B, T, E)
+        top_p, top_i = jax.lax.top_k(probs, self.top_k)
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        # (B, T, E) combine weights, zero for experts a token did not choose.
+        weights = jnp.sum(jax.nn.one_hot(top_i, probs.shape[-1]) * top_p[..., None], axis=-2)
+        out = jnp.zeros(x.shape, jnp.float32)
+        for e, expert in enumerate(self.experts):
+            out = out + weights[..., e:e + 1] * expert(x).astype(jnp.float32)
+        return out.astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + drop(attn(norm1 x)), then x + drop(mlp(norm2 x))."""
+
+    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs):
+        dtype = cfg.compute_dtype
+        self.norm1 = RMSNorm(cfg.d_model, dtype=dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.d_model, dtype=dtype)
+        self.use_moe = cfg.use_moe
+        if cfg.use_moe:
+            self.moe = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None):
+        """x (B, T, D) -> (B, T, D)."""
+        h = self.attn(self.norm1(x), cos, sin, mask, deterministic=deterministic, rngs=rngs)
+        x = x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
+        ff = self.moe if self.use_moe else self.mlp
+        h = ff(self.norm2(x))
+        return x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
+
+
+class Thinker(nnx.Module):
+    """Decoder-only LM. Packed rows: tokens attend causally within their segment."""
+
+    def __init__(self, config: ThinkerConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        self.tok_emb = nnx.Embed(
+            config.vocab_size, config.d_model, dtype=config.compute_dtype,
+            param_dtype=jnp.float32, embedding_init=nnx.initializers.normal(stddev=0.02),
+            rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model, dtype=config.compute_dtype)
+        self.lm_head = _linear(config, config.d_model, config.vocab_size, rngs)
+
+    def hidden_states(self, tokens, *, segment_ids=None, positions=None,
+                      deterministic=True, rngs=None) -> jax.Array:
+        """tokens (B, T) int; segment_ids (B, T) int, 0 = padding (default all ones);
+        positions (B, T) int RoPE positions, restarting per document (default arange(T));
+        rngs: nnx.Rngs with a 'dropout' stream, needed when deterministic=False.
+        Returns the final-normed hidden states (B, T, D) in the compute dtype."""
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if not deterministic and self.config.dropout > 0 and rngs is None:
+            raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...)")
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = attention_mask(segment_ids)
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, deterministic=deterministic, rngs=rngs)
+        return self.norm(x)
+
+    def __call__(self, tokens, *, segment_ids=None, positions=None,
+                 deterministic=True, rngs=None) -> jax.Array:
+        """Same arguments as `hidden_states`; returns logits (B, T, V) in float32."""
+        h = self.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
+                               deterministic=deterministic, rngs=rngs)
+        return self.lm_head(h).astype(jnp.float32)

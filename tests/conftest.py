@@ -1,0 +1,47 @@
+"""Test set-up: eight virtual CPU devices, so every test also exercises sharding.
+
+The device count must be fixed before JAX first touches a backend, hence here.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+CORPUS = os.path.join(REPO, 'data', 'text', 'corpus.txt')
+
+from configs import tiny  # pylint: disable=g-import-not-at-top
+
+
+def small_config(save_dir, data_path, **overrides):
+    """configs/tiny.py shrunk to seconds on a CPU; overrides win."""
+    config = tiny.get_config()
+    config.update(dict(
+        vocab_size=256, n_layers=2, d_model=64, n_heads=4, d_ff=128, ctx_len=32, dropout=0.0,
+        batch_size=8, num_epochs=1, max_steps=6, warmup_steps=2, learning_rate=1e-3,
+        log_every=2, eval_every=3, eval_batches=2, save_every=3, data_path=str(data_path),
+        save_dir=str(save_dir), tokenizer_sample_size=20000))
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope='session')
+def corpus_sample(tmp_path_factory):
+    """The first 600 documents of the bundled corpus: real English, small enough for tests."""
+    path = tmp_path_factory.mktemp('corpus') / 'sample.txt'
+    with open(CORPUS, encoding='utf-8') as f:
+        lines = [next(f) for _ in range(600)]
+    path.write_text(''.join(lines), encoding='utf-8')
+    return path
+
+
+def pytest_report_header(config):
+    del config
+    return f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices'

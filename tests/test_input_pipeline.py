@@ -1,0 +1,193 @@
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from muomni_jax import input_pipeline
+from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.errors import UserError
+
+DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return tokenizer_lib.train_tokenizer(DOCS, vocab_size=64, sample_size=1000)
+
+
+def _config(data_path, **overrides):
+    config = tiny.get_config()
+    config.data_path = str(data_path)
+    config.val_split = 0.2
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / 'docs.txt'
+    path.write_text('\n\n'.join(DOCS) + '\n   \n', encoding='utf-8')  # Blank lines are not documents.
+    return path
+
+
+def _texts(ds):
+    return list(input_pipeline.document_texts(ds))
+
+
+def test_train_and_validation_partition_the_documents(corpus_file):
+    config = _config(corpus_file)
+    train = _texts(input_pipeline.documents(config, 'train'))
+    val = _texts(input_pipeline.documents(config, 'validation'))
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(DOCS)
+    assert 0.1 < len(val) / len(DOCS) < 0.3  # val_split 0.2, by hash.
+    # Deterministic: the same split on every call.
+    assert _texts(input_pipeline.documents(config, 'validation')) == val
+
+
+def test_process_shards_partition_the_split(corpus_file):
+    config = _config(corpus_file)
+    shards = [_texts(input_pipeline.documents(config, 'train', i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(_texts(input_pipeline.documents(config, 'train')))
+    assert all(shards)
+
+
+def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_file, tokenizer):
+    ctx = 16
+    config = _config(corpus_file, val_split=0.0)
+    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, ctx)
+    assert split.num_documents == len(DOCS)
+    # Reassemble the stream: window k covers stream[k*ctx : k*ctx + ctx + 1].
+    valid = split.segment_ids > 0
+    assert valid[:-1].all(), 'only the last window may hold padding'
+    assert not valid[-1][np.argmin(valid[-1]):].any(), 'padding is a suffix of the last window'
+    stream = np.concatenate([split.tokens[:-1, :ctx].ravel(), split.tokens[-1][valid[-1]]])
+    assert len(stream) == split.num_tokens
+    expected = np.concatenate([[tokenizer_lib.BOS_ID] + tokenizer.encode(d) + [tokenizer_lib.EOS_ID]
+                               for d in DOCS])
+    np.testing.assert_array_equal(stream, expected)
+    # Overlap by one: the last token of a window is the first of the next.
+    np.testing.assert_array_equal(split.tokens[:-1, -1], split.tokens[1:, 0])
+
+
+def test_features_mask_document_boundaries_and_restart_positions(corpus_file, tokenizer):
+    config = _config(corpus_file, val_split=0.0)
+    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 16)
+    f = input_pipeline.features(split.tokens, split.segment_ids)
+    assert f['inputs'].shape == f['weights'].shape == (split.num_windows, 16)
+    # No loss across a boundary: EOS is never asked to predict the next document's BOS.
+    assert not (f['weights'][f['inputs'] == tokenizer_lib.EOS_ID]).any()
+    assert (f['weights'][f['targets'] == tokenizer_lib.EOS_ID] == 1).all()
+    # Every BOS starts a segment at position 0; positions count up inside a segment.
+    bos = f['inputs'] == tokenizer_lib.BOS_ID
+    assert (f['positions'][bos] == 0).all()
+    same = f['segment_ids'][:, 1:] == f['segment_ids'][:, :-1]
+    assert (f['positions'][:, 1:][same] == f['positions'][:, :-1][same] + 1).all()
+    assert (f['positions'][:, 1:][~same] == 0).all()
+    # Padding is masked by position: targets past the stream's end carry no weight.
+    assert f['weights'][-1].sum() < 16 and f['weights'][:-1].sum() > 0
+
+
+def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokenizer):
+    config = _config(corpus_file, val_split=0.0)
+    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
+    full = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0))
+    assert len(full) == input_pipeline.steps_per_epoch(split, 4) > 3
+    again = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0))
+    resumed = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0, start_step=3))
+    next_epoch = list(input_pipeline.train_batches(split, 4, seed=3, epoch=1))
+    for a, b in zip(full, again):
+        np.testing.assert_array_equal(a['inputs'], b['inputs'])
+    assert len(resumed) == len(full) - 3
+    for a, b in zip(full[3:], resumed):
+        np.testing.assert_array_equal(a['inputs'], b['inputs'])
+    assert any((a['inputs'] != b['inputs']).any() for a, b in zip(full, next_epoch))
+    # One epoch visits each window at most once: its rows are a sub-multiset of the windows.
+    seen = collections.Counter(r.tobytes() for b in full for r in b['inputs'])
+    windows = collections.Counter(r.tobytes() for r in split.tokens[:, :-1])
+    assert sum(seen.values()) == len(full) * 4 and not seen - windows
+
+
+def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenizer):
+    config = _config(corpus_file)
+    split = input_pipeline.pack(input_pipeline.documents(config, 'validation'), tokenizer, 8)
+    batches = list(input_pipeline.eval_batches(split, 4, -(-split.num_windows // 4)))
+    weights = np.concatenate([b['weights'] for b in batches])
+    full = input_pipeline.features(split.tokens, split.segment_ids)['weights']
+    assert weights.sum() == full.sum()
+    assert weights[split.num_windows:].sum() == 0
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, tokenizer, capsys):
+    path = tmp_path / 'bad.txt'
+    path.write_bytes(b'good line of text here\nbad \xff\xfe bytes here\n')
+    config = _config(path, val_split=0.0)
+    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
+    assert split.num_documents == 2
+    assert '1 documents had invalid UTF-8' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda d: str(d / 'missing.txt'), 'does not exist'),
+    (lambda d: str(d), 'no .txt/.text files'),
+    (lambda d: str(d / '*.nothing'), 'matches no files'),
+])
+def test_bad_data_paths_are_named(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        input_pipeline.documents(_config(make(tmp_path)), 'train')
+
+
+def test_directory_and_glob_sources(tmp_path):
+    (tmp_path / 'a.txt').write_text('alpha one\nalpha two\n')
+    (tmp_path / 'sub').mkdir()
+    (tmp_path / 'sub' / 'b.txt').write_text('beta one\n')
+    (tmp_path / 'c.md').write_text('gamma one\n')
+    docs = lambda path: sorted(_texts(input_pipeline.documents(_config(path, val_split=0.0), 'train')))
+    assert docs(tmp_path) == ['alpha one', 'alpha two', 'beta one']
+    assert docs(str(tmp_path / '*.md')) == ['gamma one']
+
+
+def test_tfds_source_offline_with_mock_data(tokenizer):
+    import tensorflow_datasets as tfds
+    config = _config('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
+    with tfds.testing.mock_data(num_examples=12):
+        docs = _texts(input_pipeline.documents(config, 'train'))
+        split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
+    assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
+    assert split.num_documents == 12
+
+
+
+
+def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
+    import tensorflow_datasets as tfds
+
+    class MuomniTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version('1.0.0')
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({'body': tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {'train': self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, doc in enumerate(DOCS[:30]):
+                yield i, {'body': doc}
+
+    MuomniTinyText(data_dir=str(tmp_path)).download_and_prepare()
+    config = _config('', tfds_name='muomni_tiny_text', tfds_text_key='body',
+                     tfds_data_dir=str(tmp_path), val_split=0.0)
+    assert sorted(_texts(input_pipeline.documents(config, 'train'))) == sorted(DOCS[:30])
+    with pytest.raises(UserError, match="no feature 'text'"):
+        input_pipeline.documents(_config('', tfds_name='muomni_tiny_text', tfds_text_key='text',
+                                         tfds_data_dir=str(tmp_path)), 'train')
+
+
+def test_unknown_tfds_dataset_is_named():
+    with pytest.raises(UserError, match="TFDS dataset 'no_such_dataset_xyz' does not exist"):
+        input_pipeline.documents(_config('', tfds_name='no_such_dataset_xyz'), 'train')
