@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     metrics = {
         'loss_sum': loss_sum,
         'weight_sum': weight_sum,
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'nonfinite': 1 - opt_state.last_finite.astype(jnp.int32),
         'steps': jnp.ones((), jnp.int32),
     }
@@ -181,6 +181,9 @@ def validate_config(config) -> ThinkerConfig:
         raise UserError('max_steps, warmup_steps and eval_batches must be >= 0 (0 means unset)')
     if not 0 <= config.val_split < 1:
         raise UserError(f'val_split ({config.val_split}) must be in [0, 1)')
+    if config.tokenizer_sample_size <= 100:
+        raise UserError(f'tokenizer_sample_size ({config.tokenizer_sample_size}) must be > 100 '
+                        '(a SentencePiece limit)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     return model_config

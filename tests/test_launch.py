@@ -1,0 +1,65 @@
+"""The launcher end to end, as a user runs it: a subprocess, one CPU device, a tiny config."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64',
+         '--config.n_heads=4', '--config.d_ff=128', '--config.ctx_len=32', '--config.batch_size=8',
+         '--config.num_epochs=1', '--config.warmup_steps=2', '--config.log_every=2',
+         '--config.eval_every=3', '--config.eval_batches=2', '--config.save_every=3',
+         '--config.tokenizer_sample_size=20000']
+
+
+def run_stage_a(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
+    return subprocess.run([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_trains_saves_and_resumes(tmp_path, corpus_sample):
+    save_dir = tmp_path / 'run'
+    common = [*SMALL, f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}']
+    first = run_stage_a(*common, '--config.max_steps=6')
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    for line in (f'Loading data from {corpus_sample}...',
+                 'Training a 256-piece BPE tokenizer', 'Vocab size: 256', 'Training samples: ',
+                 'Initializing Thinker (0.1M parameters)...', 'Using device: cpu (1 device)',
+                 'Starting training...', 'Epoch 1/1:', '[Step 2/6] loss=', '[Step 6/6] loss=',
+                 '→ Validation: loss=', '→ Final validation: loss=', '✓ Saved checkpoint: step 3',
+                 '✓ Saved checkpoint: step 6', 'Training complete! Time: ', 'Final validation PPL: '):
+        assert line in out, f'missing {line!r} in:\n{out}'
+    assert ' tok/s' in out and 's/step' in out
+    assert sorted(os.listdir(save_dir)) == ['3', '6', 'config.json', 'tokenizer.model',
+                                            'training_log.json']
+    config = json.load(open(save_dir / 'config.json'))
+    assert config['vocab_size'] == 256 and config['max_steps'] == 6
+    log = json.load(open(save_dir / 'training_log.json'))
+    assert [r['step'] for r in log] == [2, 3, 4, 6]
+    for record in log:
+        if record['step'] % 2 == 0:
+            assert {'step', 'epoch', 'loss', 'ppl', 'lr', 'grad_norm', 'tokens_per_s',
+                    'elapsed_s'} <= set(record)
+    assert {'val_loss', 'val_ppl'} <= set(log[1]) and {'val_loss', 'val_ppl'} <= set(log[-1])
+
+    # The same command with a later max_steps continues from step 6, reusing the tokenizer.
+    second = run_stage_a(*common, '--config.max_steps=8')
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert 'Resuming from checkpoint step 6' in second.stdout
+    assert 'Training a' not in second.stdout
+    assert '[Step 8/8]' in second.stdout and '[Step 2/8]' not in second.stdout
+    log = json.load(open(save_dir / 'training_log.json'))
+    assert [r['step'] for r in log] == [2, 3, 4, 6, 8]
+
+
+def test_bad_config_is_one_clear_line(tmp_path, corpus_sample):
+    result = run_stage_a(*SMALL, f'--config.data_path={corpus_sample}',
+                         f'--config.save_dir={tmp_path / "run"}', '--config.d_model=66')
+    assert result.returncode == 2
+    assert 'error: d_model (66) must be divisible by n_heads (4)' in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert not (tmp_path / 'run').exists()

@@ -1,0 +1,147 @@
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from muomni_jax import checkpointing
+from muomni_jax import partitioning
+from muomni_jax import train
+from muomni_jax.thinker import Thinker, ThinkerConfig
+from tests.conftest import small_config
+
+MODEL = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=16,
+                      dropout=0.0)
+
+
+def _batch(seed=0, batch=8, ctx=16):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 64, (batch, ctx + 1)).astype(np.int32)
+    segment_ids = np.ones((batch, ctx + 1), np.int32)
+    segment_ids[:, ctx // 2:] = 2
+    segment_ids[-1, -3:] = 0  # Padding at the very end.
+    from muomni_jax import input_pipeline
+    return input_pipeline.features(tokens, segment_ids)
+
+
+def _state(config, total_steps=10):
+    tx = train.make_optimizer(config, total_steps)
+    state = train.init_state(jax.random.PRNGKey(0), MODEL, tx)
+    graphdef = nnx.graphdef(Thinker(MODEL, rngs=nnx.Rngs(0)))
+    return state, graphdef, tx
+
+
+def test_cross_entropy_is_masked_mean_in_float32():
+    logits = jnp.array([[[2.0, 0.0], [0.0, 3.0], [5.0, -5.0]]], jnp.bfloat16)
+    targets = jnp.array([[0, 1, 1]])
+    weights = jnp.array([[1.0, 1.0, 0.0]])
+    loss_sum, weight_sum = train.cross_entropy(logits, targets, weights)
+    expected = -np.log(np.exp(2) / (np.exp(2) + 1)) - np.log(np.exp(3) / (np.exp(3) + 1))
+    assert loss_sum.dtype == jnp.float32 and float(weight_sum) == 2.0
+    np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = small_config('/tmp/unused', '/tmp/unused', learning_rate=1e-3, warmup_steps=10,
+                          min_lr_ratio=0.1)
+    schedule = train.learning_rate_schedule(config, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-5)
+    assert float(schedule(50)) < float(schedule(20))
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    config = small_config('/tmp/unused', '/tmp/unused')
+    state, _, _ = _state(config)
+    mask = train.weight_decay_mask(state.params)
+    flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert not flat['tok_emb/embedding/value']
+    assert not flat['norm/weight/value'] and not flat['blocks/0/norm1/weight/value']
+    assert flat['lm_head/kernel/value'] and flat['blocks/0/attn/q/kernel/value']
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    config = small_config('/tmp/unused', '/tmp/unused')
+    state, graphdef, tx = _state(config)
+    batch = _batch()
+    step = lambda a: jax.jit(functools.partial(
+        train.train_step, graphdef=graphdef, tx=tx, accumulation_steps=a, deterministic=True))
+    one, m1 = step(1)(state, batch)
+    four, m4 = step(4)(state, batch)
+    np.testing.assert_allclose(float(m1['loss_sum']), float(m4['loss_sum']), rtol=1e-5)
+    np.testing.assert_allclose(float(m1['grad_norm']), float(m4['grad_norm']), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nonfinite_step_leaves_params_unchanged():
+    config = small_config('/tmp/unused', '/tmp/unused')
+    state, graphdef, tx = _state(config)
+    batch = _batch()
+    batch['weights'] = batch['weights'] * np.float32('nan')
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                     accumulation_steps=1, deterministic=True))
+    new, metrics = step(state, batch)
+    assert int(metrics['nonfinite']) == 1 and int(new.opt_state.notfinite_count) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_depends_on_the_step():
+    config = small_config('/tmp/unused', '/tmp/unused')
+    model = ThinkerConfig(**{**MODEL.__dict__, 'dropout': 0.5})
+    tx = train.make_optimizer(config, 10)
+    state = train.init_state(jax.random.PRNGKey(0), model, tx)
+    graphdef = nnx.graphdef(Thinker(model, rngs=nnx.Rngs(0)))
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                     accumulation_steps=1, deterministic=False))
+    batch = _batch()
+    _, m0 = step(state, batch)
+    _, m0_again = step(state, batch)
+    _, m1 = step(state.replace(step=state.step + 1), batch)
+    assert float(m0['loss_sum']) == float(m0_again['loss_sum'])
+    assert float(m0['loss_sum']) != float(m1['loss_sum'])
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    config = small_config('/tmp/unused', '/tmp/unused')
+    state, graphdef, tx = _state(config)
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                     accumulation_steps=1, deterministic=True))
+    state, _ = step(state, _batch())  # Non-trivial Adam moments and counters.
+    mesh = partitioning.make_mesh({'data': 2, 'fsdp': 4})
+    shardings = partitioning.state_shardings(mesh, state)
+    state = jax.device_put(state, shardings)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / 'run'))
+    ckpt.save(1, state, {'step': 1, 'epoch': 0})
+    ckpt.wait()
+    abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    restored, meta = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert meta == {'step': 1, 'epoch': 0}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
+
+
+def test_overfits_repeated_sentences(tmp_path):
+    sentences = ['The cat sat on the mat.', 'The dog sat on the log.',
+                 'A bird sang in the tree.', 'The fish swam in the pond.']
+    data = tmp_path / 'repeat.txt'
+    data.write_text('\n'.join(sentences * 40) + '\n')
+    config = small_config(tmp_path / 'run', data, vocab_size=64, val_split=0.0, ctx_len=32,
+                          max_steps=120, num_epochs=100, learning_rate=3e-3, warmup_steps=10,
+                          log_every=20, eval_every=1000, save_every=1000)
+    summary = train.train_and_evaluate(config)
+    log = json.load(open(tmp_path / 'run' / 'training_log.json'))
+    assert log[-1]['loss'] < log[0]['loss'] / 4
+    assert summary['ppl'] < 2.0, summary
+    assert [r['step'] for r in log] == list(range(20, 121, 20))
