@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import collections
 import time
 from typing import Any, Iterator
 
@@ -23,7 +24,9 @@ import optax
 from flax import nnx
 
 from muomni_jax import checkpointing
+from muomni_jax import flops
 from muomni_jax import input_pipeline
+from muomni_jax import lm_loss
 from muomni_jax import partitioning
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
@@ -103,17 +106,23 @@ def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTr
                       rng=dropout_rng)
 
 
-def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool):
+def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
+             loss_chunk_tokens: int = 0):
+    """(loss sum, weight sum); loss_chunk_tokens > 0 fuses lm_head and loss (lm_loss.py)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch['inputs'], segment_ids=batch['segment_ids'],
-                   positions=batch['positions'], deterministic=deterministic,
-                   rngs=nnx.Rngs(dropout=dropout_key))
+    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
+                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+    if loss_chunk_tokens:
+        hidden = model.hidden_states(batch['inputs'], **inputs)
+        return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
+                                             batch['weights'], loss_chunk_tokens)
+    logits = model(batch['inputs'], **inputs)
     return cross_entropy(logits, batch['targets'], batch['weights'])
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
+               loss_chunk_tokens: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
 
     Gradients are summed over micro-batches and divided by the total weight, so the update equals
@@ -129,7 +138,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         index, micro_batch = xs
         (loss_sum, weight_sum), grads = grad_fn(
             state.params, micro_batch, jax.random.fold_in(step_key, index), graphdef,
-            deterministic)
+            deterministic, loss_chunk_tokens)
         return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
@@ -149,10 +158,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> dict[str, jax.Array]:
-    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True)
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
+    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True,
+                                    loss_chunk_tokens)
     return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+
+
+def jit_train_step(config, model_config: ThinkerConfig, graphdef: nnx.GraphDef,
+                   tx: optax.GradientTransformation, state_sharding: Any, mesh: Any) -> Any:
+    """train_step jitted over the mesh as the loop runs it; the state's buffers are donated."""
+    return jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          accumulation_steps=config.gradient_accumulation_steps,
+                          deterministic=model_config.dropout == 0,
+                          loss_chunk_tokens=config.loss_chunk_tokens),
+        in_shardings=(state_sharding, partitioning.batch_sharding(mesh)),
+        out_shardings=(state_sharding, partitioning.replicated(mesh)),
+        donate_argnums=0)
 
 
 def _add_metrics(total, metrics):
@@ -184,6 +207,9 @@ def validate_config(config) -> ThinkerConfig:
     if config.tokenizer_sample_size <= 100:
         raise UserError(f'tokenizer_sample_size ({config.tokenizer_sample_size}) must be > 100 '
                         '(a SentencePiece limit)')
+    if config.loss_chunk_tokens < 0 or config.peak_flops_per_device < 0:
+        raise UserError('loss_chunk_tokens and peak_flops_per_device must be >= 0 (0: plain loss, '
+                        'and the peak from the device table or a measurement)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     return model_config
@@ -259,6 +285,8 @@ class _Run:
     p_train_step: Any
     p_eval_step: Any
     batch_sharding: Any
+    flops_per_step: float  # Model FLOPs of one optimizer step (flops.py).
+    peak_flops: float | None  # Peak FLOP/s of all devices, for MFU; None: MFU not logged.
 
 
 def train_and_evaluate(config) -> dict[str, float]:
@@ -335,18 +363,20 @@ def train_and_evaluate(config) -> dict[str, float]:
             f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
     batch_sharding = partitioning.batch_sharding(mesh)
-    p_train_step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          accumulation_steps=config.gradient_accumulation_steps,
-                          deterministic=model_config.dropout == 0),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, partitioning.replicated(mesh)),
-        donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+    p_train_step = jit_train_step(config, model_config, graphdef, tx, state_sharding, mesh)
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                            loss_chunk_tokens=config.loss_chunk_tokens),
                           in_shardings=(state_sharding.params, batch_sharding))
+    flops_per_token = flops.flops_per_token(model_config)['total']
+    peak_flops, peak_source = flops.system_peak_flops(config.peak_flops_per_device)
+    if peak_flops:
+        log(f'Model FLOPs: {flops_per_token / 1e6:.1f} MFLOP/token; MFU against '
+            f'{peak_flops / 1e12:.3g} TFLOP/s ({peak_source})')
     run = _Run(config=config, mesh=mesh, train_split=train_split, val_split=val_split,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding)
+               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding,
+               flops_per_step=flops_per_token * config.batch_size * config.ctx_len,
+               peak_flops=peak_flops)
     try:
         summary = _train_loop(run, state, start_step, checkpointer, log, is_main)
     finally:
@@ -361,8 +391,23 @@ def _batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]
     local = input_pipeline.train_batches(
         run.train_split, run.config.batch_size // jax.process_count(), seed=run.config.seed,
         epoch=epoch, start_step=start, num_steps=run.steps_per_epoch)
-    for batch in local:
-        yield partitioning.global_batch(batch, run.batch_sharding)
+    yield from prefetch((partitioning.global_batch(batch, run.batch_sharding) for batch in local),
+                        _PREFETCH_BATCHES)
+
+
+# Batches placed on the devices ahead of the step that reads them; transfers are asynchronous.
+_PREFETCH_BATCHES = 2
+
+
+def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
+    """Yields the iterator's items while keeping `size` more already made (device-placed)."""
+    queue = collections.deque()
+    for item in iterator:
+        queue.append(item)
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
@@ -410,11 +455,15 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log
                     grad_norm=float(m['grad_norm']) / int(m['steps']),
                     tokens_per_s=tokens_per_step * int(m['steps']) / elapsed,
                     elapsed_s=time.time() - run_start, nonfinite_steps=int(m['nonfinite']))
+                mfu = ''
+                if run.peak_flops:
+                    record['mfu'] = run.flops_per_step * int(m['steps']) / elapsed / run.peak_flops
+                    mfu = f' | MFU {100 * record["mfu"]:.1f}%'
                 history.add(step, **record)
                 history_changed = True
                 log(f'[Step {step}/{run.total_steps}] loss={loss:.3f} ppl={summary["ppl"]:.1f} '
                     f'lr={record["lr"]:.5f} | {elapsed / int(m["steps"]):.2f}s/step | '
-                    f'{record["tokens_per_s"]:,.0f} tok/s')
+                    f'{record["tokens_per_s"]:,.0f} tok/s{mfu}')
                 consecutive = int(jax.device_get(state.opt_state.notfinite_count))
                 if consecutive >= config.max_consecutive_nonfinite:
                     raise UserError(
