@@ -2,8 +2,9 @@
 async checkpoint saves and KV-cache decoding. `launch/bench.py` prints the table and writes JSON.
 
 Each timing is the median over `repeats` runs after warm-up. On CPU the MFU peak is a float32
-matmul measured just before and just after the train steps (the higher of the two, so a machine
-that got busier mid-run does not flatter the MFU); elsewhere it is flops.PEAK_BF16_FLOPS or the
+matmul measured right before each timed train step, and the MFU is the median of the per-step
+ratios, so a machine shared with other work (whose load changes by the second) compares the step
+with the peak it could get at that moment; elsewhere the peak is flops.PEAK_BF16_FLOPS or the
 config's peak_flops_per_device.
 """
 
@@ -88,10 +89,12 @@ def bench_input_pipeline(config, num_batches: int) -> tuple[dict[str, Any], Any]
     return figures, first
 
 
-def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repeats: int
+def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repeats: int,
+                     measure_peak: Callable[[], float] | None = None
                      ) -> tuple[dict[str, Any], Any, Any, Any]:
     """Time to the first step (trace + compile + run), then the median steady-state step.
 
+    measure_peak, if given, runs before each timed step; its results are returned as 'peaks'.
     Returns the figures, the trained state, its graphdef and the mesh.
     """
     model_config = train.validate_config(config)
@@ -113,8 +116,10 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     for _ in range(warmup):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    times = []
+    times, peaks = [], []
     for _ in range(repeats):
+        if measure_peak is not None:
+            peaks.append(measure_peak())
         start = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
@@ -124,6 +129,7 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
         'first_step_s': first_step_s,
         'step_s': step_s,
         'step_s_all': times,
+        'peaks': peaks,
         'tokens_per_s': config.batch_size * config.ctx_len / step_s,
         'loss': float(metrics['loss_sum']) / max(float(metrics['weight_sum']), 1.0),
     }
@@ -196,24 +202,25 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
     log('Input pipeline...')
     result['input_pipeline'], batch = bench_input_pipeline(config, pipeline_batches)
 
-    measure_peak = device.platform == 'cpu' and not config.peak_flops_per_device
-    peak_before = flops.measure_matmul_peak(peak_size) if measure_peak else None
+    cpu_peak = device.platform == 'cpu' and not config.peak_flops_per_device
     log('Train step...')
-    result['train'], state, graphdef, _ = bench_train_step(config, batch, warmup=warmup,
-                                                           repeats=repeats)
-    if measure_peak:
-        peak_after = flops.measure_matmul_peak(peak_size)
-        result['peak'] = {'flops_per_s': max(peak_before, peak_after),
-                          'source': f'measured float32 {peak_size}^2 matmul (higher of '
-                                    'before/after the train steps)',
-                          'before': peak_before, 'after': peak_after}
+    result['train'], state, graphdef, _ = bench_train_step(
+        config, batch, warmup=warmup, repeats=repeats,
+        measure_peak=functools.partial(flops.measure_matmul_peak, peak_size) if cpu_peak else None)
+    train_figures = result['train']
+    flops_per_step = result['model']['flops_per_step']
+    train_figures['flops_per_s'] = flops_per_step / train_figures['step_s']
+    if cpu_peak:
+        peaks = train_figures.pop('peaks')
+        result['peak'] = {'flops_per_s': float(np.median(peaks)), 'all': peaks,
+                          'source': f'measured float32 {peak_size}^2 matmul before each step'}
+        train_figures['mfu'] = float(np.median(
+            [flops_per_step / t / p for t, p in zip(train_figures['step_s_all'], peaks)]))
     else:
+        del train_figures['peaks']
         peak, source = flops.system_peak_flops(config.peak_flops_per_device)
         result['peak'] = {'flops_per_s': peak, 'source': source}
-    achieved = result['model']['flops_per_step'] / result['train']['step_s']
-    result['train']['flops_per_s'] = achieved
-    peak = result['peak']['flops_per_s']
-    result['train']['mfu'] = achieved / peak if peak else None
+        train_figures['mfu'] = train_figures['flops_per_s'] / peak if peak else None
     result['input_pipeline']['ratio_to_training'] = (
         result['input_pipeline']['end_to_end_tokens_per_s'] / result['train']['tokens_per_s'])
 
@@ -249,9 +256,10 @@ def format_table(result: dict[str, Any]) -> str:
         ('train step', f'{t["step_s"]:.3f} s (median of {cond["repeats"]})'),
         ('tokens/s', f'{t["tokens_per_s"]:,.0f}'),
         ('achieved FLOP/s', f'{t["flops_per_s"] / 1e9:.1f} GFLOP/s'),
-        ('peak FLOP/s', f'{peak / 1e9:.1f} GFLOP/s ({result["peak"]["source"]})' if peak
+        ('peak FLOP/s', f'{peak / 1e9:.1f} GFLOP/s (median; {result["peak"]["source"]})' if peak
          else result['peak']['source']),
-        ('MFU', f'{100 * t["mfu"]:.1f}%' if t['mfu'] is not None else 'n/a'),
+        ('MFU', f'{100 * t["mfu"]:.1f}% (median of per-step step/peak ratios)'
+                if t['mfu'] is not None else 'n/a'),
         ('peak host memory', f'{result["peak_host_memory_mb"]:,.0f} MB'),
         ('tokenize + pack', f'{p["tokenize_pack_tokens_per_s"]:,.0f} tok/s '
                             f'({p["corpus_tokens"]:,} tokens in {p["tokenize_pack_s"]:.1f} s)'),

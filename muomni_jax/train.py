@@ -7,12 +7,12 @@ notebook call the same function.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
-import collections
 import time
 from typing import Any, Iterator
 

@@ -224,8 +224,10 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert result['model']['params'] == 2 * 256 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
     train_figures = result['train']
     assert train_figures['step_s'] > 0 and train_figures['first_step_s'] > 0
+    # One repeat: the MFU is that step's FLOP/s over the peak measured just before it.
     assert train_figures['mfu'] == pytest.approx(
         train_figures['flops_per_s'] / result['peak']['flops_per_s'])
+    assert len(result['peak']['all']) == 1
     assert result['input_pipeline']['ratio_to_training'] > 0
     assert result['checkpoint']['save_blocking_s'] > 0
     assert result['peak_host_memory_mb'] > 0
