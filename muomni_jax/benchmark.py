@@ -150,7 +150,8 @@ def bench_checkpoint(state: Any, repeats: int) -> dict[str, Any]:
                 total.append(time.perf_counter() - start)
         finally:
             checkpointer.close()
-    return {'save_blocking_s': float(np.median(blocking)), 'save_total_s': float(np.median(total))}
+    return {'save_blocking_s': float(np.median(blocking)), 'save_total_s': float(np.median(total)),
+            'save_blocking_s_all': blocking}
 
 
 def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_tokens: int,
@@ -170,14 +171,17 @@ def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_t
         # eos_id -1 never matches, so every row decodes all new_tokens.
         run = lambda: generate_ids(model, prompts, max_new_tokens=new_tokens, temperature=0.0,
                                    eos_id=-1)
-        run()  # Compile.
+        try:
+            run()  # Compile.
+        except UserError as e:  # e.g. decode_tokens longer than the model's context
+            return {'available': False, 'reason': str(e)}
         seconds = _median_time(run, repeats)
         figures[f'batch_{batch_size}_tokens_per_s'] = batch_size * new_tokens / seconds
     return figures
 
 
 def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches: int = 50,
-                  checkpoint_repeats: int = 2, decode_tokens: int = 64,
+                  checkpoint_repeats: int = 3, decode_tokens: int = 64,
                   decode_batch_sizes: tuple[int, ...] = (1, 8), peak_size: int = 2048,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every measurement on `config` (a configs/*.py ConfigDict) and returns the figures."""
@@ -190,7 +194,8 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
             'load_average_1m_start': os.getloadavg()[0], 'jax': jax.__version__,
             'batch_size': config.batch_size, 'ctx_len': config.ctx_len, 'dtype': config.dtype,
             'dropout': config.dropout, 'loss_chunk_tokens': config.loss_chunk_tokens,
-            'remat': config.remat, 'warmup': warmup, 'repeats': repeats,
+            'remat': config.remat, 'scan_layers': config.scan_layers, 'warmup': warmup,
+            'repeats': repeats,
         },
     }
     per_token = flops.flops_per_token(model_config)
