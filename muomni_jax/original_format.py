@@ -32,6 +32,8 @@ from muomni_jax.thinker import ThinkerConfig
 SAFETENSORS_PREFIX = 'thinker.'
 COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes its keys.
 # The "thinker" object of the original's config.json.
+# Model fields that no weight shape shows; an import takes them from the training config given.
+UNSEEN_FIELDS = ('n_heads', 'dropout', 'rope_theta', 'ctx_len', 'num_experts_per_tok')
 CONFIG_FIELDS = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'dropout', 'rope_theta',
                  'ctx_len', 'use_gqa', 'kv_groups', 'use_swiglu', 'use_moe', 'num_experts',
                  'num_experts_per_tok')
@@ -284,7 +286,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config:
         raise UserError('an imported checkpoint needs the tokenizer.model the weights were '
                         'trained with: pass --tokenizer')
     tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
-    base_fields = {k: base_config[k] for k in CONFIG_FIELDS if k in base_config}
+    base_fields = {k: base_config[k] for k in UNSEEN_FIELDS if k in base_config}
     model_config, params = read_weights(source, base_fields)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserError(f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
