@@ -9,6 +9,7 @@ on one CPU in a notebook. Needs no training data.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -68,7 +69,9 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    path = epath.Path(checkpoint_dir) / str(step) / 'state'
+    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
+    directory = checkpoint_dir if '://' in checkpoint_dir else os.path.abspath(checkpoint_dir)
+    path = epath.Path(directory) / str(step) / 'state'
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(

@@ -100,7 +100,8 @@ def test_load_names_the_available_steps(trained, tmp_path):
 
 def test_launch_sample_and_evaluate(trained, corpus_sample):
     save_dir = trained[0]
-    sample = _run('launch.sample', f'--checkpoint_dir={save_dir}', '--prompt=The cat',
+    relative = os.path.relpath(save_dir, REPO)  # As users pass it: checkpoints/cpu_demo.
+    sample = _run('launch.sample', f'--checkpoint_dir={relative}', '--prompt=The cat',
                   '--prompt=Python is a', '--max_new_tokens=8', '--seed=1', '--show_next=3')
     assert sample.returncode == 0, sample.stderr[-3000:]
     out = sample.stdout
