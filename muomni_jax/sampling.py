@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
@@ -128,6 +129,8 @@ def generate_ids(model: Thinker, prompts: Sequence[Sequence[int]], *, max_new_to
     out = _generate(params, tokens, start, jax.random.key(seed), jnp.float32(temperature),
                     jnp.float32(top_p), jnp.int32(eos_id), graphdef=graphdef,
                     max_new_tokens=max_new_tokens, top_k=min(top_k, model.config.vocab_size))
+    if jax.process_count() > 1:  # Rows may be spread over processes; every one needs them all.
+        out = multihost_utils.process_allgather(out, tiled=True)
     results = []
     for row in np.asarray(jax.device_get(out)).tolist():
         ids = [t for t in row if t != _NO_TOKEN]
@@ -181,18 +184,20 @@ def training_sampler(config, model_config: ThinkerConfig, tokenizer: tokenizer_l
     """For the training loop: params -> console lines with a greedy continuation of each of
     config.sample_prompts ('|'-separated), or None when there are none.
 
-    Checks the prompts against the context now, before anything is written.
+    Generates sample_max_new_tokens, or fewer where the context ends first. Checks the prompts
+    against the context now, before anything is written.
     """
     prompts = parse_prompts(config.get('sample_prompts', ''))
     if not prompts:
         return None
-    max_new_tokens = config.get('sample_max_new_tokens', 20)
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     longest = max(len(p) for p in prompt_ids)
-    if max_new_tokens < 1 or longest + max_new_tokens > model_config.ctx_len:
-        raise UserError(f'sample_prompts need {longest} tokens plus sample_max_new_tokens '
-                        f'({max_new_tokens}) >= 1 within ctx_len ({model_config.ctx_len}): '
-                        'shorten them or lower sample_max_new_tokens')
+    # Diagnostics should not stop a run with a short context: generate what fits.
+    max_new_tokens = min(config.get('sample_max_new_tokens', 20), model_config.ctx_len - longest)
+    if max_new_tokens < 1:
+        raise UserError(f'sample_prompts need {longest} tokens, which leaves no room to generate '
+                        f'within ctx_len ({model_config.ctx_len}) (or sample_max_new_tokens < 1): '
+                        "shorten them, or turn them off with --config.sample_prompts=''")
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
 
     def sample(params: nnx.State) -> list[str]:

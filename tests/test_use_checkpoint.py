@@ -79,9 +79,9 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         'for i, x in enumerate(leaves):\n'
         '    np.testing.assert_array_equal(np.asarray(x), expected[f"a{i}"])\n'
         'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
-    result = subprocess.run([sys.executable, '-c', script, save_dir, str(tmp_path / 'expected.npz')],
-                            cwd=REPO, env=_one_device_env(), capture_output=True, text=True,
-                            timeout=300)
+    expected_path = str(tmp_path / 'expected.npz')
+    result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
+                            env=_one_device_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'restored {len(expected)} 64 256' in result.stdout
 
@@ -142,7 +142,7 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # safetensors too, in-process: no torch needed on this path.
-    files = original_format.export_checkpoint(save_dir, str(tmp_path / 'st' / 'thinker.safetensors'))
+    files = original_format.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
     assert json.load(open(files[1]))['thinker']['d_model'] == 64
     _, params = original_format.read_weights(files[0])
     for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(params)):
