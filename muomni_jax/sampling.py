@@ -87,7 +87,9 @@ def _generate(params, tokens, start, key, temperature, top_p, eos_id, *, graphde
     def decode(carry):
         i, cache, token, out, done, key = carry
         position = (prompt_len - start + i - 1)[:, None]
-        logits, cache = decode_step(model, token[:, None], position, cache)
+        # A stopped row's token is _NO_TOKEN; feed it a valid id (its output is dropped anyway).
+        feed = jnp.maximum(token, 0)[:, None]
+        logits, cache = decode_step(model, feed, position, cache)
         key, step_key = jax.random.split(key)
         token = sample_tokens(logits[:, 0], step_key, temperature, top_k, top_p)
         token = jnp.where(done, _NO_TOKEN, token)
