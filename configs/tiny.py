@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100  # Print and record metrics every N steps.
   config.eval_every = 500  # Validate every N steps (and at the end).
   config.eval_batches = 0  # Validation batches per evaluation; 0: the whole validation split.
+  # Prompts separated by '|', continued greedily after each validation line; '' for none.
+  config.sample_prompts = 'The cat sat on the|Python is a'
+  config.sample_max_new_tokens = 20  # Tokens per sample prompt (fewer where ctx_len ends first).
   config.save_every = 1000  # Save a checkpoint every N steps (and at the end).
   config.max_to_keep = 3  # Checkpoints kept in save_dir; older ones are deleted.
   config.save_dir = 'checkpoints/thinker_tiny'  # Checkpoints, tokenizer, config and training log.

@@ -25,6 +25,7 @@ from flax import nnx
 from muomni_jax import checkpointing
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import sampling
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.errors import UserError
@@ -259,6 +260,7 @@ class _Run:
     p_train_step: Any
     p_eval_step: Any
     batch_sharding: Any
+    sampler: Any  # params -> sample lines to print after validation, or None.
 
 
 def train_and_evaluate(config) -> dict[str, float]:
@@ -281,6 +283,7 @@ def train_and_evaluate(config) -> dict[str, float]:
     train_docs = input_pipeline.documents(config, 'train', **shard)
     tokenizer, tokenizer_is_new = _load_or_train_tokenizer(config, train_docs)
     log(f'Vocab size: {tokenizer.vocab_size}')
+    sampler = sampling.training_sampler(config, model_config, tokenizer)
     train_split = input_pipeline.pack(train_docs, tokenizer, config.ctx_len)
     val_split = input_pipeline.pack(
         input_pipeline.documents(config, 'validation', **shard), tokenizer, config.ctx_len)
@@ -322,7 +325,8 @@ def train_and_evaluate(config) -> dict[str, float]:
     else:
         state, meta = restored
         start_step = int(meta['step'])
-        if meta.get('steps_per_epoch') != steps_per_epoch:
+        # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
+        if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
             raise UserError(f'the checkpoint in {save_dir} was trained with {meta.get("steps_per_epoch")} '
                             f'steps per epoch, this data and batch_size give {steps_per_epoch}: '
                             'resume with the same data and batch_size, or use a new save_dir')
@@ -346,7 +350,8 @@ def train_and_evaluate(config) -> dict[str, float]:
                           in_shardings=(state_sharding.params, batch_sharding))
     run = _Run(config=config, mesh=mesh, train_split=train_split, val_split=val_split,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding)
+               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding,
+               sampler=sampler)
     try:
         summary = _train_loop(run, state, start_step, checkpointer, log, is_main)
     finally:
@@ -431,6 +436,9 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log
                     prefix = 'Final validation' if step == run.total_steps else 'Validation'
                     log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
                     history_changed = True
+                if run.sampler:  # Every process joins: the params may span them all.
+                    for line in run.sampler(state.params):
+                        log(line)
                 # Validation time is not training time: keep it out of s/step and tokens/s.
                 interval_start += time.time() - eval_start
             if step % config.save_every == 0 or step == run.total_steps:
