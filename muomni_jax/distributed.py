@@ -68,11 +68,12 @@ def _env_int(name: str, default: int) -> int:
 
 def describe(mesh) -> str:
     """One line naming this process, its devices and the mesh, e.g. for each host's log."""
-    local = jax.local_devices()
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    kind = local[0].platform if local[0].platform == 'cpu' else local[0].device_kind
     ids = ','.join(str(d.id) for d in local)
     axes = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
-    return (f'Process {jax.process_index()}/{jax.process_count()}: {len(local)} local '
-            f'{local[0].platform} devices (ids {ids}) of {jax.device_count()}; mesh {axes}')
+    return (f'Process {jax.process_index()}/{jax.process_count()}: {len(local)} local {kind} '
+            f'devices (ids {ids}) of {mesh.devices.size}; mesh {axes}')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,6 +192,9 @@ def validate_config(config) -> ThinkerConfig:
 
 
 def _check_writable(path: str) -> None:
+    if '://' in path:
+        raise UserError(f'save_dir {path} is a URL, which is not supported: give a local path, or '
+                        'mount the bucket (e.g. with gcsfuse) at the same path on every host')
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -339,9 +342,11 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         state, meta = restored
         start_step = int(meta['step'])
         if meta.get('steps_per_epoch') != steps_per_epoch:
-            raise UserError(f'the checkpoint in {save_dir} was trained with {meta.get("steps_per_epoch")} '
-                            f'steps per epoch, this data and batch_size give {steps_per_epoch}: '
-                            'resume with the same data and batch_size, or use a new save_dir')
+            raise UserError(f'the checkpoint in {save_dir} was trained with '
+                            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
+                            f'batch_size give {steps_per_epoch}: '
+                            'resume with the same data, batch_size and data_shards (0 means one '
+                            'per process), or use a new save_dir')
         log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     if is_main:
         os.makedirs(save_dir, exist_ok=True)

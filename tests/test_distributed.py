@@ -94,7 +94,7 @@ def test_params_and_adam_moments_are_sharded_along_fsdp(corpus_sample, tmp_path)
     assert sharded == 3 * (2 + 5), sharded
 
 
-def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path):
+def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys):
     """The fsdp=8 run's step-3 checkpoint restores exactly elsewhere, and training goes on."""
     source = runs / 'fsdp8'
     config = _config(source, '/unused')
@@ -116,7 +116,7 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path):
             assert leaf.sharding == sharding
         restored[name] = jax.tree.leaves(state)
     checkpointer.close()
-    assert any(len(leaf.sharding.device_set) == 1 for leaf in restored['one'])
+    assert all(len(leaf.sharding.device_set) == 1 for leaf in restored['one'])
     for name in ('one', '2x2'):
         for a, b in zip(restored['fsdp8'], restored[name]):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -128,7 +128,10 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path):
         save_dir = tmp_path / name
         shutil.copytree(source, save_dir)
         shutil.rmtree(save_dir / '5')
+        capsys.readouterr()
         train.train_and_evaluate(_resume_config(source, save_dir, mesh), devices=devices)
+        out = capsys.readouterr().out
+        assert 'Resuming from checkpoint step 3' in out and '[Step 3/5]' not in out, out
         losses, _ = _losses(save_dir)
         for step in (4, 5):
             np.testing.assert_allclose(losses[step], expected[step], rtol=1e-5,
@@ -138,7 +141,8 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path):
 def _resume_config(source, save_dir, mesh):
     with open(source / 'config.json') as f:
         saved = json.load(f)
-    return _config(save_dir, saved['data_path'], mesh=mesh, tokenizer_path=saved['tokenizer_path'])
+    return _config(save_dir, saved['data_path'], mesh=mesh,
+                   tokenizer_path=saved['tokenizer_path'])
 
 
 def test_a_batch_that_does_not_divide_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Two processes on localhost, 2 CPU devices each, joined by jax.distributed (CPU collectives: gloo).
+"""Two processes on localhost, 2 CPU devices each, joined by jax.distributed with gloo collectives.
 
 Every process is the launcher in a subprocess with a timeout, so a hang fails the test instead
 of stalling CI.
@@ -101,21 +101,20 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
 
 
 def test_an_error_on_one_process_stops_both(tmp_path, corpus_sample):
-    # Process 1 alone cannot find its data: both stop with that message and exit code 2.
+    """A check that fails on one process, and one on process 0's own work, end every process."""
     missing = tmp_path / 'missing.txt'
-    args = [[*COMMON, f'--config.save_dir={tmp_path / "run"}', f'--config.data_path={path}']
-            for path in (corpus_sample, missing)]
-    results = _finish(_pair(args))
+    # Process 1 alone cannot find its data.
+    missing_data = [[*COMMON, f'--config.save_dir={tmp_path / "a"}',
+                     f'--config.data_path={path}'] for path in (corpus_sample, missing)]
+    # Process 0 alone trains the tokenizer, and fails.
+    big_vocab = [[*COMMON, f'--config.save_dir={tmp_path / "b"}',
+                  f'--config.data_path={corpus_sample}', '--config.vocab_size=60000']] * 2
+    results = _finish([*_pair(missing_data), *_pair(big_vocab)])
     for rc, _, err in results:
         assert rc == 2, err[-3000:]
-        assert f'data_path {missing} does not exist' in err
         assert 'Traceback' not in err
-    assert not (tmp_path / 'run').exists()
-
-    # Process 0 alone trains the tokenizer; its failure reaches process 1 too.
-    args = [[*COMMON, f'--config.save_dir={tmp_path / "run"}', f'--config.data_path={corpus_sample}',
-             '--config.vocab_size=60000']] * 2
-    for rc, _, err in _finish(_pair(args)):
-        assert rc == 2, err[-3000:]
+    for _, _, err in results[:2]:
+        assert f'data_path {missing} does not exist' in err
+    for _, _, err in results[2:]:
         assert 'error: the training text supports at most vocab_size=' in err
-    assert not (tmp_path / 'run').exists()
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
