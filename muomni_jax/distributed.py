@@ -85,6 +85,8 @@ def broadcast_bytes(payload: bytes) -> bytes:
     if jax.process_count() == 1:
         return payload
     length = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    if length == 0:
+        return b''
     buffer = np.zeros(length, np.uint8)
     if jax.process_index() == 0:
         buffer[:] = np.frombuffer(payload, np.uint8)
