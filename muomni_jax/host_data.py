@@ -92,13 +92,15 @@ def load(config, tokenizer, source: str) -> HostData:
     if totals['train_documents'] == 0:
         raise UserError(f'{source} holds no training text (empty, blank lines only, or all in '
                         'validation): point data_path at a text file with one document per line')
-    steps_per_epoch = min(s[0][0] for s in shard_stats) // rows
+    smallest = min(s[0][0] for s in shard_stats)
+    steps_per_epoch = smallest // rows
     if steps_per_epoch == 0:
-        smallest = min(s[0][0] for s in shard_stats)
+        short = (f'fewer than one batch of {rows}' if count == 1 else
+                 f'and its smallest of {count} data shards holds {smallest}, fewer than the '
+                 f'{rows} rows each shard fills per batch')
         raise UserError(f'the training split packs into {totals["train_windows"]} windows of '
-                        f'{config.ctx_len} tokens; its smallest of {count} data shards holds '
-                        f'{smallest}, fewer than the {rows} rows it fills per batch: lower '
-                        'batch_size or ctx_len, or add text')
+                        f'{config.ctx_len} tokens, {short}: lower batch_size, ctx_len or '
+                        'data_shards, or add text')
     eval_batches = max(-(-s[1][0] // rows) for s in shard_stats)
     if config.eval_batches:
         eval_batches = min(eval_batches, config.eval_batches)

@@ -167,3 +167,16 @@ def test_a_bad_batch_stops_the_run_before_save_dir_exists(tmp_path, corpus_sampl
     with pytest.raises(UserError, match='split evenly over the mesh'):
         train.train_and_evaluate(config)
     assert not (tmp_path / 'run').exists()
+
+
+def test_too_little_text_for_one_batch_per_shard_is_a_clear_error(tmp_path):
+    data = tmp_path / 'short.txt'
+    sentences = ['The cat sat on the mat.', 'The dog sat on the log.',
+                 'A bird sang in the tree.', 'The fish swam in the pond.']
+    data.write_text('\n'.join(sentences * 10) + '\n')  # < 2 windows per shard.
+    config = small_config(tmp_path / 'run', data, vocab_size=64, val_split=0.0, ctx_len=256,
+                          batch_size=8, data_shards=4)
+    with pytest.raises(UserError, match=r'smallest of 4 data shards holds \d+, fewer than the 2 '
+                                        r'rows each shard fills per batch'):
+        train.train_and_evaluate(config, devices=jax.devices()[:1])
+    assert not (tmp_path / 'run').exists()
