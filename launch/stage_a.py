@@ -22,8 +22,11 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
-    from muomni_jax import train  # Imported after flag parsing: JAX and TF are slow to import.
+    # Imported after flag parsing: JAX and TF are slow to import.
+    from muomni_jax import distributed
+    from muomni_jax import train
     try:
+        distributed.initialize(_CONFIG.value)  # Before any other JAX use; no-op for one process.
         train.train_and_evaluate(_CONFIG.value)
     except UserError as e:
         if _VERBOSE.value:

@@ -107,7 +107,7 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
-    step = train.jit_train_step(config, model_config, graphdef, tx, state_sharding, mesh)
+    step, _ = train.jit_steps(config, model_config, mesh, graphdef, tx, state_sharding)
 
     start = time.perf_counter()
     state, metrics = step(state, batch)

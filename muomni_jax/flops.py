@@ -98,14 +98,15 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -
 
 
 def system_peak_flops(override_per_device: float = 0.0, *, measure_cpu: bool = True,
-                      cpu_size: int = 1024) -> tuple[float | None, str]:
-    """Peak FLOP/s of all devices of the run, and where the figure came from.
+                      cpu_size: int = 1024, devices: list[jax.Device] | None = None
+                      ) -> tuple[float | None, str]:
+    """Peak FLOP/s of the run's devices (default: all), and where the figure came from.
 
     override_per_device > 0 wins. Accelerators use the table, times the device count. On CPU
     every virtual device shares the same cores, so the peak is one measured float32 matmul per
     process (about 0.1 s at cpu_size 1024), or None when measure_cpu is False.
     """
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else devices
     if override_per_device > 0:
         return override_per_device * len(devices), 'config peak_flops_per_device'
     if devices[0].platform == 'cpu':
