@@ -7,6 +7,7 @@ is complete; a temporary folder left by a crash is never listed as a step, and i
 the next run opens save_dir.
 """
 
+import os
 import sys
 import time
 from typing import Any
@@ -27,7 +28,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, max_to_keep: int | None = None, read_only: bool = False):
-    self.directory = directory
+    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
+    self.directory = directory if '://' in directory else os.path.abspath(directory)
     self._max_to_keep = max_to_keep
     self._may_write = not read_only
     self._manager = self._open(read_only=True)
