@@ -126,17 +126,6 @@ def test_bad_input_is_one_clear_error_and_leaves_save_dir_untouched(case, tmp_pa
     assert tree_digest(config.save_dir) == before
 
 
-def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, corpus_sample, capsys):
-    """The policy for bad bytes inside text: decode with U+FFFD and warn with the count."""
-    data = tmp_path / 'mixed.txt'
-    data.write_bytes(corpus_sample.read_bytes() + b'caf\xe9 au lait\n' + b'na\xefve \xff text\n')
-    config = small_config(tmp_path / 'run', data, max_steps=1, val_split=0.0, eval_every=1,
-                          save_every=1, log_every=1)
-    train.train_and_evaluate(config)
-    assert ('Warning: 2 documents had invalid UTF-8; their bad bytes were replaced by U+FFFD.'
-            in capsys.readouterr().err)
-
-
 def test_unwritable_save_dir(tmp_path, corpus_sample):
     if os.geteuid() == 0:
         pytest.skip('root writes through directory permissions')

@@ -44,7 +44,7 @@ def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path,
     _signal_before_step(monkeypatch, 4)
     save_dir = tmp_path / 'run'
     handler = signal.getsignal(signal.SIGINT)
-    train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10))
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10, eval_every=100))
     out = capsys.readouterr().out
     assert 'SIGINT received: finishing this step and saving a checkpoint' in out
     assert f'✓ Saved checkpoint: step 4 ({save_dir / "4"})' in out
@@ -59,7 +59,7 @@ def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sampl
     save_dir = tmp_path / 'run'
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10))
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10, eval_every=100))
     assert _steps(save_dir) == []
     assert signal.getsignal(signal.SIGINT) is handler
 
@@ -118,7 +118,8 @@ def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_samp
     save_dir = tmp_path / 'run'
     with pytest.raises(UserError, match=r'^the params became NaN/Inf at step 4, so it was not '
                                         r'saved \(newest checkpoint: step 2\)'):
-        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=2, log_every=5))
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=2, log_every=5,
+                                              eval_every=100))
     assert _steps(save_dir) == [2]
 
 

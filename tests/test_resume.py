@@ -27,8 +27,12 @@ RESUME_ARGS = [*SMALL, '--config.dropout=0.1', '--config.max_steps=12', '--confi
 TIMING_FIELDS = ('tokens_per_s', 'elapsed_s')
 
 
-def _launch(save_dir, data_path):
+def _launch(save_dir, data_path, compilation_cache):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONUNBUFFERED'] = '1'  # What a killed run printed is not lost in its buffers.
+    # Reruns load the compiled steps from JAX's persistent cache instead of compiling again.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     return subprocess.Popen(
         [sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *RESUME_ARGS,
          f'--config.data_path={data_path}', f'--config.save_dir={save_dir}'],
@@ -52,10 +56,11 @@ def _saving(save_dir, step):
     return any(n.startswith(f'{step}.orbax-checkpoint-tmp') for n in _names(save_dir))
 
 
-def _kill(proc):
+def _kill(proc) -> str:
+    """SIGKILLs the run and returns what it printed."""
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    out, _ = proc.communicate()
+    return out
 
 
 def _final_state(save_dir, step):
@@ -72,11 +77,12 @@ def _log_without_timing(save_dir):
 
 def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     reference_dir, resumed_dir = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
-    reference = _launch(reference_dir, corpus_sample)
+    cache = tmp_path / 'jax_cache'
+    reference = _launch(reference_dir, corpus_sample, cache)
 
     # 1. SIGKILL while step 4 is being written (step 2 is complete). The machine's Orbax save of
     #    this model takes ~100 ms, and we poll every ms, so the kill lands inside the save.
-    run = _launch(resumed_dir, corpus_sample)
+    run = _launch(resumed_dir, corpus_sample, cache)
     _wait_for(run, lambda: _saving(resumed_dir, 4), 'the save of step 4')
     _kill(run)
     names = _names(resumed_dir)
@@ -85,12 +91,12 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
 
     # 2. The rerun resumes from step 2, never from the incomplete step 4; SIGKILL it as soon as
     #    step 6 is complete, wherever it then is.
-    run = _launch(resumed_dir, corpus_sample)
+    run = _launch(resumed_dir, corpus_sample, cache)
     _wait_for(run, lambda: '6' in _names(resumed_dir), 'step 6')
-    _kill(run)
+    assert 'Resuming from checkpoint step 2 ' in _kill(run)
 
     # 3. SIGTERM: the run finishes its step, saves it, says where, and exits 0.
-    run = _launch(resumed_dir, corpus_sample)
+    run = _launch(resumed_dir, corpus_sample, cache)
     _wait_for(run, lambda: '8' in _names(resumed_dir), 'step 8')
     run.send_signal(signal.SIGTERM)
     out, _ = run.communicate(timeout=120)
@@ -105,7 +111,7 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     assert 'Training complete' not in out
 
     # 4. The last rerun completes.
-    run = _launch(resumed_dir, corpus_sample)
+    run = _launch(resumed_dir, corpus_sample, cache)
     out, _ = run.communicate(timeout=240)
     assert run.returncode == 0, out[-3000:]
     assert f'Resuming from checkpoint step {stop_step}' in out
