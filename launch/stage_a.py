@@ -99,8 +99,7 @@ def main(argv):
             raise
         _fail(str(e))
     except KeyboardInterrupt:
-        print('Aborted by a second interrupt: nothing was saved since the last checkpoint.',
-              file=sys.stderr)
+        print('Aborted: nothing was saved after the last checkpoint.', file=sys.stderr)
         sys.exit(130)
 
 

@@ -124,3 +124,19 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     assert [path for path, _ in expected] == [path for path, _ in actual]
     for (path, a), (_, b) in zip(expected, actual):
         assert a.dtype == b.dtype and np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
+def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
+    save_dir = str(tmp_path / 'run')
+    run = _launch(save_dir, corpus_sample, tmp_path / 'jax_cache')
+    _wait_for(run, lambda: '2' in _names(save_dir), 'step 2')
+    run.send_signal(signal.SIGINT)
+    # Python runs a handler once for signals that arrive together: send the second after the first
+    # was handled, as a person pressing Ctrl-C twice does.
+    lines = iter(run.stdout.readline, '')
+    assert any(line.startswith('SIGINT received') for line in lines)
+    run.send_signal(signal.SIGINT)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, out[-3000:]
+    assert out.rstrip().endswith('Aborted: nothing was saved after the last checkpoint.')
+    assert 'Stopped by' not in out and 'Training complete' not in out
