@@ -61,7 +61,7 @@ def _field_names(config_file: str) -> list[str]:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with any flag or config error as one line (a traceback with --verbose)."""
+    """absl's flag parsing; a flag or config error becomes one line (a traceback with --verbose)."""
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
@@ -80,7 +80,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags take the form --config.name=value)')
+        _fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
     try:

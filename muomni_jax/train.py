@@ -489,7 +489,8 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                     history.write()
                     history_changed = False
                 if step % config.save_every == 0 or step == run.total_steps or stop:
-                    interval = None if interval_metrics is None else jax.device_get(interval_metrics)
+                    interval = (None if interval_metrics is None
+                                else jax.device_get(interval_metrics))
                     if interval is not None:
                         _check_nonfinite_limit(interval, config, last_saved)
                     if not bool(_all_finite(state.params)):

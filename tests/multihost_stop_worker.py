@@ -26,7 +26,7 @@ def main(port: str, process_id: str) -> None:
                                process_id=int(process_id))
     mesh = jax.make_mesh((2,), ('data',))
     sharding = NamedSharding(mesh, P('data'))
-    total = jax.jit(jnp.sum)  # A collective per step keeps the processes in lockstep, as training does.
+    total = jax.jit(jnp.sum)  # A collective per step keeps the processes in lockstep, as in training.
     with preemption.StopSignals(sync_every=4) as stop:
         for step in range(1, 2000):
             x = jax.make_array_from_process_local_data(sharding, np.ones([1], np.float32))

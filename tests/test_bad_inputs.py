@@ -53,7 +53,7 @@ def _write(path, data: bytes):
 # save_dir is a copy of the trained run unless the case names its own.
 CASES = {
     'missing_data_path': (lambda t, run, data: dict(data_path=str(t / 'nope.txt')),
-                          f'does not exist: point --config.data_path at a text file'),
+                          'does not exist: point --config.data_path at a text file'),
     'directory_without_text': (
         lambda t, run, data: dict(data_path=str(_write(t / 'docs' / 'a.md', b'text\n').parent)),
         'is a directory with no .txt/.text files'),
@@ -92,8 +92,9 @@ CASES = {
                            'learning_rate (0.0) must be > 0'),
     'negative_learning_rate': (lambda t, run, data: dict(learning_rate=-1e-3),
                                'learning_rate (-0.001) must be > 0'),
-    'other_model_shape': (lambda t, run, data: dict(d_model=32, n_layers=3),
-                          'holds a run with another model shape (n_layers 2 -> 3, d_model 64 -> 32)'),
+    'other_model_shape': (
+        lambda t, run, data: dict(d_model=32, n_layers=3),
+        'holds a run with another model shape (n_layers 2 -> 3, d_model 64 -> 32)'),
     'other_batch_size': (lambda t, run, data: dict(batch_size=16),
                          'steps per epoch, this data and batch_size give'),
     'restore_step_not_saved': (lambda t, run, data: dict(restore_step=5),

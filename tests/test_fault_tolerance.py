@@ -59,7 +59,8 @@ def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sampl
     save_dir = tmp_path / 'run'
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10, eval_every=100))
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10,
+                                              eval_every=100))
     assert _steps(save_dir) == []
     assert signal.getsignal(signal.SIGINT) is handler
 
@@ -128,10 +129,9 @@ def _restore(config, save_dir, step):
     tx = train.make_optimizer(config, 10)
     abstract = jax.eval_shape(functools.partial(train.init_state, model_config=model_config, tx=tx),
                               jax.random.PRNGKey(0))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        abstract)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), abstract)
     checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
     state, _ = checkpointer.restore(step, abstract)
     checkpointer.close()
@@ -184,7 +184,8 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     _truncate_files(save_dir / '3')
     _truncate_files(save_dir / '6')
     before = sorted(os.listdir(save_dir))
-    with pytest.raises(UserError, match=r'no checkpoint in .* could be restored \(steps \[3, 6\]\)'):
+    with pytest.raises(UserError,
+                       match=r'no checkpoint in .* could be restored \(steps \[3, 6\]\)'):
         train.train_and_evaluate(config)
     assert sorted(os.listdir(save_dir)) == before
 
@@ -197,7 +198,7 @@ def _free_port():
 
 @pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
 def test_two_processes_agree_on_the_step_to_stop(signum, target):
-    """A signal to one process of two stops both at the same step (tests/multihost_stop_worker.py)."""
+    """A signal to one of two processes stops both at one step (tests/multihost_stop_worker.py)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     workers = [subprocess.Popen(

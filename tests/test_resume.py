@@ -72,7 +72,8 @@ def _final_state(save_dir, step):
 
 def _log_without_timing(save_dir):
     with open(os.path.join(save_dir, 'training_log.json')) as f:
-        return [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in json.load(f)]
+        return [{k: v for k, v in record.items() if k not in TIMING_FIELDS}
+                for record in json.load(f)]
 
 
 def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
@@ -102,11 +103,13 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 0, out[-3000:]
     assert 'Resuming from checkpoint step 6' in out, out[-3000:]
-    stopped = [line for line in out.splitlines() if line.startswith('Stopped by SIGTERM after step')]
+    stopped = [line for line in out.splitlines()
+               if line.startswith('Stopped by SIGTERM after step')]
     assert stopped, out[-3000:]
     stop_step = int(stopped[0].split('after step ')[1].split('/')[0])
     assert 8 <= stop_step < 12
-    assert f'✓ Saved checkpoint: step {stop_step} ({os.path.join(resumed_dir, str(stop_step))})' in out
+    saved_to = os.path.join(resumed_dir, str(stop_step))
+    assert f'✓ Saved checkpoint: step {stop_step} ({saved_to})' in out
     assert str(stop_step) in _names(resumed_dir)
     assert 'Training complete' not in out
 
