@@ -91,8 +91,11 @@ def main(argv):
             raise
         _fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
               f'{str(e).strip().splitlines()[-1].strip()}')
-    from muomni_jax import train  # Imported after flag parsing: JAX and TF are slow to import.
+    # Imported after flag parsing: JAX and TF are slow to import.
+    from muomni_jax import distributed
+    from muomni_jax import train
     try:
+        distributed.initialize(config)  # Before any other JAX use; no-op for one process.
         train.train_and_evaluate(config)
     except UserError as e:
         if _VERBOSE.value:

@@ -32,6 +32,7 @@ class Checkpointer:
     self.directory = directory if '://' in directory else os.path.abspath(directory)
     self._max_to_keep = max_to_keep
     self._may_write = not read_only
+    self._writing = False
     self._manager = self._open(read_only=True)
 
   def _open(self, read_only: bool) -> ocp.CheckpointManager:
@@ -65,12 +66,15 @@ class Checkpointer:
       multihost_utils.sync_global_devices('muomni_jax: checkpoints set aside')
     self._manager.close()
     self._manager = self._open(read_only=False)
+    self._writing = True
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save; the training loop continues while it writes."""
+    if not self._writing:
+      raise RuntimeError('call start_writing before saving')
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

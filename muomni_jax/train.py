@@ -24,9 +24,12 @@ import optax
 from flax import nnx
 
 from muomni_jax import checkpointing
+from muomni_jax import distributed
+from muomni_jax import host_data
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
 from muomni_jax import preemption
+from muomni_jax import sampling
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.errors import UserError
@@ -208,7 +211,8 @@ def validate_config(config) -> ThinkerConfig:
 def _check_writable(path: str) -> None:
     """Fails unless save_dir can be created and written; leaves no trace when it can."""
     if '://' in path:
-        return  # Cloud storage: Orbax reports its own permission errors.
+        raise UserError(f'save_dir {path} is a URL, which is not supported: give a local path, or '
+                        'mount the bucket (e.g. with gcsfuse) at the same path on every host')
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -246,6 +250,8 @@ def _load_or_train_tokenizer(config, train_docs) -> tuple[tokenizer_lib.Tokenize
         tokenizer = tokenizer_lib.Tokenizer.load(path)
         trained = False
     else:
+        if not list(train_docs.take(1).as_numpy_iterator()):
+            raise UserError(_no_text_message(config))
         print(f'Training a {config.vocab_size}-piece BPE tokenizer on the training text...')
         tokenizer = tokenizer_lib.train_tokenizer(
             input_pipeline.document_texts(train_docs), config.vocab_size,
@@ -258,7 +264,8 @@ def _load_or_train_tokenizer(config, train_docs) -> tuple[tokenizer_lib.Tokenize
     return tokenizer, trained
 
 
-def _no_text_message(source: str) -> str:
+def _no_text_message(config) -> str:
+    source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
     return (f'{source} holds no training text (empty, blank lines only, or all in validation): '
             'point data_path at a text file with one document per line')
 
@@ -271,13 +278,31 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(f.name, path)
 
 
+def _shared_tokenizer(config) -> tuple[tokenizer_lib.Tokenizer, bool]:
+    """Process 0 loads or trains the tokenizer and every process gets its model.
+
+    Returns (tokenizer, whether this process must save it: process 0, when newly trained).
+    """
+    newly_trained = []
+
+    def load_or_train() -> bytes:
+        # All the training text, not one shard: the vocabulary must not depend on the processes.
+        tokenizer, trained = _load_or_train_tokenizer(
+            config, input_pipeline.documents(config, 'train'))
+        newly_trained.append(trained)
+        return tokenizer.model_proto
+
+    proto = distributed.run_on_main(load_or_train)
+    return tokenizer_lib.Tokenizer(proto), any(newly_trained)
+
+
 def _format_duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     return f'{hours}h {rest // 60:02d}m {rest % 60:02d}s'
 
 
 def _devices_line(mesh) -> str:
-    devices = jax.devices()
+    devices = list(mesh.devices.flat)
     kind = devices[0].platform if devices[0].platform == 'cpu' else devices[0].device_kind
     count = f'{len(devices)} device{"s" if len(devices) > 1 else ""}'
     if jax.process_count() > 1:
@@ -291,54 +316,49 @@ class _Run:
     """What the loop needs, built once by train_and_evaluate."""
     config: Any
     mesh: Any
-    train_split: input_pipeline.PackedSplit
-    val_split: input_pipeline.PackedSplit
+    data: host_data.HostData
     steps_per_epoch: int
     total_steps: int
     p_train_step: Any
     p_eval_step: Any
     batch_sharding: Any
+    sampler: Any  # params -> sample lines to print after validation, or None.
 
 
-def train_and_evaluate(config) -> dict[str, float]:
+def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[str, float]:
     """Runs Stage A as configured; resumes from save_dir if it holds checkpoints.
 
+    Args:
+      config: a configs/tiny.py-style ConfigDict.
+      devices: the devices to train on; default all. A multi-process run (after
+        distributed.initialize, which the launcher calls) must use all of them.
     Returns the final train and validation metrics.
     """
     start_time = time.time()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    model_config = validate_config(config)
-    save_dir = config.save_dir
-    _check_writable(save_dir)
-    _check_same_model(config, save_dir)
+    # Every check that can reject the input runs before save_dir is touched, and a check that
+    # fails on one host stops them all.
+    with distributed.fail_together():
+        model_config = validate_config(config)
+        save_dir = config.save_dir
+        _check_writable(save_dir)
+        _check_same_model(config, save_dir)
+        mesh = partitioning.make_mesh(config.mesh, devices)
+        partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
+        host_data.num_shards(config)
 
-    # Data: everything that can reject the input runs before save_dir is touched.
     source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
     log(f'Loading data from {source}...')
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_docs = input_pipeline.documents(config, 'train', **shard)
-    if not list(train_docs.take(1).as_numpy_iterator()):
-        raise UserError(_no_text_message(source))
-    tokenizer, tokenizer_is_new = _load_or_train_tokenizer(config, train_docs)
+    tokenizer, tokenizer_is_new = _shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
-    train_split = input_pipeline.pack(train_docs, tokenizer, config.ctx_len)
-    val_split = input_pipeline.pack(
-        input_pipeline.documents(config, 'validation', **shard), tokenizer, config.ctx_len)
-    if train_split.num_documents == 0:
-        raise UserError(_no_text_message(source))
-    log(f'Training samples: {train_split.num_documents:,} documents ({train_split.num_tokens:,} '
-        f'tokens); validation: {val_split.num_documents:,} documents '
-        f'({val_split.num_tokens:,} tokens)')
-
-    mesh = partitioning.make_mesh(config.mesh)
-    partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
-    local_batch = config.batch_size // jax.process_count()
-    steps_per_epoch = input_pipeline.steps_per_epoch(train_split, local_batch)
-    if steps_per_epoch == 0:
-        raise UserError(f'the training split packs into {train_split.num_windows} windows of '
-                        f'{config.ctx_len} tokens, fewer than one batch of {local_batch}: lower '
-                        'batch_size or ctx_len, or add text')
+    sampler = sampling.training_sampler(config, model_config, tokenizer)
+    data = host_data.load(config, tokenizer, source)
+    totals = data.totals
+    log(f'Training samples: {totals["train_documents"]:,} documents '
+        f'({totals["train_tokens"]:,} tokens); validation: {totals["validation_documents"]:,} '
+        f'documents ({totals["validation_tokens"]:,} tokens)')
+    steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -351,6 +371,8 @@ def train_and_evaluate(config) -> dict[str, float]:
     state_sharding = partitioning.state_shardings(mesh, abstract_state)
     log(f'Initializing Thinker ({count_params(abstract_state.params) / 1e6:.1f}M parameters)...')
     log(_devices_line(mesh))
+    if jax.process_count() > 1:
+        print(distributed.describe(mesh), flush=True)
 
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     restored = checkpointer.restore_latest(
@@ -362,10 +384,13 @@ def train_and_evaluate(config) -> dict[str, float]:
     else:
         state, meta = restored
         start_step, interval = int(meta['step']), meta.get('interval_metrics')
-        if meta.get('steps_per_epoch') != steps_per_epoch:
-            raise UserError(f'the checkpoint in {save_dir} was trained with {meta.get("steps_per_epoch")} '
-                            f'steps per epoch, this data and batch_size give {steps_per_epoch}: '
-                            'resume with the same data and batch_size, or use a new save_dir')
+        # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
+        if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
+            raise UserError(f'the checkpoint in {save_dir} was trained with '
+                            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
+                            f'batch_size give {steps_per_epoch}: '
+                            'resume with the same data, batch_size and data_shards (0 means one '
+                            'per process), or use a new save_dir')
         log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
@@ -375,20 +400,11 @@ def train_and_evaluate(config) -> dict[str, float]:
                           config.to_json_best_effort(indent=1, sort_keys=True))
     checkpointer.start_writing(start_step)
 
-    batch_sharding = partitioning.batch_sharding(mesh)
-    p_train_step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          accumulation_steps=config.gradient_accumulation_steps,
-                          deterministic=model_config.dropout == 0,
-                          max_consecutive_nonfinite=config.max_consecutive_nonfinite),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, partitioning.replicated(mesh)),
-        donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                          in_shardings=(state_sharding.params, batch_sharding))
-    run = _Run(config=config, mesh=mesh, train_split=train_split, val_split=val_split,
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding)
+    p_train_step, p_eval_step = jit_steps(config, model_config, mesh, graphdef, tx,
+                                          state_sharding)
+    run = _Run(config=config, mesh=mesh, data=data, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, p_train_step=p_train_step, p_eval_step=p_eval_step,
+               batch_sharding=partitioning.batch_sharding(mesh), sampler=sampler)
     try:
         summary, stopped_by = _train_loop(run, state, start_step, interval, checkpointer, log,
                                           is_main)
@@ -402,22 +418,35 @@ def train_and_evaluate(config) -> dict[str, float]:
     return summary
 
 
+def jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,
+              tx: optax.GradientTransformation, state_sharding: Any) -> tuple[Any, Any]:
+    """train_step and eval_step jitted over the mesh: state as laid out, batch rows split over
+    every device, metrics replicated."""
+    batch_sharding = partitioning.batch_sharding(mesh)
+    metrics_sharding = partitioning.replicated(mesh)
+    p_train_step = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          accumulation_steps=config.gradient_accumulation_steps,
+                          deterministic=model_config.dropout == 0,
+                          max_consecutive_nonfinite=config.max_consecutive_nonfinite),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                          in_shardings=(state_sharding.params, batch_sharding),
+                          out_shardings=metrics_sharding)
+    return p_train_step, p_eval_step
+
+
 def _batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-    local = input_pipeline.train_batches(
-        run.train_split, run.config.batch_size // jax.process_count(), seed=run.config.seed,
-        epoch=epoch, start_step=start, num_steps=run.steps_per_epoch)
-    for batch in local:
+    for batch in run.data.train_batches(run.config.seed, epoch, start):
         yield partitioning.global_batch(batch, run.batch_sharding)
 
 
 def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
-    """Mean loss and perplexity over the validation windows (all, or the first eval_batches)."""
-    local_batch = run.config.batch_size // jax.process_count()
-    num_batches = -(-run.val_split.num_windows // local_batch)
-    if run.config.eval_batches:
-        num_batches = min(num_batches, run.config.eval_batches)
+    """Mean loss and perplexity over the validation windows (all, or eval_batches per shard)."""
     total = None
-    for batch in input_pipeline.eval_batches(run.val_split, local_batch, num_batches):
+    for batch in run.data.validation_batches():
         total = _add_metrics(total, run.p_eval_step(params, partitioning.global_batch(
             batch, run.batch_sharding)))
     if total is None or float(total['weight_sum']) == 0:
@@ -482,6 +511,9 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                         prefix = 'Final validation' if step == run.total_steps else 'Validation'
                         log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
                         history_changed = True
+                    if run.sampler:  # Every process joins: the params may span them all.
+                        for line in run.sampler(state.params):
+                            log(line)
                     # Validation time is not training time: keep it out of s/step and tokens/s.
                     interval_start += time.time() - eval_start
                 if is_main and history_changed:
