@@ -84,7 +84,7 @@ CASES = {
     'ctx_len_below_2': (lambda t, run, data: dict(ctx_len=1), 'ctx_len (1) must be at least 2'),
     'batch_not_divisible_by_devices': (
         lambda t, run, data: dict(batch_size=12),
-        'must be divisible by the 8 batch shards of the mesh: use a multiple of 8'),
+        "must split evenly over the mesh's 8 devices"),
     'batch_not_divisible_by_accumulation': (
         lambda t, run, data: dict(gradient_accumulation_steps=3),
         'batch_size (8) must be divisible by gradient_accumulation_steps (3)'),
