@@ -472,8 +472,10 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
     if step >= run.total_steps:
         log(f'Nothing to do: save_dir is already at step {step} of {run.total_steps}.')
     log('Starting training...')
+    # Replicated like the step's metrics, so multi-process runs add global arrays to global arrays.
     interval_metrics = None if interval is None else {
-        k: np.asarray(v, np.int32 if isinstance(v, int) else np.float32)
+        k: jax.device_put(np.asarray(v, np.int32 if isinstance(v, int) else np.float32),
+                          partitioning.replicated(run.mesh))
         for k, v in interval.items()}
     interval_start, interval_steps, run_start = time.time(), 0, time.time()
     epoch = step // run.steps_per_epoch
