@@ -298,6 +298,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config:
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=None)
+    checkpointer.start_writing(0)
     checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
                                  'steps_per_epoch': 0})
     checkpointer.close()
