@@ -141,6 +141,7 @@ def bench_checkpoint(state: Any, repeats: int) -> dict[str, Any]:
     blocking, total = [], []
     with tempfile.TemporaryDirectory() as directory:
         checkpointer = checkpointing.Checkpointer(directory, max_to_keep=1)
+        checkpointer.start_writing(0)
         try:
             for step in range(1, repeats + 1):
                 start = time.perf_counter()
