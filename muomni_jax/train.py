@@ -25,6 +25,7 @@ from flax import nnx
 from muomni_jax import checkpointing
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import reporting
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.errors import UserError
@@ -186,6 +187,7 @@ def validate_config(config) -> ThinkerConfig:
                         '(a SentencePiece limit)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
+    reporting.parse_profile_steps(config.profile_steps)
     return model_config
 
 
@@ -347,9 +349,13 @@ def train_and_evaluate(config) -> dict[str, float]:
     run = _Run(config=config, mesh=mesh, train_split=train_split, val_split=val_split,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding)
+    reporter = reporting.Reporter(
+        save_dir, total_steps=total_steps, start_step=start_step, enabled=is_main,
+        profile_steps=reporting.parse_profile_steps(config.profile_steps))
     try:
-        summary = _train_loop(run, state, start_step, checkpointer, log, is_main)
+        summary = _train_loop(run, state, start_step, checkpointer, reporter, is_main)
     finally:
+        reporter.close()
         checkpointer.close()
     log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
     if 'val_ppl' in summary:
@@ -381,9 +387,10 @@ def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
     return {'val_loss': loss, 'val_ppl': math.exp(min(loss, 50.0))}
 
 
-def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log, is_main: bool
-                ) -> dict[str, float]:
+def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer,
+                reporter: reporting.Reporter, is_main: bool) -> dict[str, float]:
     config = run.config
+    log = reporter.log
     schedule = learning_rate_schedule(config, run.total_steps)
     history = training_log.TrainingLog(os.path.join(config.save_dir, 'training_log.json'),
                                        resume_step=start_step)
@@ -400,6 +407,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log
             state, metrics = run.p_train_step(state, batch)
             interval_metrics = _add_metrics(interval_metrics, metrics)
             step += 1
+            reporter.advance(step, state)
             if step % config.log_every == 0 or step == run.total_steps:
                 m = jax.device_get(interval_metrics)
                 elapsed = time.time() - interval_start
@@ -408,9 +416,11 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log
                 record = dict(
                     epoch=epoch + 1, loss=loss, ppl=summary['ppl'], lr=float(schedule(step - 1)),
                     grad_norm=float(m['grad_norm']) / int(m['steps']),
+                    tokens=step * tokens_per_step,
                     tokens_per_s=tokens_per_step * int(m['steps']) / elapsed,
                     elapsed_s=time.time() - run_start, nonfinite_steps=int(m['nonfinite']))
                 history.add(step, **record)
+                reporter.write_scalars(step, record)
                 history_changed = True
                 log(f'[Step {step}/{run.total_steps}] loss={loss:.3f} ppl={summary["ppl"]:.1f} '
                     f'lr={record["lr"]:.5f} | {elapsed / int(m["steps"]):.2f}s/step | '
@@ -428,6 +438,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer, log
                 if val:
                     summary.update(val)
                     history.add(step, **val)
+                    reporter.write_scalars(step, val)
                     prefix = 'Final validation' if step == run.total_steps else 'Validation'
                     log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
                     history_changed = True
