@@ -43,7 +43,8 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 
 
 def scalar_tag(name: str) -> str:
-    """TensorBoard tag of a training_log.json field: 'val_loss' -> 'val/loss', 'lr' -> 'train/lr'."""
+    """TensorBoard tag of a training_log.json field: 'val_loss' -> 'val/loss', 'lr' -> 'train/lr'.
+    """
     if name.startswith('val_'):
         return 'val/' + name[len('val_'):]
     return 'train/' + name
@@ -70,6 +71,7 @@ class Reporter:
         self._stream = stream if stream is not None else sys.stdout
         self._profile_steps = profile_steps if enabled else None
         self._profiling = False
+        self._traced_from = self._last_step = start_step
         self._writer = None
         self._bar = None
         if not enabled:
@@ -103,15 +105,12 @@ class Reporter:
         starts or stops the profile at its boundaries, waiting on `state` only there."""
         if not self.enabled:
             return
+        self._last_step = step
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
         if self._profiling and step >= self._profile_steps[1]:
             jax.block_until_ready(state)  # Steps run asynchronously: let the last one finish.
-            jax.profiler.stop_trace()
-            self._profiling = False
-            newest = max(os.listdir(self.profile_dir))  # jax names each trace by its start time.
-            self.log(f'Profile of steps {self._profile_steps[0]}-{self._profile_steps[1]} '
-                     f'written to {os.path.join(self.profile_dir, newest)}')
+            self._stop_profile()
         self._maybe_start_profile(step + 1, state)
 
     def write_scalars(self, step: int, record: Mapping[str, Any]) -> None:
@@ -130,7 +129,7 @@ class Reporter:
             self._bar.set_postfix_str(postfix, refresh=True)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        """Writes text summaries (e.g. {'samples/0': generated text}), shown in TensorBoard's Text tab."""
+        """Writes text summaries, e.g. {'samples/0': generated text}: TensorBoard's Text tab."""
         if not self.enabled:
             return
         self._writer.write_texts(step, texts)
@@ -138,9 +137,8 @@ class Reporter:
 
     def close(self) -> None:
         """Stops an unfinished profile, flushes the event file and ends the bar. Safe to repeat."""
-        if self._profiling:
-            jax.profiler.stop_trace()
-            self._profiling = False
+        if self._profiling:  # The run ended (or failed) inside the profiled steps.
+            self._stop_profile()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -158,7 +156,15 @@ class Reporter:
         # The Perfetto file opens at ui.perfetto.dev without TensorBoard's profile plugin.
         jax.profiler.start_trace(self.save_dir, create_perfetto_trace=True)
         self._profiling = True
+        self._traced_from = next_step
         self.log(f'Profiling steps {next_step}-{self._profile_steps[1]}...')
+
+    def _stop_profile(self) -> None:
+        jax.profiler.stop_trace()
+        self._profiling = False
+        newest = max(os.listdir(self.profile_dir))  # jax names each trace by its start time.
+        self.log(f'Profile of steps {self._traced_from}-{self._last_step} written to '
+                 f'{os.path.join(self.profile_dir, newest)}')
 
 
 def _is_terminal(stream: TextIO) -> bool:

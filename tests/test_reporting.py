@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -211,3 +212,18 @@ def test_bad_profile_steps_is_a_clear_error(tmp_path, corpus_sample, text):
         train.validate_config(config)
     assert reporting.parse_profile_steps(' ') is None
     assert reporting.parse_profile_steps('4,9') == (4, 9)
+
+
+def test_profile_of_a_resumed_run_that_ends_early(tmp_path):
+    # Resumed at step 2 inside profile_steps 2-5, and stopped after step 3: the trace covers step 3.
+    stream = io.StringIO()
+    reporter = reporting.Reporter(str(tmp_path), total_steps=3, start_step=2,
+                                  profile_steps=(2, 5), stream=stream)
+    state = jax.numpy.ones((4, 4))
+    reporter.advance(3, state @ state)
+    reporter.close()
+    traces = os.listdir(tmp_path / 'plugins' / 'profile')
+    assert len(traces) == 1
+    assert stream.getvalue().splitlines() == [
+        'Profiling steps 3-5...',
+        f'Profile of steps 3-3 written to {tmp_path / "plugins" / "profile" / traces[0]}']
