@@ -5,6 +5,7 @@ Layout of save_dir/<step>/: `state/` (params, optimizer state, step, PRNG key) a
 into a temporary folder and renames it on commit, so a step folder that exists is complete.
 """
 
+import os
 import sys
 from typing import Any
 
@@ -21,8 +22,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=not read_only)
-    self.directory = directory
-    self._manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
+    self.directory = directory if '://' in directory else os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

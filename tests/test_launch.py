@@ -14,16 +14,19 @@ SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64'
          '--config.tokenizer_sample_size=20000']
 
 
-def run_stage_a(*args, timeout=300):
+def run_stage_a(*args, cwd=REPO, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
-    return subprocess.run([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env['PYTHONPATH'] = REPO
+    config = os.path.join(REPO, 'configs', 'tiny.py')
+    return subprocess.run([sys.executable, '-m', 'launch.stage_a', f'--config={config}', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_trains_saves_and_resumes(tmp_path, corpus_sample):
     save_dir = tmp_path / 'run'
-    common = [*SMALL, f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}']
-    first = run_stage_a(*common, '--config.max_steps=6')
+    # A relative save_dir, as in the shipped configs (Orbax itself wants absolute paths).
+    common = [*SMALL, f'--config.data_path={corpus_sample}', '--config.save_dir=run']
+    first = run_stage_a(*common, '--config.max_steps=6', cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
     for line in (f'Loading data from {corpus_sample}...',
@@ -33,6 +36,7 @@ def test_trains_saves_and_resumes(tmp_path, corpus_sample):
                  '→ Validation: loss=', '→ Final validation: loss=', '✓ Saved checkpoint: step 3',
                  '✓ Saved checkpoint: step 6', 'Training complete! Time: ', 'Final validation PPL: '):
         assert line in out, f'missing {line!r} in:\n{out}'
+    assert 'Traceback' not in first.stderr, first.stderr[-3000:]
     assert ' tok/s' in out and 's/step' in out
     assert sorted(f for f in os.listdir(save_dir) if not f.startswith('events.out.tfevents')) == [
         '3', '6', 'config.json', 'tokenizer.model', 'training_log.json']
@@ -47,7 +51,7 @@ def test_trains_saves_and_resumes(tmp_path, corpus_sample):
     assert {'val_loss', 'val_ppl'} <= set(log[1]) and {'val_loss', 'val_ppl'} <= set(log[-1])
 
     # The same command with a later max_steps continues from step 6, reusing the tokenizer.
-    second = run_stage_a(*common, '--config.max_steps=8')
+    second = run_stage_a(*common, '--config.max_steps=8', cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert 'Resuming from checkpoint step 6' in second.stdout
     assert 'Training a' not in second.stdout
