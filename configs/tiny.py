@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.val_split = 0.1  # Fraction of documents held out for validation (by a stable content hash).
   config.tokenizer_path = ''  # Existing SentencePiece model to use; empty trains one into save_dir.
   config.tokenizer_sample_size = 2_000_000  # Max sentences sampled to train the tokenizer (bounds memory).
+  config.data_shards = 0  # Shards that each fill batch_size / data_shards rows; 0: one per process.
 
   # --- Optimisation ---
   config.batch_size = 16  # Global batch size in windows of ctx_len tokens.
@@ -56,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100  # Print and record metrics every N steps.
   config.eval_every = 500  # Validate every N steps (and at the end).
   config.eval_batches = 0  # Validation batches per evaluation; 0: the whole validation split.
+  # Prompts separated by '|', continued greedily after each validation line; '' for none.
+  config.sample_prompts = 'The cat sat on the|Python is a'
+  config.sample_max_new_tokens = 20  # Tokens per sample prompt (fewer where ctx_len ends first).
   config.save_every = 1000  # Save a checkpoint every N steps (and at the end).
   config.max_to_keep = 3  # Checkpoints kept in save_dir; older ones are deleted.
   config.save_dir = 'checkpoints/thinker_tiny'  # Checkpoints, tokenizer, config and training log.
@@ -66,4 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Data-parallel axis size; -1 fills with the devices left over.
   config.mesh.fsdp = 1  # Axis that shards parameters and optimizer state; -1 fills.
+
+  # --- Processes (one per TPU VM worker or GPU node; see README "Many devices and hosts") ---
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # host:port of process 0; '' detects TPU pods/SLURM.
+  config.distributed.num_processes = 0  # Processes in the run, with coordinator_address.
+  config.distributed.process_id = -1  # This process's index 0..num_processes-1 (-1: unset).
+  config.distributed.timeout_s = 300  # Seconds to wait for every process to join.
   return config

@@ -16,6 +16,7 @@ the RoPE positions at every document, as in Flax's lm1b example.
 """
 
 import dataclasses
+import difflib
 import os
 import sys
 from typing import Iterator
@@ -36,6 +37,10 @@ _DOCS_PER_TOKENIZE_CALL = 256
 # SentencePiece's memory grows with the input; longer documents are encoded piecewise.
 _MAX_ENCODE_CHARS = 100_000
 _TEXT_SUFFIXES = ('.txt', '.text')
+# One line is one document and tf.data holds a whole line in memory: longer lines are refused.
+MAX_LINE_BYTES = 10 * 2**20
+_SNIFF_BYTES = 64 * 2**10  # How much of each file is checked for binary content.
+_SCAN_CHUNK_BYTES = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +83,48 @@ def text_files(data_path: str) -> list[str]:
   return sorted(paths)
 
 
+def check_text_file(path: str) -> None:
+  """Refuses a file that looks binary or has a line too long to hold, reading it in chunks.
+
+  Text with a few invalid UTF-8 bytes is accepted: pack() replaces them by U+FFFD and warns
+  with a count. A file is binary if its first 64 KB hold a NUL byte or are >10% undecodable.
+  """
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    head = f.read(_SNIFF_BYTES)
+    if head:
+      # A multi-byte character cut at the end of the sniffed block is not an error.
+      replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
+      if b'\0' in head or replaced > 0.1 * len(head):
+        raise UserError(f'data_path file {path} looks binary, not UTF-8 text: point data_path at '
+                        'text files with one document per line')
+    in_progress, offset, chunk = 0, 0, head  # in_progress: bytes of the line not yet ended.
+    while chunk:
+      pieces = chunk.split(b'\n')
+      lengths = [in_progress + len(pieces[0])] + [len(piece) for piece in pieces[1:]]
+      if max(lengths) > MAX_LINE_BYTES:
+        raise UserError(f'data_path file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
+                        f'(before byte {offset + len(chunk):,}); each line is one document: '
+                        'split the text into lines')
+      in_progress = lengths[-1]
+      offset += len(chunk)
+      chunk = f.read(_SCAN_CHUNK_BYTES)
+
+
 def _tfds_documents(config) -> tf.data.Dataset:
   import tensorflow_datasets as tfds  # Imported only for TFDS sources: it is slow to import.
   try:
     builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f'TFDS dataset {config.tfds_name!r} does not exist: check --config.tfds_name '
-                    '(see tfds.list_builders())') from None
-  builder.download_and_prepare()
+    close = difflib.get_close_matches(config.tfds_name, tfds.list_builders(), n=1)
+    hint = f'did you mean {close[0]!r}? ' if close else ''
+    raise UserError(f'TFDS dataset {config.tfds_name!r} does not exist: {hint}check '
+                    '--config.tfds_name (see tfds.list_builders())') from None
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'cannot download or prepare TFDS dataset {config.tfds_name!r} '
+                    f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}): check the '
+                    'network, or set --config.tfds_data_dir to a prepared copy') from None
   features = builder.info.features
   if config.tfds_text_key not in features:
     raise UserError(f'TFDS dataset {config.tfds_name!r} has no feature {config.tfds_text_key!r}: '
@@ -107,7 +146,11 @@ def documents(config, split: str, process_index: int = 0, process_count: int = 1
   if config.tfds_name:
     ds = _tfds_documents(config)
   else:
-    ds = tf.data.TextLineDataset(text_files(config.data_path))
+    paths = text_files(config.data_path)
+    if split == 'train':  # Once per run is enough.
+      for path in paths:
+        check_text_file(path)
+    ds = tf.data.TextLineDataset(paths)
   ds = ds.map(tf.strings.strip).filter(lambda doc: tf.strings.length(doc) > 0)
   threshold = int(round(config.val_split * _HASH_BUCKETS))
   in_validation = lambda doc: tf.strings.to_hash_bucket_fast(doc, _HASH_BUCKETS) < threshold

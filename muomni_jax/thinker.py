@@ -15,6 +15,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +325,90 @@ class Thinker(nnx.Module):
         h = self.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
                                deterministic=deterministic, rngs=rngs)
         return self.lm_head(h).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental decoding with a key/value cache (sampling). The training path above does not use it.
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, in slots 0..S-1 of each row.
+
+    keys, values: tuples of n_layers arrays (B, S, G, K) in the compute dtype, after RoPE.
+    index: () int32, slots filled so far; the next tokens go to slots index, index + 1, ...
+    start: (B,) int32, first real slot of each row: slots before it hold left padding.
+    """
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array
+    start: jax.Array
+
+    @classmethod
+    def init(cls, config: ThinkerConfig, batch_size: int, max_len: int,
+             start: jax.Array | None = None) -> "KVCache":
+        groups = config.kv_groups if config.use_gqa else config.n_heads
+        shape = (batch_size, max_len, groups, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
+        if start is None:
+            start = jnp.zeros((batch_size,), jnp.int32)
+        return cls(keys=zeros, values=zeros, index=jnp.zeros((), jnp.int32),
+                   start=jnp.asarray(start, jnp.int32))
+
+
+def _cached_attention(attn: Attention, x, cos, sin, keys, values, index, mask):
+    """One layer's attention for new tokens against the cache, writing theirs into it.
+
+    x (B, T, D); cos/sin (B, T, 1, K); keys/values (B, S, G, K); index () int32, the slot of
+    x's first token; mask (B, 1, T, S) bool. Returns (out (B, T, D), keys, values) updated.
+    Query head h reads group h // (H // G) (repeat_interleave), without repeating the cache.
+    """
+    b, t, _ = x.shape
+    if attn.use_gqa:
+        q, k, v = attn.q(x), attn.k(x), attn.v(x)
+    else:
+        q, k, v = jnp.split(attn.qkv(x), 3, axis=-1)
+    q = apply_rope(q.reshape(b, t, attn.n_heads, attn.head_dim), cos, sin)
+    k = apply_rope(k.reshape(b, t, attn.n_groups, attn.head_dim), cos, sin)
+    v = v.reshape(b, t, attn.n_groups, attn.head_dim)
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
+
+    q = q.reshape(b, t, attn.n_groups, attn.n_heads // attn.n_groups, attn.head_dim)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores / math.sqrt(attn.head_dim), _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(values.dtype), values)
+    return attn.o(out.reshape(b, t, attn.n_heads * attn.head_dim)), keys, values
+
+
+def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: KVCache
+                ) -> tuple[jax.Array, KVCache]:
+    """Runs new tokens through the model against the cache and appends their keys and values.
+
+    tokens, positions: (B, T) int, the T tokens that follow the cache's `index` filled slots
+    (a prefill is the whole left-padded prompt with T = its length; a decode step has T = 1).
+    Returns logits (B, T, V) float32 and the cache with `index` advanced by T. Inference only:
+    no dropout. The caller keeps index + T <= the cache length.
+    """
+    cfg = model.config
+    t = tokens.shape[1]
+    slots = jnp.arange(cache.keys[0].shape[1])
+    query_slots = cache.index + jnp.arange(t)
+    # Causal over slots, and never into a row's left padding.
+    mask = ((slots[None, None, :] <= query_slots[None, :, None])
+            & (slots[None, None, :] >= cache.start[:, None, None]))[:, None]  # (B, 1, T, S)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = model.tok_emb(tokens)
+    new_keys, new_values = [], []
+    for block, keys, values in zip(model.blocks, cache.keys, cache.values):
+        h, keys, values = _cached_attention(block.attn, block.norm1(x), cos, sin, keys, values,
+                                            cache.index, mask)
+        x = x + h
+        ff = block.moe if block.use_moe else block.mlp
+        x = x + ff(block.norm2(x))
+        new_keys.append(keys)
+        new_values.append(values)
+    logits = model.lm_head(model.norm(x)).astype(jnp.float32)
+    return logits, cache.replace(keys=tuple(new_keys), values=tuple(new_values),
+                                 index=cache.index + t)

@@ -74,12 +74,15 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
       yield text[start:start + _MAX_SENTENCE_CHARS]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_size: int, seed: int = 0
+                    ) -> Tokenizer:
   """Trains a BPE model on `texts` (an iterable of documents), sampling at most `sample_size`.
 
   SentencePiece reservoir-samples its input, so memory stays bounded for a corpus of any size.
+  The sample is seeded, so a run killed before it saved its tokenizer trains the same one again.
   """
   model = io.BytesIO()
+  spm.set_random_generator_seed(seed)
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(texts),

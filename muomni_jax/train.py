@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -23,9 +24,13 @@ import optax
 from flax import nnx
 
 from muomni_jax import checkpointing
+from muomni_jax import distributed
+from muomni_jax import host_data
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import preemption
 from muomni_jax import reporting
+from muomni_jax import sampling
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.errors import UserError
@@ -34,6 +39,8 @@ from muomni_jax.thinker import Thinker, ThinkerConfig, count_params
 # Fields that fix the shape of the saved parameters; a resumed run must match them.
 MODEL_SHAPE_FIELDS = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'use_gqa',
                       'kv_groups', 'use_swiglu', 'use_moe', 'num_experts')
+# metrics['nonfinite_limit_step'] when the non-finite limit was not reached.
+NO_STEP = np.iinfo(np.int32).max
 
 
 @flax.struct.dataclass
@@ -113,12 +120,16 @@ def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
+               max_consecutive_nonfinite: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
 
     Gradients are summed over micro-batches and divided by the total weight, so the update equals
-    the update on the whole batch at once.
+    the update on the whole batch at once. A step with NaN/Inf loss or gradients changes nothing
+    but the step and the optimizer's non-finite counters; its loss and gradient norm count as 0 in
+    the metrics. metrics['nonfinite_limit_step'] is the step number once max_consecutive_nonfinite
+    such steps have come in a row (else NO_STEP), so the loop learns the exact step without
+    reading the device every step.
     """
     # Micro-batch j takes rows j, j + A, j + 2A, ...: every micro-batch spans every batch shard.
     micro = jax.tree.map(
@@ -139,11 +150,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = opt_state.last_finite
+    streak_done = (max_consecutive_nonfinite > 0) & (
+        opt_state.notfinite_count >= max_consecutive_nonfinite)
     metrics = {
-        'loss_sum': loss_sum,
-        'weight_sum': weight_sum,
-        'grad_norm': optax.tree.norm(grads),
-        'nonfinite': 1 - opt_state.last_finite.astype(jnp.int32),
+        'loss_sum': jnp.where(finite, loss_sum, 0.0),
+        'weight_sum': jnp.where(finite, weight_sum, 0.0),
+        'grad_norm': jnp.where(finite, optax.tree.norm(grads), 0.0),
+        'nonfinite': 1 - finite.astype(jnp.int32),
+        'nonfinite_limit_step': jnp.where(streak_done, state.step + 1, NO_STEP),
         'steps': jnp.ones((), jnp.int32),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -157,7 +172,11 @@ def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.G
 
 
 def _add_metrics(total, metrics):
-    return metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+    """Sums metrics over steps; nonfinite_limit_step keeps the earliest step instead."""
+    if total is None:
+        return metrics
+    return {k: (jnp.minimum if k == 'nonfinite_limit_step' else jnp.add)(total[k], v)
+            for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +191,7 @@ def validate_config(config) -> ThinkerConfig:
     except ValueError as e:
         raise UserError(str(e)) from None
     positive = ('batch_size', 'num_epochs', 'gradient_accumulation_steps', 'log_every',
-                'eval_every', 'save_every')
+                'eval_every', 'save_every', 'max_consecutive_nonfinite')
     for name in positive:
         if config[name] <= 0:
             raise UserError(f'{name} ({config[name]}) must be positive')
@@ -192,12 +211,23 @@ def validate_config(config) -> ThinkerConfig:
 
 
 def _check_writable(path: str) -> None:
+    """Fails unless save_dir can be created and written; leaves no trace when it can."""
+    if '://' in path:
+        raise UserError(f'save_dir {path} is a URL, which is not supported: give a local path, or '
+                        'mount the bucket (e.g. with gcsfuse) at the same path on every host')
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f'save_dir {path} is not writable ({existing} denies writes): choose '
-                        'another --config.save_dir')
+    if not os.path.isdir(existing):
+        raise UserError(f'save_dir {path} cannot be created: {existing} is a file, not a '
+                        'directory; choose another --config.save_dir')
+    try:
+        # A real write, not os.access: it also catches read-only mounts, and root ignores modes.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f'save_dir {path} is not writable ({existing}: {e.strerror}): choose '
+                        'another --config.save_dir') from None
 
 
 def _check_same_model(config, save_dir: str) -> None:
@@ -222,10 +252,12 @@ def _load_or_train_tokenizer(config, train_docs) -> tuple[tokenizer_lib.Tokenize
         tokenizer = tokenizer_lib.Tokenizer.load(path)
         trained = False
     else:
+        if not list(train_docs.take(1).as_numpy_iterator()):
+            raise UserError(_no_text_message(config))
         print(f'Training a {config.vocab_size}-piece BPE tokenizer on the training text...')
         tokenizer = tokenizer_lib.train_tokenizer(
             input_pipeline.document_texts(train_docs), config.vocab_size,
-            config.tokenizer_sample_size)
+            config.tokenizer_sample_size, seed=config.seed)
         trained = True
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(f'tokenizer {path} has {tokenizer.vocab_size} pieces but vocab_size is '
@@ -234,13 +266,45 @@ def _load_or_train_tokenizer(config, train_docs) -> tuple[tokenizer_lib.Tokenize
     return tokenizer, trained
 
 
+def _no_text_message(config) -> str:
+    source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
+    return (f'{source} holds no training text (empty, blank lines only, or all in validation): '
+            'point data_path at a text file with one document per line')
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A crash mid-write leaves the old file, never a truncated one."""
+    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(os.path.abspath(path)),
+                                     delete=False, suffix='.tmp') as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _shared_tokenizer(config) -> tuple[tokenizer_lib.Tokenizer, bool]:
+    """Process 0 loads or trains the tokenizer and every process gets its model.
+
+    Returns (tokenizer, whether this process must save it: process 0, when newly trained).
+    """
+    newly_trained = []
+
+    def load_or_train() -> bytes:
+        # All the training text, not one shard: the vocabulary must not depend on the processes.
+        tokenizer, trained = _load_or_train_tokenizer(
+            config, input_pipeline.documents(config, 'train'))
+        newly_trained.append(trained)
+        return tokenizer.model_proto
+
+    proto = distributed.run_on_main(load_or_train)
+    return tokenizer_lib.Tokenizer(proto), any(newly_trained)
+
+
 def _format_duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     return f'{hours}h {rest // 60:02d}m {rest % 60:02d}s'
 
 
 def _devices_line(mesh) -> str:
-    devices = jax.devices()
+    devices = list(mesh.devices.flat)
     kind = devices[0].platform if devices[0].platform == 'cpu' else devices[0].device_kind
     count = f'{len(devices)} device{"s" if len(devices) > 1 else ""}'
     if jax.process_count() > 1:
@@ -254,53 +318,49 @@ class _Run:
     """What the loop needs, built once by train_and_evaluate."""
     config: Any
     mesh: Any
-    train_split: input_pipeline.PackedSplit
-    val_split: input_pipeline.PackedSplit
+    data: host_data.HostData
     steps_per_epoch: int
     total_steps: int
     p_train_step: Any
     p_eval_step: Any
     batch_sharding: Any
+    sampler: Any  # params -> sample lines to print after validation, or None.
 
 
-def train_and_evaluate(config) -> dict[str, float]:
+def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[str, float]:
     """Runs Stage A as configured; resumes from save_dir if it holds checkpoints.
 
+    Args:
+      config: a configs/tiny.py-style ConfigDict.
+      devices: the devices to train on; default all. A multi-process run (after
+        distributed.initialize, which the launcher calls) must use all of them.
     Returns the final train and validation metrics.
     """
     start_time = time.time()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    model_config = validate_config(config)
-    save_dir = config.save_dir
-    _check_writable(save_dir)
-    _check_same_model(config, save_dir)
+    # Every check that can reject the input runs before save_dir is touched, and a check that
+    # fails on one host stops them all.
+    with distributed.fail_together():
+        model_config = validate_config(config)
+        save_dir = config.save_dir
+        _check_writable(save_dir)
+        _check_same_model(config, save_dir)
+        mesh = partitioning.make_mesh(config.mesh, devices)
+        partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
+        host_data.num_shards(config)
 
-    # Data: everything that can reject the input runs before save_dir is touched.
     source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
     log(f'Loading data from {source}...')
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_docs = input_pipeline.documents(config, 'train', **shard)
-    tokenizer, tokenizer_is_new = _load_or_train_tokenizer(config, train_docs)
+    tokenizer, tokenizer_is_new = _shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
-    train_split = input_pipeline.pack(train_docs, tokenizer, config.ctx_len)
-    val_split = input_pipeline.pack(
-        input_pipeline.documents(config, 'validation', **shard), tokenizer, config.ctx_len)
-    if train_split.num_documents == 0:
-        raise UserError(f'{source} holds no training text (empty, blank lines only, or all in '
-                        'validation): point data_path at a text file with one document per line')
-    log(f'Training samples: {train_split.num_documents:,} documents ({train_split.num_tokens:,} '
-        f'tokens); validation: {val_split.num_documents:,} documents '
-        f'({val_split.num_tokens:,} tokens)')
-
-    mesh = partitioning.make_mesh(config.mesh)
-    partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
-    local_batch = config.batch_size // jax.process_count()
-    steps_per_epoch = input_pipeline.steps_per_epoch(train_split, local_batch)
-    if steps_per_epoch == 0:
-        raise UserError(f'the training split packs into {train_split.num_windows} windows of '
-                        f'{config.ctx_len} tokens, fewer than one batch of {local_batch}: lower '
-                        'batch_size or ctx_len, or add text')
+    sampler = sampling.training_sampler(config, model_config, tokenizer)
+    data = host_data.load(config, tokenizer, source)
+    totals = data.totals
+    log(f'Training samples: {totals["train_documents"]:,} documents '
+        f'({totals["train_tokens"]:,} tokens); validation: {totals["validation_documents"]:,} '
+        f'documents ({totals["validation_tokens"]:,} tokens)')
+    steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -313,6 +373,8 @@ def train_and_evaluate(config) -> dict[str, float]:
     state_sharding = partitioning.state_shardings(mesh, abstract_state)
     log(f'Initializing Thinker ({count_params(abstract_state.params) / 1e6:.1f}M parameters)...')
     log(_devices_line(mesh))
+    if jax.process_count() > 1:
+        print(distributed.describe(mesh), flush=True)
 
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     restored = checkpointer.restore_latest(
@@ -320,65 +382,77 @@ def train_and_evaluate(config) -> dict[str, float]:
     if restored is None:
         state = jax.jit(functools.partial(init_state, model_config=model_config, tx=tx),
                         out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-        start_step = 0
+        start_step, interval = 0, None
     else:
         state, meta = restored
-        start_step = int(meta['step'])
-        if meta.get('steps_per_epoch') != steps_per_epoch:
-            raise UserError(f'the checkpoint in {save_dir} was trained with {meta.get("steps_per_epoch")} '
-                            f'steps per epoch, this data and batch_size give {steps_per_epoch}: '
-                            'resume with the same data and batch_size, or use a new save_dir')
+        start_step, interval = int(meta['step']), meta.get('interval_metrics')
+        # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
+        if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
+            raise UserError(f'the checkpoint in {save_dir} was trained with '
+                            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
+                            f'batch_size give {steps_per_epoch}: '
+                            'resume with the same data, batch_size and data_shards (0 means one '
+                            'per process), or use a new save_dir')
         log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
         if tokenizer_is_new:
             tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
-        with open(os.path.join(save_dir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+        _write_atomically(os.path.join(save_dir, 'config.json'),
+                          config.to_json_best_effort(indent=1, sort_keys=True))
+    checkpointer.start_writing(start_step)
 
-    batch_sharding = partitioning.batch_sharding(mesh)
-    p_train_step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          accumulation_steps=config.gradient_accumulation_steps,
-                          deterministic=model_config.dropout == 0),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, partitioning.replicated(mesh)),
-        donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                          in_shardings=(state_sharding.params, batch_sharding))
-    run = _Run(config=config, mesh=mesh, train_split=train_split, val_split=val_split,
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               p_train_step=p_train_step, p_eval_step=p_eval_step, batch_sharding=batch_sharding)
+    p_train_step, p_eval_step = jit_steps(config, model_config, mesh, graphdef, tx,
+                                          state_sharding)
+    run = _Run(config=config, mesh=mesh, data=data, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, p_train_step=p_train_step, p_eval_step=p_eval_step,
+               batch_sharding=partitioning.batch_sharding(mesh), sampler=sampler)
     reporter = reporting.Reporter(
         save_dir, total_steps=total_steps, start_step=start_step, enabled=is_main,
         profile_steps=reporting.parse_profile_steps(config.profile_steps))
     try:
-        summary = _train_loop(run, state, start_step, checkpointer, reporter, is_main)
+        summary, stopped_by = _train_loop(run, state, start_step, interval, checkpointer,
+                                          reporter, is_main)
     finally:
         reporter.close()
         checkpointer.close()
+    if stopped_by:
+        return summary
     log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
     if 'val_ppl' in summary:
         log(f'Final validation PPL: {summary["val_ppl"]:.2f}')
     return summary
 
 
+def jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,
+              tx: optax.GradientTransformation, state_sharding: Any) -> tuple[Any, Any]:
+    """train_step and eval_step jitted over the mesh: state as laid out, batch rows split over
+    every device, metrics replicated."""
+    batch_sharding = partitioning.batch_sharding(mesh)
+    metrics_sharding = partitioning.replicated(mesh)
+    p_train_step = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          accumulation_steps=config.gradient_accumulation_steps,
+                          deterministic=model_config.dropout == 0,
+                          max_consecutive_nonfinite=config.max_consecutive_nonfinite),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                          in_shardings=(state_sharding.params, batch_sharding),
+                          out_shardings=metrics_sharding)
+    return p_train_step, p_eval_step
+
+
 def _batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-    local = input_pipeline.train_batches(
-        run.train_split, run.config.batch_size // jax.process_count(), seed=run.config.seed,
-        epoch=epoch, start_step=start, num_steps=run.steps_per_epoch)
-    for batch in local:
+    for batch in run.data.train_batches(run.config.seed, epoch, start):
         yield partitioning.global_batch(batch, run.batch_sharding)
 
 
 def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
-    """Mean loss and perplexity over the validation windows (all, or the first eval_batches)."""
-    local_batch = run.config.batch_size // jax.process_count()
-    num_batches = -(-run.val_split.num_windows // local_batch)
-    if run.config.eval_batches:
-        num_batches = min(num_batches, run.config.eval_batches)
+    """Mean loss and perplexity over the validation windows (all, or eval_batches per shard)."""
     total = None
-    for batch in input_pipeline.eval_batches(run.val_split, local_batch, num_batches):
+    for batch in run.data.validation_batches():
         total = _add_metrics(total, run.p_eval_step(params, partitioning.global_batch(
             batch, run.batch_sharding)))
     if total is None or float(total['weight_sum']) == 0:
@@ -387,8 +461,15 @@ def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
     return {'val_loss': loss, 'val_ppl': math.exp(min(loss, 50.0))}
 
 
-def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer,
-                reporter: reporting.Reporter, is_main: bool) -> dict[str, float]:
+def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | None,
+                checkpointer, reporter: reporting.Reporter, is_main: bool
+                ) -> tuple[dict[str, float], str | None]:
+    """Trains from start_step to run.total_steps, or until a signal asks to stop.
+
+    `interval` is the restored metric sums of a log interval cut by the checkpoint, so logged
+    losses after a resume equal those of an uninterrupted run. Returns the final metrics and
+    the name of the signal that stopped the run (None when it ran to the end).
+    """
     config = run.config
     log = reporter.log
     schedule = learning_rate_schedule(config, run.total_steps)
@@ -399,62 +480,115 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, checkpointer,
     if step >= run.total_steps:
         log(f'Nothing to do: save_dir is already at step {step} of {run.total_steps}.')
     log('Starting training...')
-    interval_metrics, interval_start, run_start = None, time.time(), time.time()
+    # Replicated like the step's metrics, so multi-process runs add global arrays to global arrays.
+    interval_metrics = None if interval is None else {
+        k: jax.device_put(np.asarray(v, np.int32 if isinstance(v, int) else np.float32),
+                          partitioning.replicated(run.mesh))
+        for k, v in interval.items()}
+    interval_start, interval_steps, run_start = time.time(), 0, time.time()
     epoch = step // run.steps_per_epoch
-    while step < run.total_steps:
-        log(f'Epoch {epoch + 1}/{config.num_epochs}:')
-        for batch in _batches(run, epoch, step - epoch * run.steps_per_epoch):
-            state, metrics = run.p_train_step(state, batch)
-            interval_metrics = _add_metrics(interval_metrics, metrics)
-            step += 1
-            reporter.advance(step, state)
-            if step % config.log_every == 0 or step == run.total_steps:
-                m = jax.device_get(interval_metrics)
-                elapsed = time.time() - interval_start
-                loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
-                summary = {'loss': loss, 'ppl': math.exp(min(loss, 50.0))}
-                record = dict(
-                    epoch=epoch + 1, loss=loss, ppl=summary['ppl'], lr=float(schedule(step - 1)),
-                    grad_norm=float(m['grad_norm']) / int(m['steps']),
-                    tokens=step * tokens_per_step,
-                    tokens_per_s=tokens_per_step * int(m['steps']) / elapsed,
-                    elapsed_s=time.time() - run_start, nonfinite_steps=int(m['nonfinite']))
-                history.add(step, **record)
-                reporter.write_scalars(step, record)
-                history_changed = True
-                log(f'[Step {step}/{run.total_steps}] loss={loss:.3f} ppl={summary["ppl"]:.1f} '
-                    f'lr={record["lr"]:.5f} | {elapsed / int(m["steps"]):.2f}s/step | '
-                    f'{record["tokens_per_s"]:,.0f} tok/s')
-                consecutive = int(jax.device_get(state.opt_state.notfinite_count))
-                if consecutive >= config.max_consecutive_nonfinite:
-                    raise UserError(
-                        f'{consecutive} consecutive steps had NaN/Inf loss or gradients (params '
-                        f'were left unchanged; last checkpoint: step {last_saved}): lower '
-                        'learning_rate or check the data')
-                interval_metrics, interval_start = None, time.time()
-            if step % config.eval_every == 0 or step == run.total_steps:
-                eval_start = time.time()
-                val = evaluate(run, state.params)
-                if val:
-                    summary.update(val)
-                    history.add(step, **val)
-                    reporter.write_scalars(step, val)
-                    prefix = 'Final validation' if step == run.total_steps else 'Validation'
-                    log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
+    with preemption.StopSignals(sync_every=config.log_every) as signals:
+        while step < run.total_steps:
+            log(f'Epoch {epoch + 1}/{config.num_epochs}:')
+            for batch in _batches(run, epoch, step - epoch * run.steps_per_epoch):
+                state, metrics = run.p_train_step(state, batch)
+                interval_metrics = _add_metrics(interval_metrics, metrics)
+                step += 1
+                interval_steps += 1
+                reporter.advance(step, state)
+                stop = signals.should_stop(step)
+                if step % config.log_every == 0 or step == run.total_steps:
+                    m = jax.device_get(interval_metrics)
+                    _check_nonfinite_limit(m, config, last_saved)
+                    elapsed = time.time() - interval_start
+                    record = _interval_record(m, epoch, tokens_per_step * interval_steps / elapsed,
+                                              float(schedule(step - 1)), time.time() - run_start)
+                    record['tokens'] = step * tokens_per_step  # Seen so far: plots against data.
+                    summary = {'loss': record['loss'], 'ppl': record['ppl']}
+                    history.add(step, **record)
+                    reporter.write_scalars(step, record)
                     history_changed = True
-                # Validation time is not training time: keep it out of s/step and tokens/s.
-                interval_start += time.time() - eval_start
-            if step % config.save_every == 0 or step == run.total_steps:
-                checkpointer.save(step, state, {
-                    'step': step, 'epoch': step // run.steps_per_epoch,
-                    'step_in_epoch': step % run.steps_per_epoch,
-                    'steps_per_epoch': run.steps_per_epoch})
-                last_saved = step
-                log(f'✓ Saved checkpoint: step {step} ({os.path.join(config.save_dir, str(step))})')
-            if is_main and history_changed:
-                history.write()
-                history_changed = False
-            if step >= run.total_steps:
-                break
-        epoch += 1
-    return summary
+                    skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
+                               if record['nonfinite_steps'] else '')
+                    log(f'[Step {step}/{run.total_steps}] loss={record["loss"]:.3f} '
+                        f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
+                        f'{elapsed / interval_steps:.2f}s/step | '
+                        f'{record["tokens_per_s"]:,.0f} tok/s{skipped}')
+                    interval_metrics, interval_start, interval_steps = None, time.time(), 0
+                if step % config.eval_every == 0 or step == run.total_steps:
+                    eval_start = time.time()
+                    val = evaluate(run, state.params)
+                    if val:
+                        summary.update(val)
+                        history.add(step, **val)
+                        reporter.write_scalars(step, val)
+                        prefix = 'Final validation' if step == run.total_steps else 'Validation'
+                        log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
+                        history_changed = True
+                    if run.sampler:  # Every process joins: the params may span them all.
+                        samples = run.sampler(state.params)
+                        for line in samples:
+                            log(line)
+                        reporter.write_texts(step, {f'samples/{i}': line.strip()
+                                                    for i, line in enumerate(samples)})
+                    # Validation time is not training time: keep it out of s/step and tokens/s.
+                    interval_start += time.time() - eval_start
+                if is_main and history_changed:
+                    # Before any save: a checkpoint is never ahead of the log it resumes.
+                    history.write()
+                    history_changed = False
+                if step % config.save_every == 0 or step == run.total_steps or stop:
+                    interval = (None if interval_metrics is None
+                                else jax.device_get(interval_metrics))
+                    if interval is not None:
+                        _check_nonfinite_limit(interval, config, last_saved)
+                    if not bool(_all_finite(state.params)):
+                        raise UserError(f'the params became NaN/Inf at step {step}, so it was not '
+                                        f'saved (newest checkpoint: step {last_saved}): lower '
+                                        'learning_rate or max_grad_norm')
+                    checkpointer.save(step, state, {
+                        'step': step, 'epoch': step // run.steps_per_epoch,
+                        'step_in_epoch': step % run.steps_per_epoch,
+                        'steps_per_epoch': run.steps_per_epoch,
+                        'interval_metrics': None if interval is None else {
+                            k: v.item() for k, v in interval.items()}})
+                    last_saved = step
+                    path = os.path.join(config.save_dir, str(step))
+                    if stop:
+                        checkpointer.wait()
+                        log(f'✓ Saved checkpoint: step {step} ({path})')
+                        log(f'Stopped by {signals.received} after step {step}/{run.total_steps}. '
+                            'Rerun the same command to resume from this checkpoint.')
+                        return summary, signals.received
+                    log(f'✓ Saved checkpoint: step {step} ({path})')
+                if step >= run.total_steps:
+                    break
+            epoch += 1
+    return summary, None
+
+
+def _interval_record(m: dict[str, Any], epoch: int, tokens_per_s: float, lr: float,
+                     elapsed_s: float) -> dict[str, Any]:
+    """A training_log record from the summed metrics of one log interval (host values)."""
+    loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
+    finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
+    return dict(epoch=epoch + 1, loss=loss, ppl=math.exp(min(loss, 50.0)), lr=lr,
+                grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
+                elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
+
+
+def _check_nonfinite_limit(m: dict[str, Any], config, last_saved: int) -> None:
+    """Stops the run once max_consecutive_nonfinite steps in a row were NaN/Inf (host metrics)."""
+    limit_step = int(m['nonfinite_limit_step'])
+    if limit_step != NO_STEP:
+        first = limit_step - config.max_consecutive_nonfinite + 1
+        raise UserError(
+            f'steps {first}-{limit_step} all had NaN/Inf loss or gradients '
+            f'(max_consecutive_nonfinite={config.max_consecutive_nonfinite}); they were skipped '
+            f'and nothing after them was saved (newest checkpoint: step {last_saved}): lower '
+            'learning_rate, check the data, or raise max_consecutive_nonfinite')
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

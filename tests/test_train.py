@@ -120,6 +120,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     shardings = partitioning.state_shardings(mesh, state)
     state = jax.device_put(state, shardings)
     ckpt = checkpointing.Checkpointer(str(tmp_path / 'run'))
+    ckpt.start_writing(0)
     ckpt.save(1, state, {'step': 1, 'epoch': 0})
     ckpt.wait()
     abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)

@@ -1,0 +1,84 @@
+"""Exchange Thinker weights with the original μOmni PyTorch format (shared/spec/thinker.md).
+
+Export a checkpoint step (the suffix picks the format):
+  python -m launch.convert --checkpoint_dir=checkpoints/cpu_demo --output=export/thinker.pt
+  python -m launch.convert --checkpoint_dir=checkpoints/cpu_demo \
+      --output=export/thinker.safetensors        # also writes export/config.json
+
+Import the original's weights into a new save_dir (step 0, a fresh optimizer), ready for
+launch.sample, launch.evaluate, the notebook, or launch.stage_a to train further:
+  python -m launch.convert --input=thinker.pt --tokenizer=tokenizer.model \
+      --save_dir=checkpoints/imported [--config=configs/tiny.py --config.n_heads=4]
+
+The weights' shapes give the model size; --config gives what they cannot (n_heads, rope_theta,
+ctx_len) and the training fields; a safetensors file's config.json wins over it.
+.pt files need torch (pip install torch==2.13.0); safetensors files do not.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from muomni_jax.errors import UserError
+
+_CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'Export: save_dir of a run.')
+_STEP = flags.DEFINE_integer('step', None, 'Export: checkpoint step; default: the newest.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Export: a .pt or .safetensors file to write.')
+_INPUT = flags.DEFINE_string('input', None, 'Import: a .pt or .safetensors file to read.')
+_SAVE_DIR = flags.DEFINE_string('save_dir', None, 'Import: a new save_dir to create.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Import: the tokenizer.model of the weights.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Import: a configs/*.py file for what the weights do not show '
+    '(default: configs/tiny.py).', lock_config=False)
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks for input errors.')
+
+
+def _export():
+    from muomni_jax import original_format  # pylint: disable=import-outside-toplevel
+    if not _OUTPUT.value:
+        raise UserError('exporting needs --output=FILE.pt or FILE.safetensors')
+    for path in original_format.export_checkpoint(_CHECKPOINT_DIR.value, _OUTPUT.value,
+                                                  _STEP.value):
+        print(f'Wrote {path}')
+
+
+def _import():
+    from muomni_jax import original_format  # pylint: disable=import-outside-toplevel
+    if not _SAVE_DIR.value:
+        raise UserError('importing needs --save_dir=NEW_DIR')
+    config = _CONFIG.value
+    if config is None:
+        from configs import tiny  # pylint: disable=import-outside-toplevel
+        config = tiny.get_config()
+    model_config = original_format.import_weights(_INPUT.value, _SAVE_DIR.value,
+                                                  _TOKENIZER.value, config)
+    print(f'Imported a Thinker with n_layers={model_config.n_layers} '
+          f'd_model={model_config.d_model} n_heads={model_config.n_heads} '
+          f'kv_groups={model_config.kv_groups} vocab_size={model_config.vocab_size} '
+          f'into {_SAVE_DIR.value} (step 0)')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not _VERBOSE.value:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        if bool(_CHECKPOINT_DIR.value) == bool(_INPUT.value):
+            raise UserError('give either --checkpoint_dir (export) or --input (import)')
+        if _CHECKPOINT_DIR.value:
+            _export()
+        else:
+            _import()
+    except UserError as e:
+        if _VERBOSE.value:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,43 @@
+"""Score a Thinker on any text: mean next-token loss, perplexity and the tokens counted."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import ml_collections
+from flax import nnx
+
+from muomni_jax import input_pipeline
+from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax import train
+from muomni_jax.errors import UserError
+from muomni_jax.thinker import Thinker
+
+
+def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path: str,
+                  batch_size: int = 16) -> dict[str, float]:
+    """Every document of data_path (one per non-empty line), packed as in training.
+
+    Returns loss (nats per predicted token), perplexity, tokens (predicted tokens counted) and
+    documents.
+    """
+    if batch_size <= 0:
+        raise UserError(f'batch_size ({batch_size}) must be positive')
+    source = ml_collections.ConfigDict(dict(data_path=data_path, tfds_name='', val_split=0.0))
+    split = input_pipeline.pack(input_pipeline.documents(source, 'train'), tokenizer,
+                                model.config.ctx_len)
+    if split.num_windows == 0:
+        raise UserError(f'{data_path} holds no text to score: give a file with non-empty lines')
+    graphdef, params = nnx.split(model)
+    step = jax.jit(functools.partial(train.eval_step, graphdef=graphdef))
+    loss_sum = weight_sum = 0.0
+    num_batches = -(-split.num_windows // batch_size)
+    for batch in input_pipeline.eval_batches(split, batch_size, num_batches):
+        metrics = jax.device_get(step(params, batch))
+        loss_sum += float(metrics['loss_sum'])
+        weight_sum += float(metrics['weight_sum'])
+    loss = loss_sum / max(weight_sum, 1.0)
+    return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': int(weight_sum),
+            'documents': split.num_documents}

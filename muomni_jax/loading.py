@@ -1,0 +1,107 @@
+"""Restore a trained Thinker for use: `load(checkpoint_dir)` -> (config, params, tokenizer).
+
+Only the params subtree of a step's `state` item is read (an Orbax partial restore), so the
+optimizer state, twice the size of the params, never leaves the disk. The params land on this
+process's first device whatever mesh wrote them: a checkpoint from an 8-way fsdp pod run restores
+on one CPU in a notebook. Needs no training data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.errors import UserError
+from muomni_jax.thinker import Thinker, ThinkerConfig
+
+
+class Checkpoint(NamedTuple):
+    """What `load` returns; unpacks as `config, params, tokenizer = load(...)`."""
+    config: ml_collections.ConfigDict  # The run's whole config, as saved in config.json.
+    params: nnx.State  # The Thinker's parameters, float32, on one device.
+    tokenizer: tokenizer_lib.Tokenizer
+
+    def model(self) -> Thinker:
+        """The Thinker with these params, ready to call or to sample from."""
+        return nnx.merge(abstract_model(self.config)[0], self.params)
+
+
+def abstract_model(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params as ShapeDtypeStructs) of the Thinker a config describes; no FLOPs."""
+    model_config = ThinkerConfig.from_config(config)
+    try:
+        model_config.validate()
+    except ValueError as e:
+        raise UserError(f'the saved config is not a valid Thinker: {e}') from None
+    return nnx.split(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
+
+
+def available_steps(checkpoint_dir: str) -> list[int]:
+    """The complete checkpoint steps in a save_dir, oldest first (Orbax's temporary folders of an
+    unfinished save are not steps)."""
+    directory = epath.Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise UserError(f'checkpoint_dir {checkpoint_dir} does not exist: point it at the '
+                        'save_dir of a launch.stage_a run')
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / 'state').is_dir())
+
+
+def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
+    path = epath.Path(checkpoint_dir) / 'config.json'
+    if not path.exists():
+        raise UserError(f'{path} is missing: checkpoint_dir must be a save_dir written by '
+                        'launch.stage_a or launch.convert')
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
+                   sharding: jax.sharding.Sharding) -> nnx.State:
+    """Reads only `params` from save_dir/<step>/state onto `sharding` (every leaf the same)."""
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
+    directory = checkpoint_dir if '://' in checkpoint_dir else os.path.abspath(checkpoint_dir)
+    path = epath.Path(directory) / str(step) / 'state'
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                item={'params': target}, restore_args={'params': restore_args},
+                partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(f'cannot restore the params of {path} ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0][:300]}): is config.json the config it was '
+                        'trained with?') from None
+    return restored['params']
+
+
+def load(checkpoint_dir: str, step: int | None = None) -> Checkpoint:
+    """Restores the params of `step` (default: the newest) of a save_dir, with its config and
+    tokenizer, onto this process's first device."""
+    steps = available_steps(checkpoint_dir)
+    if not steps:
+        raise UserError(f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
+                        'launch.stage_a first, or check the path')
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f'step {step} is not in {checkpoint_dir}: available steps are {steps}')
+    config = read_config(checkpoint_dir)
+    tokenizer_path = epath.Path(checkpoint_dir) / 'tokenizer.model'
+    if not tokenizer_path.exists():
+        raise UserError(f'{tokenizer_path} is missing: copy the tokenizer the model was trained '
+                        'with there')
+    tokenizer = tokenizer_lib.Tokenizer(tokenizer_path.read_bytes())
+    _, abstract_params = abstract_model(config)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = restore_params(checkpoint_dir, step, abstract_params, sharding)
+    return Checkpoint(config=config, params=params, tokenizer=tokenizer)

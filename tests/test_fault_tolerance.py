@@ -1,0 +1,223 @@
+"""In-process fault tolerance: signals, NaN steps, corrupted checkpoints, restore_step, and the
+two-process stop decision."""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muomni_jax import checkpointing
+from muomni_jax import train
+from muomni_jax.errors import UserError
+from tests.conftest import REPO, small_config
+
+
+def _signal_before_step(monkeypatch, step, signum=signal.SIGINT, times=1):
+    """Sends `signum` to this process `times` times while the batch of `step` is fetched."""
+    real = train._batches  # pylint: disable=protected-access
+
+    def batches(run, epoch, start):
+        for index, batch in enumerate(real(run, epoch, start), start=start + 1):
+            if index == step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(train, '_batches', batches)
+
+
+def _steps(save_dir):
+    return sorted(int(n) for n in os.listdir(save_dir) if n.isdigit())
+
+
+def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path, corpus_sample,
+                                                          capsys):
+    _signal_before_step(monkeypatch, 4)
+    save_dir = tmp_path / 'run'
+    handler = signal.getsignal(signal.SIGINT)
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10, eval_every=100))
+    out = capsys.readouterr().out
+    assert 'SIGINT received: finishing this step and saving a checkpoint' in out
+    assert f'✓ Saved checkpoint: step 4 ({save_dir / "4"})' in out
+    assert 'Stopped by SIGINT after step 4/6. Rerun the same command' in out
+    assert 'Training complete' not in out
+    assert _steps(save_dir) == [4]
+    assert signal.getsignal(signal.SIGINT) is handler  # The run's handlers are gone.
+
+
+def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sample):
+    _signal_before_step(monkeypatch, 4, times=2)
+    save_dir = tmp_path / 'run'
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10,
+                                              eval_every=100))
+    assert _steps(save_dir) == []
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def _nan_on_steps(monkeypatch, bad_steps):
+    """Makes the loss of the given (1-based) steps NaN, as a bad batch or an overflow would."""
+    real = train.train_step
+
+    def train_step(state, batch, **kwargs):
+        bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
+        batch = dict(batch, weights=batch['weights'] * jnp.where(bad, jnp.nan, 1.0))
+        return real(state, batch, **kwargs)
+
+    monkeypatch.setattr(train, 'train_step', train_step)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_sample, capsys):
+    _nan_on_steps(monkeypatch, [3, 4])
+    save_dir = tmp_path / 'run'
+    summary = train.train_and_evaluate(small_config(
+        save_dir, corpus_sample, max_consecutive_nonfinite=3, log_every=2, save_every=6))
+    log = json.load(open(save_dir / 'training_log.json'))
+    assert [r.get('nonfinite_steps') for r in log if 'loss' in r] == [0, 2, 0]
+    assert all(np.isfinite(r['loss']) for r in log if 'loss' in r)
+    assert np.isfinite(summary['loss'])
+    assert '[Step 4/6]' in capsys.readouterr().out.split('2 non-finite steps skipped')[0]
+
+
+def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path, corpus_sample):
+    _nan_on_steps(monkeypatch, list(range(4, 20)))
+    save_dir = tmp_path / 'run'
+    config = small_config(save_dir, corpus_sample, max_steps=12, max_consecutive_nonfinite=3,
+                          log_every=5, save_every=2, eval_every=100)
+    with pytest.raises(UserError) as error:
+        train.train_and_evaluate(config)
+    assert str(error.value).startswith(
+        'steps 4-6 all had NaN/Inf loss or gradients (max_consecutive_nonfinite=3); they were '
+        'skipped and nothing after them was saved (newest checkpoint: step 4)')
+    # Step 4's save came before the limit; its params are step 3's, finite and unchanged.
+    assert _steps(save_dir) == [2, 4]
+    restored = _restore(config, save_dir, 4)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+    assert int(restored.opt_state.notfinite_count) == 1
+
+
+def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_sample):
+    """Finite gradients can still push a param to Inf (say, a huge learning rate)."""
+    real = train.train_step
+
+    def train_step(state, batch, **kwargs):
+        state, metrics = real(state, batch, **kwargs)
+        overflow = lambda x: jnp.where(state.step == 3, jnp.inf, x)
+        return state.replace(params=jax.tree.map(overflow, state.params)), metrics
+
+    monkeypatch.setattr(train, 'train_step', train_step)
+    save_dir = tmp_path / 'run'
+    with pytest.raises(UserError, match=r'^the params became NaN/Inf at step 4, so it was not '
+                                        r'saved \(newest checkpoint: step 2\)'):
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=2, log_every=5,
+                                              eval_every=100))
+    assert _steps(save_dir) == [2]
+
+
+def _restore(config, save_dir, step):
+    model_config = train.validate_config(config)
+    tx = train.make_optimizer(config, 10)
+    abstract = jax.eval_shape(functools.partial(train.init_state, model_config=model_config, tx=tx),
+                              jax.random.PRNGKey(0))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), abstract)
+    checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
+    state, _ = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return state
+
+
+def _truncate_files(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, 'r+b') as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path, corpus_sample,
+                                                                       capsys):
+    save_dir = tmp_path / 'run'
+    config = small_config(save_dir, corpus_sample, max_steps=6, save_every=3, log_every=1)
+    train.train_and_evaluate(config)
+    expected_log = json.load(open(save_dir / 'training_log.json'))
+    shutil.copytree(save_dir / '6', tmp_path / 'good' / '6')
+    capsys.readouterr()
+
+    # Truncated files in step 6: the run warns, resumes from step 3 and redoes steps 4-6 exactly.
+    _truncate_files(save_dir / '6')
+    train.train_and_evaluate(config)
+    captured = capsys.readouterr()
+    assert f'Warning: checkpoint step 6 in {save_dir} is unreadable' in captured.err
+    assert 'Resuming from checkpoint step 3' in captured.out
+    set_aside = [n for n in os.listdir(save_dir) if n.startswith('6.set-aside-')]
+    assert len(set_aside) == 1 and 'moved checkpoint steps [6]' in captured.err
+    log = json.load(open(save_dir / 'training_log.json'))
+    strip = lambda records: [{k: v for k, v in r.items() if k not in ('tokens_per_s', 'elapsed_s')}
+                             for r in records]
+    assert strip(log) == strip(expected_log)
+    for a, b in zip(jax.tree.leaves(_restore(config, tmp_path / 'good', 6)),
+                    jax.tree.leaves(_restore(config, save_dir, 6))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # --config.restore_step=3 goes back to step 3 although step 6 is fine.
+    config.restore_step = 3
+    train.train_and_evaluate(config)
+    captured = capsys.readouterr()
+    assert 'Resuming from checkpoint step 3' in captured.out
+    assert 'unreadable' not in captured.err
+    assert _steps(save_dir) == [3, 6]
+
+    # Every checkpoint unreadable: a clear error, never a silent fresh start, and nothing moved.
+    config.restore_step = 0
+    _truncate_files(save_dir / '3')
+    _truncate_files(save_dir / '6')
+    before = sorted(os.listdir(save_dir))
+    with pytest.raises(UserError,
+                       match=r'no checkpoint in .* could be restored \(steps \[3, 6\]\)'):
+        train.train_and_evaluate(config)
+    assert sorted(os.listdir(save_dir)) == before
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
+def test_two_processes_agree_on_the_step_to_stop(signum, target):
+    """A signal to one of two processes stops both at one step (tests/multihost_stop_worker.py)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    workers = [subprocess.Popen(
+        [sys.executable, os.path.join('tests', 'multihost_stop_worker.py'), str(port), str(i)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        for worker in workers:  # Gloo prints its own lines first.
+            lines = iter(worker.stdout.readline, '')
+            assert any(line.strip() == 'ready' for line in lines), worker.stderr.read()[-2000:]
+        workers[target].send_signal(signum)
+        outs = [[line for line in worker.communicate(timeout=120)[0].splitlines()
+                 if line.startswith('stop ')][0].split() for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    assert [w.returncode for w in workers] == [0, 0]
+    assert outs[0][0] == outs[1][0] == 'stop'
+    assert outs[0][1] == outs[1][1], outs  # The same step on both processes.
+    received = ' '.join(outs[target][2:])
+    assert received == signal.Signals(signum).name

@@ -1,0 +1,120 @@
+"""Two processes on localhost, 2 CPU devices each, joined by jax.distributed with gloo collectives.
+
+Every process is the launcher in a subprocess with a timeout, so a hang fails the test instead
+of stalling CI.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import REPO
+from tests.test_launch import SMALL
+
+TIMEOUT_S = 300
+# data=2 x fsdp=2 splits both the batch and the parameters across the two processes.
+COMMON = [*SMALL, '--config.max_steps=3', '--config.log_every=1', '--config.eval_every=3',
+          '--config.save_every=3', '--config.n_layers=1', '--config.d_model=128',
+          '--config.d_ff=256',
+          '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.data_shards=2',
+          '--config.distributed.timeout_s=60']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _start(args, devices: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    return subprocess.Popen([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py',
+                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """Waits for every process; kills all of them (by their own pid) if any runs too long."""
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=TIMEOUT_S)
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
+def _pair(args) -> list[subprocess.Popen]:
+    address = f'127.0.0.1:{_free_port()}'
+    return [_start([*args[i], f'--config.distributed.coordinator_address={address}',
+                    '--config.distributed.num_processes=2',
+                    f'--config.distributed.process_id={i}'], devices=2) for i in range(2)]
+
+
+def _without_gloo(stdout: str) -> str:
+    """Drops the '[Gloo] Rank N is connected' lines that gloo prints itself."""
+    return '\n'.join(line for line in stdout.splitlines() if not line.startswith('[Gloo]'))
+
+
+def _log(save_dir):
+    with open(save_dir / 'training_log.json') as f:
+        return json.load(f)
+
+
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus_sample):
+    one_dir, two_dir = tmp_path / 'one_process', tmp_path / 'two_processes'
+    data = f'--config.data_path={corpus_sample}'
+    pair_args = [[*COMMON, data, f'--config.save_dir={two_dir}']] * 2
+    processes = [_start([*COMMON, data, f'--config.save_dir={one_dir}'], devices=4),
+                 *_pair(pair_args)]
+    (rc_one, out_one, err_one), (rc0, out0, err0), (rc1, out1, err1) = _finish(processes)
+    assert rc_one == 0, err_one[-3000:]
+    assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
+
+    # Each process names its devices and the mesh; only process 0 reports progress.
+    out0, out1 = _without_gloo(out0), _without_gloo(out1)
+    mesh_line = r'Process {}/2: 2 local cpu devices \(ids \d+,\d+\) of 4; mesh data=2 x fsdp=2'
+    assert re.search(mesh_line.format(0), out0), out0
+    assert re.fullmatch(mesh_line.format(1), out1.strip()), out1
+    assert 'Using device: cpu (4 devices over 2 processes)' in out0
+    assert '[Step 3/3] loss=' in out0 and 'Training complete!' in out0
+    assert sorted(os.listdir(two_dir)) == ['3', 'config.json', 'tokenizer.model',
+                                           'training_log.json']
+
+    # Process 0 trained the tokenizer on all the text, as the single process did.
+    assert (one_dir / 'tokenizer.model').read_bytes() == (two_dir / 'tokenizer.model').read_bytes()
+    one, two = _log(one_dir), _log(two_dir)
+    assert [r['step'] for r in one] == [r['step'] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-5, err_msg=f'step {a["step"]}')
+    np.testing.assert_allclose(two[-1]['val_loss'], one[-1]['val_loss'], rtol=1e-5)
+
+
+def test_an_error_on_one_process_stops_both(tmp_path, corpus_sample):
+    """A check that fails on one process, and one on process 0's own work, end every process."""
+    missing = tmp_path / 'missing.txt'
+    # Process 1 alone cannot find its data.
+    missing_data = [[*COMMON, f'--config.save_dir={tmp_path / "a"}',
+                     f'--config.data_path={path}'] for path in (corpus_sample, missing)]
+    # Process 0 alone trains the tokenizer, and fails.
+    big_vocab = [[*COMMON, f'--config.save_dir={tmp_path / "b"}',
+                  f'--config.data_path={corpus_sample}', '--config.vocab_size=60000']] * 2
+    results = _finish([*_pair(missing_data), *_pair(big_vocab)])
+    for rc, _, err in results:
+        assert rc == 2, err[-3000:]
+        assert 'Traceback' not in err
+    for _, _, err in results[:2]:
+        assert f'data_path {missing} does not exist' in err
+    for _, _, err in results[2:]:
+        assert 'error: the training text supports at most vocab_size=' in err
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()

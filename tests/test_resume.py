@@ -1,0 +1,145 @@
+"""Exact resume after SIGKILL (also mid-save) and a clean stop on SIGTERM, through the launcher.
+
+Each run is a subprocess on one CPU device, as a user runs it. A chain of runs, killed or stopped
+at several points and each rerun with the same command, must end bitwise equal to one
+uninterrupted run: the same training_log.json losses and the same final state.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tests.conftest import REPO
+from tests.test_launch import SMALL
+
+# Dropout on, a log interval cut by checkpoints (3 does not divide 2), evaluation in between.
+RESUME_ARGS = [*SMALL, '--config.dropout=0.1', '--config.max_steps=12', '--config.log_every=3',
+               '--config.save_every=2', '--config.eval_every=4']
+# Fields of a training_log record that depend on wall-clock time, not on the computation.
+TIMING_FIELDS = ('tokens_per_s', 'elapsed_s')
+
+
+def _launch(save_dir, data_path, compilation_cache):
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONUNBUFFERED'] = '1'  # What a killed run printed is not lost in its buffers.
+    # Reruns load the compiled steps from JAX's persistent cache instead of compiling again.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    return subprocess.Popen(
+        [sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *RESUME_ARGS,
+         f'--config.data_path={data_path}', f'--config.save_dir={save_dir}'],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, condition, what, timeout=240):
+    """Polls every millisecond until condition() holds; fails if the run ends first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f'run ended before {what}:\n{proc.stdout.read()[-3000:]}'
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.001)
+
+
+def _names(save_dir):
+    return os.listdir(save_dir) if os.path.isdir(save_dir) else []
+
+
+def _saving(save_dir, step):
+    return any(n.startswith(f'{step}.orbax-checkpoint-tmp') for n in _names(save_dir))
+
+
+def _kill(proc) -> str:
+    """SIGKILLs the run and returns what it printed."""
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
+def _final_state(save_dir, step):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # Orbax warns that it reads the shardings from the files.
+        state = ocp.PyTreeCheckpointer().restore(os.path.join(save_dir, str(step), 'state'))
+    return jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state))[0]
+
+
+def _log_without_timing(save_dir):
+    with open(os.path.join(save_dir, 'training_log.json')) as f:
+        return [{k: v for k, v in record.items() if k not in TIMING_FIELDS}
+                for record in json.load(f)]
+
+
+def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
+    reference_dir, resumed_dir = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
+    cache = tmp_path / 'jax_cache'
+    reference = _launch(reference_dir, corpus_sample, cache)
+
+    # 1. SIGKILL while step 4 is being written (step 2 is complete). The machine's Orbax save of
+    #    this model takes ~100 ms, and we poll every ms, so the kill lands inside the save.
+    run = _launch(resumed_dir, corpus_sample, cache)
+    _wait_for(run, lambda: _saving(resumed_dir, 4), 'the save of step 4')
+    _kill(run)
+    names = _names(resumed_dir)
+    assert '2' in names and '4' not in names, names
+    assert any(n.startswith('4.orbax-checkpoint-tmp') for n in names), names
+
+    # 2. The rerun resumes from step 2, never from the incomplete step 4; SIGKILL it as soon as
+    #    step 6 is complete, wherever it then is.
+    run = _launch(resumed_dir, corpus_sample, cache)
+    _wait_for(run, lambda: '6' in _names(resumed_dir), 'step 6')
+    assert 'Resuming from checkpoint step 2 ' in _kill(run)
+
+    # 3. SIGTERM: the run finishes its step, saves it, says where, and exits 0.
+    run = _launch(resumed_dir, corpus_sample, cache)
+    _wait_for(run, lambda: '8' in _names(resumed_dir), 'step 8')
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out[-3000:]
+    assert 'Resuming from checkpoint step 6' in out, out[-3000:]
+    stopped = [line for line in out.splitlines()
+               if line.startswith('Stopped by SIGTERM after step')]
+    assert stopped, out[-3000:]
+    stop_step = int(stopped[0].split('after step ')[1].split('/')[0])
+    assert 8 <= stop_step < 12
+    saved_to = os.path.join(resumed_dir, str(stop_step))
+    assert f'✓ Saved checkpoint: step {stop_step} ({saved_to})' in out
+    assert str(stop_step) in _names(resumed_dir)
+    assert 'Training complete' not in out
+
+    # 4. The last rerun completes.
+    run = _launch(resumed_dir, corpus_sample, cache)
+    out, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, out[-3000:]
+    assert f'Resuming from checkpoint step {stop_step}' in out
+    assert not any('orbax-checkpoint-tmp' in n for n in _names(resumed_dir))
+
+    reference_out, _ = reference.communicate(timeout=240)
+    assert reference.returncode == 0, reference_out[-3000:]
+    assert _log_without_timing(resumed_dir) == _log_without_timing(reference_dir)
+    expected, actual = _final_state(reference_dir, 12), _final_state(resumed_dir, 12)
+    assert [path for path, _ in expected] == [path for path, _ in actual]
+    for (path, a), (_, b) in zip(expected, actual):
+        assert a.dtype == b.dtype and np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
+def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
+    save_dir = str(tmp_path / 'run')
+    run = _launch(save_dir, corpus_sample, tmp_path / 'jax_cache')
+    _wait_for(run, lambda: '2' in _names(save_dir), 'step 2')
+    run.send_signal(signal.SIGINT)
+    # Python runs a handler once for signals that arrive together: send the second after the first
+    # was handled, as a person pressing Ctrl-C twice does.
+    lines = iter(run.stdout.readline, '')
+    assert any(line.startswith('SIGINT received') for line in lines)
+    run.send_signal(signal.SIGINT)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, out[-3000:]
+    assert out.rstrip().endswith('Aborted: nothing was saved after the last checkpoint.')
+    assert 'Stopped by' not in out and 'Training complete' not in out

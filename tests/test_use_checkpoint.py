@@ -1,0 +1,183 @@
+"""Using a trained Thinker: a checkpoint from a tiny 8-device fsdp run, restored on one device,
+sampled and scored by the launchers, exported to and imported from the original's format, and
+opened by the example notebook."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import muomni_jax
+from muomni_jax import loading
+from muomni_jax import original_format
+from muomni_jax import train
+from muomni_jax.errors import UserError
+from tests.conftest import REPO, small_config
+
+NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, corpus_sample):
+    """(save_dir, console output) of 6 steps on a mesh that shards the params 8 ways."""
+    save_dir = tmp_path_factory.mktemp('use') / 'run'
+    config = small_config(save_dir, corpus_sample, sample_prompts='The cat sat on the|Python is',
+                          sample_max_new_tokens=5)
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.train_and_evaluate(config)
+    return str(save_dir), out.getvalue()
+
+
+def _one_device_env():
+    return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+
+def _run(module, *args, timeout=300):
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=_one_device_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _saved_params(save_dir, step):
+    """The params exactly as saved (on the 8-device mesh), read without any target tree."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        raw = checkpointer.restore(os.path.join(save_dir, str(step), 'state'))
+    return raw['params']
+
+
+def test_training_prints_samples_under_each_validation_line(trained):
+    lines = trained[1].splitlines()
+    validations = [i for i, line in enumerate(lines) if line.startswith('→ ')]
+    assert len(validations) == 2  # Steps 3 and 6.
+    for i in validations:
+        assert lines[i + 1].startswith("  Sample: 'The cat sat on the' → '")
+        assert lines[i + 2].startswith("  Sample: 'Python is' → '")
+
+
+def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
+    save_dir = trained[0]
+    saved = _saved_params(save_dir, 6)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(saved)
+               if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated)
+    expected = {f'a{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(saved))}
+    np.savez(tmp_path / 'expected.npz', **expected)
+    script = (
+        'import sys, jax, numpy as np, muomni_jax\n'
+        'config, params, tokenizer = muomni_jax.load(sys.argv[1])\n'
+        'assert jax.device_count() == 1, jax.devices()\n'
+        'expected = np.load(sys.argv[2])\n'
+        'leaves = jax.tree.leaves(params)\n'
+        'assert len(leaves) == len(expected.files)\n'
+        'for i, x in enumerate(leaves):\n'
+        '    np.testing.assert_array_equal(np.asarray(x), expected[f"a{i}"])\n'
+        'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
+    expected_path = str(tmp_path / 'expected.npz')
+    result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
+                            env=_one_device_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'restored {len(expected)} 64 256' in result.stdout
+
+
+def test_load_names_the_available_steps(trained, tmp_path):
+    save_dir = trained[0]
+    ckpt = muomni_jax.load(save_dir, step=3)
+    assert ckpt.model().config.d_model == 64
+    with pytest.raises(UserError, match=r'step 4 is not in .*available steps are \[3, 6\]'):
+        muomni_jax.load(save_dir, step=4)
+    with pytest.raises(UserError, match='does not exist'):
+        muomni_jax.load(str(tmp_path / 'nowhere'))
+    with pytest.raises(UserError, match='holds no checkpoint steps'):
+        muomni_jax.load(str(tmp_path))
+
+
+def test_launch_sample_and_evaluate(trained, corpus_sample):
+    save_dir = trained[0]
+    relative = os.path.relpath(save_dir, REPO)  # As users pass it: checkpoints/cpu_demo.
+    sample = _run('launch.sample', f'--checkpoint_dir={relative}', '--prompt=The cat',
+                  '--prompt=Python is a', '--max_new_tokens=8', '--seed=1', '--show_next=3')
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    out = sample.stdout
+    assert out.count('Generated: ') == 2 and "Context: 'The cat'" in out
+    assert out.count('Next token: ') == 2 and '%' in out
+
+    evaluate = _run('launch.evaluate', f'--checkpoint_dir={save_dir}', '--step=6',
+                    f'--data_path={corpus_sample}', '--batch_size=8')
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    fields = dict(line.split(': ', 1) for line in evaluate.stdout.splitlines() if ': ' in line)
+    loss, ppl = float(fields['Loss']), float(fields['Perplexity'])
+    assert 0 < loss < np.log(256) + 1 and abs(ppl - np.exp(loss)) < 0.01 * ppl
+    assert int(fields['Tokens'].replace(',', '')) > 1000
+
+    bad = _run('launch.sample', f'--checkpoint_dir={save_dir}', '--step=5', '--prompt=x')
+    assert bad.returncode == 2
+    assert 'error: step 5 is not in' in bad.stderr and 'available steps are [3, 6]' in bad.stderr
+    assert 'Traceback' not in bad.stderr
+
+
+def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_path,
+                                                                corpus_sample):
+    pytest.importorskip('torch')
+    save_dir = trained[0]
+    pt = tmp_path / 'export' / 'thinker.pt'
+    export = _run('launch.convert', f'--checkpoint_dir={save_dir}', f'--output={pt}')
+    assert export.returncode == 0, export.stderr[-3000:]
+    imported_dir = tmp_path / 'imported'
+    imported = _run('launch.convert', f'--input={pt}', f'--save_dir={imported_dir}',
+                    f'--tokenizer={save_dir}/tokenizer.model', '--config=configs/tiny.py',
+                    '--config.ctx_len=32')
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert 'Imported a Thinker with n_layers=2 d_model=64 n_heads=4 kv_groups=2' in imported.stdout
+
+    original, restored = muomni_jax.load(save_dir), muomni_jax.load(str(imported_dir))
+    assert restored.config.ctx_len == 32 and restored.config.vocab_size == 256
+    for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(restored.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # safetensors too, in-process: no torch needed on this path.
+    files = original_format.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
+    assert json.load(open(files[1]))['thinker']['d_model'] == 64
+    _, params = original_format.read_weights(files[0])
+    for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Importing into a folder that holds anything is refused, and leaves it as it was.
+    before = sorted(os.listdir(imported_dir))
+    with pytest.raises(UserError, match='is not empty'):
+        original_format.import_weights(str(pt), str(imported_dir),
+                                       f'{save_dir}/tokenizer.model', original.config)
+    assert sorted(os.listdir(imported_dir)) == before
+
+    config = small_config(imported_dir, corpus_sample, max_steps=2, eval_every=2, save_every=2,
+                          sample_prompts='')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train.train_and_evaluate(config)
+    assert 'Resuming from checkpoint step 0' in out.getvalue()
+    assert summary['val_loss'] < np.log(256)
+    assert loading.available_steps(str(imported_dir)) == [0, 2]
+
+
+def test_notebook_runs(trained, monkeypatch):
+    nbformat = pytest.importorskip('nbformat')
+    nbclient = pytest.importorskip('nbclient')
+    # The kernel inherits this environment: one device, as a user's notebook has.
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+    monkeypatch.setenv('MUOMNI_CHECKPOINT_DIR', trained[0])
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
+                                     resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+    text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+    assert 'restored step 6' in text and 'parameters on 1 cpu device(s)' in text
+    assert "'The cat sat on the' → " in text and '%' in text
+    assert text.count('[greedy]') == 3 and text.count('[sampled]') == 3
+    assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
