@@ -70,8 +70,8 @@ def test_plain_lines_without_control_characters_when_not_a_terminal(profiled_run
     assert not any(line.startswith('Step ') for line in lines), 'progress bar when not a TTY'
 
 
-def test_event_files_hold_the_logged_scalars(profiled_run):
-    save_dir, _ = profiled_run
+def test_event_files_hold_the_logged_scalars_and_samples(profiled_run):
+    save_dir, result = profiled_run
     events = read_events(save_dir)
     log = json.load(open(save_dir / 'training_log.json'))
     train_records = [r for r in log if 'loss' in r]
@@ -86,6 +86,11 @@ def test_event_files_hold_the_logged_scalars(profiled_run):
         assert [s for s, _ in events[tag]] == [3, 6], tag
         np.testing.assert_allclose([v for _, v in events[tag]],
                                    [r[field] for r in val_records], rtol=1e-5, err_msg=tag)
+    # The evaluation samples of the default sample_prompts, as text summaries.
+    for tag, prompt in (('samples/0', 'The cat sat on the'), ('samples/1', 'Python is a')):
+        assert [s for s, _ in events[tag]] == [3, 6], tag
+        assert all(text.startswith(f'Sample: {prompt!r} → ') for _, text in events[tag])
+        assert f'  {events[tag][-1][1]}\n' in result.stdout  # The line printed at step 6.
     # Tokens seen: step * batch_size * ctx_len, so runs can be plotted against data seen.
     assert [r['tokens'] for r in train_records] == [2 * 8 * 32, 4 * 8 * 32, 6 * 8 * 32]
 
