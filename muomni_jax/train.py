@@ -32,6 +32,7 @@ from muomni_jax import input_pipeline
 from muomni_jax import lm_loss
 from muomni_jax import partitioning
 from muomni_jax import preemption
+from muomni_jax import reporting
 from muomni_jax import sampling
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
@@ -219,6 +220,7 @@ def validate_config(config) -> ThinkerConfig:
                         'and the peak from the device table or a measurement)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
+    reporting.parse_profile_steps(config.profile_steps)
     return model_config
 
 
@@ -429,10 +431,14 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
                batch_sharding=partitioning.batch_sharding(mesh), sampler=sampler,
                flops_per_step=flops_per_token * config.batch_size * config.ctx_len,
                peak_flops=peak_flops)
+    reporter = reporting.Reporter(
+        save_dir, total_steps=total_steps, start_step=start_step, enabled=is_main,
+        profile_steps=reporting.parse_profile_steps(config.profile_steps))
     try:
-        summary, stopped_by = _train_loop(run, state, start_step, interval, checkpointer, log,
-                                          is_main)
+        summary, stopped_by = _train_loop(run, state, start_step, interval, checkpointer,
+                                          reporter, is_main)
     finally:
+        reporter.close()
         checkpointer.close()
     if stopped_by:
         return summary
@@ -498,7 +504,8 @@ def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
 
 
 def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | None,
-                checkpointer, log, is_main: bool) -> tuple[dict[str, float], str | None]:
+                checkpointer, reporter: reporting.Reporter, is_main: bool
+                ) -> tuple[dict[str, float], str | None]:
     """Trains from start_step to run.total_steps, or until a signal asks to stop.
 
     `interval` is the restored metric sums of a log interval cut by the checkpoint, so logged
@@ -506,6 +513,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
     the name of the signal that stopped the run (None when it ran to the end).
     """
     config = run.config
+    log = reporter.log
     schedule = learning_rate_schedule(config, run.total_steps)
     history = training_log.TrainingLog(os.path.join(config.save_dir, 'training_log.json'),
                                        resume_step=start_step)
@@ -529,6 +537,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                 interval_metrics = _add_metrics(interval_metrics, metrics)
                 step += 1
                 interval_steps += 1
+                reporter.advance(step, state)
                 stop = signals.should_stop(step)
                 if step % config.log_every == 0 or step == run.total_steps:
                     m = jax.device_get(interval_metrics)
@@ -536,6 +545,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                     elapsed = time.time() - interval_start
                     record = _interval_record(m, epoch, tokens_per_step * interval_steps / elapsed,
                                               float(schedule(step - 1)), time.time() - run_start)
+                    record['tokens'] = step * tokens_per_step  # Seen so far: plots against data.
                     summary = {'loss': record['loss'], 'ppl': record['ppl']}
                     mfu = ''
                     if run.peak_flops:
@@ -543,6 +553,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                                          / run.peak_flops)
                         mfu = f' | MFU {100 * record["mfu"]:.1f}%'
                     history.add(step, **record)
+                    reporter.write_scalars(step, record)
                     history_changed = True
                     skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
                                if record['nonfinite_steps'] else '')
@@ -557,12 +568,16 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                     if val:
                         summary.update(val)
                         history.add(step, **val)
+                        reporter.write_scalars(step, val)
                         prefix = 'Final validation' if step == run.total_steps else 'Validation'
                         log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
                         history_changed = True
                     if run.sampler:  # Every process joins: the params may span them all.
-                        for line in run.sampler(state.params):
+                        samples = run.sampler(state.params)
+                        for line in samples:
                             log(line)
+                        reporter.write_texts(step, {f'samples/{i}': line.strip()
+                                                    for i, line in enumerate(samples)})
                     # Validation time is not training time: keep it out of s/step and tokens/s.
                     interval_start += time.time() - eval_start
                 if is_main and history_changed:

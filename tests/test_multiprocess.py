@@ -88,8 +88,10 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     assert re.fullmatch(mesh_line.format(1), out1.strip()), out1
     assert 'Using device: cpu (4 devices over 2 processes)' in out0
     assert '[Step 3/3] loss=' in out0 and 'Training complete!' in out0
-    assert sorted(os.listdir(two_dir)) == ['3', 'config.json', 'tokenizer.model',
-                                           'training_log.json']
+    events = [f for f in os.listdir(two_dir) if f.startswith('events.out.tfevents')]
+    assert len(events) == 1  # TensorBoard events from process 0 only.
+    assert sorted(set(os.listdir(two_dir)) - set(events)) == [
+        '3', 'config.json', 'tokenizer.model', 'training_log.json']
 
     # Process 0 trained the tokenizer on all the text, as the single process did.
     assert (one_dir / 'tokenizer.model').read_bytes() == (two_dir / 'tokenizer.model').read_bytes()

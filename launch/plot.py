@@ -1,0 +1,41 @@
+"""Plot training curves of one or more Stage A runs from their training_log.json.
+
+  python -m launch.plot --checkpoint_dir=checkpoints/cpu_demo [--checkpoint_dir=OTHER ...]
+      [--output=curves.png]
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from muomni_jax.errors import UserError
+
+_CHECKPOINT_DIRS = flags.DEFINE_multi_string(
+    'checkpoint_dir', None, 'save_dir of a run; repeat the flag to compare runs on one figure.')
+_OUTPUT = flags.DEFINE_string(
+    'output', '', 'PNG to write. Default: CHECKPOINT_DIR/training_curves.png for one run, '
+    'training_curves.png in the current folder for several.')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    logging.set_verbosity(logging.WARNING)  # matplotlib logs its font cache at INFO.
+    from muomni_jax import plotting  # Imported after flag parsing: matplotlib is slow to import.
+    dirs = _CHECKPOINT_DIRS.value
+    output = _OUTPUT.value or (os.path.join(dirs[0], 'training_curves.png') if len(dirs) == 1
+                               else 'training_curves.png')
+    try:
+        plotting.plot_runs(dirs, output)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'Wrote {output}')
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['checkpoint_dir'])
+    app.run(main)

@@ -1,0 +1,127 @@
+"""Training curves from training_log.json: loss and perplexity against step and tokens seen.
+
+`plot_runs` is what `python -m launch.plot` and a notebook both call. It draws on a bare
+matplotlib Figure with the Agg canvas, so it never touches pyplot's global state or a display.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from muomni_jax.errors import UserError
+
+FIGURE_SIZE_INCHES = (12.0, 8.0)
+DPI = 100  # So a saved PNG is 1200 x 800 pixels.
+
+
+def load_run(checkpoint_dir: str) -> list[dict[str, Any]]:
+    """Reads checkpoint_dir/training_log.json and gives every record a 'tokens' field.
+
+    Logs written before the 'tokens' field existed get step * batch_size * ctx_len from the
+    run's config.json; validation-only records get the same tokens per step as the others.
+    """
+    path = os.path.join(checkpoint_dir, 'training_log.json')
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f'{path} does not exist: point --checkpoint_dir at the save_dir of a run '
+                        'that has logged at least one step') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f'{path} is not valid JSON ({e}): is it a training_log.json?') from None
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get('step'), int) for r in records):
+        raise UserError(f'{path} is not a training log (a list of records with a "step"): '
+                        'point --checkpoint_dir at a save_dir written by launch.stage_a')
+    if not records:
+        raise UserError(f'{path} holds no records yet: wait for the first log_every steps')
+    tokens_per_step = _tokens_per_step(checkpoint_dir, records)
+    return [{'tokens': r['step'] * tokens_per_step, **r} for r in records]
+
+
+def _tokens_per_step(checkpoint_dir: str, records: list[dict[str, Any]]) -> int:
+    for record in records:
+        if 'tokens' in record and record['step']:
+            return record['tokens'] // record['step']
+    try:
+        with open(os.path.join(checkpoint_dir, 'config.json')) as f:
+            config = json.load(f)
+        return int(config['batch_size']) * int(config['ctx_len'])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f'{checkpoint_dir} has neither "tokens" in its training log nor a '
+                        'config.json with batch_size and ctx_len: cannot plot against tokens '
+                        'seen') from None
+
+
+def _run_labels(checkpoint_dirs: Sequence[str]) -> list[str]:
+    """The folder name of each run, or the whole path where two runs share a folder name."""
+    names = [os.path.basename(os.path.normpath(d)) for d in checkpoint_dirs]
+    return [n if names.count(n) == 1 else os.path.normpath(d)
+            for n, d in zip(names, checkpoint_dirs)]
+
+
+def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) -> Figure:
+    """Draws loss and perplexity of one or more runs, against step (left) and tokens (right).
+
+    Training curves are solid lines, validation dashed with markers; each run has one colour.
+
+    Args:
+      checkpoint_dirs: save_dirs of runs, each holding a training_log.json.
+      output_path: When given, the figure is written there as a PNG of 1200 x 800 pixels.
+    Returns:
+      The matplotlib Figure (a notebook displays it as it is).
+    """
+    if not checkpoint_dirs:
+        raise UserError('no run to plot: give at least one --checkpoint_dir')
+    runs = [load_run(d) for d in checkpoint_dirs]
+    fig = Figure(figsize=FIGURE_SIZE_INCHES, dpi=DPI, layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex='col')
+    for index, (label, records) in enumerate(zip(_run_labels(checkpoint_dirs), runs)):
+        colour = f'C{index % 10}'
+        for column, x_key in enumerate(('step', 'tokens')):
+            for row, metric in enumerate(('loss', 'ppl')):
+                ax = axes[row, column]
+                for prefix, style in (('', dict(linestyle='-')),
+                                      ('val_', dict(linestyle='--', marker='o', markersize=4))):
+                    points = [(r[x_key], r[prefix + metric]) for r in records
+                              if prefix + metric in r]
+                    if points:
+                        xs, ys = zip(*points)
+                        kind = 'validation' if prefix else 'train'
+                        ax.plot(xs, ys, color=colour, label=f'{label} {kind}', **style)
+    for column, x_label in enumerate(('step', 'tokens seen')):
+        axes[0, column].set_title(f'against {x_label}')
+        axes[0, column].set_ylabel('loss (nats/token)')
+        axes[1, column].set_ylabel('perplexity (log scale)')
+        axes[1, column].set_yscale('log')
+        # Plain numbers (250, 1k) rather than powers of ten on the perplexity axis.
+        axes[1, column].yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes[1, column].yaxis.set_major_formatter(ticker.EngFormatter(sep=''))
+        axes[1, column].yaxis.set_minor_formatter(ticker.NullFormatter())
+        axes[1, column].set_xlabel(x_label)
+        for row in range(2):
+            axes[row, column].grid(True, which='both', alpha=0.3)
+    axes[1, 1].xaxis.set_major_formatter(ticker.EngFormatter(sep=''))  # 200k, 1.5M tokens.
+    axes[0, 0].legend(fontsize='small')
+    fig.suptitle('Stage A: ' + ', '.join(_run_labels(checkpoint_dirs)))
+    if output_path:
+        _save(fig, output_path)
+    return fig
+
+
+def _save(fig: Figure, output_path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(directory):
+        raise UserError(f'cannot write {output_path}: folder {directory} does not exist')
+    try:
+        fig.savefig(output_path, format='png', dpi=DPI)
+    except OSError as e:
+        raise UserError(f'cannot write {output_path} ({e.strerror}): choose another --output'
+                        ) from None
