@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_experts = 8  # Experts per MoE layer (only with use_moe).
   config.num_experts_per_tok = 2  # Experts each token is routed to (only with use_moe).
   config.dtype = 'float32'  # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU. Params stay float32.
+  config.remat = False  # Recompute each block's activations in the backward pass (saves memory).
+  config.scan_layers = False  # Run the blocks as one lax.scan: compile time flat in n_layers.
 
   # --- Data ---
   config.data_path = 'data/text/corpus.txt'  # Text file, directory or glob; one document per line.
@@ -52,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_grad_norm = 1.0  # Global-norm gradient clipping.
   config.max_consecutive_nonfinite = 20  # Stop the run after this many NaN/Inf steps in a row.
   config.seed = 0  # Seeds parameter init, dropout and the data shuffle.
+  config.loss_chunk_tokens = 1024  # Fuse lm_head and loss over chunks of ~N tokens; 0: plain path.
 
   # --- Logging, evaluation and checkpoints ---
   config.log_every = 100  # Print and record metrics every N steps.
@@ -70,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Data-parallel axis size; -1 fills with the devices left over.
   config.mesh.fsdp = 1  # Axis that shards parameters and optimizer state; -1 fills.
+  config.peak_flops_per_device = 0.0  # Device peak FLOP/s for MFU; 0: GPU/TPU table, CPU measured.
 
   # --- Processes (one per TPU VM worker or GPU node; see README "Many devices and hosts") ---
   config.distributed = ml_collections.ConfigDict()

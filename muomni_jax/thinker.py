@@ -43,6 +43,8 @@ class ThinkerConfig:
     num_experts: int = 8
     num_experts_per_tok: int = 2
     dtype: str = "float32"  # compute dtype; params are always float32
+    remat: bool = False  # recompute each block's activations in the backward pass
+    scan_layers: bool = False  # run the blocks as one lax.scan: compile time flat in n_layers
 
     @classmethod
     def from_config(cls, config: Any) -> "ThinkerConfig":
@@ -207,6 +209,13 @@ class Attention(nnx.Module):
         k = k.reshape(b, t, self.n_groups, self.head_dim)
         v = v.reshape(b, t, self.n_groups, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if deterministic or self.attn_dropout.rate == 0:
+            # Same function, fused where the backend can (cuDNN flash attention on GPU). GQA:
+            # query head h reads kv group h // (H // G), as the manual path below does.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                               scale=1 / math.sqrt(self.head_dim))
+            return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+        # Dropout on the attention probabilities needs them explicitly.
         # repeat_interleave: query head h reads kv group h // (H // G), as the original does.
         rep = self.n_heads // self.n_groups
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
@@ -285,6 +294,19 @@ class Block(nnx.Module):
         return x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
 
 
+def _call_block(block, x, cos, sin, mask, deterministic, rngs):
+    return block(x, cos, sin, mask, deterministic=deterministic, rngs=rngs)
+
+
+# Only the block's inputs are kept for the backward pass, which runs its forward again.
+_call_block_remat = nnx.remat(_call_block, static_argnums=(5,))
+
+
+def _run_block(block, x, cos, sin, mask, deterministic, rngs, remat: bool):
+    call = _call_block_remat if remat else _call_block
+    return call(block, x, cos, sin, mask, deterministic, rngs)
+
+
 class Thinker(nnx.Module):
     """Decoder-only LM. Packed rows: tokens attend causally within their segment."""
 
@@ -315,9 +337,36 @@ class Thinker(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         mask = attention_mask(segment_ids)
         x = self.tok_emb(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, deterministic=deterministic, rngs=rngs)
+        if self.config.scan_layers:
+            x = self._scan_blocks(x, cos, sin, mask, deterministic, rngs)
+        else:
+            for block in self.blocks:
+                x = _run_block(block, x, cos, sin, mask, deterministic, rngs, self.config.remat)
         return self.norm(x)
+
+    def _scan_blocks(self, x, cos, sin, mask, deterministic, rngs):
+        """The blocks as one lax.scan over their parameters, stacked here on the fly.
+
+        The parameters stay one entry per block (blocks.0, blocks.1, ... as the original and
+        every checkpoint name them); stacking copies the block weights once per call, small
+        next to the compute. Dropout draws one key per layer, so its masks differ from the loop's.
+        """
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[nnx.state(block) for block in self.blocks])
+        use_dropout = not deterministic and self.config.dropout > 0
+        keys = (jax.random.split(rngs.dropout(), len(self.blocks)) if use_dropout
+                else jnp.zeros((len(self.blocks),), jnp.uint32))
+
+        def layer(x, xs):
+            state, key = xs
+            layer_rngs = nnx.Rngs(dropout=key) if use_dropout else None
+            return _call_block(nnx.merge(graphdef, state), x, cos, sin, mask, deterministic,
+                               layer_rngs), None
+
+        if self.config.remat:
+            layer = jax.checkpoint(layer)
+        return jax.lax.scan(layer, x, (stacked, keys))[0]
 
     def __call__(self, tokens, *, segment_ids=None, positions=None,
                  deterministic=True, rngs=None) -> jax.Array:

@@ -7,6 +7,7 @@ notebook call the same function.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -25,8 +26,10 @@ from flax import nnx
 
 from muomni_jax import checkpointing
 from muomni_jax import distributed
+from muomni_jax import flops
 from muomni_jax import host_data
 from muomni_jax import input_pipeline
+from muomni_jax import lm_loss
 from muomni_jax import partitioning
 from muomni_jax import preemption
 from muomni_jax import reporting
@@ -111,17 +114,24 @@ def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTr
                       rng=dropout_rng)
 
 
-def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool):
+def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
+             loss_chunk_tokens: int = 0):
+    """(loss sum, weight sum); loss_chunk_tokens > 0 fuses lm_head and loss (lm_loss.py)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch['inputs'], segment_ids=batch['segment_ids'],
-                   positions=batch['positions'], deterministic=deterministic,
-                   rngs=nnx.Rngs(dropout=dropout_key))
+    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
+                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+    if loss_chunk_tokens:
+        hidden = model.hidden_states(batch['inputs'], **inputs)
+        return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
+                                             batch['weights'], loss_chunk_tokens)
+    logits = model(batch['inputs'], **inputs)
     return cross_entropy(logits, batch['targets'], batch['weights'])
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
-               max_consecutive_nonfinite: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
 
     Gradients are summed over micro-batches and divided by the total weight, so the update equals
@@ -141,7 +151,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         index, micro_batch = xs
         (loss_sum, weight_sum), grads = grad_fn(
             state.params, micro_batch, jax.random.fold_in(step_key, index), graphdef,
-            deterministic)
+            deterministic, loss_chunk_tokens)
         return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
@@ -165,9 +175,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> dict[str, jax.Array]:
-    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True)
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
+    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True,
+                                    loss_chunk_tokens)
     return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
 
 
@@ -204,6 +215,9 @@ def validate_config(config) -> ThinkerConfig:
     if config.tokenizer_sample_size <= 100:
         raise UserError(f'tokenizer_sample_size ({config.tokenizer_sample_size}) must be > 100 '
                         '(a SentencePiece limit)')
+    if config.loss_chunk_tokens < 0 or config.peak_flops_per_device < 0:
+        raise UserError('loss_chunk_tokens and peak_flops_per_device must be >= 0 (0: plain loss, '
+                        'and the peak from the device table or a measurement)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     reporting.parse_profile_steps(config.profile_steps)
@@ -325,6 +339,8 @@ class _Run:
     p_eval_step: Any
     batch_sharding: Any
     sampler: Any  # params -> sample lines to print after validation, or None.
+    flops_per_step: float  # Model FLOPs of one optimizer step (flops.py).
+    peak_flops: float | None  # Peak FLOP/s of all devices, for MFU; None: MFU not logged.
 
 
 def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[str, float]:
@@ -404,9 +420,17 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
 
     p_train_step, p_eval_step = jit_steps(config, model_config, mesh, graphdef, tx,
                                           state_sharding)
+    flops_per_token = flops.flops_per_token(model_config)['total']
+    peak_flops, peak_source = flops.system_peak_flops(config.peak_flops_per_device,
+                                                      devices=list(mesh.devices.flat))
+    if peak_flops:
+        log(f'Model FLOPs: {flops_per_token / 1e6:.1f} MFLOP/token; MFU against '
+            f'{peak_flops / 1e12:.3g} TFLOP/s ({peak_source})')
     run = _Run(config=config, mesh=mesh, data=data, steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, p_train_step=p_train_step, p_eval_step=p_eval_step,
-               batch_sharding=partitioning.batch_sharding(mesh), sampler=sampler)
+               batch_sharding=partitioning.batch_sharding(mesh), sampler=sampler,
+               flops_per_step=flops_per_token * config.batch_size * config.ctx_len,
+               peak_flops=peak_flops)
     reporter = reporting.Reporter(
         save_dir, total_steps=total_steps, start_step=start_step, enabled=is_main,
         profile_steps=reporting.parse_profile_steps(config.profile_steps))
@@ -434,19 +458,37 @@ def jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,
         functools.partial(train_step, graphdef=graphdef, tx=tx,
                           accumulation_steps=config.gradient_accumulation_steps,
                           deterministic=model_config.dropout == 0,
-                          max_consecutive_nonfinite=config.max_consecutive_nonfinite),
+                          max_consecutive_nonfinite=config.max_consecutive_nonfinite,
+                          loss_chunk_tokens=config.loss_chunk_tokens),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                            loss_chunk_tokens=config.loss_chunk_tokens),
                           in_shardings=(state_sharding.params, batch_sharding),
                           out_shardings=metrics_sharding)
     return p_train_step, p_eval_step
 
 
 def _batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-    for batch in run.data.train_batches(run.config.seed, epoch, start):
-        yield partitioning.global_batch(batch, run.batch_sharding)
+    batches = run.data.train_batches(run.config.seed, epoch, start)
+    yield from prefetch((partitioning.global_batch(batch, run.batch_sharding) for batch in batches),
+                        _PREFETCH_BATCHES)
+
+
+# Batches placed on the devices ahead of the step that reads them; transfers are asynchronous.
+_PREFETCH_BATCHES = 2
+
+
+def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
+    """Yields the iterator's items while keeping `size` more already made (device-placed)."""
+    queue = collections.deque()
+    for item in iterator:
+        queue.append(item)
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
@@ -505,6 +547,11 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                                               float(schedule(step - 1)), time.time() - run_start)
                     record['tokens'] = step * tokens_per_step  # Seen so far: plots against data.
                     summary = {'loss': record['loss'], 'ppl': record['ppl']}
+                    mfu = ''
+                    if run.peak_flops:
+                        record['mfu'] = (run.flops_per_step * interval_steps / elapsed
+                                         / run.peak_flops)
+                        mfu = f' | MFU {100 * record["mfu"]:.1f}%'
                     history.add(step, **record)
                     reporter.write_scalars(step, record)
                     history_changed = True
@@ -513,7 +560,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | 
                     log(f'[Step {step}/{run.total_steps}] loss={record["loss"]:.3f} '
                         f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
                         f'{elapsed / interval_steps:.2f}s/step | '
-                        f'{record["tokens_per_s"]:,.0f} tok/s{skipped}')
+                        f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{skipped}')
                     interval_metrics, interval_start, interval_steps = None, time.time(), 0
                 if step % config.eval_every == 0 or step == run.total_steps:
                     eval_start = time.time()

@@ -24,7 +24,7 @@ from tests.test_launch import SMALL
 RESUME_ARGS = [*SMALL, '--config.dropout=0.1', '--config.max_steps=12', '--config.log_every=3',
                '--config.save_every=2', '--config.eval_every=4']
 # Fields of a training_log record that depend on wall-clock time, not on the computation.
-TIMING_FIELDS = ('tokens_per_s', 'elapsed_s')
+TIMING_FIELDS = ('tokens_per_s', 'mfu', 'elapsed_s')
 
 
 def _launch(save_dir, data_path, compilation_cache):

@@ -1,0 +1,122 @@
+"""The LM head and next-token cross-entropy fused over chunks of positions, for training.
+
+The plain path (`Thinker.__call__`, then `train.cross_entropy`) materialises (B, T, V) float32
+logits, then as many log-probabilities and, in the backward pass, as many gradients: at vocab
+32000 that is 1 GB per 8192 tokens for each, written and read several times. Here the loss and
+both gradients are computed chunk by chunk in the forward pass, so each (B, C, V) block of logits
+is made once, used while it is in cache and dropped; the backward pass only scales the stored
+(B, T, D) and (D, V) gradients by the incoming cotangent.
+
+The matmul FLOPs are the plain path's (one forward and two backward matmuls per chunk, nothing
+recomputed), and one exp per logit instead of two.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _time_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """(B, T, ...) -> (T / chunk, B, chunk, ...): chunks of positions, each over all rows.
+
+    Chunking the time axis keeps the batch axis, and with it the batch sharding, whole.
+    """
+    b, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_time_chunks(x: jax.Array) -> jax.Array:
+    """Inverse of _time_chunks."""
+    n, b, c = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _logits(h_c: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(B, C, D) @ (D, V), both in the compute dtype, accumulated and returned in float32."""
+    return jnp.einsum('bcd,dv->bcv', h_c, kernel, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loss_sum(hidden, kernel, targets, weights, chunk):
+    """sum(weights * token losses) () float32; forward only, no gradients made."""
+    kernel = kernel.astype(hidden.dtype)
+
+    def body(total, xs):
+        h_c, t_c, w_c = xs
+        logits = _logits(h_c, kernel)
+        target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        return total + jnp.sum(losses * w_c), None
+
+    xs = tuple(_time_chunks(x, chunk) for x in (hidden, targets, weights))
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
+
+
+def _loss_sum_fwd(hidden, kernel, targets, weights, chunk):
+    compute_kernel = kernel.astype(hidden.dtype)
+
+    def body(d_kernel, xs):
+        h_c, t_c, w_c = xs
+        logits = _logits(h_c, compute_kernel)
+        # exp is the costliest elementwise op here: compute it once and reuse it for the grads.
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        exps = jnp.exp(shifted)
+        sums = jnp.sum(exps, axis=-1, keepdims=True)
+        target_shifted = jnp.take_along_axis(shifted, t_c[..., None], axis=-1)
+        losses = (jnp.log(sums) - target_shifted)[..., 0]
+        # d(sum w * loss) / d logits = w * (softmax - onehot(target)).
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+        probs = exps / sums
+        d_logits = jnp.where(vocab == t_c[..., None], probs - 1.0, probs) * w_c[..., None]
+        d_logits = d_logits.astype(h_c.dtype)
+        d_h = jnp.einsum('bcv,dv->bcd', d_logits, compute_kernel,
+                         preferred_element_type=jnp.float32)
+        d_kernel = d_kernel + jnp.einsum('bcd,bcv->dv', h_c, d_logits,
+                                         preferred_element_type=jnp.float32)
+        return d_kernel, (losses, d_h.astype(h_c.dtype))
+
+    xs = tuple(_time_chunks(x, chunk) for x in (hidden, targets, weights))
+    d_kernel, (losses, d_hidden) = jax.lax.scan(
+        body, jnp.zeros(kernel.shape, jnp.float32), xs)
+    losses = _from_time_chunks(losses)
+    residuals = (_from_time_chunks(d_hidden), d_kernel, losses, targets)
+    return jnp.sum(losses * weights), residuals
+
+
+def _loss_sum_bwd(chunk, residuals, g):
+    del chunk
+    d_hidden, d_kernel, losses, targets = residuals
+    d_targets = jnp.zeros(targets.shape, jax.dtypes.float0)  # Integer input: no gradient.
+    return (g * d_hidden).astype(d_hidden.dtype), g * d_kernel, d_targets, g * losses
+
+
+_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
+
+
+def time_chunk(batch_size: int, seq_len: int, chunk_tokens: int) -> int:
+    """The largest divisor of seq_len whose chunk of batch_size rows holds <= chunk_tokens."""
+    target = max(1, chunk_tokens // batch_size)
+    return max(c for c in range(1, min(target, seq_len) + 1) if seq_len % c == 0)
+
+
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                          weights: jax.Array, chunk_tokens: int = 1024
+                          ) -> tuple[jax.Array, jax.Array]:
+    """What `train.cross_entropy` gives for the logits `hidden @ kernel`, with equal gradients.
+
+    Args:
+      hidden: (B, T, D) final-normed hidden states in the compute dtype.
+      kernel: (D, V) float32 lm_head kernel, cast to the hidden states' dtype for the matmuls.
+      targets: (B, T) int; weights: (B, T) float, 0 where masked.
+      chunk_tokens: about how many tokens (B rows x C positions) each chunk holds.
+    Returns:
+      (sum of weighted token losses, sum of weights), both () float32.
+    """
+    b, t, _ = hidden.shape
+    chunk = time_chunk(b, t, chunk_tokens)
+    loss_sum = _loss_sum(hidden, kernel, targets.astype(jnp.int32),
+                         weights.astype(jnp.float32), chunk)
+    return loss_sum, jnp.sum(weights)

@@ -1,0 +1,234 @@
+"""The performance work: FLOP count, benchmark, live MFU, and each fast path equal to the plain
+one (fused cross-entropy, fused attention, remat, device prefetch). No timing assertions."""
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from muomni_jax import flops
+from muomni_jax import lm_loss
+from muomni_jax import train
+from muomni_jax.thinker import Thinker, ThinkerConfig
+from tests.conftest import REPO, small_config
+from tests.test_train import MODEL, _batch, _state
+
+
+def test_flops_per_token_matches_a_hand_count():
+    cfg = ThinkerConfig(vocab_size=100, n_layers=2, d_model=8, n_heads=2, d_ff=16, ctx_len=10,
+                        use_gqa=True, kv_groups=1, use_swiglu=True)
+    # Per layer: q 8x8, k and v 8x4 each (one group of head dim 4), o 8x8; gate, up 8x16, down
+    # 16x8: 64 + 32 + 32 + 64 + 384 = 576 weights; two layers 1152. lm_head 8 x 100 = 800.
+    # Causal attention: 6 * layers * d * (T + 1) = 6 * 2 * 8 * 11 = 1056.
+    got = flops.flops_per_token(cfg)
+    assert got == {'blocks': 6 * 1152, 'attention': 1056, 'lm_head': 6 * 800,
+                   'total': 6 * 1152 + 1056 + 6 * 800}
+    # MoE counts only the top-k experts a token runs through, plus the router.
+    moe = dataclasses.replace(cfg, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                              use_swiglu=False)
+    assert flops.matmul_params(moe)['blocks'] == 2 * (192 + 2 * 256 + 8 * 4)
+
+
+def test_peak_table_by_device_kind():
+    gpu = lambda kind: types.SimpleNamespace(platform='gpu', device_kind=kind)
+    assert flops.device_peak_flops(gpu('NVIDIA H100 80GB HBM3')) == 989e12
+    assert flops.device_peak_flops(gpu('NVIDIA H100 PCIe')) == 756e12
+    assert flops.device_peak_flops(types.SimpleNamespace(platform='tpu',
+                                                         device_kind='TPU v4')) == 275e12
+    assert flops.device_peak_flops(gpu('Some Future GPU')) is None
+    assert flops.device_peak_flops(types.SimpleNamespace(platform='cpu', device_kind='cpu')) is None
+    peak, source = flops.system_peak_flops(5e9)
+    assert peak == 5e9 * jax.device_count() and 'config' in source
+    peak, _ = flops.system_peak_flops(measure_cpu=True, cpu_size=64)
+    assert peak > 0
+
+
+def _plain_loss(hidden, kernel, targets, weights):
+    logits = jnp.einsum('btd,dv->btv', hidden, kernel)
+    return train.cross_entropy(logits, targets, weights)[0]
+
+
+@pytest.mark.parametrize('chunk_tokens', [1, 12, 40, 10_000])
+def test_fused_cross_entropy_equals_plain_values_and_gradients(chunk_tokens):
+    rng = np.random.default_rng(0)
+    b, t, d, v = 4, 10, 16, 50
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((d, v)) / 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(rng.random((b, t)) > 0.3, jnp.float32)
+    fused = lambda h, k, w: 2.5 * lm_loss.chunked_cross_entropy(h, k, targets, w, chunk_tokens)[0]
+    plain = lambda h, k, w: 2.5 * _plain_loss(h, k, targets, w)
+    # The cotangent 2.5 checks that the backward pass scales the stored gradients.
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(hidden, kernel, weights)
+    want_value, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(hidden, kernel, weights)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Forward alone (evaluation) takes the gradient-free path and gives the same sums.
+    loss_sum, weight_sum = lm_loss.chunked_cross_entropy(hidden, kernel, targets, weights,
+                                                         chunk_tokens)
+    np.testing.assert_allclose(loss_sum, want_value / 2.5, rtol=1e-6)
+    assert float(weight_sum) == float(jnp.sum(weights))
+
+
+def test_time_chunk_divides_the_sequence():
+    assert lm_loss.time_chunk(16, 512, 1024) == 64
+    assert lm_loss.time_chunk(4, 10, 12) == 2  # At most 3 positions; 3 does not divide 10.
+    assert lm_loss.time_chunk(64, 16, 8) == 1
+
+
+def test_train_step_with_fused_loss_equals_plain():
+    config = small_config('/tmp/unused', '/tmp/unused')
+    state, graphdef, tx = _state(config)
+    step = lambda chunk: jax.jit(functools.partial(
+        train.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
+        loss_chunk_tokens=chunk))
+    batch = _batch()
+    plain, m_plain = step(0)(state, batch)
+    fused, m_fused = step(32)(state, batch)
+    np.testing.assert_allclose(m_fused['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
+    np.testing.assert_allclose(m_fused['grad_norm'], m_plain['grad_norm'], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(fused.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    evaluated = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
+                                          loss_chunk_tokens=32))(state.params, batch)
+    np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
+
+
+def _loss_and_grads(cfg, deterministic, tokens, segment_ids):
+    graphdef, params = nnx.split(Thinker(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids,
+                                        deterministic=deterministic, rngs=nnx.Rngs(dropout=1))
+        return jnp.sum(jnp.sin(logits))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize('use_gqa', [True, False])
+def test_fused_attention_equals_the_manual_path(use_gqa):
+    # A dropout rate of 1e-12 keeps every value and scales by exactly 1 in float32, so the
+    # non-deterministic call computes the same function through the manual attention path.
+    cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
+                        kv_groups=2, use_gqa=use_gqa, dropout=1e-12)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+    segment_ids = jnp.asarray(np.repeat([[1, 2, 0, 0]], 2, 0).repeat(4, 1), jnp.int32)
+    fast_loss, fast_grads = _loss_and_grads(cfg, True, tokens, segment_ids)
+    manual_loss, manual_grads = _loss_and_grads(cfg, False, tokens, segment_ids)
+    np.testing.assert_allclose(fast_loss, manual_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(manual_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.3])
+def test_remat_gives_equal_gradients(dropout):
+    cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
+                        dropout=dropout)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    segment_ids = jnp.ones((2, 16), jnp.int32)
+    loss, grads = _loss_and_grads(cfg, dropout == 0, tokens, segment_ids)
+    remat_loss, remat_grads = _loss_and_grads(dataclasses.replace(cfg, remat=True),
+                                              dropout == 0, tokens, segment_ids)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_over_layers_equals_the_loop(remat):
+    cfg = ThinkerConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
+                        dropout=0.0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 10 + [2] * 6], 2, 0), jnp.int32)
+    loss, grads = _loss_and_grads(cfg, True, tokens, segment_ids)
+    scanned = dataclasses.replace(cfg, scan_layers=True, remat=remat)
+    scan_loss, scan_grads = _loss_and_grads(scanned, True, tokens, segment_ids)
+    # Same parameter names and shapes: checkpoints do not depend on the flag.
+    assert jax.tree.structure(grads) == jax.tree.structure(scan_grads)
+    np.testing.assert_allclose(scan_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_over_layers_applies_dropout_and_remat_keeps_its_masks():
+    cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
+                        dropout=0.3, scan_layers=True)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    segment_ids = jnp.ones((2, 16), jnp.int32)
+    clean, _ = _loss_and_grads(cfg, True, tokens, segment_ids)
+    dropped, grads = _loss_and_grads(cfg, False, tokens, segment_ids)
+    remat_loss, remat_grads = _loss_and_grads(dataclasses.replace(cfg, remat=True), False,
+                                              tokens, segment_ids)
+    assert abs(float(clean) - float(dropped)) > 1e-3
+    np.testing.assert_allclose(remat_loss, dropped, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # Gradients here are O(10).
+
+
+def test_prefetch_keeps_order_and_runs_ahead():
+    made = []
+
+    def source():
+        for i in range(5):
+            made.append(i)
+            yield i
+
+    stream = train.prefetch(source(), 2)
+    assert next(stream) == 0 and made == [0, 1, 2]  # Two items made ahead of the consumer.
+    assert list(stream) == [1, 2, 3, 4]
+    assert list(train.prefetch(iter([]), 2)) == []
+
+
+def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
+    config = small_config(tmp_path / 'run', corpus_sample, max_steps=2, log_every=1,
+                          eval_every=100, save_every=100, loss_chunk_tokens=64)
+    train.train_and_evaluate(config)
+    with open(tmp_path / 'run' / 'training_log.json') as f:
+        records = [r for r in json.load(f) if 'loss' in r]
+    assert [r['step'] for r in records] == [1, 2]
+    for record in records:
+        assert record['tokens_per_s'] > 0 and 0 < record['mfu'] < 10
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
+    output = tmp_path / 'bench.json'
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
+    env['PYTHONPATH'] = REPO
+    args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
+            '--config.n_heads=2', '--config.d_ff=64', '--config.ctx_len=16',
+            '--config.batch_size=4', '--config.tokenizer_sample_size=20000',
+            f'--config.data_path={corpus_sample}', f'--config.save_dir={tmp_path / "run"}',
+            '--repeats=1', '--warmup=0', '--pipeline_batches=3', '--decode_tokens=2',
+            '--peak_size=128', f'--output={output}']
+    run = subprocess.run(
+        [sys.executable, '-m', 'launch.bench', f'--config={os.path.join(REPO, "configs/tiny.py")}',
+         *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'MFU' in run.stdout and 'tokens/s' in run.stdout
+    result = json.loads(output.read_text())
+    cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, d_ff=64, ctx_len=16)
+    assert result['model']['flops_per_token'] == flops.flops_per_token(cfg)
+    # Embedding and lm_head, q/k/v/o (two kv groups of 16 = 32 wide), SwiGLU, three norms.
+    assert result['model']['params'] == 2 * 256 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
+    train_figures = result['train']
+    assert train_figures['step_s'] > 0 and train_figures['first_step_s'] > 0
+    # One repeat: the MFU is that step's FLOP/s over the peak measured just before it.
+    assert train_figures['mfu'] == pytest.approx(
+        train_figures['flops_per_s'] / result['peak']['flops_per_s'])
+    assert len(result['peak']['all']) == 1
+    assert result['input_pipeline']['ratio_to_training'] > 0
+    assert result['checkpoint']['save_blocking_s'] > 0
+    assert result['peak_host_memory_mb'] > 0
+    assert result['decode']['available'] in (True, False)
