@@ -85,7 +85,10 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     out0, out1 = _without_gloo(out0), _without_gloo(out1)
     mesh_line = r'Process {}/2: 2 local cpu devices \(ids \d+,\d+\) of 4; mesh data=2 x fsdp=2'
     assert re.search(mesh_line.format(0), out0), out0
-    assert re.fullmatch(mesh_line.format(1), out1.strip()), out1
+    assert re.search(mesh_line.format(1), out1), out1
+    # gloo's own C++ lines can interleave mid-line with ours, so check for what must be absent.
+    for progress in ('Loading data', 'Vocab size', '[Step', 'Validation', 'Training complete'):
+        assert progress not in out1, out1
     assert 'Using device: cpu (4 devices over 2 processes)' in out0
     assert '[Step 3/3] loss=' in out0 and 'Training complete!' in out0
     events = [f for f in os.listdir(two_dir) if f.startswith('events.out.tfevents')]
