@@ -21,100 +21,111 @@ from muomni_jax.errors import UserError
 
 
 class Checkpointer:
-  """A CheckpointManager for one save_dir. Every process must call its methods together.
+    """A CheckpointManager for one save_dir. Every process must call its methods together.
 
   It opens save_dir read-only, so restoring and every check that follows leave it untouched;
   `start_writing` switches to a writable manager once the run is known to be good.
   """
 
-  def __init__(self, directory: str, max_to_keep: int | None = None, read_only: bool = False):
-    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
-    self.directory = directory if '://' in directory else os.path.abspath(directory)
-    self._max_to_keep = max_to_keep
-    self._may_write = not read_only
-    self._writing = False
-    self._manager = self._open(read_only=True)
+    def __init__(self, directory: str, max_to_keep: int | None = None, read_only: bool = False):
+        # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
+        self.directory = directory if '://' in directory else os.path.abspath(directory)
+        self._max_to_keep = max_to_keep
+        self._may_write = not read_only
+        self._writing = False
+        self._manager = self._open(read_only=True)
 
-  def _open(self, read_only: bool) -> ocp.CheckpointManager:
-    # Orbax's own read_only mode logs warnings on every open; a manager that never saves and
-    # neither creates nor cleans the folder writes nothing just the same.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else self._max_to_keep, create=not read_only,
-        enable_async_checkpointing=not read_only,
-        # A writable manager first deletes temporary folders left by interrupted saves.
-        cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+    def _open(self, read_only: bool) -> ocp.CheckpointManager:
+        # Orbax's own read_only mode logs warnings on every open; a manager that never saves and
+        # neither creates nor cleans the folder writes nothing just the same.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else self._max_to_keep,
+            create=not read_only,
+            enable_async_checkpointing=not read_only,
+            # A writable manager first deletes temporary folders left by interrupted saves.
+            cleanup_tmp_directories=not read_only)
+        return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
-  def start_writing(self, start_step: int) -> None:
-    """Opens save_dir for saving a run that continues from `start_step` (0: a fresh run).
+    def start_writing(self, start_step: int) -> None:
+        """Opens save_dir for saving a run that continues from `start_step` (0: a fresh run).
 
     Steps newer than start_step (unreadable ones, or ones past --config.restore_step) would be
     written again, so they are renamed to `<step>.set-aside-<time>`, out of Orbax's sight, and
     kept for inspection rather than deleted.
     """
-    if not self._may_write:
-      raise ValueError(f'{self.directory} was opened read-only')
-    newer = [s for s in self.steps() if s > start_step]
-    if newer and jax.process_index() == 0:
-      suffix = f'set-aside-{int(time.time())}'
-      for s in newer:
-        (epath.Path(self.directory) / str(s)).rename(epath.Path(self.directory) / f'{s}.{suffix}')
-      print(f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
-            f'<step>.{suffix}), since training continues from step {start_step}.',
-            file=sys.stderr)
-    if newer:
-      multihost_utils.sync_global_devices('muomni_jax: checkpoints set aside')
-    self._manager.close()
-    self._manager = self._open(read_only=False)
-    self._writing = True
+        if not self._may_write:
+            raise ValueError(f'{self.directory} was opened read-only')
+        newer = [s for s in self.steps() if s > start_step]
+        if newer and jax.process_index() == 0:
+            suffix = f'set-aside-{int(time.time())}'
+            for s in newer:
+                (epath.Path(self.directory) / str(s)).rename(
+                    epath.Path(self.directory) / f'{s}.{suffix}')
+            print(
+                f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
+                f'<step>.{suffix}), since training continues from step {start_step}.',
+                file=sys.stderr)
+        if newer:
+            multihost_utils.sync_global_devices('muomni_jax: checkpoints set aside')
+        self._manager.close()
+        self._manager = self._open(read_only=False)
+        self._writing = True
 
-  def steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts an asynchronous save; the training loop continues while it writes."""
-    if not self._writing:
-      raise RuntimeError('call start_writing before saving')
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save; the training loop continues while it writes."""
+        if not self._writing:
+            raise RuntimeError('call start_writing before saving')
+        self._manager.save(step,
+                           args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)),
+                           force=True)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves)."""
+        restored = self._manager.restore(step,
+                                         args=ocp.args.Composite(
+                                             state=ocp.args.StandardRestore(abstract_state),
+                                             meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
 
-  def restore_latest(self, abstract_state: Any, step: int = 0) -> tuple[Any, dict[str, Any]] | None:
-    """Restores `step`, or else the newest step that restores, warning about any that do not.
+    def restore_latest(self,
+                       abstract_state: Any,
+                       step: int = 0) -> tuple[Any, dict[str, Any]] | None:
+        """Restores `step`, or else the newest step that restores, warning about any that do not.
 
     Returns None when save_dir holds no checkpoint.
     """
-    steps = self.steps()
-    if step:
-      if step not in steps:
-        raise UserError(f'restore_step {step} is not in {self.directory}: available steps are '
-                        f'{steps or "none"}')
-      return self.restore(step, abstract_state)
-    for candidate in reversed(steps):
-      try:
-        return self.restore(candidate, abstract_state)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
-              f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one.',
-              file=sys.stderr)
-    if steps:
-      raise UserError(f'no checkpoint in {self.directory} could be restored (steps {steps}): '
-                      'move the folder aside to start afresh, or fix its files')
-    return None
+        steps = self.steps()
+        if step:
+            if step not in steps:
+                raise UserError(
+                    f'restore_step {step} is not in {self.directory}: available steps are '
+                    f'{steps or "none"}')
+            return self.restore(step, abstract_state)
+        for candidate in reversed(steps):
+            try:
+                return self.restore(candidate, abstract_state)
+            except Exception as e:  # pylint: disable=broad-except
+                print(
+                    f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
+                    f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one.',
+                    file=sys.stderr)
+        if steps:
+            raise UserError(f'no checkpoint in {self.directory} could be restored (steps {steps}): '
+                            'move the folder aside to start afresh, or fix its files')
+        return None
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_tree, shardings)

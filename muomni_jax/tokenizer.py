@@ -26,82 +26,89 @@ _MAX_SENTENCE_CHARS = 4096
 
 
 class Tokenizer:
-  """A thin wrapper over a SentencePiece model that keeps our special ids explicit."""
+    """A thin wrapper over a SentencePiece model that keeps our special ids explicit."""
 
-  def __init__(self, model_proto: bytes):
-    self.model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    if (self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()) != (UNK_ID, BOS_ID, EOS_ID):
-      raise UserError(
-          f'tokenizer has unk/bos/eos ids {self._sp.unk_id()}/{self._sp.bos_id()}/{self._sp.eos_id()}, '
-          f'expected {UNK_ID}/{BOS_ID}/{EOS_ID}: train it with SentencePiece default ids')
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if (self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()) != (UNK_ID, BOS_ID, EOS_ID):
+            raise UserError(
+                f'tokenizer has unk/bos/eos ids {self._sp.unk_id()}/{self._sp.bos_id()}/{self._sp.eos_id()}, '
+                f'expected {UNK_ID}/{BOS_ID}/{EOS_ID}: train it with SentencePiece default ids')
 
-  @classmethod
-  def load(cls, path: str) -> 'Tokenizer':
-    try:
-      with open(path, 'rb') as f:
-        proto = f.read()
-      return cls(proto)
-    except (OSError, RuntimeError) as e:
-      raise UserError(f'cannot load tokenizer {path}: {e}; point tokenizer_path at a SentencePiece '
-                      '.model file or leave it empty to train one') from None
+    @classmethod
+    def load(cls, path: str) -> 'Tokenizer':
+        try:
+            with open(path, 'rb') as f:
+                proto = f.read()
+            return cls(proto)
+        except (OSError, RuntimeError) as e:
+            raise UserError(
+                f'cannot load tokenizer {path}: {e}; point tokenizer_path at a SentencePiece '
+                '.model file or leave it empty to train one') from None
 
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
 
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts))
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
 
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
 
-  def save(self, path: str) -> None:
-    """Writes atomically, so a crash never leaves a truncated tokenizer.model behind."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix='.tmp') as f:
-      f.write(self.model_proto)
-    os.replace(f.name, path)
+    def save(self, path: str) -> None:
+        """Writes atomically, so a crash never leaves a truncated tokenizer.model behind."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix='.tmp') as f:
+            f.write(self.model_proto)
+        os.replace(f.name, path)
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:
-  for text in texts:
-    for start in range(0, len(text), _MAX_SENTENCE_CHARS):
-      yield text[start:start + _MAX_SENTENCE_CHARS]
+    for text in texts:
+        for start in range(0, len(text), _MAX_SENTENCE_CHARS):
+            yield text[start:start + _MAX_SENTENCE_CHARS]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_size: int, seed: int = 0
-                    ) -> Tokenizer:
-  """Trains a BPE model on `texts` (an iterable of documents), sampling at most `sample_size`.
+def train_tokenizer(texts: Iterable[str],
+                    vocab_size: int,
+                    sample_size: int,
+                    seed: int = 0) -> Tokenizer:
+    """Trains a BPE model on `texts` (an iterable of documents), sampling at most `sample_size`.
 
   SentencePiece reservoir-samples its input, so memory stays bounded for a corpus of any size.
   The sample is seeded, so a run killed before it saved its tokenizer trains the same one again.
   """
-  model = io.BytesIO()
-  spm.set_random_generator_seed(seed)
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts),
-        model_writer=model,
-        model_type='bpe',
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        input_sentence_size=sample_size,
-        shuffle_input_sentence=True,
-        max_sentence_length=_MAX_SENTENCE_CHARS * 4,  # Bytes; our chunks are characters.
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
-  except RuntimeError as e:
-    message = str(e).strip().splitlines()[-1]
-    largest = re.search(r'value <= (\d+)', message)
-    if largest:
-      raise UserError(f'the training text supports at most vocab_size={largest.group(1)}, not '
-                      f'{vocab_size}: lower --config.vocab_size or add more text') from None
-    raise UserError(f'tokenizer training failed: {message}') from None
-  return Tokenizer(model.getvalue())
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(texts),
+            model_writer=model,
+            model_type='bpe',
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            input_sentence_size=sample_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=_MAX_SENTENCE_CHARS * 4,  # Bytes; our chunks are characters.
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        message = str(e).strip().splitlines()[-1]
+        largest = re.search(r'value <= (\d+)', message)
+        if largest:
+            raise UserError(
+                f'the training text supports at most vocab_size={largest.group(1)}, not '
+                f'{vocab_size}: lower --config.vocab_size or add more text') from None
+        raise UserError(f'tokenizer training failed: {message}') from None
+    return Tokenizer(model.getvalue())

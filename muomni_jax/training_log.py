@@ -8,22 +8,22 @@ from typing import Any
 
 class TrainingLog:
 
-  def __init__(self, path: str, resume_step: int = 0):
-    """Loads an existing log, dropping records past `resume_step` (they will be trained again)."""
-    self.path = path
-    self.records: list[dict[str, Any]] = []
-    if resume_step and os.path.exists(path):
-      with open(path) as f:
-        self.records = [r for r in json.load(f) if r['step'] <= resume_step]
+    def __init__(self, path: str, resume_step: int = 0):
+        """Loads an existing log, dropping records past `resume_step` (they will be trained again)."""
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step and os.path.exists(path):
+            with open(path) as f:
+                self.records = [r for r in json.load(f) if r['step'] <= resume_step]
 
-  def add(self, step: int, **fields: Any) -> None:
-    """Adds fields to the record of `step`, creating it if it is not the last one."""
-    if not self.records or self.records[-1]['step'] != step:
-      self.records.append({'step': step})
-    self.records[-1].update(fields)
+    def add(self, step: int, **fields: Any) -> None:
+        """Adds fields to the record of `step`, creating it if it is not the last one."""
+        if not self.records or self.records[-1]['step'] != step:
+            self.records.append({'step': step})
+        self.records[-1].update(fields)
 
-  def write(self) -> None:
-    directory = os.path.dirname(os.path.abspath(self.path))
-    with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-      json.dump(self.records, f, indent=1)
-    os.replace(f.name, self.path)
+    def write(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
+            json.dump(self.records, f, indent=1)
+        os.replace(f.name, self.path)
