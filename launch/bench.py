@@ -6,13 +6,12 @@ checkpoint blocking and decoding.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from launch import cli
 from muomni_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -28,20 +27,16 @@ _PEAK_SIZE = flags.DEFINE_integer('peak_size', 2048, 'Side of the CPU peak matmu
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    logging.set_verbosity(logging.WARNING)
-    from muomni_jax import benchmark  # Imported after flag parsing: JAX and TF are slow to import.
     config = _CONFIG.value
     output = _OUTPUT.value or os.path.join(config.save_dir, 'bench.json')
-    try:
+    with cli.one_line_errors():
+        from muomni_jax import benchmark  # After flag parsing: JAX and TF are slow to import.
         if _REPEATS.value < 1 or _WARMUP.value < 0:
             raise UserError('--repeats must be >= 1 and --warmup >= 0')
         result = benchmark.run_benchmark(
             config, warmup=_WARMUP.value, repeats=_REPEATS.value,
             pipeline_batches=_PIPELINE_BATCHES.value, decode_tokens=_DECODE_TOKENS.value,
             peak_size=_PEAK_SIZE.value)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(benchmark.format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:

@@ -15,13 +15,11 @@ ctx_len) and the training fields; a safetensors file's config.json wins over it.
 .pt files need torch (pip install torch==2.13.0); safetensors files do not.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from launch import cli
 from muomni_jax.errors import UserError
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'Export: save_dir of a run.')
@@ -33,7 +31,6 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Import: the tokenizer.model
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Import: a configs/*.py file for what the weights do not show '
     '(default: configs/tiny.py).', lock_config=False)
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks for input errors.')
 
 
 def _export():
@@ -64,20 +61,13 @@ def _import():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not _VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)
-    try:
+    with cli.one_line_errors():
         if bool(_CHECKPOINT_DIR.value) == bool(_INPUT.value):
             raise UserError('give either --checkpoint_dir (export) or --input (import)')
         if _CHECKPOINT_DIR.value:
             _export()
         else:
             _import()
-    except UserError as e:
-        if _VERBOSE.value:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

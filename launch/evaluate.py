@@ -7,37 +7,26 @@ Every non-empty line is a document, tokenized with the checkpoint's tokenizer an
 windows of the model's ctx_len, exactly as training validates.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 
-from muomni_jax.errors import UserError
+from launch import cli
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'save_dir of a training run.')
 _DATA_PATH = flags.DEFINE_string('data_path', None, 'Text file, directory or glob to score.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Windows per evaluation batch.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks for input errors.')
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not _VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)
     import muomni_jax  # pylint: disable=import-outside-toplevel
     from muomni_jax import evaluation  # pylint: disable=import-outside-toplevel
-    try:
+    with cli.one_line_errors():
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
         result = evaluation.evaluate_text(ckpt.model(), ckpt.tokenizer, _DATA_PATH.value,
                                           _BATCH_SIZE.value)
-    except UserError as e:
-        if _VERBOSE.value:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(f'Data: {_DATA_PATH.value} ({result["documents"]:,} documents)')
     print(f'Loss: {result["loss"]:.4f}')
     print(f'Perplexity: {result["perplexity"]:.2f}')

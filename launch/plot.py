@@ -5,13 +5,11 @@
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from muomni_jax.errors import UserError
+from launch import cli
 
 _CHECKPOINT_DIRS = flags.DEFINE_multi_string(
     'checkpoint_dir', None, 'save_dir of a run; repeat the flag to compare runs on one figure.')
@@ -23,16 +21,12 @@ _OUTPUT = flags.DEFINE_string(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    logging.set_verbosity(logging.WARNING)  # matplotlib logs its font cache at INFO.
-    from muomni_jax import plotting  # Imported after flag parsing: matplotlib is slow to import.
     dirs = _CHECKPOINT_DIRS.value
     output = _OUTPUT.value or (os.path.join(dirs[0], 'training_curves.png') if len(dirs) == 1
                                else 'training_curves.png')
-    try:
+    with cli.one_line_errors():
+        from muomni_jax import plotting  # After flag parsing: matplotlib is slow to import.
         plotting.plot_runs(dirs, output)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(f'Wrote {output}')
 
 

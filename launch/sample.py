@@ -7,13 +7,10 @@
 --temperature=0 is greedy decoding.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 
-from muomni_jax.errors import UserError
+from launch import cli
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'save_dir of a training run.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
@@ -25,17 +22,14 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set with thi
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
 _SHOW_NEXT = flags.DEFINE_integer('show_next', 5, 'Also print the k most likely next tokens '
                                   'of each prompt; 0 to skip.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks for input errors.')
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not _VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)
     import muomni_jax  # pylint: disable=import-outside-toplevel
     from muomni_jax import sampling  # pylint: disable=import-outside-toplevel
-    try:
+    with cli.one_line_errors():
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
         model = ckpt.model()
         prompts = _PROMPT.value
@@ -52,11 +46,6 @@ def main(argv):
                     f'{c.text!r} {c.probability:.0%}' for c in top))
             print(f'Generated: {prompt}{text}')
             print()
-    except UserError as e:
-        if _VERBOSE.value:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -13,19 +13,12 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from muomni_jax.errors import UserError
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
                                           lock_config=True)
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks for input errors.')
-
-
-def _fail(message: str) -> None:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def _unknown_field_line(error: Exception, argv: list[str]) -> str | None:
@@ -70,37 +63,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if isinstance(e, (KeyError, AttributeError)):
             line = _unknown_field_line(e, argv)
             if line:
-                _fail(line)
+                cli.fail(line)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         message = lines[0] if lines else type(e).__name__
         if message.endswith(':') and len(lines) > 1:
             message += ' ' + lines[-1]
-        _fail(message)
+        cli.fail(message)
 
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
-    if not _VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
+        cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     try:
         config = _CONFIG.value
         config.keys()  # config_flags reports a config file that failed to load only on first use.
     except Exception as e:  # pylint: disable=broad-except
-        if _VERBOSE.value:
+        if cli.VERBOSE.value:
             raise
-        _fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
+        cli.fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
               f'{str(e).strip().splitlines()[-1].strip()}')
     # Imported after flag parsing: JAX and TF are slow to import.
     from muomni_jax import distributed
     from muomni_jax import train
     try:
-        distributed.initialize(config)  # Before any other JAX use; no-op for one process.
-        train.train_and_evaluate(config)
-    except UserError as e:
-        if _VERBOSE.value:
-            raise
-        _fail(str(e))
+        with cli.one_line_errors():
+            distributed.initialize(config)  # Before any other JAX use; no-op for one process.
+            train.train_and_evaluate(config)
     except KeyboardInterrupt:
         print('Aborted: nothing was saved after the last checkpoint.', file=sys.stderr)
         sys.exit(130)
