@@ -59,11 +59,15 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int,
                   top_p: jax.Array) -> jax.Array:
-    """logits (B, V) -> (B,) int32: argmax when temperature is 0, else a filtered sample."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    sampled = jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """logits (B, V), temperature () -> (B,) int32: argmax when temperature is 0, else a
+    filtered sample. A cond, not a where, so greedy decoding skips the top-k/top-p sort."""
+
+    def sample():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        return jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
+
+    return jax.lax.cond(temperature > 0, sample,
+                        lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k'))
