@@ -153,8 +153,9 @@ def generate(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, prompts: Sequen
     """Continues each text prompt; returns the new text only. kwargs as in `generate_ids`."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    ids = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], **kwargs)
-    return [tokenizer.decode(row) for row in ids]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = generate_ids(model, prompt_ids, **kwargs)
+    return [tokenizer.decode_continuation(p, row) for p, row in zip(prompt_ids, ids)]
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))
@@ -209,6 +210,7 @@ def training_sampler(config, model_config: ThinkerConfig, tokenizer: tokenizer_l
     def sample(params: nnx.State) -> list[str]:
         ids = generate_ids(nnx.merge(graphdef, params), prompt_ids,
                            max_new_tokens=max_new_tokens, temperature=0.0)
-        return [f'  Sample: {p!r} → {tokenizer.decode(row)!r}' for p, row in zip(prompts, ids)]
+        return [f'  Sample: {p!r} → {tokenizer.decode_continuation(p_ids, row)!r}'
+                for p, p_ids, row in zip(prompts, prompt_ids, ids)]
 
     return sample

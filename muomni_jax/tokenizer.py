@@ -60,6 +60,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def decode_continuation(self, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+        """The text that new_ids add after prompt_ids, with its leading space: decoded alone,
+        SentencePiece would drop the space of a continuation's first word."""
+        prompt = self.decode(prompt_ids)
+        return self.decode([*prompt_ids, *new_ids])[len(prompt):]
+
     def save(self, path: str) -> None:
         """Writes atomically, so a crash never leaves a truncated tokenizer.model behind."""
         directory = os.path.dirname(os.path.abspath(path))

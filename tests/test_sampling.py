@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from muomni_jax import sampling
+from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import KVCache, Thinker, ThinkerConfig, decode_step
 
@@ -159,6 +160,8 @@ class _CharTokenizer:
 
     def decode(self, ids):
         return ''.join(chr(ord('a') + i - 3) for i in ids if i >= 3)
+
+    decode_continuation = tokenizer_lib.Tokenizer.decode_continuation
 
 
 def test_next_token_distribution_is_the_sorted_softmax():

@@ -45,3 +45,10 @@ def test_load_rejects_a_file_that_is_not_a_model(tmp_path):
     path.write_bytes(b'not a model')
     with pytest.raises(UserError, match='cannot load tokenizer'):
         tokenizer_lib.Tokenizer.load(str(path))
+
+
+def test_continuation_keeps_the_space_before_its_first_word():
+    tok = tokenizer_lib.train_tokenizer(TEXTS, vocab_size=80, sample_size=1000)
+    prompt = [tokenizer_lib.BOS_ID] + tok.encode('The cat sat on the')
+    assert tok.decode_continuation(prompt, tok.encode('the mat.')) == ' the mat.'
+    assert tok.decode(prompt + tok.encode('the mat.')) == 'The cat sat on the the mat.'
