@@ -9,11 +9,11 @@ filled with PAD_ID (= 0, the unknown piece) and masked by position, never by id.
 import io
 import os
 import re
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 
 UNK_ID = 0
@@ -68,11 +68,7 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Writes atomically, so a crash never leaves a truncated tokenizer.model behind."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix='.tmp') as f:
-            f.write(self.model_proto)
-        os.replace(f.name, path)
+        write_atomically(path, self.model_proto)
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:

@@ -36,6 +36,7 @@ from muomni_jax import reporting
 from muomni_jax import sampling
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import Thinker, ThinkerConfig, count_params
 
@@ -286,14 +287,6 @@ def _no_text_message(config) -> str:
             'point data_path at a text file with one document per line')
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """A crash mid-write leaves the old file, never a truncated one."""
-    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(os.path.abspath(path)),
-                                     delete=False, suffix='.tmp') as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def _shared_tokenizer(config) -> tuple[tokenizer_lib.Tokenizer, bool]:
     """Process 0 loads or trains the tokenizer and every process gets its model.
 
@@ -414,7 +407,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         os.makedirs(save_dir, exist_ok=True)
         if tokenizer_is_new:
             tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
-        _write_atomically(os.path.join(save_dir, 'config.json'),
+        write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))
     checkpointer.start_writing(start_step)
 

@@ -2,8 +2,9 @@
 
 import json
 import os
-import tempfile
 from typing import Any
+
+from muomni_jax.atomic_write import write_atomically
 
 
 class TrainingLog:
@@ -23,7 +24,4 @@ class TrainingLog:
         self.records[-1].update(fields)
 
     def write(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-            json.dump(self.records, f, indent=1)
-        os.replace(f.name, self.path)
+        write_atomically(self.path, json.dumps(self.records, indent=1))
