@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import ml_collections
@@ -39,5 +38,5 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
         loss_sum += float(metrics['loss_sum'])
         weight_sum += float(metrics['weight_sum'])
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': int(weight_sum),
+    return {'loss': loss, 'perplexity': train.perplexity(loss), 'tokens': int(weight_sum),
             'documents': split.num_documents}

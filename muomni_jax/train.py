@@ -90,6 +90,11 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
     """Masked next-token loss in float32.
@@ -493,7 +498,7 @@ def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
     if total is None or float(total['weight_sum']) == 0:
         return {}
     loss = float(total['loss_sum']) / float(total['weight_sum'])
-    return {'val_loss': loss, 'val_ppl': math.exp(min(loss, 50.0))}
+    return {'val_loss': loss, 'val_ppl': perplexity(loss)}
 
 
 def _train_loop(run: _Run, state: TrainState, start_step: int, interval: dict | None,
@@ -612,7 +617,7 @@ def _interval_record(m: dict[str, Any], epoch: int, tokens_per_s: float, lr: flo
     """A training_log record from the summed metrics of one log interval (host values)."""
     loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
     finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
-    return dict(epoch=epoch + 1, loss=loss, ppl=math.exp(min(loss, 50.0)), lr=lr,
+    return dict(epoch=epoch + 1, loss=loss, ppl=perplexity(loss), lr=lr,
                 grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
                 elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
 
