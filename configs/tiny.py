@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer_path = ''  # Existing SentencePiece model to use; empty trains one into save_dir.
     config.tokenizer_sample_size = 2_000_000  # Max sentences sampled to train the tokenizer (bounds memory).
     config.data_shards = 0  # Shards that each fill batch_size / data_shards rows; 0: one per process.
+    config.cache_dir = ''  # Where the tokenized corpus is kept; '': ~/.cache/muomni_jax/token_cache.
 
     # --- Optimisation ---
     config.batch_size = 16  # Global batch size in windows of ctx_len tokens.

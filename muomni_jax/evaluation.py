@@ -25,18 +25,19 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
     if batch_size <= 0:
         raise UserError(f'batch_size ({batch_size}) must be positive')
     source = ml_collections.ConfigDict(dict(data_path=data_path, tfds_name='', val_split=0.0))
-    split = input_pipeline.pack(input_pipeline.documents(source, 'train'), tokenizer,
-                                model.config.ctx_len)
-    if split.num_windows == 0:
+    docs = (doc.encode('utf-8') for doc in input_pipeline.documents(source, 'train'))
+    stream, _ = input_pipeline.in_memory_stream(docs, tokenizer)
+    ctx_len = model.config.ctx_len
+    if stream.num_windows(ctx_len) == 0:
         raise UserError(f'{data_path} holds no text to score: give a file with non-empty lines')
     graphdef, params = nnx.split(model)
     step = jax.jit(functools.partial(train.eval_step, graphdef=graphdef))
     loss_sum = weight_sum = 0.0
-    num_batches = -(-split.num_windows // batch_size)
-    for batch in input_pipeline.eval_batches(split, batch_size, num_batches):
+    num_batches = -(-stream.num_windows(ctx_len) // batch_size)
+    for batch in input_pipeline.eval_batches(stream, ctx_len, batch_size, num_batches):
         metrics = jax.device_get(step(params, batch))
         loss_sum += float(metrics['loss_sum'])
         weight_sum += float(metrics['weight_sum'])
     loss = loss_sum / max(weight_sum, 1.0)
     return {'loss': loss, 'perplexity': train.perplexity(loss), 'tokens': int(weight_sum),
-            'documents': split.num_documents}
+            'documents': stream.num_documents}

@@ -1,7 +1,7 @@
 """This process's rows of every global batch, read from its own shards of the corpus.
 
-The corpus is cut by document into `num_shards` shards (tf.data's shard), and each shard is
-packed on its own. Process p of P reads shards p*k .. p*k + k - 1 (k = num_shards / P), and each
+The corpus is cut by document into `num_shards` shards (document i of a split goes to shard
+i % num_shards), and each shard is tokenized into its own stream in the token cache. Process p of P reads shards p*k .. p*k + k - 1 (k = num_shards / P), and each
 shard fills batch_size / num_shards rows of every global batch. So the batches depend on the
 number of shards, never on how many processes read them: with config.data_shards fixed, one CPU
 and a pod slice train on the same batches, and a checkpoint resumes on either.
@@ -19,14 +19,16 @@ import numpy as np
 
 from muomni_jax import distributed
 from muomni_jax import input_pipeline
+from muomni_jax import token_cache
 from muomni_jax.errors import UserError
 
 
 @dataclasses.dataclass
 class HostData:
-    """The packed shards of this process and the batch counts every process agreed on."""
-    train: list[input_pipeline.PackedSplit]
-    validation: list[input_pipeline.PackedSplit]
+    """The token streams of this process's shards and the batch counts every process agreed on."""
+    train: list[input_pipeline.TokenStream]
+    validation: list[input_pipeline.TokenStream]
+    ctx_len: int
     rows_per_shard: int  # Rows of each global batch that one shard fills.
     steps_per_epoch: int
     eval_batches: int
@@ -36,14 +38,14 @@ class HostData:
                       ) -> Iterator[dict[str, np.ndarray]]:
         """(B / P, T) local batches of epoch `epoch` from `start_step` on."""
         shards = [input_pipeline.train_batches(
-            split, self.rows_per_shard, seed=seed, epoch=epoch, start_step=start_step,
-            num_steps=self.steps_per_epoch) for split in self.train]
+            stream, self.ctx_len, self.rows_per_shard, seed=seed, epoch=epoch,
+            start_step=start_step, num_steps=self.steps_per_epoch) for stream in self.train]
         return _concatenated(shards)
 
     def validation_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """(B / P, T) local batches; rows past a shard's end have zero weight."""
-        shards = [input_pipeline.eval_batches(split, self.rows_per_shard, self.eval_batches)
-                  for split in self.validation]
+        shards = [input_pipeline.eval_batches(stream, self.ctx_len, self.rows_per_shard,
+                                              self.eval_batches) for stream in self.validation]
         return _concatenated(shards)
 
 
@@ -66,22 +68,25 @@ def num_shards(config) -> int:
     return count
 
 
-def load(config, tokenizer, source: str) -> HostData:
-    """Packs this process's shards of both splits; every process must call it together."""
+def load(config, tokenizer, log=print) -> HostData:
+    """Opens (or first builds) this process's shards of both splits in the token cache.
+
+    Every process must call it together; each builds and reads only its own shards.
+    """
     count = num_shards(config)
     per_process = count // jax.process_count()
     first = jax.process_index() * per_process
     rows = config.batch_size // count
     with distributed.fail_together():
-        train, validation = [], []
-        for shard in range(first, first + per_process):
-            for split, packed in (('train', train), ('validation', validation)):
-                docs = input_pipeline.documents(config, split, process_index=shard,
-                                                process_count=count)
-                packed.append(input_pipeline.pack(docs, tokenizer, config.ctx_len))
+        source = input_pipeline.DocumentSource(config)
+        streams = token_cache.open_or_build(config, source, tokenizer, count,
+                                            range(first, first + per_process), log=log,
+                                            verbose=jax.process_index() == 0)
+    train = [streams['train', shard] for shard in range(first, first + per_process)]
+    validation = [streams['validation', shard] for shard in range(first, first + per_process)]
 
-    def stats(split: input_pipeline.PackedSplit) -> list[int]:
-        return [split.num_windows, split.num_documents, split.num_tokens]
+    def stats(stream: input_pipeline.TokenStream) -> list[int]:
+        return [stream.num_windows(config.ctx_len), stream.num_documents, stream.num_tokens]
 
     # Per shard, in shard order: [[train windows, documents, tokens], [the same for validation]].
     shard_stats = [s for host in distributed.allgather_json(
@@ -90,7 +95,7 @@ def load(config, tokenizer, source: str) -> HostData:
               for i, split in enumerate(('train', 'validation'))
               for j, name in enumerate(('windows', 'documents', 'tokens'))}
     if totals['train_documents'] == 0:
-        raise UserError(f'{source} holds no training text (empty, blank lines only, or all in '
+        raise UserError(f'{source.name} holds no training text (empty, blank lines only, or all in '
                         'validation): point data_path at a text file with one document per line')
     smallest = min(s[0][0] for s in shard_stats)
     steps_per_epoch = smallest // rows
@@ -104,5 +109,6 @@ def load(config, tokenizer, source: str) -> HostData:
     eval_batches = max(-(-s[1][0] // rows) for s in shard_stats)
     if config.eval_batches:
         eval_batches = min(eval_batches, config.eval_batches)
-    return HostData(train=train, validation=validation, rows_per_shard=rows,
-                    steps_per_epoch=steps_per_epoch, eval_batches=eval_batches, totals=totals)
+    return HostData(train=train, validation=validation, ctx_len=config.ctx_len,
+                    rows_per_shard=rows, steps_per_epoch=steps_per_epoch,
+                    eval_batches=eval_batches, totals=totals)

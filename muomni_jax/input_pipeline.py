@@ -1,16 +1,18 @@
-"""Text to packed next-token batches, on the host with tf.data. Knows nothing of the model.
+"""Text to packed next-token batches, on the host. Knows nothing of the model.
 
 Data flow:
-  documents (non-empty lines of text files, or TFDS examples)
+  documents: the non-empty stripped lines of text files, or TFDS examples, read once, in order
   -> split by a stable hash of each document's text (validation never trains)
-  -> shard by process
-  -> SentencePiece in a parallel tf.data map: [BOS] + ids + [EOS] per document
-  -> one token stream, cut into windows of ctx_len + 1 tokens that overlap by one,
-     so every next-token pair inside a document is trained once per epoch
+  -> data shard by position in the split: document i of a split goes to shard i % num_shards
+  -> SentencePiece: [BOS] + ids + [EOS] per document, appended to one token stream per
+     (split, shard). token_cache.py writes these streams to disk once; later runs memory-map them.
+  -> windows of ctx_len + 1 tokens, cut from a stream when a batch is read: window k is
+     stream[k * ctx_len : k * ctx_len + ctx_len + 1], so windows overlap by one token and every
+     next-token pair inside a document is trained once per epoch
   -> step-indexed batches: epoch e reads a seeded permutation of the windows, so a resumed run
      starts at any step in O(1), with no replay.
 
-Packing wastes no compute on padding: only the last window of a split is padded, and padding is
+Packing wastes no compute on padding: only the last window of a stream is padded, and padding is
 masked by position (segment id 0), never by token id. Segment ids restart the attention mask and
 the RoPE positions at every document, as in Flax's lm1b example.
 """
@@ -18,8 +20,7 @@ the RoPE positions at every document, as in Flax's lm1b example.
 import dataclasses
 import difflib
 import os
-import sys
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -30,35 +31,20 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
-# tf.data is host-side work: never let TensorFlow grab accelerator memory that JAX needs.
+# TensorFlow is host-side work here (file I/O, hashing, TFDS): never let it grab accelerator
+# memory that JAX needs.
 tf.config.set_visible_devices([], 'GPU')
 
+SPLITS = ('train', 'validation')
 _HASH_BUCKETS = 1_000_000
-_DOCS_PER_TOKENIZE_CALL = 256
 # SentencePiece's memory grows with the input; longer documents are encoded piecewise.
 _MAX_ENCODE_CHARS = 100_000
 _TEXT_SUFFIXES = ('.txt', '.text')
-# One line is one document and tf.data holds a whole line in memory: longer lines are refused.
+# One line is one document and is held in memory whole: longer lines are refused.
 MAX_LINE_BYTES = 10 * 2**20
 _SNIFF_BYTES = 64 * 2**10  # How much of each file is checked for binary content.
-_SCAN_CHUNK_BYTES = 2**20
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedSplit:
-    """One split of the corpus as fixed windows.
-
-  tokens:      (N, ctx_len + 1) int32 token ids; padding slots hold PAD_ID.
-  segment_ids: (N, ctx_len + 1) int32, 1, 2, ... per document piece in a window; 0 is padding.
-  """
-    tokens: np.ndarray
-    segment_ids: np.ndarray
-    num_documents: int
-    num_tokens: int
-
-    @property
-    def num_windows(self) -> int:
-        return self.tokens.shape[0]
+_READ_CHUNK_BYTES = 2**20  # Text is read, split into documents and hashed in chunks this size.
+_TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
 
 def text_files(data_path: str) -> list[str]:
@@ -88,36 +74,58 @@ def text_files(data_path: str) -> list[str]:
     return sorted(paths)
 
 
-def check_text_file(path: str) -> None:
-    """Refuses a file that looks binary or has a line too long to hold, reading it in chunks.
+def _check_not_binary(path: str, head: bytes) -> None:
+    """Refuses a file whose first 64 KB hold a NUL byte or are >10% undecodable.
 
-  Text with a few invalid UTF-8 bytes is accepted: pack() replaces them by U+FFFD and warns
-  with a count. A file is binary if its first 64 KB hold a NUL byte or are >10% undecodable.
-  """
+    Text with a few invalid UTF-8 bytes is accepted: tokenize() replaces them by U+FFFD and
+    counts the documents so changed.
+    """
+    # A multi-byte character cut at the end of the sniffed block is not an error.
+    replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
+    if b'\0' in head or replaced > 0.1 * len(head):
+        raise UserError(f'data_path file {path} looks binary, not UTF-8 text: point data_path at '
+                        'text files with one document per line')
+
+
+def _text_file_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
+    """(whole lines, bytes read) per chunk of a text file, refusing binary files and huge lines."""
     with tf.io.gfile.GFile(path, 'rb') as f:
-        head = f.read(_SNIFF_BYTES)
-        if head:
-            # A multi-byte character cut at the end of the sniffed block is not an error.
-            replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
-            if b'\0' in head or replaced > 0.1 * len(head):
-                raise UserError(
-                    f'data_path file {path} looks binary, not UTF-8 text: point data_path at '
-                    'text files with one document per line')
-        in_progress, offset, chunk = 0, 0, head  # in_progress: bytes of the line not yet ended.
+        chunk = f.read(_SNIFF_BYTES)
+        if chunk:
+            _check_not_binary(path, chunk)
+        offset, pending = 0, b''  # pending: the start of a line not yet ended.
         while chunk:
-            pieces = chunk.split(b'\n')
-            lengths = [in_progress + len(pieces[0])] + [len(piece) for piece in pieces[1:]]
-            if max(lengths) > MAX_LINE_BYTES:
+            offset += len(chunk)
+            lines = (pending + chunk).split(b'\n')
+            pending = lines.pop()
+            if max(len(pending), *map(len, lines)) > MAX_LINE_BYTES:
                 raise UserError(
                     f'data_path file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
-                    f'(before byte {offset + len(chunk):,}); each line is one document: '
-                    'split the text into lines')
-            in_progress = lengths[-1]
-            offset += len(chunk)
-            chunk = f.read(_SCAN_CHUNK_BYTES)
+                    f'(before byte {offset:,}); each line is one document: split the text into '
+                    'lines')
+            yield lines, len(chunk)
+            chunk = f.read(_READ_CHUNK_BYTES)
+        if pending:
+            yield [pending], 0
 
 
-def _tfds_documents(config) -> tf.data.Dataset:
+def _tfds_dataset(config) -> tf.data.Dataset:
+    builder = tfds_builder(config)
+    features = builder.info.features
+    if config.tfds_text_key not in features:
+        raise UserError(
+            f'TFDS dataset {config.tfds_name!r} has no feature {config.tfds_text_key!r}: '
+            f'set --config.tfds_text_key to one of {sorted(features.keys())}')
+    try:
+        ds = builder.as_dataset(split=config.tfds_split, shuffle_files=False)
+    except ValueError as e:
+        raise UserError(f'TFDS split {config.tfds_split!r} of {config.tfds_name!r}: {e}') from None
+    return ds.map(lambda example: example[config.tfds_text_key],
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def tfds_builder(config):
+    """The prepared TFDS builder of config.tfds_name (downloading it if needed)."""
     import tensorflow_datasets as tfds  # Imported only for TFDS sources: it is slow to import.
     try:
         builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir or None)
@@ -132,130 +140,212 @@ def _tfds_documents(config) -> tf.data.Dataset:
         raise UserError(f'cannot download or prepare TFDS dataset {config.tfds_name!r} '
                         f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}): check the '
                         'network, or set --config.tfds_data_dir to a prepared copy') from None
-    features = builder.info.features
-    if config.tfds_text_key not in features:
-        raise UserError(
-            f'TFDS dataset {config.tfds_name!r} has no feature {config.tfds_text_key!r}: '
-            f'set --config.tfds_text_key to one of {sorted(features.keys())}')
-    try:
-        ds = builder.as_dataset(split=config.tfds_split, shuffle_files=False)
-    except ValueError as e:
-        raise UserError(f'TFDS split {config.tfds_split!r} of {config.tfds_name!r}: {e}') from None
-    return ds.map(lambda example: example[config.tfds_text_key],
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return builder
 
 
-def documents(config,
-              split: str,
-              process_index: int = 0,
-              process_count: int = 1) -> tf.data.Dataset:
-    """The documents of one split ('train' or 'validation') as a dataset of tf.string.
+@dataclasses.dataclass(frozen=True)
+class RoutedChunk:
+    """Consecutive documents of the source, each assigned to a split and a data shard.
 
-  A document is one non-empty line of a text file or one TFDS example. The split is decided by a
-  stable hash of the document's text, so duplicates always fall on the same side.
-  """
-    if config.tfds_name:
-        ds = _tfds_documents(config)
-    else:
-        paths = text_files(config.data_path)
-        if split == 'train':  # Once per run is enough.
-            for path in paths:
-                check_text_file(path)
-        ds = tf.data.TextLineDataset(paths)
-    ds = ds.map(tf.strings.strip).filter(lambda doc: tf.strings.length(doc) > 0)
-    threshold = int(round(config.val_split * _HASH_BUCKETS))
-    in_validation = lambda doc: tf.strings.to_hash_bucket_fast(doc, _HASH_BUCKETS) < threshold
-    if split == 'train':
-        ds = ds.filter(lambda doc: tf.logical_not(in_validation(doc)))
-    elif split == 'validation':
-        ds = ds.filter(in_validation)
-    else:
+    docs: the documents as UTF-8 bytes (maybe invalid); split: (D,) int8 index into SPLITS;
+    shard: (D,) int64 data shard; progress: bytes (text) or examples (TFDS) consumed by this
+    chunk, for progress bars.
+    """
+    docs: list[bytes]
+    split: np.ndarray
+    shard: np.ndarray
+    progress: int
+
+
+class DocumentSource:
+    """The documents of config's text files or TFDS split, read once, in order, by chunk.
+
+    Construction checks the source (files exist, TFDS dataset and feature), so a bad path fails
+    before anything is built.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        if config.tfds_name:
+            self._dataset = _tfds_dataset(config)
+            self.paths = []
+        else:
+            self.paths = text_files(config.data_path)
+        self._threshold = int(round(config.val_split * _HASH_BUCKETS))
+
+    @property
+    def name(self) -> str:
+        config = self.config
+        return f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
+
+    def size(self) -> tuple[int, str]:
+        """(total, unit) of the progress that chunks report: bytes, or TFDS examples (0: unknown)."""
+        if not self.config.tfds_name:
+            return sum(tf.io.gfile.stat(path).length for path in self.paths), 'B'
+        splits = tfds_builder(self.config).info.splits
+        try:
+            return splits[self.config.tfds_split].num_examples, 'examples'
+        except (KeyError, ValueError):
+            return 0, 'examples'
+
+    def _chunks(self) -> Iterator[tuple[list[bytes], int]]:
+        """(stripped non-empty documents, progress) per chunk."""
+        if self.config.tfds_name:
+            for batch in self._dataset.batch(_TFDS_BATCH).prefetch(2).as_numpy_iterator():
+                yield [doc for doc in (raw.strip() for raw in batch) if doc], len(batch)
+        else:
+            for path in self.paths:
+                for lines, read in _text_file_chunks(path):
+                    yield [doc for doc in (line.strip() for line in lines) if doc], read
+
+    def routed(self, num_shards: int) -> Iterator[RoutedChunk]:
+        """Every document with its split (by a stable hash of its text) and data shard."""
+        counts = np.zeros(len(SPLITS), np.int64)  # Documents of each split so far.
+        for docs, progress in self._chunks():
+            if not docs:
+                yield RoutedChunk([], np.zeros(0, np.int8), np.zeros(0, np.int64), progress)
+                continue
+            # Duplicated documents always fall on the same side.
+            buckets = tf.strings.to_hash_bucket_fast(docs, _HASH_BUCKETS).numpy()
+            split = (buckets < self._threshold).astype(np.int8)
+            position = np.empty(len(docs), np.int64)
+            for index in range(len(SPLITS)):
+                mine = split == index
+                position[mine] = counts[index] + np.arange(mine.sum())
+                counts[index] += mine.sum()
+            yield RoutedChunk(docs, split, position % num_shards, progress)
+
+
+def documents(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
+    """The documents of one split ('train' or 'validation') and data shard, as text.
+
+    Checks the source now and reads it lazily, e.g. to train the tokenizer.
+    """
+    if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}')
-    return ds.shard(process_count, process_index)
+    source = DocumentSource(config)
+    split_index = SPLITS.index(split)
+
+    def read():
+        for chunk in source.routed(num_shards):
+            for doc, s, d in zip(chunk.docs, chunk.split, chunk.shard):
+                if s == split_index and d == shard:
+                    yield doc.decode('utf-8', errors='replace')
+
+    return read()
 
 
-def document_texts(ds: tf.data.Dataset) -> Iterator[str]:
-    """Python strings from a documents() dataset, e.g. to train the tokenizer."""
-    for doc in ds.as_numpy_iterator():
-        yield doc.decode('utf-8', errors='replace')
+def tokenize(docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer,
+             dtype=np.int32) -> tuple[np.ndarray, np.ndarray, int]:
+    """[BOS] + ids + [EOS] per document, end to end.
+
+    Returns (tokens (N,) of dtype, lengths (D,) int64 of each document's tokens, number of
+    documents with invalid UTF-8, whose bad bytes became U+FFFD).
+    """
+    pieces, counts, invalid = [], [], 0
+    for raw in docs:
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError:
+            text = raw.decode('utf-8', errors='replace')
+            invalid += 1
+        chunks = [text[i:i + _MAX_ENCODE_CHARS] for i in range(0, len(text), _MAX_ENCODE_CHARS)]
+        pieces.extend(chunks)
+        counts.append(len(chunks))
+    encoded = iter(tokenizer.encode_batch(pieces))
+    ids, lengths = [], np.empty(len(counts), np.int64)
+    for d, count in enumerate(counts):
+        doc = [tokenizer_lib.BOS_ID]
+        for _ in range(count):
+            doc.extend(next(encoded))
+        doc.append(tokenizer_lib.EOS_ID)
+        ids.extend(doc)
+        lengths[d] = len(doc)
+    return np.asarray(ids, dtype), lengths, invalid
 
 
-def _tokenize_fn(tokenizer: tokenizer_lib.Tokenizer):
-    """A numpy function: a batch of documents -> (flat ids, document-start flags, #invalid UTF-8)."""
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """One split of one data shard: its documents' tokens end to end, and where each starts.
 
-    def tokenize(docs: np.ndarray):
-        ids, starts, invalid = [], [], 0
-        for raw in docs:
-            try:
-                text = raw.decode('utf-8')
-            except UnicodeDecodeError:
-                text = raw.decode('utf-8', errors='replace')
-                invalid += 1
-            doc = [tokenizer_lib.BOS_ID]
-            for start in range(0, len(text), _MAX_ENCODE_CHARS):
-                doc.extend(tokenizer.encode(text[start:start + _MAX_ENCODE_CHARS]))
-            doc.append(tokenizer_lib.EOS_ID)
-            ids.append(np.asarray(doc, np.int32))
-            flags = np.zeros(len(doc), np.bool_)
-            flags[0] = True
-            starts.append(flags)
-        return np.concatenate(ids), np.concatenate(starts), np.int64(invalid)
+    tokens: (num_tokens,) unsigned or int32 ids, [BOS] ... [EOS] per document (maybe a memmap).
+    doc_starts: (num_documents,) int64 offset of each document's BOS in tokens (maybe a memmap).
+    """
+    tokens: np.ndarray
+    doc_starts: np.ndarray
 
-    return tokenize
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_starts)
+
+    def num_windows(self, ctx_len: int) -> int:
+        return -(-(self.num_tokens - 1) // ctx_len) if self.num_tokens > 1 else 0
+
+    def windows(self, index: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Windows by number; reads only their tokens, so a memmapped stream stays on disk.
+
+        Args:
+          index: (N,) window numbers; -1 gives an empty row (padding only).
+        Returns:
+          tokens: (N, ctx_len + 1) int32, PAD_ID past the end of the stream;
+          segment_ids: (N, ctx_len + 1) int32, 1, 2, ... per document piece; 0 is padding.
+        """
+        width = ctx_len + 1
+        tokens = np.full((len(index), width), tokenizer_lib.PAD_ID, np.int32)
+        starts = np.zeros((len(index), width), np.bool_)
+        valid = np.zeros((len(index), width), np.bool_)
+        for row, k in enumerate(index):
+            if k < 0:
+                continue
+            lo = int(k) * ctx_len
+            hi = min(lo + width, self.num_tokens)
+            tokens[row, :hi - lo] = self.tokens[lo:hi]
+            valid[row, :hi - lo] = True
+            first, last = np.searchsorted(self.doc_starts, [lo, hi])
+            starts[row, self.doc_starts[first:last] - lo] = True
+        # A document continued from the previous window starts a fresh segment at slot 0.
+        segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) + (~starts[:, :1])
+        return tokens, np.where(valid, segment_ids, 0).astype(np.int32)
 
 
-def pack(docs: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, ctx_len: int) -> PackedSplit:
-    """Tokenizes documents in a parallel tf.data map and packs them into overlapping windows."""
-    tokenize = _tokenize_fn(tokenizer)
-    ds = docs.batch(_DOCS_PER_TOKENIZE_CALL).map(
-        lambda batch: tf.numpy_function(tokenize, [batch], (tf.int32, tf.bool, tf.int64)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True).prefetch(tf.data.AUTOTUNE)
-    ids, starts, num_documents, invalid = [], [], 0, 0
-    for batch_ids, batch_starts, batch_invalid in ds.as_numpy_iterator():
-        ids.append(batch_ids)
-        starts.append(batch_starts)
-        num_documents += int(batch_starts.sum())
-        invalid += int(batch_invalid)
-    if invalid:
-        print(
-            f'Warning: {invalid} documents had invalid UTF-8; their bad bytes were replaced by U+FFFD.',
-            file=sys.stderr)
-    stream = np.concatenate(ids) if ids else np.zeros([0], np.int32)
-    stream_starts = np.concatenate(starts) if starts else np.zeros([0], np.bool_)
-    return _windows(stream, stream_starts, ctx_len, num_documents)
+def in_memory_stream(docs: Iterator[bytes], tokenizer: tokenizer_lib.Tokenizer,
+                     chunk_docs: int = 1024) -> tuple[TokenStream, int]:
+    """A TokenStream held in memory, for small texts (launch.evaluate); (stream, #invalid UTF-8)."""
+    parts, lengths, invalid, chunk = [], [], 0, []
 
+    def flush():
+        nonlocal invalid
+        ids, doc_lengths, bad = tokenize(chunk, tokenizer)
+        parts.append(ids)
+        lengths.append(doc_lengths)
+        invalid += bad
+        chunk.clear()
 
-def _windows(stream: np.ndarray, starts: np.ndarray, ctx_len: int,
-             num_documents: int) -> PackedSplit:
-    """Cuts a token stream into windows of ctx_len + 1 tokens; window k starts at k * ctx_len."""
-    length = len(stream)
-    num_windows = -(-(length - 1) // ctx_len) if length > 1 else 0
-    padded = num_windows * ctx_len + 1
-    valid = np.zeros(padded, np.bool_)
-    valid[:length] = True
-    stream = np.pad(stream, (0, max(padded - length, 0)), constant_values=tokenizer_lib.PAD_ID)
-    starts = np.pad(starts, (0, max(padded - length, 0)))
-    index = np.arange(num_windows)[:, None] * ctx_len + np.arange(ctx_len + 1)[None, :]
-    window_starts = starts[index]
-    # A document continued from the previous window starts a fresh segment at slot 0.
-    segment_ids = np.cumsum(window_starts, axis=1, dtype=np.int32) + (~window_starts[:, :1])
-    segment_ids = np.where(valid[index], segment_ids, 0).astype(np.int32)
-    return PackedSplit(tokens=stream[index],
-                       segment_ids=segment_ids,
-                       num_documents=num_documents,
-                       num_tokens=length)
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == chunk_docs:
+            flush()
+    if chunk:
+        flush()
+    doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return TokenStream(tokens, starts[:len(doc_lengths)]), invalid
 
 
 def features(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Model inputs for a batch of windows.
 
-  Args:
-    tokens, segment_ids: (B, ctx_len + 1) from a PackedSplit.
-  Returns:
-    inputs, targets, segment_ids, positions: (B, ctx_len) int32, and weights: (B, ctx_len) float32,
-    1 where the target is the next token of the same document.
-  """
+    Args:
+      tokens, segment_ids: (B, ctx_len + 1) from TokenStream.windows.
+    Returns:
+      inputs, targets, segment_ids, positions: (B, ctx_len) int32, and weights: (B, ctx_len)
+      float32, 1 where the target is the next token of the same document.
+    """
     seg_in, seg_out = segment_ids[:, :-1], segment_ids[:, 1:]
     t = np.arange(seg_in.shape[1], dtype=np.int32)[None, :]
     is_start = np.concatenate(
@@ -270,54 +360,45 @@ def features(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarra
     }
 
 
-def steps_per_epoch(split: PackedSplit, batch_size: int) -> int:
+def steps_per_epoch(stream: TokenStream, ctx_len: int, batch_size: int) -> int:
     """Whole batches per epoch; the remainder windows wait for the next epoch's permutation."""
-    return split.num_windows // batch_size
+    return stream.num_windows(ctx_len) // batch_size
 
 
-def _batched(split: PackedSplit, batch_index: np.ndarray) -> tf.data.Dataset:
-    """A prefetched dataset of feature dicts; batch_index is (num_batches, B) window indices (-1: empty)."""
-
-    def gather(index):
-        rows = np.maximum(index, 0)
-        tokens, segment_ids = split.tokens[rows], split.segment_ids[rows].copy()
-        segment_ids[index < 0] = 0
-        f = features(tokens, segment_ids)
-        return [f[k] for k in _FEATURE_KEYS]
-
-    dtypes = [tf.float32 if k == 'weights' else tf.int32 for k in _FEATURE_KEYS]
-    ds = tf.data.Dataset.from_tensor_slices(batch_index.astype(np.int64))
-    ds = ds.map(lambda index: dict(zip(_FEATURE_KEYS, tf.numpy_function(gather, [index], dtypes))),
-                num_parallel_calls=2,
-                deterministic=True)
-    return ds.prefetch(2)
+def _batches(stream: TokenStream, ctx_len: int,
+             batch_index: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """Feature dicts of (B, ctx_len) arrays; batch_index is (num_batches, B) window numbers."""
+    for index in batch_index:
+        yield features(*stream.windows(index, ctx_len))
 
 
-_FEATURE_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+def epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """(num_windows,) int64: the order of epoch `epoch`, fixed by (seed, epoch).
+
+    Memory: 8 bytes per window of this stream while the epoch runs (e.g. 15 M windows of a
+    30 GB corpus at ctx_len 512, spread over the data shards: 120 MB in all).
+    """
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
 
 
-def train_batches(split: PackedSplit,
-                  batch_size: int,
-                  *,
-                  seed: int,
-                  epoch: int,
+def train_batches(stream: TokenStream, ctx_len: int, batch_size: int, *, seed: int, epoch: int,
                   start_step: int = 0,
                   num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches of epoch `epoch`, from `start_step` within it, in an order fixed by (seed, epoch).
 
-  Each epoch is a fresh permutation of all windows, so resuming at step s costs the same for
-  any s.
-  """
-    num_steps = steps_per_epoch(split, batch_size) if num_steps is None else num_steps
-    order = np.random.default_rng([seed, epoch]).permutation(split.num_windows)
+    Each epoch is a fresh permutation of all windows, so resuming at step s costs the same for
+    any s.
+    """
+    num_steps = steps_per_epoch(stream, ctx_len, batch_size) if num_steps is None else num_steps
+    order = epoch_order(stream.num_windows(ctx_len), seed, epoch)
     batch_index = order[:num_steps * batch_size].reshape(num_steps, batch_size)[start_step:]
-    return _batched(split, batch_index).as_numpy_iterator()
+    return _batches(stream, ctx_len, batch_index)
 
 
-def eval_batches(split: PackedSplit, batch_size: int,
+def eval_batches(stream: TokenStream, ctx_len: int, batch_size: int,
                  num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """The first num_batches batches of a split, in order; missing rows are fully masked."""
+    """The first num_batches batches of a stream, in order; missing rows are fully masked."""
     index = np.full(num_batches * batch_size, -1, np.int64)
-    count = min(split.num_windows, len(index))
+    count = min(stream.num_windows(ctx_len), len(index))
     index[:count] = np.arange(count)
-    return _batched(split, index.reshape(num_batches, batch_size)).as_numpy_iterator()
+    return _batches(stream, ctx_len, index.reshape(num_batches, batch_size))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -264,26 +265,32 @@ def _check_same_model(config, save_dir: str) -> None:
                         f'({", ".join(differ)}): use a new --config.save_dir or the saved values')
 
 
-def _load_or_train_tokenizer(config, train_docs) -> tuple[tokenizer_lib.Tokenizer, bool]:
-    """Returns (tokenizer, whether it was newly trained and still needs saving)."""
+def _load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
+    """tokenizer_path's model, else save_dir's, else one trained on the training text."""
     saved = os.path.join(config.save_dir, 'tokenizer.model')
     path = config.tokenizer_path or (saved if os.path.exists(saved) else '')
     if path:
         tokenizer = tokenizer_lib.Tokenizer.load(path)
-        trained = False
+        if path != saved and os.path.exists(saved) and (
+                tokenizer_lib.Tokenizer.load(saved).model_proto != tokenizer.model_proto):
+            raise UserError(f'save_dir {config.save_dir} holds a run with another tokenizer than '
+                            f'tokenizer_path {path}: use a new --config.save_dir, or drop '
+                            'tokenizer_path to resume with the saved one')
     else:
-        if not list(train_docs.take(1).as_numpy_iterator()):
+        # All the training text, not one shard: the vocabulary must not depend on the processes.
+        texts = input_pipeline.documents(config, 'train')
+        first = next(texts, None)
+        if first is None:
             raise UserError(_no_text_message(config))
         print(f'Training a {config.vocab_size}-piece BPE tokenizer on the training text...')
         tokenizer = tokenizer_lib.train_tokenizer(
-            input_pipeline.document_texts(train_docs), config.vocab_size,
-            config.tokenizer_sample_size, seed=config.seed)
-        trained = True
+            itertools.chain([first], texts), config.vocab_size, config.tokenizer_sample_size,
+            seed=config.seed)
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(f'tokenizer {path} has {tokenizer.vocab_size} pieces but vocab_size is '
                         f'{config.vocab_size}: set --config.vocab_size={tokenizer.vocab_size} or '
                         'use a new save_dir')
-    return tokenizer, trained
+    return tokenizer
 
 
 def _no_text_message(config) -> str:
@@ -292,22 +299,10 @@ def _no_text_message(config) -> str:
             'point data_path at a text file with one document per line')
 
 
-def _shared_tokenizer(config) -> tuple[tokenizer_lib.Tokenizer, bool]:
-    """Process 0 loads or trains the tokenizer and every process gets its model.
-
-    Returns (tokenizer, whether this process must save it: process 0, when newly trained).
-    """
-    newly_trained = []
-
-    def load_or_train() -> bytes:
-        # All the training text, not one shard: the vocabulary must not depend on the processes.
-        tokenizer, trained = _load_or_train_tokenizer(
-            config, input_pipeline.documents(config, 'train'))
-        newly_trained.append(trained)
-        return tokenizer.model_proto
-
-    proto = distributed.run_on_main(load_or_train)
-    return tokenizer_lib.Tokenizer(proto), any(newly_trained)
+def _shared_tokenizer(config) -> tokenizer_lib.Tokenizer:
+    """Process 0 loads or trains the tokenizer and every process gets its model."""
+    proto = distributed.run_on_main(lambda: _load_or_train_tokenizer(config).model_proto)
+    return tokenizer_lib.Tokenizer(proto)
 
 
 def _format_duration(seconds: float) -> str:
@@ -366,10 +361,10 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
 
     source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
     log(f'Loading data from {source}...')
-    tokenizer, tokenizer_is_new = _shared_tokenizer(config)
+    tokenizer = _shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
     sampler = sampling.training_sampler(config, model_config, tokenizer)
-    data = host_data.load(config, tokenizer, source)
+    data = host_data.load(config, tokenizer, log)
     totals = data.totals
     log(f'Training samples: {totals["train_documents"]:,} documents '
         f'({totals["train_tokens"]:,} tokens); validation: {totals["validation_documents"]:,} '
@@ -410,7 +405,8 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
-        if tokenizer_is_new:
+        # Always, also with tokenizer_path: save_dir alone is enough to sample, evaluate, resume.
+        if not os.path.exists(os.path.join(save_dir, 'tokenizer.model')):
             tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
         write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))

@@ -1,0 +1,340 @@
+"""The tokenized corpus on disk: tokenize once, then every run and every resume memory-maps it.
+
+Layout, one directory per cache key under config.cache_dir:
+
+  <cache_dir>/<key>/cache.json                 what the key covers, for people (not read back)
+  <cache_dir>/<key>/train-00000-of-00004.tokens    ids end to end: uint16 (vocab <= 65,536) or
+                                                   uint32, little-endian
+  <cache_dir>/<key>/train-00000-of-00004.docs      int64 offset of each document's BOS
+  <cache_dir>/<key>/train-00000-of-00004.json      header: format, key, dtype and counts
+  ... the same for every data shard, and for the validation split.
+
+The key hashes everything the streams depend on: the source (each text file's path, size and
+modification time, or the TFDS dataset's full name, split and text feature), the tokenizer
+model's bytes, val_split, the number of data shards and FORMAT_VERSION. Anything else (ctx_len,
+batch_size, seed) is applied when batches are read, so changing it reuses the cache.
+
+Crash safety: a build writes `*.partial-<host>-<pid>` files and renames them into place, and
+writes each header last. A shard is used only when its header is readable, names this key and
+matches its files' sizes, so a build killed at any point is never used half done: the next run
+finds the stale partial files, says so, and builds again.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from muomni_jax import input_pipeline
+from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.atomic_write import write_atomically
+from muomni_jax.errors import UserError
+
+FORMAT_VERSION = 1
+_PARTIAL = '.partial-'
+_PROGRESS_EVERY_S = 5.0  # Seconds between progress lines when stdout is not a terminal.
+# Set to a file path, a build creates that file after writing its first chunk and waits: the
+# tests kill it there, mid-build, without racing a timer.
+PAUSE_FOR_TESTS_ENV = 'MUOMNI_TEST_PAUSE_CACHE_BUILD'
+
+
+def default_dir() -> str:
+    """$XDG_CACHE_HOME/muomni_jax/token_cache, else ~/.cache/muomni_jax/token_cache."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'muomni_jax', 'token_cache')
+
+
+def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
+              num_shards: int) -> tuple[str, dict]:
+    """(key, what it covers): equal keys mean equal token streams."""
+    if config.tfds_name:
+        info = input_pipeline.tfds_builder(config).info
+        described = {'tfds': info.full_name, 'split': config.tfds_split,
+                     'text_key': config.tfds_text_key}
+    else:
+        stats = [tf.io.gfile.stat(path) for path in source.paths]
+        described = {'files': [[path, stat.length, stat.mtime_nsec]
+                               for path, stat in zip(source.paths, stats)]}
+    material = {'format': FORMAT_VERSION, 'source': described,
+                'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),
+                'val_split': config.val_split, 'num_shards': num_shards}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return digest[:20], material
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f'{split}-{shard:05d}-of-{num_shards:05d}'
+
+
+class _Damaged(Exception):
+    """A shard whose files cannot be used; the message says why."""
+
+
+def _open_stream(directory: str, name: str, key: str) -> input_pipeline.TokenStream | None:
+    """The memory-mapped stream of one shard; None if it was never finished."""
+    header_path = os.path.join(directory, name + '.json')
+    if not os.path.exists(header_path):
+        return None
+    try:
+        with open(header_path, encoding='utf-8') as f:
+            header = json.load(f)
+        dtype = np.dtype(header['dtype'])
+        num_tokens, num_documents = int(header['num_tokens']), int(header['num_documents'])
+        if header['format'] != FORMAT_VERSION or header['key'] != key:
+            raise _Damaged(f'{header_path} belongs to another cache')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _Damaged(f'{header_path} is not a valid header ({type(e).__name__})') from None
+    arrays = []
+    for ext, array_dtype, count in (('tokens', dtype, num_tokens),
+                                    ('docs', np.dtype('<i8'), num_documents)):
+        path = os.path.join(directory, f'{name}.{ext}')
+        try:
+            size = os.path.getsize(path)
+            if size != count * array_dtype.itemsize:
+                raise _Damaged(f'{path} holds {size:,} bytes where its header says '
+                               f'{count * array_dtype.itemsize:,} (truncated?)')
+            arrays.append(np.memmap(path, array_dtype, mode='r', shape=(count,)) if count
+                          else np.zeros(0, array_dtype))
+        except OSError as e:
+            raise _Damaged(f'{path} cannot be read ({e.strerror})') from None
+    return input_pipeline.TokenStream(tokens=arrays[0], doc_starts=arrays[1])
+
+
+def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
+    """Partial files of these shards left by a build on this host that is no longer running."""
+    if not os.path.isdir(directory):
+        return []
+    host, stale = socket.gethostname(), []
+    for entry in os.listdir(directory):
+        if _PARTIAL not in entry or not entry.startswith(tuple(n + '.' for n in names)):
+            continue
+        owner_host, _, pid = entry.split(_PARTIAL, 1)[1].rpartition('-')
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            stale.append(os.path.join(directory, entry))
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_or_build(config, source: input_pipeline.DocumentSource,
+                  tokenizer: tokenizer_lib.Tokenizer, num_shards: int, shards: Sequence[int],
+                  log: Callable[[str], None] = print, verbose: bool = True
+                  ) -> dict[tuple[str, int], input_pipeline.TokenStream]:
+    """The (split, shard) -> stream of every split of `shards`, building them if needed.
+
+    `log` prints one line of what happened (opened, built, or rebuilt and why); `verbose` also
+    shows build progress.
+    """
+    root = config.cache_dir or default_dir()
+    key, material = cache_key(config, source, tokenizer, num_shards)
+    directory = os.path.join(root, key)
+    names = {(split, shard): shard_name(split, shard, num_shards)
+             for shard in shards for split in input_pipeline.SPLITS}
+    streams, damaged = {}, []
+    for where, name in names.items():
+        try:
+            streams[where] = _open_stream(directory, name, key)
+        except _Damaged as e:
+            damaged.append(str(e))
+    if all(stream is not None for stream in streams.values()) and not damaged:
+        tokens = sum(s.num_tokens for s in streams.values())
+        log(f'Token cache: {directory} ({tokens:,} tokens in {len(streams)} streams); '
+            'nothing to tokenize.')
+        return streams
+    stale = _stale_partials(directory, list(names.values()))
+    if damaged:
+        log(f'Token cache: {damaged[0]}; rebuilding {directory}.')
+    elif stale:
+        log(f'Token cache: an earlier build of {directory} was interrupted; rebuilding it.')
+    else:
+        log(f'Token cache: building {directory} (tokenized once; later runs reuse it).')
+    _build(source, tokenizer, directory, key, material, num_shards, list(shards), stale,
+           verbose=verbose, log=log)
+    return {where: _open_stream(directory, name, key) for where, name in names.items()}
+
+
+def _make_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f'.write-test{_PARTIAL}{os.getpid()}'), 'wb'):
+            pass
+        os.remove(os.path.join(directory, f'.write-test{_PARTIAL}{os.getpid()}'))
+    except OSError as e:
+        raise UserError(f'token cache directory {directory} is not writable ({e.strerror}): set '
+                        '--config.cache_dir to a writable directory (or delete a damaged cache '
+                        'there)') from None
+
+
+class _StreamWriter:
+    """Appends documents to the partial files of one (split, shard) stream."""
+
+    def __init__(self, directory: str, name: str, dtype: np.dtype):
+        self.final = {ext: os.path.join(directory, f'{name}.{ext}') for ext in ('tokens', 'docs')}
+        suffix = f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}'
+        self.partial = {ext: path + suffix for ext, path in self.final.items()}
+        self.files = {ext: open(path, 'wb') for ext, path in self.partial.items()}
+        self.dtype = dtype
+        self.num_tokens = self.num_documents = self.invalid_utf8 = 0
+
+    def append(self, tokens: np.ndarray, lengths: np.ndarray, invalid: int) -> None:
+        starts = self.num_tokens + np.cumsum(lengths) - lengths
+        self.files['tokens'].write(tokens.astype(self.dtype).tobytes())
+        self.files['docs'].write(starts.astype('<i8').tobytes())
+        self.num_tokens += len(tokens)
+        self.num_documents += len(lengths)
+        self.invalid_utf8 += invalid
+
+    def commit(self) -> None:
+        """Makes the data files durable and moves them into place (the header comes after)."""
+        for ext, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.partial[ext], self.final[ext])
+
+    def discard(self) -> None:
+        for ext, f in self.files.items():
+            f.close()
+            if os.path.exists(self.partial[ext]):
+                os.remove(self.partial[ext])
+
+
+def _tokenize_groups(groups: dict, tokenizer, dtype) -> dict:
+    return {where: input_pipeline.tokenize(docs, tokenizer, dtype) for where, docs in groups.items()}
+
+
+def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
+           directory: str, key: str, material: dict, num_shards: int, shards: list[int],
+           stale: list[str], *, verbose: bool, log: Callable[[str], None]) -> None:
+    """Tokenizes the source once, streaming: memory holds a few chunks in flight, never the corpus.
+
+    The main thread reads and routes chunks; a thread pool with one worker per core tokenizes
+    them (SentencePiece releases the GIL), and results are written in source order.
+    """
+    _make_writable(directory)
+    for path in stale:
+        os.remove(path)
+    names = {(split, shard): shard_name(split, shard, num_shards)
+             for shard in shards for split in input_pipeline.SPLITS}
+    for name in names.values():  # A shard being rebuilt is unusable until its new header.
+        if os.path.exists(os.path.join(directory, name + '.json')):
+            os.remove(os.path.join(directory, name + '.json'))
+    write_atomically(os.path.join(directory, 'cache.json'),
+                     json.dumps(material, indent=1, sort_keys=True))
+    dtype = np.dtype('<u2' if tokenizer.vocab_size <= 2**16 else '<u4')
+    writers = {where: _StreamWriter(directory, name, dtype) for where, name in names.items()}
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    progress = _Progress(*source.size(), enabled=verbose)
+    mine = set(shards)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            in_flight = collections.deque()
+            for chunk in source.routed(num_shards):
+                groups = collections.defaultdict(list)
+                for doc, split, shard in zip(chunk.docs, chunk.split, chunk.shard):
+                    if int(shard) in mine:
+                        groups[input_pipeline.SPLITS[split], int(shard)].append(doc)
+                in_flight.append((pool.submit(_tokenize_groups, groups, tokenizer, dtype),
+                                  chunk.progress))
+                while len(in_flight) > 2 * workers:
+                    _write(writers, progress, *in_flight.popleft())
+            while in_flight:
+                _write(writers, progress, *in_flight.popleft())
+        for writer in writers.values():
+            writer.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    finally:
+        progress.close()
+    for (split, shard), writer in writers.items():
+        write_atomically(os.path.join(directory, names[split, shard] + '.json'), json.dumps({
+            'format': FORMAT_VERSION, 'key': key, 'dtype': dtype.str,
+            'num_tokens': writer.num_tokens, 'num_documents': writer.num_documents,
+            'invalid_utf8': writer.invalid_utf8}))
+    invalid = sum(w.invalid_utf8 for w in writers.values())
+    if invalid:
+        print(f'Warning: {invalid} documents had invalid UTF-8; their bad bytes were replaced by '
+              'U+FFFD.', file=sys.stderr)
+    tokens = sum(w.num_tokens for w in writers.values())
+    log(f'Token cache: {tokens:,} tokens in {progress.elapsed():.1f} s '
+        f'({tokens / max(progress.elapsed(), 1e-9):,.0f} tokens/s), '
+        f'{sum(os.path.getsize(p) for w in writers.values() for p in w.final.values()):,} bytes.')
+
+
+def _write(writers, progress, future, done: int) -> None:
+    tokens = 0
+    for where, (ids, lengths, invalid) in future.result().items():
+        writers[where].append(ids, lengths, invalid)
+        tokens += len(ids)
+    progress.update(done, tokens)
+    pause = os.environ.get(PAUSE_FOR_TESTS_ENV)
+    if pause and tokens:
+        with open(pause, 'w', encoding='utf-8'):
+            pass
+        while True:
+            time.sleep(60)
+
+
+class _Progress:
+    """A bar with an ETA on a terminal; elsewhere a plain line every few seconds."""
+
+    def __init__(self, total: int, unit: str, enabled: bool):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.done = self.tokens = 0
+        self.start = self.last_line = time.time()
+        self.bar = (tqdm.tqdm(total=total or None, unit=unit, unit_scale=True, desc='Tokenizing',
+                              dynamic_ncols=True)
+                    if enabled and sys.stdout.isatty() else None)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def update(self, done: int, tokens: int) -> None:
+        self.done += done
+        self.tokens += tokens
+        rate = self.tokens / max(self.elapsed(), 1e-9)
+        if self.bar is not None:
+            self.bar.update(done)
+            self.bar.set_postfix_str(f'{self.tokens:,} tokens, {rate:,.0f} tokens/s',
+                                     refresh=False)
+        elif self.enabled and time.time() - self.last_line >= _PROGRESS_EVERY_S:
+            self.last_line = time.time()
+            print(f'Tokenizing: {self._amount()}, {self.tokens:,} tokens, {rate:,.0f} tokens/s'
+                  f'{self._eta()}', flush=True)
+
+    def _amount(self) -> str:
+        scale = (lambda n: f'{n / 1e6:,.1f} MB') if self.unit == 'B' else (lambda n: f'{n:,}')
+        if not self.total:
+            return f'{scale(self.done)} {"" if self.unit == "B" else self.unit}'.strip()
+        return f'{scale(self.done)} of {scale(self.total)} ({100 * self.done / self.total:.0f}%)'
+
+    def _eta(self) -> str:
+        if not self.total or not self.done:
+            return ''
+        left = self.elapsed() * max(self.total - self.done, 0) / self.done
+        return f', ETA {int(left) // 60}m {int(left) % 60:02d}s'
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
