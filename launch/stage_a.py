@@ -6,82 +6,19 @@ Exit status: 0 when training finished or was stopped by SIGTERM / a first Ctrl-C
 checkpoint), 2 for a bad flag, config or input (one `error:` line), 130 after a second Ctrl-C.
 """
 
-import difflib
-import re
-import runpy
 import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from launch import cli
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
-                                          lock_config=True)
-
-
-def _unknown_field_line(error: Exception, argv: list[str]) -> str | None:
-    """`unknown config field ...` with a hint, for the KeyError/AttributeError of config_flags."""
-    key = re.search(r"'([^'\\]+)\\?'", str(error))
-    if key is None:
-        return None
-    overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
-    field = next((o for o in overrides if o.split('.')[-1] == key.group(1)), key.group(1))
-    config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
-    suggestion = re.search(r'Did you mean "([^"]+)"', str(error))
-    if suggestion:
-        parent = field.rsplit('.', 1)[0] + '.' if '.' in field else ''
-        hint = parent + suggestion.group(1)
-    else:  # ml_collections only hints for some names; offer the closest field of the config.
-        close = difflib.get_close_matches(field, _field_names(config_file), n=1)
-        hint = close[0] if close else None
-    hint = f' (did you mean {hint}?)' if hint else ''
-    return f'unknown config field {field}{hint}: see {config_file} for the valid fields'
-
-
-def _field_names(config_file: str) -> list[str]:
-    try:
-        config = runpy.run_path(config_file.split(':')[0])['get_config']()
-    except Exception:  # pylint: disable=broad-except
-        return []
-    names = []
-    for name, value in config.items():
-        names.append(name)
-        if hasattr(value, 'keys'):
-            names.extend(f'{name}.{sub}' for sub in value.keys())
-    return names
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; a flag or config error becomes one line (a traceback with --verbose)."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # pylint: disable=broad-except
-        if '--verbose' in argv or '--verbose=true' in argv:
-            raise
-        if isinstance(e, (KeyError, AttributeError)):
-            line = _unknown_field_line(e, argv)
-            if line:
-                cli.fail(line)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        message = lines[0] if lines else type(e).__name__
-        if message.endswith(':') and len(lines) > 1:
-            message += ' ' + lines[-1]
-        cli.fail(message)
+from launch import training_config
 
 
 def main(argv):
     if len(argv) > 1:
         cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
-    try:
-        config = _CONFIG.value
-        config.keys()  # config_flags reports a config file that failed to load only on first use.
-    except Exception as e:  # pylint: disable=broad-except
-        if cli.VERBOSE.value:
-            raise
-        cli.fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
-              f'{str(e).strip().splitlines()[-1].strip()}')
+    config = training_config.value()
     # Imported after flag parsing: JAX and TF are slow to import.
     from muomni_jax import distributed
     from muomni_jax import train
@@ -96,4 +33,4 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=training_config.parse_flags)

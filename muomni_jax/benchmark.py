@@ -1,5 +1,5 @@
-"""Measures every stage of Stage A: model FLOPs, train step, compile, memory, input pipeline,
-async checkpoint saves and KV-cache decoding. `launch/bench.py` prints the table and writes JSON.
+"""Measures every stage of Stage A: model FLOPs, train step, compile, memory, the token cache
+(build, open, batch delivery), async checkpoint saves and KV-cache decoding. `launch/bench.py` prints the table and writes JSON.
 
 Each timing is the median over `repeats` runs after warm-up. On CPU the MFU peak is a float32
 matmul measured right before each timed train step, and the MFU is the median of the per-step
@@ -25,6 +25,7 @@ from muomni_jax import checkpointing
 from muomni_jax import flops
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import token_cache
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
@@ -40,51 +41,51 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def _tokenizer(config) -> tuple[tokenizer_lib.Tokenizer, str]:
-    """The run's tokenizer if one exists (config, then save_dir), else one trained here."""
-    saved = os.path.join(config.save_dir, 'tokenizer.model')
-    path = config.tokenizer_path or (saved if os.path.exists(saved) else '')
-    if path:
-        return tokenizer_lib.Tokenizer.load(path), path
-    docs = input_pipeline.documents(config, 'train')
-    tokenizer = tokenizer_lib.train_tokenizer(input_pipeline.document_texts(docs),
-                                              config.vocab_size, config.tokenizer_sample_size)
-    return tokenizer, 'trained by the bench'
-
-
 def bench_input_pipeline(config, num_batches: int) -> tuple[dict[str, Any], Any]:
-    """Tokenize + pack the training split, then deliver num_batches batches, on the host.
+    """Builds the token cache of the corpus from scratch (in a temporary cache_dir), opens it
+    again as a resumed run would, then delivers num_batches training batches from it.
 
-    Returns the figures and the first batch (to train on). End to end is the serial time of
-    both stages for the tokens delivered, so the tokenizer's share is included.
+    Returns the figures and the first batch (to train on). The tokenizer is the run's (config,
+    then save_dir) or, when there is none yet, one trained here like a first run trains it.
     """
-    tokenizer, source = _tokenizer(config)
-    docs = input_pipeline.documents(config, 'train')
-    start = time.perf_counter()
-    split = input_pipeline.pack(docs, tokenizer, config.ctx_len)
-    pack_s = time.perf_counter() - start
-    steps = input_pipeline.steps_per_epoch(split, config.batch_size)
-    if steps == 0:
-        raise UserError(f'{config.data_path} packs into fewer than one batch of '
-                         f'{config.batch_size} windows: lower batch_size or ctx_len')
-    num_batches = min(num_batches, steps)
-    batches = input_pipeline.train_batches(split, config.batch_size, seed=config.seed, epoch=0,
-                                           num_steps=num_batches)
-    first = next(batches)  # Includes the tf.data start-up, as a training run pays it.
-    start = time.perf_counter()
-    delivered = 1 + sum(1 for _ in batches)
-    batches_s = time.perf_counter() - start
-    tokens_per_batch = config.batch_size * config.ctx_len
-    pack_rate = split.num_tokens / pack_s
-    batch_rate = (delivered - 1) * tokens_per_batch / max(batches_s, 1e-9)
+    tokenizer = train.load_or_train_tokenizer(config)
+    quiet = lambda line: None
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cached = config.copy_and_resolve_references()
+        cached.cache_dir = cache_dir
+        source = input_pipeline.DocumentSource(cached)
+        start = time.perf_counter()
+        streams = token_cache.open_or_build(cached, source, tokenizer, 1, [0], log=quiet,
+                                            verbose=False)
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        streams = token_cache.open_or_build(cached, source, tokenizer, 1, [0], log=quiet,
+                                            verbose=False)
+        open_s = time.perf_counter() - start
+        disk_bytes = sum(f.stat().st_size for f in os.scandir(os.path.join(
+            cache_dir, os.listdir(cache_dir)[0])) if f.name.endswith(('.tokens', '.docs')))
+        stream = streams['train', 0]
+        steps = input_pipeline.steps_per_epoch(stream, config.ctx_len, config.batch_size)
+        if steps == 0:
+            raise UserError(f'{source.name} packs into fewer than one batch of '
+                            f'{config.batch_size} windows: lower batch_size or ctx_len')
+        batches = input_pipeline.train_batches(stream, config.ctx_len, config.batch_size,
+                                               seed=config.seed, epoch=0,
+                                               num_steps=min(num_batches, steps))
+        first = next(batches)  # Includes the epoch permutation, as a training run pays it.
+        start = time.perf_counter()
+        delivered = sum(1 for _ in batches)
+        batches_s = time.perf_counter() - start
+    tokens = sum(s.num_tokens for s in streams.values())
     figures = {
-        'tokenizer': source,
-        'corpus_tokens': split.num_tokens,
-        'tokenize_pack_s': pack_s,
-        'tokenize_pack_tokens_per_s': pack_rate,
-        'batches_measured': delivered - 1,
-        'batch_tokens_per_s': batch_rate,
-        'end_to_end_tokens_per_s': 1.0 / (1.0 / pack_rate + 1.0 / batch_rate),
+        'corpus_tokens': tokens,
+        'cache_build_s': build_s,
+        'cache_build_tokens_per_s': tokens / build_s,
+        'cache_open_s': open_s,
+        'cache_bytes_per_token': disk_bytes / max(tokens, 1),
+        'batches_measured': delivered,
+        'batch_tokens_per_s': delivered * config.batch_size * config.ctx_len / max(batches_s,
+                                                                                    1e-9),
     }
     return figures, first
 
@@ -228,7 +229,7 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
         result['peak'] = {'flops_per_s': peak, 'source': source}
         train_figures['mfu'] = train_figures['flops_per_s'] / peak if peak else None
     result['input_pipeline']['ratio_to_training'] = (
-        result['input_pipeline']['end_to_end_tokens_per_s'] / result['train']['tokens_per_s'])
+        result['input_pipeline']['batch_tokens_per_s'] / result['train']['tokens_per_s'])
 
     log('Checkpoint save...')
     result['checkpoint'] = bench_checkpoint(state, checkpoint_repeats)
@@ -267,11 +268,12 @@ def format_table(result: dict[str, Any]) -> str:
         ('MFU', f'{100 * t["mfu"]:.1f}% (median of per-step step/peak ratios)'
                 if t['mfu'] is not None else 'n/a'),
         ('peak host memory', f'{result["peak_host_memory_mb"]:,.0f} MB'),
-        ('tokenize + pack', f'{p["tokenize_pack_tokens_per_s"]:,.0f} tok/s '
-                            f'({p["corpus_tokens"]:,} tokens in {p["tokenize_pack_s"]:.1f} s)'),
-        ('batch delivery', f'{p["batch_tokens_per_s"]:,.0f} tok/s'),
-        ('input end to end', f'{p["end_to_end_tokens_per_s"]:,.0f} tok/s = '
-                             f'{p["ratio_to_training"]:,.1f}x training'),
+        ('token cache build', f'{p["cache_build_tokens_per_s"]:,.0f} tok/s '
+                              f'({p["corpus_tokens"]:,} tokens in {p["cache_build_s"]:.1f} s, '
+                              f'{p["cache_bytes_per_token"]:.2f} bytes/token on disk)'),
+        ('token cache open', f'{1000 * p["cache_open_s"]:.1f} ms'),
+        ('batches from cache', f'{p["batch_tokens_per_s"]:,.0f} tok/s = '
+                               f'{p["ratio_to_training"]:,.1f}x what training consumes'),
         ('ckpt save blocks', f'{c["save_blocking_s"]:.3f} s = {c["blocking_over_step"]:.2f} '
                              f'steps (write {c["save_total_s"]:.2f} s)'),
     ]

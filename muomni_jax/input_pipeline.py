@@ -98,7 +98,7 @@ def _text_file_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
             offset += len(chunk)
             lines = (pending + chunk).split(b'\n')
             pending = lines.pop()
-            if max(len(pending), *map(len, lines)) > MAX_LINE_BYTES:
+            if max([len(pending), *map(len, lines)]) > MAX_LINE_BYTES:
                 raise UserError(
                     f'data_path file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
                     f'(before byte {offset:,}); each line is one document: split the text into '

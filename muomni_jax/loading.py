@@ -27,7 +27,7 @@ class Checkpoint(NamedTuple):
     """What `load` returns; unpacks as `config, params, tokenizer = load(...)`."""
     config: ml_collections.ConfigDict  # The run's whole config, as saved in config.json.
     params: nnx.State  # The Thinker's parameters, float32, on one device.
-    tokenizer: tokenizer_lib.Tokenizer
+    tokenizer: tokenizer_lib.Tokenizer | None  # None only from load(..., need_tokenizer=False).
 
     def model(self) -> Thinker:
         """The Thinker with these params, ready to call or to sample from."""
@@ -84,9 +84,11 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
     return restored['params']
 
 
-def load(checkpoint_dir: str, step: int | None = None) -> Checkpoint:
+def load(checkpoint_dir: str, step: int | None = None, *,
+         need_tokenizer: bool = True) -> Checkpoint:
     """Restores the params of `step` (default: the newest) of a save_dir, with its config and
-    tokenizer, onto this process's first device."""
+    tokenizer, onto this process's first device. Exporting weights needs no tokenizer: with
+    need_tokenizer=False a save_dir without one loads too."""
     steps = available_steps(checkpoint_dir)
     if not steps:
         raise UserError(f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
@@ -97,10 +99,12 @@ def load(checkpoint_dir: str, step: int | None = None) -> Checkpoint:
         raise UserError(f'step {step} is not in {checkpoint_dir}: available steps are {steps}')
     config = read_config(checkpoint_dir)
     tokenizer_path = epath.Path(checkpoint_dir) / 'tokenizer.model'
-    if not tokenizer_path.exists():
+    tokenizer = None
+    if tokenizer_path.exists():
+        tokenizer = tokenizer_lib.Tokenizer(tokenizer_path.read_bytes())
+    elif need_tokenizer:
         raise UserError(f'{tokenizer_path} is missing: copy the tokenizer the model was trained '
                         'with there')
-    tokenizer = tokenizer_lib.Tokenizer(tokenizer_path.read_bytes())
     _, abstract_params = abstract_model(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = restore_params(checkpoint_dir, step, abstract_params, sharding)

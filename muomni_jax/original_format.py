@@ -262,7 +262,7 @@ def write_weights(path: str, params: nnx.State, config: ThinkerConfig) -> list[s
 
 def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> list[str]:
     """One step of a save_dir (default: the newest) -> the original's format at `output`."""
-    ckpt = loading.load(checkpoint_dir, step)
+    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=False)
     config = ThinkerConfig.from_config(ckpt.config)
     warning = original_compatibility_warning(config)
     if warning:

@@ -267,8 +267,14 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
         raise
     finally:
         progress.close()
-    for (split, shard), writer in writers.items():
-        write_atomically(os.path.join(directory, names[split, shard] + '.json'), json.dumps({
+    _finish(directory, key, dtype, names, writers, progress.elapsed(), log)
+
+
+def _finish(directory: str, key: str, dtype: np.dtype, names: dict, writers: dict,
+            seconds: float, log: Callable[[str], None]) -> None:
+    """Writes each stream's header (the mark that it is complete) and reports the build."""
+    for where, writer in writers.items():
+        write_atomically(os.path.join(directory, names[where] + '.json'), json.dumps({
             'format': FORMAT_VERSION, 'key': key, 'dtype': dtype.str,
             'num_tokens': writer.num_tokens, 'num_documents': writer.num_documents,
             'invalid_utf8': writer.invalid_utf8}))
@@ -277,9 +283,9 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
         print(f'Warning: {invalid} documents had invalid UTF-8; their bad bytes were replaced by '
               'U+FFFD.', file=sys.stderr)
     tokens = sum(w.num_tokens for w in writers.values())
-    log(f'Token cache: {tokens:,} tokens in {progress.elapsed():.1f} s '
-        f'({tokens / max(progress.elapsed(), 1e-9):,.0f} tokens/s), '
-        f'{sum(os.path.getsize(p) for w in writers.values() for p in w.final.values()):,} bytes.')
+    size = sum(os.path.getsize(p) for w in writers.values() for p in w.final.values())
+    log(f'Token cache: {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} '
+        f'tokens/s), {size:,} bytes on disk.')
 
 
 def _write(writers, progress, future, done: int) -> None:

@@ -265,7 +265,7 @@ def _check_same_model(config, save_dir: str) -> None:
                         f'({", ".join(differ)}): use a new --config.save_dir or the saved values')
 
 
-def _load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
+def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
     """tokenizer_path's model, else save_dir's, else one trained on the training text."""
     saved = os.path.join(config.save_dir, 'tokenizer.model')
     path = config.tokenizer_path or (saved if os.path.exists(saved) else '')
@@ -301,7 +301,7 @@ def _no_text_message(config) -> str:
 
 def _shared_tokenizer(config) -> tokenizer_lib.Tokenizer:
     """Process 0 loads or trains the tokenizer and every process gets its model."""
-    proto = distributed.run_on_main(lambda: _load_or_train_tokenizer(config).model_proto)
+    proto = distributed.run_on_main(lambda: load_or_train_tokenizer(config).model_proto)
     return tokenizer_lib.Tokenizer(proto)
 
 
@@ -405,9 +405,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
-        # Always, also with tokenizer_path: save_dir alone is enough to sample, evaluate, resume.
-        if not os.path.exists(os.path.join(save_dir, 'tokenizer.model')):
-            tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
+        _keep_tokenizer(save_dir, tokenizer)
         write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))
     checkpointer.start_writing(start_step)
@@ -440,6 +438,37 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     if 'val_ppl' in summary:
         log(f'Final validation PPL: {summary["val_ppl"]:.2f}')
     return summary
+
+
+def prepare_data(config) -> dict[str, int]:
+    """The tokenizer and token cache of a run, without training (launch.prepare_data).
+
+    On one machine with the later run's data_shards it builds every shard, so a pod only opens
+    the cache; on every host of a pod it builds each host's own shards. Returns the split totals.
+    """
+    with distributed.fail_together():
+        validate_config(config)
+        _check_writable(config.save_dir)
+        host_data.num_shards(config)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    tokenizer = _shared_tokenizer(config)
+    data = host_data.load(config, tokenizer, log)
+    if is_main:  # Last, so a bad input leaves save_dir untouched.
+        _keep_tokenizer(config.save_dir, tokenizer)
+    totals = data.totals
+    log(f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
+        f'validation tokens in {host_data.num_shards(config)} data shard(s); the tokenizer is in '
+        f'{config.save_dir}.')
+    return totals
+
+
+def _keep_tokenizer(save_dir: str, tokenizer: tokenizer_lib.Tokenizer) -> None:
+    """Copies the tokenizer into save_dir (also one from tokenizer_path), so that save_dir alone
+    is enough to sample, evaluate and resume."""
+    path = os.path.join(save_dir, 'tokenizer.model')
+    if not os.path.exists(path):
+        tokenizer.save(path)
 
 
 def jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,

@@ -3,10 +3,17 @@
 The device count must be fixed before JAX first touches a backend, hence here.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The default token cache (~/.cache/...) of every run the tests start, in-process or not: shared
+# by the tests, so a corpus is tokenized once per session, and never the user's own cache.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='muomni-test-cache-')
+atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 

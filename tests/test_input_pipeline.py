@@ -2,7 +2,6 @@ import collections
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import tiny
 from muomni_jax import input_pipeline
@@ -32,8 +31,17 @@ def corpus_file(tmp_path):
     return path
 
 
-def _texts(ds):
-    return list(input_pipeline.document_texts(ds))
+def _texts(docs):
+    return list(docs)
+
+
+def _stream(config, tokenizer, split='train'):
+    docs = (d.encode('utf-8') for d in input_pipeline.documents(config, split))
+    return input_pipeline.in_memory_stream(docs, tokenizer)[0]
+
+
+def _all_windows(stream, ctx):
+    return stream.windows(np.arange(stream.num_windows(ctx)), ctx)
 
 
 def test_train_and_validation_partition_the_documents(corpus_file):
@@ -57,26 +65,27 @@ def test_process_shards_partition_the_split(corpus_file):
 def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_file, tokenizer):
     ctx = 16
     config = _config(corpus_file, val_split=0.0)
-    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, ctx)
+    split = _stream(config, tokenizer)
     assert split.num_documents == len(DOCS)
+    tokens, segment_ids = _all_windows(split, ctx)
     # Reassemble the stream: window k covers stream[k*ctx : k*ctx + ctx + 1].
-    valid = split.segment_ids > 0
+    valid = segment_ids > 0
     assert valid[:-1].all(), 'only the last window may hold padding'
     assert not valid[-1][np.argmin(valid[-1]):].any(), 'padding is a suffix of the last window'
-    stream = np.concatenate([split.tokens[:-1, :ctx].ravel(), split.tokens[-1][valid[-1]]])
+    stream = np.concatenate([tokens[:-1, :ctx].ravel(), tokens[-1][valid[-1]]])
     assert len(stream) == split.num_tokens
     expected = np.concatenate([[tokenizer_lib.BOS_ID] + tokenizer.encode(d) + [tokenizer_lib.EOS_ID]
                                for d in DOCS])
     np.testing.assert_array_equal(stream, expected)
     # Overlap by one: the last token of a window is the first of the next.
-    np.testing.assert_array_equal(split.tokens[:-1, -1], split.tokens[1:, 0])
+    np.testing.assert_array_equal(tokens[:-1, -1], tokens[1:, 0])
 
 
 def test_features_mask_document_boundaries_and_restart_positions(corpus_file, tokenizer):
     config = _config(corpus_file, val_split=0.0)
-    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 16)
-    f = input_pipeline.features(split.tokens, split.segment_ids)
-    assert f['inputs'].shape == f['weights'].shape == (split.num_windows, 16)
+    split = _stream(config, tokenizer)
+    f = input_pipeline.features(*_all_windows(split, 16))
+    assert f['inputs'].shape == f['weights'].shape == (split.num_windows(16), 16)
     # No loss across a boundary: EOS is never asked to predict the next document's BOS.
     assert not (f['weights'][f['inputs'] == tokenizer_lib.EOS_ID]).any()
     assert (f['weights'][f['targets'] == tokenizer_lib.EOS_ID] == 1).all()
@@ -92,12 +101,12 @@ def test_features_mask_document_boundaries_and_restart_positions(corpus_file, to
 
 def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokenizer):
     config = _config(corpus_file, val_split=0.0)
-    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
-    full = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0))
-    assert len(full) == input_pipeline.steps_per_epoch(split, 4) > 3
-    again = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0))
-    resumed = list(input_pipeline.train_batches(split, 4, seed=3, epoch=0, start_step=3))
-    next_epoch = list(input_pipeline.train_batches(split, 4, seed=3, epoch=1))
+    split = _stream(config, tokenizer)
+    full = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0))
+    assert len(full) == input_pipeline.steps_per_epoch(split, 8, 4) > 3
+    again = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0))
+    resumed = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0, start_step=3))
+    next_epoch = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=1))
     for a, b in zip(full, again):
         np.testing.assert_array_equal(a['inputs'], b['inputs'])
     assert len(resumed) == len(full) - 3
@@ -106,27 +115,28 @@ def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokeniz
     assert any((a['inputs'] != b['inputs']).any() for a, b in zip(full, next_epoch))
     # One epoch visits each window at most once: its rows are a sub-multiset of the windows.
     seen = collections.Counter(r.tobytes() for b in full for r in b['inputs'])
-    windows = collections.Counter(r.tobytes() for r in split.tokens[:, :-1])
+    windows = collections.Counter(r.tobytes() for r in _all_windows(split, 8)[0][:, :-1])
     assert sum(seen.values()) == len(full) * 4 and not seen - windows
 
 
 def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenizer):
     config = _config(corpus_file)
-    split = input_pipeline.pack(input_pipeline.documents(config, 'validation'), tokenizer, 8)
-    batches = list(input_pipeline.eval_batches(split, 4, -(-split.num_windows // 4)))
+    split = _stream(config, tokenizer, 'validation')
+    batches = list(input_pipeline.eval_batches(split, 8, 4, -(-split.num_windows(8) // 4)))
     weights = np.concatenate([b['weights'] for b in batches])
-    full = input_pipeline.features(split.tokens, split.segment_ids)['weights']
+    full = input_pipeline.features(*_all_windows(split, 8))['weights']
     assert weights.sum() == full.sum()
-    assert weights[split.num_windows:].sum() == 0
+    assert split.num_windows(8) % 4, 'the test needs filler rows'
+    assert weights[split.num_windows(8):].sum() == 0
 
 
-def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, tokenizer, capsys):
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
     path = tmp_path / 'bad.txt'
     path.write_bytes(b'good line of text here\nbad \xff\xfe bytes here\n')
-    config = _config(path, val_split=0.0)
-    split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
-    assert split.num_documents == 2
-    assert '1 documents had invalid UTF-8' in capsys.readouterr().err
+    docs = [d.encode() for d in input_pipeline.documents(_config(path, val_split=0.0), 'train')]
+    assert docs[1] == 'bad \ufffd\ufffd bytes here'.encode()
+    split, invalid = input_pipeline.in_memory_stream(iter([b'good', b'bad \xff\xfe']), tokenizer)
+    assert split.num_documents == 2 and invalid == 1
 
 
 @pytest.mark.parametrize('make, message', [
@@ -154,7 +164,7 @@ def test_tfds_source_offline_with_mock_data(tokenizer):
     config = _config('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
     with tfds.testing.mock_data(num_examples=12):
         docs = _texts(input_pipeline.documents(config, 'train'))
-        split = input_pipeline.pack(input_pipeline.documents(config, 'train'), tokenizer, 8)
+        split = _stream(config, tokenizer)
     assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
     assert split.num_documents == 12
 

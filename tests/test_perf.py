@@ -228,7 +228,12 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert train_figures['mfu'] == pytest.approx(
         train_figures['flops_per_s'] / result['peak']['flops_per_s'])
     assert len(result['peak']['all']) == 1
-    assert result['input_pipeline']['ratio_to_training'] > 0
+    pipeline = result['input_pipeline']
+    assert pipeline['ratio_to_training'] > 0 and pipeline['cache_build_tokens_per_s'] > 0
+    assert pipeline['cache_open_s'] > 0 and pipeline['batches_measured'] == 2
+    # uint16 ids plus an int64 offset per document (a few dozen tokens each).
+    assert 2.0 < pipeline['cache_bytes_per_token'] < 3.0
+    assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
     assert result['checkpoint']['save_blocking_s'] > 0
     assert result['peak_host_memory_mb'] > 0
     assert result['decode']['available'] in (True, False)

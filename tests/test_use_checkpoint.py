@@ -17,6 +17,7 @@ import pytest
 import muomni_jax
 from muomni_jax import loading
 from muomni_jax import original_format
+from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
 from tests.conftest import REPO, small_config
@@ -181,3 +182,34 @@ def test_notebook_runs(trained, monkeypatch):
     assert "'The cat sat on the' → " in text and '%' in text
     assert text.count('[greedy]') == 3 and text.count('[sampled]') == 3
     assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
+
+
+def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trained, tmp_path,
+                                                                             corpus_sample):
+    tokenizer = os.path.join(trained[0], 'tokenizer.model')
+    save_dir = tmp_path / 'with_tokenizer_path'
+    config = small_config(save_dir, corpus_sample, tokenizer_path=tokenizer, max_steps=1,
+                          save_every=1, eval_every=1, log_every=1, sample_prompts='')
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train_and_evaluate(config)
+    with open(tokenizer, 'rb') as f:
+        assert (save_dir / 'tokenizer.model').read_bytes() == f.read()
+    assert muomni_jax.load(str(save_dir)).tokenizer.vocab_size == 256
+
+    # Weights do not need the tokenizer: export works on a save_dir without one.
+    (save_dir / 'tokenizer.model').unlink()
+    out = tmp_path / 'export' / 'thinker.safetensors'
+    assert original_format.export_checkpoint(str(save_dir), str(out))[0] == str(out)
+    with pytest.raises(UserError, match='tokenizer.model is missing'):
+        muomni_jax.load(str(save_dir))
+
+    # Resuming with another tokenizer than the one the run was trained with is refused.
+    with open(tokenizer, 'rb') as f:
+        (save_dir / 'tokenizer.model').write_bytes(f.read())
+    with open(corpus_sample, encoding='utf-8') as f:
+        texts = f.read().splitlines()[300:]
+    other = tmp_path / 'other.model'
+    tokenizer_lib.train_tokenizer(texts, 256, 20000).save(str(other))
+    config.tokenizer_path, config.max_steps = str(other), 2
+    with pytest.raises(UserError, match='holds a run with another tokenizer than tokenizer_path'):
+        train.train_and_evaluate(config)

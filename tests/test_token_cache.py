@@ -1,0 +1,271 @@
+"""The token cache: the same batches as the in-memory path, built once, keyed, crash-safe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from muomni_jax import input_pipeline
+from muomni_jax import token_cache
+from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.errors import UserError
+from tests import legacy_input_pipeline as legacy
+from tests.conftest import REPO
+
+WORDS = 'the of and a to in is you that it he was for on are as with his they at be this'.split()
+
+
+def _documents(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [' '.join(rng.choice(WORDS, size=rng.integers(1, 60))) + '.' for _ in range(count)]
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return tokenizer_lib.train_tokenizer(_documents(400), vocab_size=80, sample_size=5000)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two files with what a real corpus holds: CRLF ends, blank and whitespace-only lines,
+    invalid UTF-8, a document longer than one SentencePiece call, no final newline."""
+    root = tmp_path / 'corpus'
+    root.mkdir()
+    docs = _documents(700)
+    first = '\r\n'.join(docs[:300]) + '\n\n   \t\n'
+    long_doc = ' '.join(_documents(6000, seed=1))  # Over 100,000 characters.
+    assert len(long_doc) > 100_000
+    (root / 'a.txt').write_bytes(first.encode() + b'bad \xff\xfe bytes\n' + long_doc.encode()
+                                 + b'\n')
+    (root / 'b.txt').write_text('\n'.join(docs[300:]))
+    return root
+
+
+def _config(data_path, cache_dir, **overrides):
+    config = tiny.get_config()
+    config.update(dict(data_path=str(data_path), cache_dir=str(cache_dir), val_split=0.2))
+    config.update(overrides)
+    return config
+
+
+def _open(config, tokenizer, num_shards=1, shards=(0,), lines=None):
+    source = input_pipeline.DocumentSource(config)
+    log = (lines.append if lines is not None else lambda line: None)
+    return token_cache.open_or_build(config, source, tokenizer, num_shards, list(shards), log=log,
+                                     verbose=False)
+
+
+def _assert_same_batches(expected, actual, rows_that_exist=None):
+    expected, actual = list(expected), list(actual)
+    assert len(expected) == len(actual) > 0
+    for a, b in zip(expected, actual):
+        assert a.keys() == b.keys()
+        for key in a:
+            if rows_that_exist is not None and key in ('inputs', 'targets'):
+                # The old path filled empty eval rows with window 0's tokens, the cache with
+                # padding; both mask them entirely.
+                a, b = dict(a), dict(b)
+                a[key], b[key] = a[key][:rows_that_exist], b[key][:rows_that_exist]
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        rows_that_exist = None if rows_that_exist is None else max(
+            rows_that_exist - len(a['weights']), 0)
+
+
+@pytest.mark.parametrize('num_shards', [1, 3])
+def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, num_shards):
+    config = _config(corpus, tmp_path / 'cache')
+    streams = _open(config, tokenizer, num_shards, range(num_shards))
+    ctx, rows = 16, 4
+    for shard in range(num_shards):
+        train = legacy.pack(legacy.documents(config, 'train', shard, num_shards), tokenizer, ctx)
+        cached = streams['train', shard]
+        assert (cached.num_windows(ctx), cached.num_documents, cached.num_tokens) == (
+            train.num_windows, train.num_documents, train.num_tokens)
+        for epoch, start in ((0, 0), (1, 5)):
+            _assert_same_batches(
+                legacy.train_batches(train, rows, seed=7, epoch=epoch, start_step=start),
+                input_pipeline.train_batches(cached, ctx, rows, seed=7, epoch=epoch,
+                                             start_step=start))
+        validation = legacy.pack(legacy.documents(config, 'validation', shard, num_shards),
+                                 tokenizer, ctx)
+        num_batches = validation.num_windows // rows + 2  # Past the end: fully masked rows.
+        _assert_same_batches(
+            legacy.eval_batches(validation, rows, num_batches),
+            input_pipeline.eval_batches(streams['validation', shard], ctx, rows, num_batches),
+            rows_that_exist=validation.num_windows)
+
+
+def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, tokenizer,
+                                                          monkeypatch):
+    config = _config(corpus, tmp_path / 'cache')
+    lines = []
+    first = _open(config, tokenizer, lines=lines)
+    assert 'building' in lines[0] and 'tokens/s' in lines[1]
+    stamps = {p: os.stat(p).st_mtime_ns for p in (tmp_path / 'cache').rglob('*')}
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError('tokenized again')
+
+    monkeypatch.setattr(input_pipeline, 'tokenize', no_tokenizing)
+    lines.clear()
+    second = _open(config, tokenizer, lines=lines)
+    assert len(lines) == 1 and 'nothing to tokenize' in lines[0]
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in (tmp_path / 'cache').rglob('*')}
+    assert isinstance(second['train', 0].tokens, np.memmap)
+    assert second['train', 0].tokens.dtype == np.uint16
+    np.testing.assert_array_equal(first['train', 0].tokens, second['train', 0].tokens)
+
+
+def test_the_key_changes_with_the_files_tokenizer_val_split_and_shards(corpus, tmp_path,
+                                                                        tokenizer):
+    config = _config(corpus, tmp_path / 'cache')
+    key = lambda cfg, tok=tokenizer, shards=1: token_cache.cache_key(
+        cfg, input_pipeline.DocumentSource(cfg), tok, shards)[0]
+    base = key(config)
+    assert key(config) == base
+    assert key(_config(corpus, tmp_path / 'cache', ctx_len=64, batch_size=3, seed=9)) == base
+    assert key(_config(corpus, tmp_path / 'cache', val_split=0.3)) != base
+    assert key(config, shards=2) != base
+    other = tokenizer_lib.train_tokenizer(_documents(300, seed=5), vocab_size=80, sample_size=5000)
+    assert key(config, other) != base
+    with open(corpus / 'b.txt', 'a', encoding='utf-8') as f:
+        f.write('\none more document.')
+    assert key(config) != base
+
+
+def test_a_changed_file_builds_a_new_cache(corpus, tmp_path, tokenizer):
+    config = _config(corpus, tmp_path / 'cache')
+    before = _open(config, tokenizer)
+    with open(corpus / 'b.txt', 'a', encoding='utf-8') as f:
+        f.write('\nthe last document of all.')
+    lines = []
+    after = _open(config, tokenizer, lines=lines)
+    assert 'building' in lines[0]
+    assert len(list((tmp_path / 'cache').iterdir())) == 2  # The old cache is never reused.
+    total = lambda streams: sum(s.num_documents for s in streams.values())
+    assert total(after) == total(before) + 1
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda d: (d / 'train-00000-of-00001.json').write_text('{"format": 1, "key"'),
+     'is not a valid header'),
+    (lambda d: (d / 'validation-00000-of-00001.json').write_bytes(b'\xff\x00'),
+     'is not a valid header'),
+    (lambda d: os.truncate(d / 'train-00000-of-00001.tokens', 1000), 'truncated'),
+    (lambda d: os.truncate(d / 'train-00000-of-00001.docs', 8), 'truncated'),
+])
+def test_a_damaged_cache_is_named_and_rebuilt(corpus, tmp_path, tokenizer, damage, message):
+    config = _config(corpus, tmp_path / 'cache')
+    # Copied out of the memmaps first: truncating a mapped file would fault on reading it.
+    clean = {where: (np.array(s.tokens), np.array(s.doc_starts))
+             for where, s in _open(config, tokenizer).items()}
+    directory = next((tmp_path / 'cache').iterdir())
+    damage(directory)
+    lines = []
+    rebuilt = _open(config, tokenizer, lines=lines)
+    assert message in lines[0] and 'rebuilding' in lines[0]
+    for where, (tokens, doc_starts) in clean.items():
+        np.testing.assert_array_equal(tokens, rebuilt[where].tokens)
+        np.testing.assert_array_equal(doc_starts, rebuilt[where].doc_starts)
+
+
+def test_an_unwritable_cache_dir_is_one_clear_error(corpus, tmp_path, tokenizer):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a directory')
+    with pytest.raises(UserError, match=r'token cache directory .* is not writable .*'
+                                        r'--config.cache_dir'):
+        _open(_config(corpus, blocker / 'cache'), tokenizer)
+
+
+def test_shards_of_one_cache_can_be_built_apart(corpus, tmp_path, tokenizer):
+    """Processes that share a cache_dir each build their own shards into one directory."""
+    config = _config(corpus, tmp_path / 'cache')
+    apart = {**_open(config, tokenizer, 2, [1]), **_open(config, tokenizer, 2, [0])}
+    directory = next((tmp_path / 'cache').iterdir())
+    assert sorted(p.name for p in directory.glob('*.json')) == [
+        'cache.json', 'train-00000-of-00002.json', 'train-00001-of-00002.json',
+        'validation-00000-of-00002.json', 'validation-00001-of-00002.json']
+    lines = []
+    together = _open(config, tokenizer, 2, [0, 1], lines=lines)
+    assert 'nothing to tokenize' in lines[0]
+    for where, stream in together.items():
+        np.testing.assert_array_equal(stream.tokens, apart[where].tokens)
+
+
+def test_a_vocab_over_65536_is_stored_as_uint32(corpus, tmp_path, tokenizer):
+    class BigVocab(tokenizer_lib.Tokenizer):
+        vocab_size = 70_000
+
+    big = BigVocab(tokenizer.model_proto)
+    small_streams = _open(_config(corpus, tmp_path / 'small'), tokenizer)
+    big_streams = _open(_config(corpus, tmp_path / 'big'), big)
+    assert big_streams['train', 0].tokens.dtype == np.uint32
+    np.testing.assert_array_equal(big_streams['train', 0].tokens, small_streams['train', 0].tokens)
+
+
+def test_build_progress_and_invalid_utf8_are_reported(corpus, tmp_path, tokenizer, monkeypatch,
+                                                      capsys):
+    monkeypatch.setattr(token_cache, '_PROGRESS_EVERY_S', 0.0)
+    config = _config(corpus, tmp_path / 'cache')
+    token_cache.open_or_build(config, input_pipeline.DocumentSource(config), tokenizer, 1, [0],
+                              log=print, verbose=True)
+    out, err = capsys.readouterr()
+    progress = [line for line in out.splitlines() if line.startswith('Tokenizing:')]
+    assert progress and 'MB of' in progress[-1] and 'tokens/s' in progress[-1]
+    assert '1 documents had invalid UTF-8' in err
+
+
+def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
+    import tensorflow_datasets as tfds
+    config = _config('', tmp_path / 'cache', tfds_name='lm1b', tfds_split='train',
+                     tfds_text_key='text', val_split=0.0)
+    with tfds.testing.mock_data(num_examples=12):
+        lines = []
+        streams = _open(config, tokenizer, lines=lines)
+        assert 'building' in lines[0]
+        lines.clear()
+        again = _open(config, tokenizer, lines=lines)
+        assert 'nothing to tokenize' in lines[0]
+        expected = legacy.pack(legacy.documents(config, 'train'), tokenizer, 8)
+    assert streams['train', 0].num_documents == 12
+    np.testing.assert_array_equal(again['train', 0].tokens, streams['train', 0].tokens)
+    assert streams['train', 0].num_tokens == expected.num_tokens
+
+
+def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
+                                                                        corpus_sample):
+    """SIGKILL while the cache is half written (paused there by the test hook, not a timer)."""
+    cache, paused = tmp_path / 'cache', tmp_path / 'paused'
+    args = [sys.executable, '-m', 'launch.prepare_data', '--config=configs/tiny.py',
+            f'--config.data_path={corpus_sample}', f'--config.cache_dir={cache}',
+            f'--config.save_dir={tmp_path / "run"}', '--config.vocab_size=256',
+            '--config.tokenizer_sample_size=20000']
+    env = {**os.environ, token_cache.PAUSE_FOR_TESTS_ENV: str(paused)}
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not paused.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert paused.exists(), process.communicate()[0][-2000:] if process.poll() else 'hung'
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
+    directory = next(cache.iterdir())
+    assert any('.partial-' in p.name for p in directory.iterdir())
+    assert not list(directory.glob('train-*.json')), 'a half-built shard must have no header'
+
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f'an earlier build of {directory} was interrupted; rebuilding it' in rerun.stdout
+    assert not any('.partial-' in p.name for p in directory.iterdir())
+    header = json.loads((directory / 'train-00000-of-00001.json').read_text())
+    assert header['num_tokens'] * 2 == (directory / 'train-00000-of-00001.tokens').stat().st_size
+    assert (tmp_path / 'run' / 'tokenizer.model').exists()
