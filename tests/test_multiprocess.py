@@ -74,9 +74,12 @@ def _log(save_dir):
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus_sample):
     one_dir, two_dir = tmp_path / 'one_process', tmp_path / 'two_processes'
     data = f'--config.data_path={corpus_sample}'
-    pair_args = [[*COMMON, data, f'--config.save_dir={two_dir}']] * 2
-    processes = [_start([*COMMON, data, f'--config.save_dir={one_dir}'], devices=4),
-                 *_pair(pair_args)]
+    # A token cache on each process's own disk, as on TPU VMs: each builds only its own shard.
+    caches = [tmp_path / f'cache_{i}' for i in range(3)]
+    pair_args = [[*COMMON, data, f'--config.save_dir={two_dir}', f'--config.cache_dir={caches[i]}']
+                 for i in range(2)]
+    processes = [_start([*COMMON, data, f'--config.save_dir={one_dir}',
+                         f'--config.cache_dir={caches[2]}'], devices=4), *_pair(pair_args)]
     (rc_one, out_one, err_one), (rc0, out0, err0), (rc1, out1, err1) = _finish(processes)
     assert rc_one == 0, err_one[-3000:]
     assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
@@ -95,6 +98,13 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     assert len(events) == 1  # TensorBoard events from process 0 only.
     assert sorted(set(os.listdir(two_dir)) - set(events)) == [
         '3', 'config.json', 'tokenizer.model', 'training_log.json']
+
+    shard_files = lambda cache: sorted(p.name for p in cache.glob('*/*-of-*.tokens'))
+    assert shard_files(caches[0]) == ['train-00000-of-00002.tokens',
+                                      'validation-00000-of-00002.tokens']
+    assert shard_files(caches[1]) == ['train-00001-of-00002.tokens',
+                                      'validation-00001-of-00002.tokens']
+    assert len(shard_files(caches[2])) == 4  # One process builds both shards.
 
     # Process 0 trained the tokenizer on all the text, as the single process did.
     assert (one_dir / 'tokenizer.model').read_bytes() == (two_dir / 'tokenizer.model').read_bytes()
