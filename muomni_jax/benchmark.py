@@ -25,6 +25,7 @@ from muomni_jax import checkpointing
 from muomni_jax import flops
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import steps
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
@@ -97,17 +98,12 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     measure_peak, if given, runs before each timed step; its results are returned as 'peaks'.
     Returns the figures, the trained state, its graphdef and the mesh.
     """
-    model_config = train.validate_config(config)
+    train.validate_config(config)
     mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
-    tx = train.make_optimizer(config, max(warmup + repeats + 1, 2))
-    init = functools.partial(train.init_state, model_config=model_config, tx=tx)
-    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = partitioning.state_shardings(mesh, abstract_state)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    setup = steps.create_train_state(config, mesh, max(warmup + repeats + 1, 2))
+    state, graphdef, step = setup.state, setup.graphdef, setup.train_step
     batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
-    step, _ = train.jit_steps(config, model_config, mesh, graphdef, tx, state_sharding)
 
     start = time.perf_counter()
     state, metrics = step(state, batch)

@@ -279,7 +279,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config:
     supply what the file cannot show and are replaced by the file's."""
     from muomni_jax import checkpointing  # pylint: disable=import-outside-toplevel
     from muomni_jax import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    from muomni_jax import train  # pylint: disable=import-outside-toplevel
+    from muomni_jax import steps  # pylint: disable=import-outside-toplevel
     if os.path.exists(save_dir) and os.listdir(save_dir):
         raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
     if not tokenizer_path:
@@ -294,9 +294,8 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config:
     config = base_config.copy_and_resolve_references()
     config.update({k: getattr(model_config, k) for k in CONFIG_FIELDS})
     config.save_dir = save_dir
-    tx = train.make_optimizer(config, 1)  # The optimizer's tree does not depend on the schedule.
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+    # The optimizer's tree does not depend on the schedule.
+    state = steps.state_from_params(params, steps.make_optimizer(config, 1), seed)
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=None)
     checkpointer.start_writing(0)
     checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,

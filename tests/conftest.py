@@ -18,6 +18,9 @@ sys.path.insert(0, REPO)
 CORPUS = os.path.join(REPO, 'data', 'text', 'corpus.txt')
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
+from muomni_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from muomni_jax import partitioning  # pylint: disable=g-import-not-at-top
+from muomni_jax import steps  # pylint: disable=g-import-not-at-top
 
 
 def small_config(save_dir, data_path, **overrides):
@@ -30,6 +33,19 @@ def small_config(save_dir, data_path, **overrides):
         save_dir=str(save_dir), tokenizer_sample_size=20000))
     config.update(overrides)
     return config
+
+
+def one_device_mesh():
+    return partitioning.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+
+
+def restore_state(config, save_dir, step, mesh=None):
+    """The whole train state of save_dir/<step>, on `mesh` (default one device)."""
+    setup = steps.create_train_state(config, mesh or one_device_mesh(), initialize=False)
+    checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
+    state, _ = checkpointer.restore(step, setup.abstract_state)
+    checkpointer.close()
+    return state
 
 
 @pytest.fixture(scope='session')

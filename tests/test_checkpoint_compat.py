@@ -4,20 +4,17 @@ The fixture is a 4-step run saved by the code of commit b7c1f33 (make_checkpoint
 numbers below were read from it with that code.
 """
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from muomni_jax import checkpointing
 from muomni_jax import loading
 from muomni_jax import partitioning
-from muomni_jax import train
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax import steps
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'checkpoint_v1')
 LOSS_ON_FIXED_TOKENS = 5.525517463684082
@@ -41,13 +38,10 @@ def test_params_of_an_old_checkpoint_restore_and_give_the_same_loss():
 
 def test_the_whole_train_state_of_an_old_checkpoint_restores():
     config = loading.read_config(FIXTURE)
-    tx = train.make_optimizer(config, config.max_steps)
-    abstract = jax.eval_shape(functools.partial(
-        train.init_state, model_config=ThinkerConfig.from_config(config), tx=tx),
-        jax.random.PRNGKey(0))
-    shardings = partitioning.state_shardings(partitioning.make_mesh(config.mesh, None), abstract)
+    setup = steps.create_train_state(config, partitioning.make_mesh(config.mesh, None),
+                                     initialize=False)
     state, meta = checkpointing.Checkpointer(FIXTURE, read_only=True).restore_latest(
-        checkpointing.abstract_with_shardings(abstract, shardings))
+        setup.abstract_state)
     assert int(state.step) == 4
     assert meta['step'] == 4 and meta['steps_per_epoch'] == 225
     np.testing.assert_allclose(_abs_sum(state.params), PARAMS_ABS_SUM, rtol=1e-5)

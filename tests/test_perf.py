@@ -18,6 +18,7 @@ from flax import nnx
 
 from muomni_jax import flops
 from muomni_jax import lm_loss
+from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.thinker import Thinker, ThinkerConfig
 from tests.conftest import REPO, small_config
@@ -55,7 +56,7 @@ def test_peak_table_by_device_kind():
 
 def _plain_loss(hidden, kernel, targets, weights):
     logits = jnp.einsum('btd,dv->btv', hidden, kernel)
-    return train.cross_entropy(logits, targets, weights)[0]
+    return steps.cross_entropy(logits, targets, weights)[0]
 
 
 @pytest.mark.parametrize('chunk_tokens', [1, 12, 40, 10_000])
@@ -91,7 +92,7 @@ def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config)
     step = lambda chunk: jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
+        steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
         loss_chunk_tokens=chunk))
     batch = _batch()
     plain, m_plain = step(0)(state, batch)
@@ -100,7 +101,7 @@ def test_train_step_with_fused_loss_equals_plain():
     np.testing.assert_allclose(m_fused['grad_norm'], m_plain['grad_norm'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(fused.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    evaluated = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
+    evaluated = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                           loss_chunk_tokens=32))(state.params, batch)
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
 
