@@ -27,16 +27,13 @@ from flax import nnx
 
 from muomni_jax import loading
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.thinker import ORIGINAL_FIELDS, SHAPE_FIELDS, ThinkerConfig
 
 SAFETENSORS_PREFIX = 'thinker.'
 COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes its keys.
-# The "thinker" object of the original's config.json.
 # Model fields that no weight shape shows; an import takes them from the training config given.
 UNSEEN_FIELDS = ('n_heads', 'dropout', 'rope_theta', 'ctx_len', 'num_experts_per_tok')
-CONFIG_FIELDS = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'dropout', 'rope_theta',
-                 'ctx_len', 'use_gqa', 'kv_groups', 'use_swiglu', 'use_moe', 'num_experts',
-                 'num_experts_per_tok')
+CONFIG_FIELDS = ORIGINAL_FIELDS  # The "thinker" object of the original's config.json.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,9 +143,7 @@ def from_state_dict(state_dict: Mapping[str, Any], model_config: ThinkerConfig) 
 
 
 def _describe(config: ThinkerConfig) -> str:
-    return ', '.join(f'{k}={getattr(config, k)}' for k in (
-        'vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'use_gqa', 'kv_groups',
-        'use_swiglu', 'use_moe', 'num_experts'))
+    return ', '.join(f'{k}={getattr(config, k)}' for k in SHAPE_FIELDS)
 
 
 def original_compatibility_warning(config: ThinkerConfig) -> str | None:

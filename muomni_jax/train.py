@@ -34,11 +34,8 @@ from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig, count_params
+from muomni_jax.thinker import SHAPE_FIELDS, ThinkerConfig, count_params
 
-# Fields that fix the shape of the saved parameters; a resumed run must match them.
-MODEL_SHAPE_FIELDS = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'use_gqa',
-                      'kv_groups', 'use_swiglu', 'use_moe', 'num_experts')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +110,7 @@ def _check_same_model(config, save_dir: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    differ = [f'{k} {saved.get(k)!r} -> {config[k]!r}' for k in MODEL_SHAPE_FIELDS
+    differ = [f'{k} {saved.get(k)!r} -> {config[k]!r}' for k in SHAPE_FIELDS
               if k in saved and saved[k] != config[k]]
     if differ:
         raise UserError(f'save_dir {save_dir} holds a run with another model shape '
