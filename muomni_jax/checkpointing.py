@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 
 
@@ -129,3 +130,17 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract_tree, shardings)
+
+
+def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
+    """Makes a new save_dir holding `state` as step 0 (no data position yet) and config.json:
+    a run that launch.stage_a continues and that launch.sample and launch.evaluate read."""
+    if os.path.exists(save_dir) and os.listdir(save_dir):
+        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
+    checkpointer = Checkpointer(save_dir, max_to_keep=None)
+    checkpointer.start_writing(0)
+    checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
+                                 'steps_per_epoch': 0})
+    checkpointer.close()
+    write_atomically(os.path.join(save_dir, 'config.json'),
+                     config.to_json_best_effort(indent=1, sort_keys=True))

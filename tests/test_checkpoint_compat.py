@@ -4,17 +4,22 @@ The fixture is a 4-step run saved by the code of commit b7c1f33 (make_checkpoint
 numbers below were read from it with that code.
 """
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from muomni_jax import checkpointing
 from muomni_jax import loading
+from muomni_jax import original_checkpoints
 from muomni_jax import partitioning
 from muomni_jax import steps
+from muomni_jax.errors import UserError
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'checkpoint_v1')
 LOSS_ON_FIXED_TOKENS = 5.525517463684082
@@ -46,3 +51,19 @@ def test_the_whole_train_state_of_an_old_checkpoint_restores():
     assert meta['step'] == 4 and meta['steps_per_epoch'] == 225
     np.testing.assert_allclose(_abs_sum(state.params), PARAMS_ABS_SUM, rtol=1e-5)
     np.testing.assert_allclose(_abs_sum(state.opt_state), OPT_STATE_ABS_SUM, rtol=1e-5)
+
+
+def test_exporting_into_a_save_dir_refuses_to_replace_its_config(tmp_path):
+    save_dir = tmp_path / 'run'
+    shutil.copytree(FIXTURE, save_dir)
+    config_json = (save_dir / 'config.json').read_text()
+    with pytest.raises(UserError, match='is not an exported config.json'):
+        original_checkpoints.export_checkpoint(str(save_dir),
+                                               str(save_dir / 'thinker.safetensors'))
+    assert (save_dir / 'config.json').read_text() == config_json
+    assert loading.read_config(str(save_dir)).d_model == 16
+    # A folder of its own takes the export, and a second export there replaces the first.
+    output = tmp_path / 'export' / 'thinker.safetensors'
+    for _ in range(2):
+        written = original_checkpoints.export_checkpoint(str(save_dir), str(output))
+    assert json.loads(open(written[1]).read())['thinker']['d_model'] == 16

@@ -16,6 +16,7 @@ import pytest
 
 import muomni_jax
 from muomni_jax import loading
+from muomni_jax import original_checkpoints
 from muomni_jax import original_format
 from muomni_jax import train
 from muomni_jax.errors import UserError
@@ -142,7 +143,8 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # safetensors too, in-process: no torch needed on this path.
-    files = original_format.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
+    files = original_checkpoints.export_checkpoint(save_dir,
+                                                   str(tmp_path / 'st' / 't.safetensors'))
     assert json.load(open(files[1]))['thinker']['d_model'] == 64
     _, params = original_format.read_weights(files[0])
     for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(params)):
@@ -151,7 +153,7 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
     # Importing into a folder that holds anything is refused, and leaves it as it was.
     before = sorted(os.listdir(imported_dir))
     with pytest.raises(UserError, match='is not empty'):
-        original_format.import_weights(str(pt), str(imported_dir),
+        original_checkpoints.import_weights(str(pt), str(imported_dir),
                                        f'{save_dir}/tokenizer.model', original.config)
     assert sorted(os.listdir(imported_dir)) == before
 
