@@ -9,6 +9,7 @@ the next run opens save_dir.
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,30 @@ from jax.experimental import multihost_utils
 
 from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
+
+
+# Tests only: with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N writes into Orbax's temporary
+# folder, prints a line, and then never returns, so nothing commits: tests/test_resume.py SIGKILLs
+# the run at that known point instead of racing a ~100 ms background write.
+PAUSE_IN_SAVE_ENV = 'MUOMNI_PAUSE_IN_SAVE_OF_STEP'
+
+
+class _PausingJsonHandler(ocp.JsonCheckpointHandler):
+    """The `meta` item's handler when PAUSE_IN_SAVE_ENV is set."""
+
+    def __init__(self, pause_step: int):
+        super().__init__()
+        self._pause_step = pause_step
+
+    async def async_save(self, directory, item=None, args=None):
+        futures = await super().async_save(directory, item, args)
+        if args is not None and args.item.get('step') == self._pause_step:
+            for f in futures or []:
+                f.result()  # meta is on disk inside the temporary folder.
+            print(f'Paused in the save of step {self._pause_step} ({PAUSE_IN_SAVE_ENV})',
+                  flush=True)
+            threading.Event().wait()
+        return futures
 
 
 class Checkpointer:
@@ -45,6 +70,11 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             # A writable manager first deletes temporary folders left by interrupted saves.
             cleanup_tmp_directories=not read_only)
+        pause_step = os.environ.get(PAUSE_IN_SAVE_ENV)
+        if pause_step and not read_only:
+            handlers = {'state': ocp.StandardCheckpointHandler(),
+                        'meta': _PausingJsonHandler(int(pause_step))}
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
     def start_writing(self, start_step: int) -> None:

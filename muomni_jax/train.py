@@ -231,14 +231,10 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
 
     # Model and optimizer state, laid out on the mesh; made only when there is nothing to restore.
     setup = steps.create_train_state(config, mesh, total_steps, initialize=False)
-    log(f'Initializing Thinker ({count_params(setup.abstract_state.params) / 1e6:.1f}M '
-        'parameters)...')
-    log(_devices_line(mesh))
-    if jax.process_count() > 1:
-        print(distributed.describe(mesh), flush=True)
     run = _Run(config=config, mesh=mesh, data=data, steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, setup=setup, sampler=sampler, is_main=is_main, log=log)
 
+    _log_layout(run)
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     state, start_step, interval = _restore_or_init(run, checkpointer)
     if is_main:
@@ -248,22 +244,21 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))
     checkpointer.start_writing(start_step)
-    model_flops = _model_flops(run)
-    reporter = reporting.Reporter(
-        save_dir, total_steps=total_steps, start_step=start_step, enabled=is_main,
-        profile_steps=reporting.parse_profile_steps(config.profile_steps))
-    try:
-        summary, stopped_by = _train(run, state, start_step, interval, checkpointer, reporter,
-                                    model_flops)
-    finally:
-        reporter.close()
-        checkpointer.close()
+    summary, stopped_by = _train(run, state, start_step, interval, checkpointer)
     if stopped_by:
         return summary
     log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
     if 'val_ppl' in summary:
         log(f'Final validation PPL: {summary["val_ppl"]:.2f}')
     return summary
+
+
+def _log_layout(run: _Run) -> None:
+    run.log(f'Initializing Thinker ({count_params(run.setup.abstract_state.params) / 1e6:.1f}M '
+            'parameters)...')
+    run.log(_devices_line(run.mesh))
+    if jax.process_count() > 1:
+        print(distributed.describe(run.mesh), flush=True)
 
 
 def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
@@ -298,13 +293,27 @@ def _model_flops(run: _Run) -> tuple[float, float | None]:
 
 
 def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict | None,
-           checkpointer: checkpointing.Checkpointer, reporter: reporting.Reporter,
-           model_flops: tuple[float, float | None]) -> tuple[dict[str, float], str | None]:
-    """Trains from start_step to run.total_steps, or until a signal asks to stop.
+           checkpointer: checkpointing.Checkpointer) -> tuple[dict[str, float], str | None]:
+    """Trains from start_step to run.total_steps, or until a signal asks to stop; closes the
+    checkpointer (waiting for its last save) even when training fails.
 
     Returns the final metrics and the name of the signal that stopped the run (None when it ran
     to the end).
     """
+    model_flops = _model_flops(run)
+    reporter = reporting.Reporter(
+        run.config.save_dir, total_steps=run.total_steps, start_step=start_step,
+        enabled=run.is_main, profile_steps=reporting.parse_profile_steps(run.config.profile_steps))
+    try:
+        return _train_with(run, state, start_step, interval, checkpointer, reporter, model_flops)
+    finally:
+        reporter.close()
+        checkpointer.close()
+
+
+def _train_with(run: _Run, state: steps.TrainState, start_step: int, interval: dict | None,
+                checkpointer: checkpointing.Checkpointer, reporter: reporting.Reporter,
+                model_flops: tuple[float, float | None]) -> tuple[dict[str, float], str | None]:
     config = run.config
     if start_step >= run.total_steps:
         reporter.log(f'Nothing to do: save_dir is already at step {start_step} of '

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,8 @@ from muomni_jax import periodic_actions
 from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, restore_state, small_config
+from tests.conftest import (REPO, free_port, one_device_env, restore_state,
+                            small_config)
 
 
 def _signal_before_step(monkeypatch, step, signum=signal.SIGINT, times=1):
@@ -184,17 +184,11 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     assert sorted(os.listdir(save_dir)) == before
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
 def test_two_processes_agree_on_the_step_to_stop(signum, target):
     """A signal to one of two processes stops both at one step (tests/multihost_stop_worker.py)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    port = free_port()
+    env = one_device_env()
     workers = [subprocess.Popen(
         [sys.executable, os.path.join('tests', 'multihost_stop_worker.py'), str(port), str(i)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ from muomni_jax import lm_loss
 from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.thinker import Thinker, ThinkerConfig
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, one_device_env, small_config
 from tests.test_train import MODEL, _batch, _state
 
 
@@ -205,8 +205,7 @@ def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     output = tmp_path / 'bench.json'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
-    env['PYTHONPATH'] = REPO
+    env = one_device_env()  # One device, as a user has.
     args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
             '--config.n_heads=2', '--config.d_ff=64', '--config.ctx_len=16',
             '--config.batch_size=4', '--config.tokenizer_sample_size=20000',

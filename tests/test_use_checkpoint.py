@@ -20,7 +20,7 @@ from muomni_jax import original_checkpoints
 from muomni_jax import original_format
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, one_device_env, small_config
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
@@ -38,12 +38,8 @@ def trained(tmp_path_factory, corpus_sample):
     return str(save_dir), out.getvalue()
 
 
-def _one_device_env():
-    return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-
-
 def _run(module, *args, timeout=300):
-    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=_one_device_env(),
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=one_device_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -82,7 +78,7 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
     expected_path = str(tmp_path / 'expected.npz')
     result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
-                            env=_one_device_env(), capture_output=True, text=True, timeout=300)
+                            env=one_device_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'restored {len(expected)} 64 256' in result.stdout
 
