@@ -7,6 +7,7 @@ is complete; a temporary folder left by a crash is never listed as a step, and i
 the next run opens save_dir.
 """
 
+import dataclasses
 import os
 import sys
 import threading
@@ -31,9 +32,9 @@ PAUSE_IN_SAVE_ENV = 'MUOMNI_PAUSE_IN_SAVE_OF_STEP'
 class _PausingJsonHandler(ocp.JsonCheckpointHandler):
     """The `meta` item's handler when PAUSE_IN_SAVE_ENV is set."""
 
-    def __init__(self, pause_step: int):
+    def __init__(self):
         super().__init__()
-        self._pause_step = pause_step
+        self._pause_step = int(os.environ.get(PAUSE_IN_SAVE_ENV, '-1'))
 
     async def async_save(self, directory, item=None, args=None):
         futures = await super().async_save(directory, item, args)
@@ -44,6 +45,18 @@ class _PausingJsonHandler(ocp.JsonCheckpointHandler):
                   flush=True)
             threading.Event().wait()
         return futures
+
+
+@ocp.args.register_with_handler(_PausingJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _PausingJsonSave(ocp.args.JsonSave):
+    """JsonSave, saved by _PausingJsonHandler."""
+
+
+@ocp.args.register_with_handler(_PausingJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _PausingJsonRestore(ocp.args.JsonRestore):
+    """JsonRestore, for _PausingJsonHandler (Orbax wants both registered)."""
 
 
 class Checkpointer:
@@ -71,9 +84,11 @@ class Checkpointer:
             # A writable manager first deletes temporary folders left by interrupted saves.
             cleanup_tmp_directories=not read_only)
         pause_step = os.environ.get(PAUSE_IN_SAVE_ENV)
+        self._meta_save = ocp.args.JsonSave
         if pause_step and not read_only:
+            self._meta_save = _PausingJsonSave
             handlers = {'state': ocp.StandardCheckpointHandler(),
-                        'meta': _PausingJsonHandler(int(pause_step))}
+                        'meta': _PausingJsonHandler()}
             return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
@@ -111,7 +126,7 @@ class Checkpointer:
             raise RuntimeError('call start_writing before saving')
         self._manager.save(step,
                            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)),
+                                                   meta=self._meta_save(meta)),
                            force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
