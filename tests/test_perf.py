@@ -144,7 +144,9 @@ def test_remat_gives_equal_gradients(dropout):
                                               dropout == 0, tokens, segment_ids)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # Gradients here are O(1-10); recomputation may round a near-zero one differently by
+        # ~1e-6 (seen on this machine's XLA CPU before and after issue 11), as in the scan test.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('remat', [False, True])
