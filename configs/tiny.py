@@ -4,30 +4,19 @@ Every field is overridable on the command line, e.g.
 `python -m launch.stage_a --config=configs/tiny.py --config.batch_size=8`.
 """
 
+import dataclasses
+
 import ml_collections
+
+from muomni_jax.thinker import ThinkerConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # --- Model (the original μOmni thinker_tiny.json) ---
-    config.vocab_size = 32000  # SentencePiece vocabulary size; also the embedding and lm_head rows.
-    config.n_layers = 4  # Number of transformer blocks.
-    config.d_model = 256  # Residual stream width.
-    config.n_heads = 4  # Attention heads; head dim is d_model // n_heads.
-    config.d_ff = 1024  # Hidden width of each MLP (SwiGLU gate/up or GELU fc1).
-    config.dropout = 0.1  # Dropout on attention probabilities and both residual branches.
-    config.rope_theta = 10000.0  # RoPE frequency base.
-    config.ctx_len = 512  # Tokens per packed training window (the model's context).
-    config.use_gqa = True  # Grouped-query attention (separate q, k, v) instead of fused MHA qkv.
-    config.kv_groups = 2  # Key/value groups under GQA; n_heads must be divisible by it.
-    config.use_swiglu = True  # SwiGLU MLP; False gives the GELU MLP with biases.
-    config.use_moe = False  # Replace each MLP by a top-k mixture of experts.
-    config.num_experts = 8  # Experts per MoE layer (only with use_moe).
-    config.num_experts_per_tok = 2  # Experts each token is routed to (only with use_moe).
-    config.dtype = 'float32'  # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU. Params stay float32.
-    config.remat = False  # Recompute each block's activations in the backward pass (saves memory).
-    config.scan_layers = False  # Run the blocks as one lax.scan: compile time flat in n_layers.
+    # --- Model: every ThinkerConfig field at its default, the original μOmni thinker_tiny.json ---
+    # (muomni_jax/thinker.py says what each field means; override them here or on the command line).
+    config.update(dataclasses.asdict(ThinkerConfig()))
 
     # --- Data ---
     config.data_path = 'data/text/corpus.txt'  # Text file, directory or glob; one document per line.

@@ -40,7 +40,7 @@ def main(argv):
     print(benchmark.format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:
-        json.dump(result, f, indent=1)
+        json.dump(result.to_json(), f, indent=1)
     print(f'Wrote {output}')
 
 

@@ -34,23 +34,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def _export():
-    from muomni_jax import original_format  # pylint: disable=import-outside-toplevel
+    from muomni_jax import original_checkpoints  # pylint: disable=import-outside-toplevel
     if not _OUTPUT.value:
         raise UserError('exporting needs --output=FILE.pt or FILE.safetensors')
-    for path in original_format.export_checkpoint(_CHECKPOINT_DIR.value, _OUTPUT.value,
+    for path in original_checkpoints.export_checkpoint(_CHECKPOINT_DIR.value, _OUTPUT.value,
                                                   _STEP.value):
         print(f'Wrote {path}')
 
 
 def _import():
-    from muomni_jax import original_format  # pylint: disable=import-outside-toplevel
+    from muomni_jax import original_checkpoints  # pylint: disable=import-outside-toplevel
     if not _SAVE_DIR.value:
         raise UserError('importing needs --save_dir=NEW_DIR')
     config = _CONFIG.value
     if config is None:
         from configs import tiny  # pylint: disable=import-outside-toplevel
         config = tiny.get_config()
-    model_config = original_format.import_weights(_INPUT.value, _SAVE_DIR.value,
+    model_config = original_checkpoints.import_weights(_INPUT.value, _SAVE_DIR.value,
                                                   _TOKENIZER.value, config)
     print(f'Imported a Thinker with n_layers={model_config.n_layers} '
           f'd_model={model_config.d_model} n_heads={model_config.n_heads} '

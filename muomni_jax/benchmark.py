@@ -10,6 +10,7 @@ config's peak_flops_per_device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import resource
@@ -25,11 +26,110 @@ from muomni_jax import checkpointing
 from muomni_jax import flops
 from muomni_jax import input_pipeline
 from muomni_jax import partitioning
+from muomni_jax import sampling
+from muomni_jax import steps
 from muomni_jax import token_cache
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker, count_params
+from muomni_jax.thinker import count_params
+
+
+# ----------------------------------------------------------------------------------------------
+# One dataclass per section; BenchResult.to_json() is what launch/bench.py writes.
+
+
+@dataclasses.dataclass
+class Conditions:
+    """What the figures were measured on and with."""
+    device: str
+    platform: str
+    num_devices: int
+    cpu_count: int | None
+    load_average_1m_start: float
+    jax: str
+    batch_size: int
+    ctx_len: int
+    dtype: str
+    dropout: float
+    loss_chunk_tokens: int
+    remat: bool
+    scan_layers: bool
+    warmup: int
+    repeats: int
+    load_average_1m_end: float | None = None
+
+
+@dataclasses.dataclass
+class ModelFigures:
+    params: int
+    flops_per_token: dict[str, float]  # flops.flops_per_token: total, blocks, attention, lm_head.
+    flops_per_step: float
+
+
+@dataclasses.dataclass
+class InputPipelineFigures:
+    corpus_tokens: int  # Both splits.
+    cache_build_s: float  # Tokenizing the corpus into an empty token cache.
+    cache_build_tokens_per_s: float
+    cache_open_s: float  # Opening the built cache again, as every later run does.
+    cache_bytes_per_token: float  # On disk.
+    batches_measured: int
+    batch_tokens_per_s: float  # Training batches read from the cache.
+    ratio_to_training: float | None = None  # batch_tokens_per_s / training tokens/s.
+
+
+@dataclasses.dataclass
+class TrainFigures:
+    first_step_s: float  # Trace + compile + run.
+    step_s: float  # Median of the timed steps.
+    step_s_all: list[float]
+    tokens_per_s: float
+    loss: float
+    flops_per_s: float = 0.0
+    mfu: float | None = None  # None: no peak known.
+
+
+@dataclasses.dataclass
+class PeakFigures:
+    flops_per_s: float | None
+    source: str
+    all: list[float] | None = None  # Each measurement, on CPU (one before each timed step).
+
+
+@dataclasses.dataclass
+class CheckpointFigures:
+    save_blocking_s: float  # How long Checkpointer.save blocks the caller (median).
+    save_total_s: float  # Until the write is on disk (median).
+    save_blocking_s_all: list[float]
+    blocking_over_step: float = 0.0  # save_blocking_s in train steps.
+
+
+@dataclasses.dataclass
+class DecodeFigures:
+    available: bool
+    reason: str = ''  # Why not, when unavailable.
+    new_tokens: int = 0
+    tokens_per_s: dict[int, float] = dataclasses.field(default_factory=dict)  # By batch size.
+
+
+@dataclasses.dataclass
+class BenchResult:
+    conditions: Conditions
+    model: ModelFigures
+    input_pipeline: InputPipelineFigures
+    train: TrainFigures
+    peak: PeakFigures
+    checkpoint: CheckpointFigures
+    decode: DecodeFigures
+    peak_host_memory_mb: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -41,7 +141,7 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def bench_input_pipeline(config, num_batches: int) -> tuple[dict[str, Any], Any]:
+def bench_input_pipeline(config, num_batches: int) -> tuple[InputPipelineFigures, Any]:
     """Builds the token cache of the corpus from scratch (in a temporary cache_dir), opens it
     again as a resumed run would, then delivers num_batches training batches from it.
 
@@ -65,50 +165,40 @@ def bench_input_pipeline(config, num_batches: int) -> tuple[dict[str, Any], Any]
         disk_bytes = sum(f.stat().st_size for f in os.scandir(os.path.join(
             cache_dir, os.listdir(cache_dir)[0])) if f.name.endswith(('.tokens', '.docs')))
         stream = streams['train', 0]
-        steps = input_pipeline.steps_per_epoch(stream, config.ctx_len, config.batch_size)
-        if steps == 0:
+        per_epoch = input_pipeline.steps_per_epoch(stream, config.ctx_len, config.batch_size)
+        if per_epoch == 0:
             raise UserError(f'{source.name} packs into fewer than one batch of '
                             f'{config.batch_size} windows: lower batch_size or ctx_len')
         batches = input_pipeline.train_batches(stream, config.ctx_len, config.batch_size,
                                                seed=config.seed, epoch=0,
-                                               num_steps=min(num_batches, steps))
+                                               num_steps=min(num_batches, per_epoch))
         first = next(batches)  # Includes the epoch permutation, as a training run pays it.
         start = time.perf_counter()
         delivered = sum(1 for _ in batches)
         batches_s = time.perf_counter() - start
     tokens = sum(s.num_tokens for s in streams.values())
-    figures = {
-        'corpus_tokens': tokens,
-        'cache_build_s': build_s,
-        'cache_build_tokens_per_s': tokens / build_s,
-        'cache_open_s': open_s,
-        'cache_bytes_per_token': disk_bytes / max(tokens, 1),
-        'batches_measured': delivered,
-        'batch_tokens_per_s': delivered * config.batch_size * config.ctx_len / max(batches_s,
-                                                                                    1e-9),
-    }
+    figures = InputPipelineFigures(
+        corpus_tokens=tokens, cache_build_s=build_s, cache_build_tokens_per_s=tokens / build_s,
+        cache_open_s=open_s, cache_bytes_per_token=disk_bytes / max(tokens, 1),
+        batches_measured=delivered,
+        batch_tokens_per_s=delivered * config.batch_size * config.ctx_len / max(batches_s, 1e-9))
     return figures, first
 
 
 def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repeats: int,
                      measure_peak: Callable[[], float] | None = None
-                     ) -> tuple[dict[str, Any], Any, Any, Any]:
+                     ) -> tuple[TrainFigures, list[float], Any, Any]:
     """Time to the first step (trace + compile + run), then the median steady-state step.
 
-    measure_peak, if given, runs before each timed step; its results are returned as 'peaks'.
-    Returns the figures, the trained state, its graphdef and the mesh.
+    measure_peak, if given, runs before each timed step; its results are returned second.
+    Returns the figures, the peaks, the trained state and its graphdef.
     """
-    model_config = train.validate_config(config)
+    train.validate_config(config)
     mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
-    tx = train.make_optimizer(config, max(warmup + repeats + 1, 2))
-    init = functools.partial(train.init_state, model_config=model_config, tx=tx)
-    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = partitioning.state_shardings(mesh, abstract_state)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    setup = steps.create_train_state(config, mesh, max(warmup + repeats + 1, 2))
+    state, step = setup.state, setup.train_step
     batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
-    step, _ = train.jit_steps(config, model_config, mesh, graphdef, tx, state_sharding)
 
     start = time.perf_counter()
     state, metrics = step(state, batch)
@@ -126,18 +216,28 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
-    figures = {
-        'first_step_s': first_step_s,
-        'step_s': step_s,
-        'step_s_all': times,
-        'peaks': peaks,
-        'tokens_per_s': config.batch_size * config.ctx_len / step_s,
-        'loss': float(metrics['loss_sum']) / max(float(metrics['weight_sum']), 1.0),
-    }
-    return figures, state, graphdef, mesh
+    figures = TrainFigures(
+        first_step_s=first_step_s, step_s=step_s, step_s_all=times,
+        tokens_per_s=config.batch_size * config.ctx_len / step_s,
+        loss=float(metrics['loss_sum']) / max(float(metrics['weight_sum']), 1.0))
+    return figures, peaks, state, setup.graphdef
 
 
-def bench_checkpoint(state: Any, repeats: int) -> dict[str, Any]:
+def _peak_and_mfu(config, figures: TrainFigures, peaks: list[float], flops_per_step: float,
+                  peak_size: int) -> PeakFigures:
+    """Sets figures.flops_per_s and .mfu; the peak: the CPU matmuls measured, else the table."""
+    figures.flops_per_s = flops_per_step / figures.step_s
+    if peaks:
+        figures.mfu = float(np.median(
+            [flops_per_step / t / p for t, p in zip(figures.step_s_all, peaks)]))
+        return PeakFigures(flops_per_s=float(np.median(peaks)), all=peaks,
+                           source=f'measured float32 {peak_size}^2 matmul before each step')
+    peak, source = flops.system_peak_flops(config.peak_flops_per_device)
+    figures.mfu = figures.flops_per_s / peak if peak else None
+    return PeakFigures(flops_per_s=peak, source=source)
+
+
+def bench_checkpoint(state: Any, repeats: int) -> CheckpointFigures:
     """How long Checkpointer.save blocks the caller, and how long the write takes in all."""
     blocking, total = [], []
     with tempfile.TemporaryDirectory() as directory:
@@ -152,137 +252,109 @@ def bench_checkpoint(state: Any, repeats: int) -> dict[str, Any]:
                 total.append(time.perf_counter() - start)
         finally:
             checkpointer.close()
-    return {'save_blocking_s': float(np.median(blocking)), 'save_total_s': float(np.median(total)),
-            'save_blocking_s_all': blocking}
+    return CheckpointFigures(save_blocking_s=float(np.median(blocking)),
+                             save_total_s=float(np.median(total)), save_blocking_s_all=blocking)
 
 
 def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_tokens: int,
-                 repeats: int) -> dict[str, Any]:
-    """Greedy KV-cache decoding of new_tokens after a one-token prompt, tokens/s per batch size.
-
-    Uses muomni_jax.sampling.generate_ids (issue 5); reports why not when it is missing.
-    """
-    try:
-        from muomni_jax.sampling import generate_ids  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        return {'available': False, 'reason': f'muomni_jax.sampling.generate_ids: {e}'}
+                 repeats: int) -> DecodeFigures:
+    """Greedy KV-cache decoding of new_tokens after a one-token prompt, tokens/s per batch size."""
     model = nnx.merge(graphdef, params)
-    figures = {'available': True, 'new_tokens': new_tokens}
+    figures = DecodeFigures(available=True, new_tokens=new_tokens)
     for batch_size in batch_sizes:
         prompts = [[tokenizer_lib.BOS_ID]] * batch_size
         # eos_id -1 never matches, so every row decodes all new_tokens.
-        run = lambda: generate_ids(model, prompts, max_new_tokens=new_tokens, temperature=0.0,
-                                   eos_id=-1)
+        run = lambda: sampling.generate_ids(model, prompts, max_new_tokens=new_tokens,
+                                            temperature=0.0, eos_id=-1)
         try:
             run()  # Compile.
         except UserError as e:  # e.g. decode_tokens longer than the model's context
-            return {'available': False, 'reason': str(e)}
-        seconds = _median_time(run, repeats)
-        figures[f'batch_{batch_size}_tokens_per_s'] = batch_size * new_tokens / seconds
+            return DecodeFigures(available=False, reason=str(e))
+        figures.tokens_per_s[batch_size] = batch_size * new_tokens / _median_time(run, repeats)
     return figures
+
+
+def _conditions(config, warmup: int, repeats: int) -> Conditions:
+    device = jax.devices()[0]
+    return Conditions(
+        device=device.device_kind, platform=device.platform, num_devices=jax.device_count(),
+        cpu_count=os.cpu_count(), load_average_1m_start=os.getloadavg()[0], jax=jax.__version__,
+        batch_size=config.batch_size, ctx_len=config.ctx_len, dtype=config.dtype,
+        dropout=config.dropout, loss_chunk_tokens=config.loss_chunk_tokens, remat=config.remat,
+        scan_layers=config.scan_layers, warmup=warmup, repeats=repeats)
 
 
 def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches: int = 50,
                   checkpoint_repeats: int = 3, decode_tokens: int = 64,
                   decode_batch_sizes: tuple[int, ...] = (1, 8), peak_size: int = 2048,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print) -> BenchResult:
     """Runs every measurement on `config` (a configs/*.py ConfigDict) and returns the figures."""
     model_config = train.validate_config(config)
-    device = jax.devices()[0]
-    result: dict[str, Any] = {
-        'conditions': {
-            'device': device.device_kind, 'platform': device.platform,
-            'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-            'load_average_1m_start': os.getloadavg()[0], 'jax': jax.__version__,
-            'batch_size': config.batch_size, 'ctx_len': config.ctx_len, 'dtype': config.dtype,
-            'dropout': config.dropout, 'loss_chunk_tokens': config.loss_chunk_tokens,
-            'remat': config.remat, 'scan_layers': config.scan_layers, 'warmup': warmup,
-            'repeats': repeats,
-        },
-    }
+    conditions = _conditions(config, warmup, repeats)
     per_token = flops.flops_per_token(model_config)
-    abstract = nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0)))
-    result['model'] = {'params': count_params(abstract),
-                       'flops_per_token': per_token,
-                       'flops_per_step': per_token['total'] * config.batch_size * config.ctx_len}
+    model = ModelFigures(params=count_params(steps.abstract_model(model_config)[1]),
+                         flops_per_token=per_token,
+                         flops_per_step=per_token['total'] * config.batch_size * config.ctx_len)
 
     log('Input pipeline...')
-    result['input_pipeline'], batch = bench_input_pipeline(config, pipeline_batches)
+    pipeline, batch = bench_input_pipeline(config, pipeline_batches)
 
-    cpu_peak = device.platform == 'cpu' and not config.peak_flops_per_device
+    cpu_peak = conditions.platform == 'cpu' and not config.peak_flops_per_device
     log('Train step...')
-    result['train'], state, graphdef, _ = bench_train_step(
+    train_figures, peaks, state, graphdef = bench_train_step(
         config, batch, warmup=warmup, repeats=repeats,
         measure_peak=functools.partial(flops.measure_matmul_peak, peak_size) if cpu_peak else None)
-    train_figures = result['train']
-    flops_per_step = result['model']['flops_per_step']
-    train_figures['flops_per_s'] = flops_per_step / train_figures['step_s']
-    if cpu_peak:
-        peaks = train_figures.pop('peaks')
-        result['peak'] = {'flops_per_s': float(np.median(peaks)), 'all': peaks,
-                          'source': f'measured float32 {peak_size}^2 matmul before each step'}
-        train_figures['mfu'] = float(np.median(
-            [flops_per_step / t / p for t, p in zip(train_figures['step_s_all'], peaks)]))
-    else:
-        del train_figures['peaks']
-        peak, source = flops.system_peak_flops(config.peak_flops_per_device)
-        result['peak'] = {'flops_per_s': peak, 'source': source}
-        train_figures['mfu'] = train_figures['flops_per_s'] / peak if peak else None
-    result['input_pipeline']['ratio_to_training'] = (
-        result['input_pipeline']['batch_tokens_per_s'] / result['train']['tokens_per_s'])
+    peak = _peak_and_mfu(config, train_figures, peaks, model.flops_per_step, peak_size)
+    pipeline.ratio_to_training = pipeline.batch_tokens_per_s / train_figures.tokens_per_s
 
     log('Checkpoint save...')
-    result['checkpoint'] = bench_checkpoint(state, checkpoint_repeats)
-    result['checkpoint']['blocking_over_step'] = (
-        result['checkpoint']['save_blocking_s'] / result['train']['step_s'])
+    checkpoint = bench_checkpoint(state, checkpoint_repeats)
+    checkpoint.blocking_over_step = checkpoint.save_blocking_s / train_figures.step_s
 
     log('Decode...')
-    result['decode'] = bench_decode(state.params, graphdef, decode_batch_sizes, decode_tokens,
-                                    repeats)
-    result['peak_host_memory_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result['conditions']['load_average_1m_end'] = os.getloadavg()[0]
-    return result
+    decode = bench_decode(state.params, graphdef, decode_batch_sizes, decode_tokens, repeats)
+    conditions.load_average_1m_end = os.getloadavg()[0]
+    return BenchResult(
+        conditions=conditions, model=model, input_pipeline=pipeline, train=train_figures,
+        peak=peak, checkpoint=checkpoint, decode=decode,
+        peak_host_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: BenchResult) -> str:
     """The figures as aligned 'name  value' lines."""
-    m, t, p = result['model'], result['train'], result['input_pipeline']
-    c, d, cond = result['checkpoint'], result['decode'], result['conditions']
-    peak = result['peak']['flops_per_s']
+    m, t, p = result.model, result.train, result.input_pipeline
+    c, d, cond, peak = result.checkpoint, result.decode, result.conditions, result.peak
+    per_token = m.flops_per_token
     rows = [
-        ('device', f'{cond["device"]} x{cond["num_devices"]} ({cond["cpu_count"]} host cores, '
-                   f'load {cond["load_average_1m_start"]:.1f} -> '
-                   f'{cond["load_average_1m_end"]:.1f})'),
-        ('batch x ctx, dtype', f'{cond["batch_size"]} x {cond["ctx_len"]}, {cond["dtype"]}'),
-        ('parameters', f'{m["params"]:,}'),
-        ('FLOPs/token (train)', f'{m["flops_per_token"]["total"] / 1e6:.2f} M (blocks '
-                                f'{m["flops_per_token"]["blocks"] / 1e6:.2f}, attention '
-                                f'{m["flops_per_token"]["attention"] / 1e6:.2f}, lm_head '
-                                f'{m["flops_per_token"]["lm_head"] / 1e6:.2f})'),
-        ('first step (compile)', f'{t["first_step_s"]:.2f} s'),
-        ('train step', f'{t["step_s"]:.3f} s (median of {cond["repeats"]})'),
-        ('tokens/s', f'{t["tokens_per_s"]:,.0f}'),
-        ('achieved FLOP/s', f'{t["flops_per_s"] / 1e9:.1f} GFLOP/s'),
-        ('peak FLOP/s', f'{peak / 1e9:.1f} GFLOP/s (median; {result["peak"]["source"]})' if peak
-         else result['peak']['source']),
-        ('MFU', f'{100 * t["mfu"]:.1f}% (median of per-step step/peak ratios)'
-                if t['mfu'] is not None else 'n/a'),
-        ('peak host memory', f'{result["peak_host_memory_mb"]:,.0f} MB'),
-        ('token cache build', f'{p["cache_build_tokens_per_s"]:,.0f} tok/s '
-                              f'({p["corpus_tokens"]:,} tokens in {p["cache_build_s"]:.1f} s, '
-                              f'{p["cache_bytes_per_token"]:.2f} bytes/token on disk)'),
-        ('token cache open', f'{1000 * p["cache_open_s"]:.1f} ms'),
-        ('batches from cache', f'{p["batch_tokens_per_s"]:,.0f} tok/s = '
-                               f'{p["ratio_to_training"]:,.1f}x what training consumes'),
-        ('ckpt save blocks', f'{c["save_blocking_s"]:.3f} s = {c["blocking_over_step"]:.2f} '
-                             f'steps (write {c["save_total_s"]:.2f} s)'),
+        ('device', f'{cond.device} x{cond.num_devices} ({cond.cpu_count} host cores, '
+                   f'load {cond.load_average_1m_start:.1f} -> {cond.load_average_1m_end:.1f})'),
+        ('batch x ctx, dtype', f'{cond.batch_size} x {cond.ctx_len}, {cond.dtype}'),
+        ('parameters', f'{m.params:,}'),
+        ('FLOPs/token (train)', f'{per_token["total"] / 1e6:.2f} M (blocks '
+                                f'{per_token["blocks"] / 1e6:.2f}, attention '
+                                f'{per_token["attention"] / 1e6:.2f}, lm_head '
+                                f'{per_token["lm_head"] / 1e6:.2f})'),
+        ('first step (compile)', f'{t.first_step_s:.2f} s'),
+        ('train step', f'{t.step_s:.3f} s (median of {cond.repeats})'),
+        ('tokens/s', f'{t.tokens_per_s:,.0f}'),
+        ('achieved FLOP/s', f'{t.flops_per_s / 1e9:.1f} GFLOP/s'),
+        ('peak FLOP/s', f'{peak.flops_per_s / 1e9:.1f} GFLOP/s (median; {peak.source})'
+         if peak.flops_per_s else peak.source),
+        ('MFU', f'{100 * t.mfu:.1f}% (median of per-step step/peak ratios)'
+                if t.mfu is not None else 'n/a'),
+        ('peak host memory', f'{result.peak_host_memory_mb:,.0f} MB'),
+        ('token cache build', f'{p.cache_build_tokens_per_s:,.0f} tok/s '
+                              f'({p.corpus_tokens:,} tokens in {p.cache_build_s:.1f} s, '
+                              f'{p.cache_bytes_per_token:.2f} bytes/token on disk)'),
+        ('token cache open', f'{1000 * p.cache_open_s:.1f} ms'),
+        ('batches from cache', f'{p.batch_tokens_per_s:,.0f} tok/s = '
+                               f'{p.ratio_to_training:,.1f}x what training consumes'),
+        ('ckpt save blocks', f'{c.save_blocking_s:.3f} s = {c.blocking_over_step:.2f} '
+                             f'steps (write {c.save_total_s:.2f} s)'),
     ]
-    if d['available']:
-        for key, value in d.items():
-            if key.endswith('_tokens_per_s'):
-                rows.append((f'decode {key[:-len("_tokens_per_s")].replace("_", " ")}',
-                             f'{value:,.0f} tok/s'))
+    if d.available:
+        rows += [(f'decode batch {b}', f'{rate:,.0f} tok/s') for b, rate in d.tokens_per_s.items()]
     else:
-        rows.append(('decode', f'unavailable ({d["reason"]})'))
+        rows.append(('decode', f'unavailable ({d.reason})'))
     width = max(len(name) for name, _ in rows)
     return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)

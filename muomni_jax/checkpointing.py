@@ -7,8 +7,10 @@ is complete; a temporary folder left by a crash is never listed as a step, and i
 the next run opens save_dir.
 """
 
+import dataclasses
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -17,7 +19,44 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
+
+
+# Tests only: with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N writes into Orbax's temporary
+# folder, prints a line, and then never returns, so nothing commits: tests/test_resume.py SIGKILLs
+# the run at that known point instead of racing a ~100 ms background write.
+PAUSE_IN_SAVE_ENV = 'MUOMNI_PAUSE_IN_SAVE_OF_STEP'
+
+
+class _PausingJsonHandler(ocp.JsonCheckpointHandler):
+    """The `meta` item's handler when PAUSE_IN_SAVE_ENV is set."""
+
+    def __init__(self):
+        super().__init__()
+        self._pause_step = int(os.environ.get(PAUSE_IN_SAVE_ENV, '-1'))
+
+    async def async_save(self, directory, item=None, args=None):
+        futures = await super().async_save(directory, item, args)
+        if args is not None and args.item.get('step') == self._pause_step:
+            for f in futures or []:
+                f.result()  # meta is on disk inside the temporary folder.
+            print(f'Paused in the save of step {self._pause_step} ({PAUSE_IN_SAVE_ENV})',
+                  flush=True)
+            threading.Event().wait()
+        return futures
+
+
+@ocp.args.register_with_handler(_PausingJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _PausingJsonSave(ocp.args.JsonSave):
+    """JsonSave, saved by _PausingJsonHandler."""
+
+
+@ocp.args.register_with_handler(_PausingJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _PausingJsonRestore(ocp.args.JsonRestore):
+    """JsonRestore, for _PausingJsonHandler (Orbax wants both registered)."""
 
 
 class Checkpointer:
@@ -44,6 +83,13 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             # A writable manager first deletes temporary folders left by interrupted saves.
             cleanup_tmp_directories=not read_only)
+        pause_step = os.environ.get(PAUSE_IN_SAVE_ENV)
+        self._meta_save = ocp.args.JsonSave
+        if pause_step and not read_only:
+            self._meta_save = _PausingJsonSave
+            handlers = {'state': ocp.StandardCheckpointHandler(),
+                        'meta': _PausingJsonHandler()}
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
     def start_writing(self, start_step: int) -> None:
@@ -80,7 +126,7 @@ class Checkpointer:
             raise RuntimeError('call start_writing before saving')
         self._manager.save(step,
                            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)),
+                                                   meta=self._meta_save(meta)),
                            force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -129,3 +175,17 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract_tree, shardings)
+
+
+def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
+    """Makes a new save_dir holding `state` as step 0 (no data position yet) and config.json:
+    a run that launch.stage_a continues and that launch.sample and launch.evaluate read."""
+    if os.path.exists(save_dir) and os.listdir(save_dir):
+        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
+    checkpointer = Checkpointer(save_dir, max_to_keep=None)
+    checkpointer.start_writing(0)
+    checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
+                                 'steps_per_epoch': 0})
+    checkpointer.close()
+    write_atomically(os.path.join(save_dir, 'config.json'),
+                     config.to_json_best_effort(indent=1, sort_keys=True))

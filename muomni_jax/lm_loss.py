@@ -1,6 +1,6 @@
 """The LM head and next-token cross-entropy fused over chunks of positions, for training.
 
-The plain path (`Thinker.__call__`, then `train.cross_entropy`) materialises (B, T, V) float32
+The plain path (`Thinker.__call__`, then `steps.cross_entropy`) materialises (B, T, V) float32
 logits, then as many log-probabilities and, in the backward pass, as many gradients: at vocab
 32000 that is 1 GB per 8192 tokens for each, written and read several times. Here the loss and
 both gradients are computed chunk by chunk in the forward pass, so each (B, C, V) block of logits
@@ -105,7 +105,7 @@ def time_chunk(batch_size: int, seq_len: int, chunk_tokens: int) -> int:
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                           weights: jax.Array, chunk_tokens: int = 1024
                           ) -> tuple[jax.Array, jax.Array]:
-    """What `train.cross_entropy` gives for the logits `hidden @ kernel`, with equal gradients.
+    """What `steps.cross_entropy` gives for the logits `hidden @ kernel`, with equal gradients.
 
     Args:
       hidden: (B, T, D) final-normed hidden states in the compute dtype.

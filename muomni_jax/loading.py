@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from muomni_jax import steps
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import Thinker, ThinkerConfig
@@ -41,7 +42,7 @@ def abstract_model(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
         model_config.validate()
     except ValueError as e:
         raise UserError(f'the saved config is not a valid Thinker: {e}') from None
-    return nnx.split(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
+    return steps.abstract_model(model_config)
 
 
 def available_steps(checkpoint_dir: str) -> list[int]:

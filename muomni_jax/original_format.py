@@ -13,11 +13,9 @@ so a conversion is a rename plus a transpose of linear kernels: nnx stores (in, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -25,18 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from muomni_jax import loading
+from muomni_jax import steps
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.thinker import ORIGINAL_FIELDS, SHAPE_FIELDS, ThinkerConfig
 
 SAFETENSORS_PREFIX = 'thinker.'
 COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes its keys.
-# The "thinker" object of the original's config.json.
 # Model fields that no weight shape shows; an import takes them from the training config given.
 UNSEEN_FIELDS = ('n_heads', 'dropout', 'rope_theta', 'ctx_len', 'num_experts_per_tok')
-CONFIG_FIELDS = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'dropout', 'rope_theta',
-                 'ctx_len', 'use_gqa', 'kv_groups', 'use_swiglu', 'use_moe', 'num_experts',
-                 'num_experts_per_tok')
+CONFIG_FIELDS = ORIGINAL_FIELDS  # The "thinker" object of the original's config.json.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +62,7 @@ def to_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
 
 def expected_shapes(model_config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
     """The original's state_dict keys and shapes for a config."""
-    _, abstract = loading.abstract_model(dataclasses.asdict(model_config))
+    _, abstract = steps.abstract_model(model_config)
     shapes = {}
     for path, value in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name, transpose = _torch_name(path)
@@ -135,7 +131,7 @@ def from_state_dict(state_dict: Mapping[str, Any], model_config: ThinkerConfig) 
     if problems:
         raise UserError(f'the weights do not match the Thinker config ({_describe(model_config)}):'
                         f' {"; ".join(problems)}')
-    _, abstract = loading.abstract_model(dataclasses.asdict(model_config))
+    _, abstract = steps.abstract_model(model_config)
 
     def convert(path, _):
         name, transpose = _torch_name(path)
@@ -146,9 +142,7 @@ def from_state_dict(state_dict: Mapping[str, Any], model_config: ThinkerConfig) 
 
 
 def _describe(config: ThinkerConfig) -> str:
-    return ', '.join(f'{k}={getattr(config, k)}' for k in (
-        'vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff', 'use_gqa', 'kv_groups',
-        'use_swiglu', 'use_moe', 'num_experts'))
+    return ', '.join(f'{k}={getattr(config, k)}' for k in SHAPE_FIELDS)
 
 
 def original_compatibility_warning(config: ThinkerConfig) -> str | None:
@@ -195,14 +189,34 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
 
 def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: ThinkerConfig
                      ) -> str:
-    """Writes `path` with "thinker."-prefixed keys and config.json beside it; returns the latter."""
+    """Writes `path` with "thinker."-prefixed keys and config.json beside it; returns the latter.
+
+    Refuses (UserError) when a config.json that no export wrote is already there.
+    """
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    _check_config_json_is_free(path)
     save_file({SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()},
               path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
-    with open(config_path, 'w') as f:
-        json.dump({'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, f, indent=1)
+    write_atomically(config_path, json.dumps(
+        {'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, indent=1))
     return config_path
+
+
+def _check_config_json_is_free(path: str) -> None:
+    """Refuses to replace a config.json beside `path` that is not an export's (a run's save_dir
+    holds one: replacing it would leave loading.read_config reading the wrong fields)."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    if not os.path.exists(config_path):
+        return
+    try:
+        with open(config_path) as f:
+            existing = json.load(f)
+    except (OSError, ValueError):
+        existing = None
+    if not isinstance(existing, dict) or set(existing) != {'thinker'}:
+        raise UserError(f'{config_path} exists and is not an exported config.json (a run\'s '
+                        'save_dir?): write the .safetensors into a folder of its own')
 
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
@@ -254,55 +268,3 @@ def write_weights(path: str, params: nnx.State, config: ThinkerConfig) -> list[s
         save_pt(path, state_dict)
         return [path]
     raise UserError(f'{path}: name the output .pt or .safetensors to choose the format')
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole checkpoints
-
-
-def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> list[str]:
-    """One step of a save_dir (default: the newest) -> the original's format at `output`."""
-    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=False)
-    config = ThinkerConfig.from_config(ckpt.config)
-    warning = original_compatibility_warning(config)
-    if warning:
-        print(f'Warning: {warning}', file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    return write_weights(output, ckpt.params, config)
-
-
-def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config: Any,
-                   seed: int = 0) -> ThinkerConfig:
-    """Makes a save_dir from the original's weights, as step 0 of a run with a fresh optimizer,
-    so that launch.sample, launch.evaluate, the notebook and launch.stage_a (training further)
-    all take it. base_config: a full training config (e.g. configs/tiny.py); its model fields
-    supply what the file cannot show and are replaced by the file's."""
-    from muomni_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    from muomni_jax import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    from muomni_jax import train  # pylint: disable=import-outside-toplevel
-    if os.path.exists(save_dir) and os.listdir(save_dir):
-        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
-    if not tokenizer_path:
-        raise UserError('an imported checkpoint needs the tokenizer.model the weights were '
-                        'trained with: pass --tokenizer')
-    tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
-    base_fields = {k: base_config[k] for k in UNSEEN_FIELDS if k in base_config}
-    model_config, params = read_weights(source, base_fields)
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise UserError(f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
-                        f'vocab_size {model_config.vocab_size}: pass the matching tokenizer')
-    config = base_config.copy_and_resolve_references()
-    config.update({k: getattr(model_config, k) for k in CONFIG_FIELDS})
-    config.save_dir = save_dir
-    tx = train.make_optimizer(config, 1)  # The optimizer's tree does not depend on the schedule.
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
-    checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=None)
-    checkpointer.start_writing(0)
-    checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
-                                 'steps_per_epoch': 0})
-    checkpointer.close()
-    tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
-    with open(os.path.join(save_dir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-    return model_config

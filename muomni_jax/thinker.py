@@ -26,25 +26,36 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MASK_VALUE = -1e30
 
 
+def _field(default, *, shape: bool = False, original: bool = True):
+    """A ThinkerConfig field. shape: it fixes the shape of the parameters (a checkpoint restores
+    only into the same values); original: the original μOmni's config.json holds it."""
+    return dataclasses.field(default=default, metadata={"shape": shape, "original": original})
+
+
 @dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
-    vocab_size: int = 32000
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: int = 1024
-    dropout: float = 0.1
-    rope_theta: float = 10000.0
-    ctx_len: int = 512
-    use_gqa: bool = True
-    kv_groups: int = 2
-    use_swiglu: bool = True
-    use_moe: bool = False
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    dtype: str = "float32"  # compute dtype; params are always float32
-    remat: bool = False  # recompute each block's activations in the backward pass
-    scan_layers: bool = False  # run the blocks as one lax.scan: compile time flat in n_layers
+    """The model's fields: the one list that configs/tiny.py, MODEL_FIELDS, SHAPE_FIELDS and
+    ORIGINAL_FIELDS (below the class) are read from. Defaults: the original thinker_tiny.json."""
+    vocab_size: int = _field(32000, shape=True)  # Vocabulary; also the embedding and lm_head rows.
+    n_layers: int = _field(4, shape=True)  # Number of transformer blocks.
+    d_model: int = _field(256, shape=True)  # Residual stream width.
+    n_heads: int = _field(4, shape=True)  # Attention heads; head dim is d_model // n_heads.
+    d_ff: int = _field(1024, shape=True)  # Hidden width of each MLP (SwiGLU gate/up or GELU fc1).
+    dropout: float = _field(0.1)  # On attention probabilities and both residual branches.
+    rope_theta: float = _field(10000.0)  # RoPE frequency base.
+    ctx_len: int = _field(512)  # Tokens per packed training window (the model's context).
+    use_gqa: bool = _field(True, shape=True)  # Grouped-query attention (q, k, v), else fused qkv.
+    kv_groups: int = _field(2, shape=True)  # Key/value groups under GQA; divides n_heads.
+    use_swiglu: bool = _field(True, shape=True)  # SwiGLU MLP; False: GELU MLP with biases.
+    use_moe: bool = _field(False, shape=True)  # Replace each MLP by a top-k mixture of experts.
+    num_experts: int = _field(8, shape=True)  # Experts per MoE layer (only with use_moe).
+    num_experts_per_tok: int = _field(2)  # Experts each token is routed to (only with use_moe).
+    # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU; params are always float32.
+    dtype: str = _field("float32", original=False)
+    # Recompute each block's activations in the backward pass (saves memory).
+    remat: bool = _field(False, original=False)
+    # Run the blocks as one lax.scan: compile time flat in n_layers.
+    scan_layers: bool = _field(False, original=False)
 
     @classmethod
     def from_config(cls, config: Any) -> "ThinkerConfig":
@@ -119,6 +130,14 @@ class ThinkerConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}")
 
 
+# Every model field, in order; those that fix the parameter shapes; those of the original's
+# config.json (weight exchange). Read these rather than listing field names again.
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig))
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig) if f.metadata["shape"])
+ORIGINAL_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig)
+                        if f.metadata["original"])
+
+
 def count_params(state_or_model: Any) -> int:
     """Total number of parameter scalars of a module (its nnx.Param variables), an
     nnx.State, or a plain pytree of arrays / ShapeDtypeStructs (abstract is fine)."""
@@ -182,7 +201,12 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Causal self-attention with RoPE; GQA (`q`, `k`, `v`) or MHA (fused `qkv`)."""
+    """Causal self-attention with RoPE; GQA (`q`, `k`, `v`) or MHA (fused `qkv`).
+
+    One module for every path: training and scoring (fused where the backend can), training
+    with dropout on the probabilities, and decoding against a key/value cache. A new variant
+    (QK-norm, a sliding window, ...) goes in `_project` or `_attend`, and every path gets it.
+    """
 
     def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs):
         d, k = cfg.d_model, cfg.head_dim
@@ -198,34 +222,55 @@ class Attention(nnx.Module):
         self.o = _linear(cfg, d, d, rngs)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None):
-        """x (B, T, D), cos/sin (B, T, 1, K), mask (B, 1, T, T) bool -> (B, T, D)."""
+    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None, cache=None):
+        """x (B, T, D), cos/sin (B, T, 1, K) -> (B, T, D).
+
+        Without a cache, mask (B, 1, T, T) bool. With cache = (keys, values, index): keys and
+        values (B, S, G, K) of this layer, index () int32 the slot of x's first token; x's keys
+        and values are written there, the queries attend over all S slots under mask
+        (B, 1, T, S), and the result is (out, (keys, values)) updated.
+        """
+        b, t, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        if cache is not None:
+            keys, values, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
+        out = self._attend(q, k, v, mask, fused=cache is None and (
+            deterministic or self.attn_dropout.rate == 0), deterministic=deterministic, rngs=rngs)
+        out = self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+        return out if cache is None else (out, (k, v))
+
+    def _project(self, x, cos, sin):
+        """x (B, T, D) -> q (B, T, H, K), k and v (B, T, G, K); RoPE on q and k."""
         b, t, _ = x.shape
         if self.use_gqa:
             q, k, v = self.q(x), self.k(x), self.v(x)
         else:
             q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        q = q.reshape(b, t, self.n_heads, self.head_dim)
-        k = k.reshape(b, t, self.n_groups, self.head_dim)
-        v = v.reshape(b, t, self.n_groups, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if deterministic or self.attn_dropout.rate == 0:
-            # Same function, fused where the backend can (cuDNN flash attention on GPU). GQA:
-            # query head h reads kv group h // (H // G), as the manual path below does.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                               scale=1 / math.sqrt(self.head_dim))
-            return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
-        # Dropout on the attention probabilities needs them explicitly.
-        # repeat_interleave: query head h reads kv group h // (H // G), as the original does.
-        rep = self.n_heads // self.n_groups
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        q = apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, self.n_groups, self.head_dim), cos, sin)
+        return q, k, v.reshape(b, t, self.n_groups, self.head_dim)
 
-        scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores / math.sqrt(self.head_dim), _MASK_VALUE)
+    def _attend(self, q, k, v, mask, *, fused, deterministic, rngs):
+        """q (B, T, H, K), k/v (B, S, G, K), mask (B, 1, T, S) -> (B, T, H, K).
+
+        Query head h reads kv group h // (H // G) (the original's repeat_interleave).
+        """
+        if fused:
+            # The same function, fused where the backend can (cuDNN flash attention on GPU).
+            return jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                                scale=1 / math.sqrt(self.head_dim))
+        # Dropout on the probabilities, and the cache's padded slots, need them explicitly;
+        # grouping the query heads reads each kv group without repeating it.
+        b, t, _, _ = q.shape
+        q = q.reshape(b, t, self.n_groups, self.n_heads // self.n_groups, self.head_dim)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, :, None], scores / math.sqrt(self.head_dim), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        out = jnp.einsum("bhts,bshk->bthk", probs.astype(v.dtype), v)
-        return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+        out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v)
+        return out.reshape(b, t, self.n_heads, self.head_dim)
 
 
 class MLP(nnx.Module):
@@ -285,13 +330,17 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg, rngs=rngs)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None):
-        """x (B, T, D) -> (B, T, D)."""
-        h = self.attn(self.norm1(x), cos, sin, mask, deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None, cache=None):
+        """x (B, T, D) -> (B, T, D); with a cache (see Attention), (x, (keys, values))."""
+        h = self.attn(self.norm1(x), cos, sin, mask, deterministic=deterministic, rngs=rngs,
+                      cache=cache)
+        if cache is not None:
+            h, cache = h
         x = x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
         ff = self.moe if self.use_moe else self.mlp
         h = ff(self.norm2(x))
-        return x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
+        x = x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
+        return x if cache is None else (x, cache)
 
 
 def _call_block(block, x, cos, sin, mask, deterministic, rngs):
@@ -377,7 +426,8 @@ class Thinker(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Incremental decoding with a key/value cache (sampling). The training path above does not use it.
+# Incremental decoding with a key/value cache (sampling): the same blocks, their attention
+# reading and extending the cache.
 
 
 @flax.struct.dataclass
@@ -405,32 +455,6 @@ class KVCache:
                    start=jnp.asarray(start, jnp.int32))
 
 
-def _cached_attention(attn: Attention, x, cos, sin, keys, values, index, mask):
-    """One layer's attention for new tokens against the cache, writing theirs into it.
-
-    x (B, T, D); cos/sin (B, T, 1, K); keys/values (B, S, G, K); index () int32, the slot of
-    x's first token; mask (B, 1, T, S) bool. Returns (out (B, T, D), keys, values) updated.
-    Query head h reads group h // (H // G) (repeat_interleave), without repeating the cache.
-    """
-    b, t, _ = x.shape
-    if attn.use_gqa:
-        q, k, v = attn.q(x), attn.k(x), attn.v(x)
-    else:
-        q, k, v = jnp.split(attn.qkv(x), 3, axis=-1)
-    q = apply_rope(q.reshape(b, t, attn.n_heads, attn.head_dim), cos, sin)
-    k = apply_rope(k.reshape(b, t, attn.n_groups, attn.head_dim), cos, sin)
-    v = v.reshape(b, t, attn.n_groups, attn.head_dim)
-    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
-
-    q = q.reshape(b, t, attn.n_groups, attn.n_heads // attn.n_groups, attn.head_dim)
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, :, None], scores / math.sqrt(attn.head_dim), _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(values.dtype), values)
-    return attn.o(out.reshape(b, t, attn.n_heads * attn.head_dim)), keys, values
-
-
 def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: KVCache
                 ) -> tuple[jax.Array, KVCache]:
     """Runs new tokens through the model against the cache and appends their keys and values.
@@ -451,11 +475,7 @@ def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: 
     x = model.tok_emb(tokens)
     new_keys, new_values = [], []
     for block, keys, values in zip(model.blocks, cache.keys, cache.values):
-        h, keys, values = _cached_attention(block.attn, block.norm1(x), cos, sin, keys, values,
-                                            cache.index, mask)
-        x = x + h
-        ff = block.moe if block.use_moe else block.mlp
-        x = x + ff(block.norm2(x))
+        x, (keys, values) = block(x, cos, sin, mask, cache=(keys, values, cache.index))
         new_keys.append(keys)
         new_values.append(values)
     logits = model.lm_head(model.norm(x)).astype(jnp.float32)

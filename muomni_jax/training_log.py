@@ -13,6 +13,7 @@ class TrainingLog:
         """Loads an existing log, dropping records past `resume_step` (they will be trained again)."""
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.unwritten = False  # Whether records changed since the last write.
         if resume_step and os.path.exists(path):
             with open(path) as f:
                 self.records = [r for r in json.load(f) if r['step'] <= resume_step]
@@ -22,6 +23,8 @@ class TrainingLog:
         if not self.records or self.records[-1]['step'] != step:
             self.records.append({'step': step})
         self.records[-1].update(fields)
+        self.unwritten = True
 
     def write(self) -> None:
         write_atomically(self.path, json.dumps(self.records, indent=1))
+        self.unwritten = False

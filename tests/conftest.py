@@ -6,6 +6,8 @@ The device count must be fixed before JAX first touches a backend, hence here.
 import atexit
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 
@@ -24,7 +26,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 CORPUS = os.path.join(REPO, 'data', 'text', 'corpus.txt')
 
+# One persistent compilation cache for this session, in-process and in every launcher subprocess:
+# the tests compile the same tiny train and eval steps many times. Fresh per session, so a run's
+# time never depends on an earlier one.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix='muomni_jax_test_cache_')
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
 from configs import tiny  # pylint: disable=g-import-not-at-top
+from muomni_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from muomni_jax import partitioning  # pylint: disable=g-import-not-at-top
+from muomni_jax import steps  # pylint: disable=g-import-not-at-top
 
 
 def small_config(save_dir, data_path, **overrides):
@@ -37,6 +50,43 @@ def small_config(save_dir, data_path, **overrides):
         save_dir=str(save_dir), tokenizer_sample_size=20000))
     config.update(overrides)
     return config
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+    """This environment without the 8-device XLA_FLAGS, so a subprocess sees one CPU device as a
+    user's run does; it shares the session's compilation cache. extra: variables to add."""
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5', PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args...` to completion, output captured (default: one_device_env())."""
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd,
+                          env=env or one_device_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def one_device_mesh():
+    return partitioning.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+
+
+def restore_state(config, save_dir, step, mesh=None):
+    """The whole train state of save_dir/<step>, on `mesh` (default one device)."""
+    setup = steps.create_train_state(config, mesh or one_device_mesh(), initialize=False)
+    checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
+    state, _ = checkpointer.restore(step, setup.abstract_state)
+    checkpointer.close()
+    return state
 
 
 @pytest.fixture(scope='session')

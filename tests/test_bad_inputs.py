@@ -8,14 +8,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, small_config
+from tests.conftest import run_module, small_config
 from tests.test_launch import SMALL
 
 
@@ -142,9 +140,7 @@ def test_unwritable_save_dir(tmp_path, corpus_sample):
 
 
 def _launch(*args):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    return subprocess.run([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py',
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_module('launch.stage_a', '--config=configs/tiny.py', *args)
 
 
 @pytest.mark.parametrize('flag, expected', [

@@ -1,21 +1,19 @@
 """Sharded training on the 8 virtual CPU devices of conftest: every mesh trains the same model."""
 
-import functools
 import json
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from muomni_jax import checkpointing
 from muomni_jax import host_data
 from muomni_jax import partitioning
+from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker
 from tests.conftest import small_config
 
 # Wide enough that most matrices pass the size at which partitioning starts to shard; one layer
@@ -61,14 +59,9 @@ def test_every_mesh_gives_the_one_device_losses(runs, name):
 
 def test_params_and_adam_moments_are_sharded_along_fsdp(corpus_sample, tmp_path):
     config = _config(tmp_path, corpus_sample, mesh=MESHES['data2_fsdp4'])
-    model_config = train.validate_config(config)
     mesh = partitioning.make_mesh(config.mesh)
-    tx = train.make_optimizer(config, 10)
-    init = functools.partial(train.init_state, model_config=model_config, tx=tx)
-    shardings = partitioning.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)))
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
-    p_train_step, _ = train.jit_steps(config, model_config, mesh, graphdef, tx, shardings)
+    setup = steps.create_train_state(config, mesh, 10)
+    state, p_train_step = setup.state, setup.train_step
     rng = np.random.default_rng(0)
     batch = {'inputs': rng.integers(3, 256, (8, 32)), 'targets': rng.integers(3, 256, (8, 32)),
              'segment_ids': np.ones((8, 32)), 'positions': np.tile(np.arange(32), (8, 1)),
@@ -98,19 +91,15 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys
     """The fsdp=8 run's step-3 checkpoint restores exactly elsewhere, and training goes on."""
     source = runs / 'fsdp8'
     config = _config(source, '/unused')
-    model_config = train.validate_config(config)
-    tx = train.make_optimizer(config, 5)
-    abstract = jax.eval_shape(functools.partial(train.init_state, model_config=model_config,
-                                                tx=tx), jax.random.PRNGKey(0))
     targets = {'fsdp8': partitioning.make_mesh(MESHES['fsdp8']),
                'one': partitioning.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]),
                '2x2': partitioning.make_mesh({'data': 2, 'fsdp': 2}, jax.devices()[:4])}
     restored = {}
     checkpointer = checkpointing.Checkpointer(str(source), read_only=True)
     for name, mesh in targets.items():
-        shardings = partitioning.state_shardings(mesh, abstract)
-        state, meta = checkpointer.restore(
-            3, checkpointing.abstract_with_shardings(abstract, shardings))
+        setup = steps.create_train_state(config, mesh, initialize=False)
+        shardings = setup.state_shardings
+        state, meta = checkpointer.restore(3, setup.abstract_state)
         assert meta['step'] == 3
         for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
             assert leaf.sharding == sharding

@@ -1,12 +1,10 @@
 """In-process fault tolerance: signals, NaN steps, corrupted checkpoints, restore_step, and the
 two-process stop decision."""
 
-import functools
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,24 +13,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muomni_jax import checkpointing
+from muomni_jax import periodic_actions
+from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, small_config
+from tests.conftest import (REPO, free_port, one_device_env, restore_state,
+                            small_config)
 
 
 def _signal_before_step(monkeypatch, step, signum=signal.SIGINT, times=1):
     """Sends `signum` to this process `times` times while the batch of `step` is fetched."""
-    real = train._batches  # pylint: disable=protected-access
+    real = periodic_actions.train_loop
 
-    def batches(run, epoch, start):
-        for index, batch in enumerate(real(run, epoch, start), start=start + 1):
-            if index == step:
-                for _ in range(times):
-                    os.kill(os.getpid(), signum)
-            yield batch
+    def train_loop(state, step_numbers, batches, *args, **kwargs):
+        def signalling_batches():
+            for index, batch in zip(step_numbers, batches):
+                if index == step:
+                    for _ in range(times):
+                        os.kill(os.getpid(), signum)
+                yield batch
 
-    monkeypatch.setattr(train, '_batches', batches)
+        return real(state, step_numbers, signalling_batches(), *args, **kwargs)
+
+    monkeypatch.setattr(periodic_actions, 'train_loop', train_loop)
 
 
 def _steps(save_dir):
@@ -67,14 +70,14 @@ def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sampl
 
 def _nan_on_steps(monkeypatch, bad_steps):
     """Makes the loss of the given (1-based) steps NaN, as a bad batch or an overflow would."""
-    real = train.train_step
+    real = steps.train_step
 
     def train_step(state, batch, **kwargs):
         bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
         batch = dict(batch, weights=batch['weights'] * jnp.where(bad, jnp.nan, 1.0))
         return real(state, batch, **kwargs)
 
-    monkeypatch.setattr(train, 'train_step', train_step)
+    monkeypatch.setattr(steps, 'train_step', train_step)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_sample, capsys):
@@ -108,14 +111,14 @@ def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path
 
 def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_sample):
     """Finite gradients can still push a param to Inf (say, a huge learning rate)."""
-    real = train.train_step
+    real = steps.train_step
 
     def train_step(state, batch, **kwargs):
         state, metrics = real(state, batch, **kwargs)
         overflow = lambda x: jnp.where(state.step == 3, jnp.inf, x)
         return state.replace(params=jax.tree.map(overflow, state.params)), metrics
 
-    monkeypatch.setattr(train, 'train_step', train_step)
+    monkeypatch.setattr(steps, 'train_step', train_step)
     save_dir = tmp_path / 'run'
     with pytest.raises(UserError, match=r'^the params became NaN/Inf at step 4, so it was not '
                                         r'saved \(newest checkpoint: step 2\)'):
@@ -125,17 +128,7 @@ def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_samp
 
 
 def _restore(config, save_dir, step):
-    model_config = train.validate_config(config)
-    tx = train.make_optimizer(config, 10)
-    abstract = jax.eval_shape(functools.partial(train.init_state, model_config=model_config, tx=tx),
-                              jax.random.PRNGKey(0))
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), abstract)
-    checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    return state
+    return restore_state(config, save_dir, step)
 
 
 def _truncate_files(folder):
@@ -191,17 +184,11 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     assert sorted(os.listdir(save_dir)) == before
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
 def test_two_processes_agree_on_the_step_to_stop(signum, target):
     """A signal to one of two processes stops both at one step (tests/multihost_stop_worker.py)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    port = free_port()
+    env = one_device_env()
     workers = [subprocess.Popen(
         [sys.executable, os.path.join('tests', 'multihost_stop_worker.py'), str(port), str(i)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

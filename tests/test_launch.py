@@ -2,10 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64',
          '--config.n_heads=4', '--config.d_ff=128', '--config.ctx_len=32', '--config.batch_size=8',
@@ -15,11 +13,8 @@ SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64'
 
 
 def run_stage_a(*args, cwd=REPO, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
-    env['PYTHONPATH'] = REPO
     config = os.path.join(REPO, 'configs', 'tiny.py')
-    return subprocess.run([sys.executable, '-m', 'launch.stage_a', f'--config={config}', *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_module('launch.stage_a', f'--config={config}', *args, cwd=cwd, timeout=timeout)
 
 
 def test_trains_saves_and_resumes(tmp_path, corpus_sample):

@@ -7,13 +7,12 @@ of stalling CI.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, one_device_env
 from tests.test_launch import SMALL
 
 TIMEOUT_S = 300
@@ -25,15 +24,8 @@ COMMON = [*SMALL, '--config.max_steps=3', '--config.log_every=1', '--config.eval
           '--config.distributed.timeout_s=60']
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _start(args, devices: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env = one_device_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     return subprocess.Popen([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py',
                              *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -55,7 +47,7 @@ def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
 
 
 def _pair(args) -> list[subprocess.Popen]:
-    address = f'127.0.0.1:{_free_port()}'
+    address = f'127.0.0.1:{free_port()}'
     return [_start([*args[i], f'--config.distributed.coordinator_address={address}',
                     '--config.distributed.num_processes=2',
                     f'--config.distributed.process_id={i}'], devices=2) for i in range(2)]

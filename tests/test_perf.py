@@ -18,9 +18,10 @@ from flax import nnx
 
 from muomni_jax import flops
 from muomni_jax import lm_loss
+from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.thinker import Thinker, ThinkerConfig
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, one_device_env, small_config
 from tests.test_train import MODEL, _batch, _state
 
 
@@ -55,7 +56,7 @@ def test_peak_table_by_device_kind():
 
 def _plain_loss(hidden, kernel, targets, weights):
     logits = jnp.einsum('btd,dv->btv', hidden, kernel)
-    return train.cross_entropy(logits, targets, weights)[0]
+    return steps.cross_entropy(logits, targets, weights)[0]
 
 
 @pytest.mark.parametrize('chunk_tokens', [1, 12, 40, 10_000])
@@ -91,7 +92,7 @@ def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config)
     step = lambda chunk: jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
+        steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
         loss_chunk_tokens=chunk))
     batch = _batch()
     plain, m_plain = step(0)(state, batch)
@@ -100,7 +101,7 @@ def test_train_step_with_fused_loss_equals_plain():
     np.testing.assert_allclose(m_fused['grad_norm'], m_plain['grad_norm'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(fused.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    evaluated = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
+    evaluated = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                           loss_chunk_tokens=32))(state.params, batch)
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
 
@@ -143,6 +144,8 @@ def test_remat_gives_equal_gradients(dropout):
                                               dropout == 0, tokens, segment_ids)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        # Gradients here are O(1-10); recomputation may round a near-zero one differently by
+        # ~1e-6 (seen on this machine's XLA CPU before and after issue 11), as in the scan test.
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -204,8 +207,7 @@ def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     output = tmp_path / 'bench.json'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user has.
-    env['PYTHONPATH'] = REPO
+    env = one_device_env()  # One device, as a user has.
     args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
             '--config.n_heads=2', '--config.d_ff=64', '--config.ctx_len=16',
             '--config.batch_size=4', '--config.tokenizer_sample_size=20000',
@@ -236,4 +238,7 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
     assert result['checkpoint']['save_blocking_s'] > 0
     assert result['peak_host_memory_mb'] > 0
-    assert result['decode']['available'] in (True, False)
+    # Two new tokens fit the 16-token context: decoding is measured at both batch sizes.
+    assert result['decode']['available'] is True
+    assert set(result['decode']['tokens_per_s']) == {'1', '8'}
+    assert all(rate > 0 for rate in result['decode']['tokens_per_s'].values())

@@ -16,7 +16,7 @@ from muomni_jax import plotting
 from muomni_jax import reporting
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, one_device_env, small_config
 from tests.test_launch import SMALL, run_stage_a
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
@@ -110,7 +110,7 @@ def test_profile_steps_write_a_trace_under_save_dir(profiled_run):
 def test_plot_command_writes_png_comparing_runs(profiled_run, tmp_path):
     save_dir, _ = profiled_run
     output = tmp_path / 'curves.png'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     result = subprocess.run(
         [sys.executable, '-m', 'launch.plot', f'--checkpoint_dir={save_dir}',
          f'--checkpoint_dir={save_dir}', f'--output={output}'],

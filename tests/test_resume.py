@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.conftest import REPO
+from muomni_jax import checkpointing
+from tests.conftest import REPO, one_device_env
 from tests.test_launch import SMALL
 
 # Dropout on, a log interval cut by checkpoints (3 does not divide 2), evaluation in between.
@@ -27,8 +28,10 @@ RESUME_ARGS = [*SMALL, '--config.dropout=0.1', '--config.max_steps=12', '--confi
 TIMING_FIELDS = ('tokens_per_s', 'mfu', 'elapsed_s')
 
 
-def _launch(save_dir, data_path, compilation_cache):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+def _launch(save_dir, data_path, compilation_cache, pause_in_save_of=None):
+    env = one_device_env()
+    if pause_in_save_of is not None:
+        env[checkpointing.PAUSE_IN_SAVE_ENV] = str(pause_in_save_of)
     env['PYTHONUNBUFFERED'] = '1'  # What a killed run printed is not lost in its buffers.
     # Reruns load the compiled steps from JAX's persistent cache instead of compiling again.
     env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
@@ -81,10 +84,12 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     cache = tmp_path / 'jax_cache'
     reference = _launch(reference_dir, corpus_sample, cache)
 
-    # 1. SIGKILL while step 4 is being written (step 2 is complete). The machine's Orbax save of
-    #    this model takes ~100 ms, and we poll every ms, so the kill lands inside the save.
-    run = _launch(resumed_dir, corpus_sample, cache)
-    _wait_for(run, lambda: _saving(resumed_dir, 4), 'the save of step 4')
+    # 1. SIGKILL while step 4 is being written (step 2 is complete): the run pauses inside that
+    #    save, after its files went into Orbax's temporary folder and before the commit.
+    run = _launch(resumed_dir, corpus_sample, cache, pause_in_save_of=4)
+    lines = iter(run.stdout.readline, '')
+    assert any(line.startswith('Paused in the save of step 4') for line in lines)
+    assert _saving(resumed_dir, 4)
     _kill(run)
     names = _names(resumed_dir)
     assert '2' in names and '4' not in names, names

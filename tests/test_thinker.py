@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import tiny
 from muomni_jax.thinker import (
-    Attention, Thinker, ThinkerConfig, apply_rope, attention_mask, count_params, rope_cos_sin)
+    MODEL_FIELDS, ORIGINAL_FIELDS, SHAPE_FIELDS, Attention, Thinker, ThinkerConfig, apply_rope,
+    attention_mask, count_params, rope_cos_sin)
 
 TINY = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, kv_groups=2)
 
@@ -313,4 +315,14 @@ def test_from_config_ignores_unknown_and_defaults_missing():
     assert cfg == ThinkerConfig(d_model=128, dropout=0.0)
     assert isinstance(cfg.dropout, float) and isinstance(cfg.ctx_len, int)
     assert ThinkerConfig.from_config({}) == ThinkerConfig()
-    ThinkerConfig().validate()
+
+
+def test_defaults_are_the_original_tiny_thinker_and_the_field_lists_derive_from_them():
+    default = ThinkerConfig()
+    default.validate()
+    assert (default.vocab_size, default.n_layers, default.d_model, default.n_heads,
+            default.d_ff, default.kv_groups) == (32000, 4, 256, 4, 1024, 2)
+    assert SHAPE_FIELDS == ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "use_gqa",
+                            "kv_groups", "use_swiglu", "use_moe", "num_experts")
+    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-3]  # All but dtype, remat and scan_layers.
+    assert set(MODEL_FIELDS) <= set(tiny.get_config())

@@ -16,7 +16,7 @@ from muomni_jax import token_cache
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from tests import legacy_input_pipeline as legacy
-from tests.conftest import REPO
+from tests.conftest import REPO, one_device_env, run_module
 
 WORDS = 'the of and a to in is you that it he was for on are as with his they at be this'.split()
 
@@ -242,13 +242,13 @@ def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
                                                                         corpus_sample):
     """SIGKILL while the cache is half written (paused there by the test hook, not a timer)."""
     cache, paused = tmp_path / 'cache', tmp_path / 'paused'
-    args = [sys.executable, '-m', 'launch.prepare_data', '--config=configs/tiny.py',
-            f'--config.data_path={corpus_sample}', f'--config.cache_dir={cache}',
-            f'--config.save_dir={tmp_path / "run"}', '--config.vocab_size=256',
-            '--config.tokenizer_sample_size=20000']
-    env = {**os.environ, token_cache.PAUSE_FOR_TESTS_ENV: str(paused)}
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    args = ['--config=configs/tiny.py', f'--config.data_path={corpus_sample}',
+            f'--config.cache_dir={cache}', f'--config.save_dir={tmp_path / "run"}',
+            '--config.vocab_size=256', '--config.tokenizer_sample_size=20000']
+    env = one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
+    process = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     try:
         deadline = time.time() + 240
         while not paused.exists() and process.poll() is None and time.time() < deadline:
@@ -262,7 +262,7 @@ def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
     assert any('.partial-' in p.name for p in directory.iterdir())
     assert not list(directory.glob('train-*.json')), 'a half-built shard must have no header'
 
-    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    rerun = run_module('launch.prepare_data', *args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f'an earlier build of {directory} was interrupted; rebuilding it' in rerun.stdout
     assert not any('.partial-' in p.name for p in directory.iterdir())

@@ -11,6 +11,7 @@ from flax import nnx
 
 from muomni_jax import checkpointing
 from muomni_jax import partitioning
+from muomni_jax import steps
 from muomni_jax import train
 from muomni_jax.thinker import Thinker, ThinkerConfig
 from tests.conftest import small_config
@@ -30,8 +31,8 @@ def _batch(seed=0, batch=8, ctx=16):
 
 
 def _state(config, total_steps=10):
-    tx = train.make_optimizer(config, total_steps)
-    state = train.init_state(jax.random.PRNGKey(0), MODEL, tx)
+    tx = steps.make_optimizer(config, total_steps)
+    state = steps.init_state(jax.random.PRNGKey(0), MODEL, tx)
     graphdef = nnx.graphdef(Thinker(MODEL, rngs=nnx.Rngs(0)))
     return state, graphdef, tx
 
@@ -40,7 +41,7 @@ def test_cross_entropy_is_masked_mean_in_float32():
     logits = jnp.array([[[2.0, 0.0], [0.0, 3.0], [5.0, -5.0]]], jnp.bfloat16)
     targets = jnp.array([[0, 1, 1]])
     weights = jnp.array([[1.0, 1.0, 0.0]])
-    loss_sum, weight_sum = train.cross_entropy(logits, targets, weights)
+    loss_sum, weight_sum = steps.cross_entropy(logits, targets, weights)
     expected = -np.log(np.exp(2) / (np.exp(2) + 1)) - np.log(np.exp(3) / (np.exp(3) + 1))
     assert loss_sum.dtype == jnp.float32 and float(weight_sum) == 2.0
     np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-6)
@@ -49,7 +50,7 @@ def test_cross_entropy_is_masked_mean_in_float32():
 def test_schedule_warms_up_then_decays_to_the_floor():
     config = small_config('/tmp/unused', '/tmp/unused', learning_rate=1e-3, warmup_steps=10,
                           min_lr_ratio=0.1)
-    schedule = train.learning_rate_schedule(config, total_steps=100)
+    schedule = steps.learning_rate_schedule(config, total_steps=100)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-5)
@@ -59,7 +60,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_weight_decay_skips_norms_biases_and_embeddings():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, _, _ = _state(config)
-    mask = train.weight_decay_mask(state.params)
+    mask = steps.weight_decay_mask(state.params)
     flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert not flat['tok_emb/embedding/value']
@@ -72,7 +73,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     state, graphdef, tx = _state(config)
     batch = _batch()
     step = lambda a: jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx, accumulation_steps=a, deterministic=True))
+        steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=a, deterministic=True))
     one, m1 = step(1)(state, batch)
     four, m4 = step(4)(state, batch)
     np.testing.assert_allclose(float(m1['loss_sum']), float(m4['loss_sum']), rtol=1e-5)
@@ -86,7 +87,7 @@ def test_nonfinite_step_leaves_params_unchanged():
     state, graphdef, tx = _state(config)
     batch = _batch()
     batch['weights'] = batch['weights'] * np.float32('nan')
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
     new, metrics = step(state, batch)
     assert int(metrics['nonfinite']) == 1 and int(new.opt_state.notfinite_count) == 1
@@ -97,10 +98,10 @@ def test_nonfinite_step_leaves_params_unchanged():
 def test_dropout_depends_on_the_step():
     config = small_config('/tmp/unused', '/tmp/unused')
     model = ThinkerConfig(**{**MODEL.__dict__, 'dropout': 0.5})
-    tx = train.make_optimizer(config, 10)
-    state = train.init_state(jax.random.PRNGKey(0), model, tx)
+    tx = steps.make_optimizer(config, 10)
+    state = steps.init_state(jax.random.PRNGKey(0), model, tx)
     graphdef = nnx.graphdef(Thinker(model, rngs=nnx.Rngs(0)))
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=False))
     batch = _batch()
     _, m0 = step(state, batch)
@@ -113,7 +114,7 @@ def test_dropout_depends_on_the_step():
 def test_checkpoint_round_trip_is_exact(tmp_path):
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config)
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
     state, _ = step(state, _batch())  # Non-trivial Adam moments and counters.
     mesh = partitioning.make_mesh({'data': 2, 'fsdp': 4})

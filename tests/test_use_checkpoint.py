@@ -16,11 +16,12 @@ import pytest
 
 import muomni_jax
 from muomni_jax import loading
+from muomni_jax import original_checkpoints
 from muomni_jax import original_format
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, one_device_env, small_config
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
@@ -38,12 +39,8 @@ def trained(tmp_path_factory, corpus_sample):
     return str(save_dir), out.getvalue()
 
 
-def _one_device_env():
-    return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-
-
 def _run(module, *args, timeout=300):
-    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=_one_device_env(),
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=one_device_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -82,7 +79,7 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
     expected_path = str(tmp_path / 'expected.npz')
     result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
-                            env=_one_device_env(), capture_output=True, text=True, timeout=300)
+                            env=one_device_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'restored {len(expected)} 64 256' in result.stdout
 
@@ -143,7 +140,8 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # safetensors too, in-process: no torch needed on this path.
-    files = original_format.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
+    files = original_checkpoints.export_checkpoint(save_dir,
+                                                   str(tmp_path / 'st' / 't.safetensors'))
     assert json.load(open(files[1]))['thinker']['d_model'] == 64
     _, params = original_format.read_weights(files[0])
     for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(params)):
@@ -152,7 +150,7 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
     # Importing into a folder that holds anything is refused, and leaves it as it was.
     before = sorted(os.listdir(imported_dir))
     with pytest.raises(UserError, match='is not empty'):
-        original_format.import_weights(str(pt), str(imported_dir),
+        original_checkpoints.import_weights(str(pt), str(imported_dir),
                                        f'{save_dir}/tokenizer.model', original.config)
     assert sorted(os.listdir(imported_dir)) == before
 
@@ -199,7 +197,7 @@ def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trai
     # Weights do not need the tokenizer: export works on a save_dir without one.
     (save_dir / 'tokenizer.model').unlink()
     out = tmp_path / 'export' / 'thinker.safetensors'
-    assert original_format.export_checkpoint(str(save_dir), str(out))[0] == str(out)
+    assert original_checkpoints.export_checkpoint(str(save_dir), str(out))[0] == str(out)
     with pytest.raises(UserError, match='tokenizer.model is missing'):
         muomni_jax.load(str(save_dir))
 

@@ -1,0 +1,252 @@
+"""The training loop and what it does every N steps (the shape of clu's periodic actions and of
+Levanter's `add_hook(every=N)`).
+
+`train_loop` runs the step, adds its metrics to the `Interval`, then calls each action whose
+`every` divides the step, every action after the final step, and those with `on_stop` after the
+step a signal stops the run at. Each action is a small object with its own state and can be
+tested alone. To add one: write a class with `every`, `on_stop` and `__call__(step, state, last)`,
+and put it in the list `train._actions` builds; the order of that list is the order actions run
+in within a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import jax
+import numpy as np
+
+from muomni_jax import partitioning
+from muomni_jax import reporting
+from muomni_jax import steps as steps_lib
+from muomni_jax import training_log
+from muomni_jax.errors import UserError
+
+
+class PeriodicAction(Protocol):
+    every: int  # Runs after each step divisible by it, and after the final step.
+    on_stop: bool  # Also runs after the step a signal stopped the run at.
+
+    def __call__(self, step: int, state: steps_lib.TrainState, last: bool) -> None:
+        """last: the run ends after this step (its final step, or a signal asked to stop)."""
+
+
+@dataclasses.dataclass
+class Interval:
+    """The summed step metrics since the last log line (on the devices) and the time they took.
+
+    A resumed run starts from the sums its checkpoint saved mid-interval, so logged losses after
+    a resume equal those of an uninterrupted run.
+    """
+    sums: dict[str, jax.Array] | None = None
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    def resumed(cls, saved: Mapping[str, Any] | None, mesh) -> 'Interval':
+        """From a checkpoint's host sums, replicated like the step's metrics: multi-process runs
+        add global arrays to global arrays."""
+        if saved is None:
+            return cls()
+        return cls(sums={k: jax.device_put(np.asarray(v, np.int32 if isinstance(v, int)
+                                                      else np.float32),
+                                           partitioning.replicated(mesh))
+                         for k, v in saved.items()})
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.sums = steps_lib.add_metrics(self.sums, metrics)
+        self.steps += 1
+
+    def host_sums(self) -> dict[str, Any] | None:
+        return None if self.sums is None else jax.device_get(self.sums)
+
+    def restart(self) -> None:
+        self.sums, self.steps, self.start = None, 0, time.time()
+
+
+def train_loop(state: steps_lib.TrainState, steps: range, batches: Iterable[Any],
+               train_step: Callable, interval: Interval, actions: list[PeriodicAction],
+               should_stop: Callable[[int], bool] = lambda step: False
+               ) -> tuple[steps_lib.TrainState, bool]:
+    """Runs train_step on each batch for the given step numbers (each the step count after it).
+
+    Returns the last state and whether should_stop ended the run early.
+    """
+    for step, batch in zip(steps, batches):
+        state, metrics = train_step(state, batch)
+        interval.add(metrics)
+        stop = should_stop(step)
+        final = step == steps[-1]
+        for action in actions:
+            if step % action.every == 0 or final or (stop and action.on_stop):
+                action(step, state, final or stop)
+        if stop:
+            return state, True
+    return state, False
+
+
+def check_nonfinite_limit(m: Mapping[str, Any], max_consecutive_nonfinite: int,
+                          last_saved: int) -> None:
+    """Stops the run once max_consecutive_nonfinite steps in a row were NaN/Inf (host metrics)."""
+    limit_step = int(m['nonfinite_limit_step'])
+    if limit_step != steps_lib.NO_STEP:
+        first = limit_step - max_consecutive_nonfinite + 1
+        raise UserError(
+            f'steps {first}-{limit_step} all had NaN/Inf loss or gradients '
+            f'(max_consecutive_nonfinite={max_consecutive_nonfinite}); they were skipped '
+            f'and nothing after them was saved (newest checkpoint: step {last_saved}): lower '
+            'learning_rate, check the data, or raise max_consecutive_nonfinite')
+
+
+@dataclasses.dataclass
+class Progress:
+    """Advances the progress bar and starts or stops the profile (reporting.Reporter)."""
+    reporter: reporting.Reporter
+    every: int = 1
+    on_stop: bool = False
+
+    def __call__(self, step, state, last):
+        del last
+        self.reporter.advance(step, state)
+
+
+@dataclasses.dataclass
+class LogMetrics:
+    """Every log_every steps: one console line, a training_log record and TensorBoard scalars."""
+    every: int
+    total_steps: int
+    steps_per_epoch: int
+    tokens_per_step: int
+    schedule: Callable[[int], Any]  # The learning-rate schedule, for the lr column.
+    interval: Interval
+    history: training_log.TrainingLog
+    reporter: reporting.Reporter
+    summary: dict[str, float]  # Shared with Evaluate: what train_and_evaluate returns.
+    max_consecutive_nonfinite: int
+    last_saved: Callable[[], int]
+    flops_per_step: float = 0.0
+    peak_flops: float | None = None  # None: MFU not logged.
+    run_start: float = dataclasses.field(default_factory=time.time)
+    on_stop: bool = False
+
+    def __call__(self, step, state, last):
+        del state, last
+        m = self.interval.host_sums()
+        check_nonfinite_limit(m, self.max_consecutive_nonfinite, self.last_saved())
+        elapsed = time.time() - self.interval.start
+        steps = self.interval.steps
+        record = interval_record(m, (step - 1) // self.steps_per_epoch,
+                                 self.tokens_per_step * steps / elapsed,
+                                 float(self.schedule(step - 1)), time.time() - self.run_start)
+        record['tokens'] = step * self.tokens_per_step  # Seen so far: plots against data.
+        self.summary.clear()
+        self.summary.update(loss=record['loss'], ppl=record['ppl'])
+        mfu = ''
+        if self.peak_flops:
+            record['mfu'] = self.flops_per_step * steps / elapsed / self.peak_flops
+            mfu = f' | MFU {100 * record["mfu"]:.1f}%'
+        self.history.add(step, **record)
+        self.reporter.write_scalars(step, record)
+        skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
+                   if record['nonfinite_steps'] else '')
+        self.reporter.log(f'[Step {step}/{self.total_steps}] loss={record["loss"]:.3f} '
+                          f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
+                          f'{elapsed / steps:.2f}s/step | '
+                          f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{skipped}')
+        self.interval.restart()
+
+
+def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: float,
+                    elapsed_s: float) -> dict[str, Any]:
+    """A training_log record from the summed metrics of one log interval (host values)."""
+    loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
+    finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
+    return dict(epoch=epoch + 1, loss=loss, ppl=steps_lib.perplexity(loss), lr=lr,
+                grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
+                elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
+
+
+@dataclasses.dataclass
+class Evaluate:
+    """Every eval_every steps: validation loss, then sample lines; its time is not training time."""
+    every: int
+    total_steps: int
+    evaluate: Callable[[Any], dict[str, float]]  # params -> {'val_loss', 'val_ppl'} or {}.
+    sampler: Callable[[Any], list[str]] | None  # params -> lines, or None: no samples.
+    interval: Interval
+    history: training_log.TrainingLog
+    reporter: reporting.Reporter
+    summary: dict[str, float]
+    on_stop: bool = False
+
+    def __call__(self, step, state, last):
+        del last
+        eval_start = time.time()
+        val = self.evaluate(state.params)
+        if val:
+            self.summary.update(val)
+            self.history.add(step, **val)
+            self.reporter.write_scalars(step, val)
+            prefix = 'Final validation' if step == self.total_steps else 'Validation'
+            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
+        if self.sampler:  # Every process joins: the params may span them all.
+            samples = self.sampler(state.params)
+            for line in samples:
+                self.reporter.log(line)
+            self.reporter.write_texts(step, {f'samples/{i}': line.strip()
+                                             for i, line in enumerate(samples)})
+        # Validation time is not training time: keep it out of s/step and tokens/s.
+        self.interval.start += time.time() - eval_start
+
+
+@dataclasses.dataclass
+class WriteHistory:
+    """Rewrites training_log.json when a record changed. Runs before SaveCheckpoint, so a
+    checkpoint is never ahead of the log it resumes."""
+    history: training_log.TrainingLog
+    enabled: bool  # Process 0 only.
+    every: int = 1
+    on_stop: bool = True
+
+    def __call__(self, step, state, last):
+        del step, state, last
+        if self.enabled and self.history.unwritten:
+            self.history.write()
+
+
+@dataclasses.dataclass
+class SaveCheckpoint:
+    """Every save_every steps (and on the last): the state, the data position and the metric sums
+    of an interval the checkpoint cuts."""
+    every: int
+    checkpointer: Any  # checkpointing.Checkpointer, writable.
+    save_dir: str
+    steps_per_epoch: int
+    interval: Interval
+    max_consecutive_nonfinite: int
+    reporter: reporting.Reporter
+    last_saved: int = 0
+    on_stop: bool = True
+
+    def __call__(self, step, state, last):
+        interval = self.interval.host_sums()
+        if interval is not None:
+            check_nonfinite_limit(interval, self.max_consecutive_nonfinite, self.last_saved)
+        if not bool(steps_lib.all_finite(state.params)):
+            raise UserError(f'the params became NaN/Inf at step {step}, so it was not '
+                            f'saved (newest checkpoint: step {self.last_saved}): lower '
+                            'learning_rate or max_grad_norm')
+        self.checkpointer.save(step, state, {
+            'step': step, 'epoch': step // self.steps_per_epoch,
+            'step_in_epoch': step % self.steps_per_epoch,
+            'steps_per_epoch': self.steps_per_epoch,
+            'interval_metrics': None if interval is None else {
+                k: v.item() for k, v in interval.items()}})
+        self.last_saved = step
+        if last:  # A stopped run must not exit before its save is on disk.
+            self.checkpointer.wait()
+        self.reporter.log(f'✓ Saved checkpoint: step {step} '
+                          f'({os.path.join(self.save_dir, str(step))})')

@@ -1,0 +1,257 @@
+"""The pure training computation: state, optimizer, loss, steps, and their layout on a mesh.
+
+No I/O and no loop: `create_train_state(config, mesh, total_steps)` gives the state (or its
+abstract shape, to restore onto), its shardings and the jitted `train_step` / `eval_step`. The
+trainer, the benchmark, evaluation, weight import and the tests all build their steps here, so
+a change to the optimizer or the loss is made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from muomni_jax import lm_loss
+from muomni_jax import partitioning
+from muomni_jax.thinker import Thinker, ThinkerConfig
+
+# metrics['nonfinite_limit_step'] when the non-finite limit was not reached.
+NO_STEP = np.iinfo(np.int32).max
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: optimizer updates done.
+    params: nnx.State  # The Thinker's parameters, float32.
+    opt_state: optax.OptState
+    rng: jax.Array  # (2,) uint32 dropout key; each step folds in its step number.
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and loss. A new optimizer goes in make_optimizer: the state tree follows from it.
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=config.learning_rate * config.min_lr_ratio)
+
+
+def weight_decay_mask(params: nnx.State) -> Any:
+    """Decay matrices only: norm scales, biases and the token embedding are exempt."""
+
+    def decays(path, x) -> bool:
+        return x.ndim >= 2 and not any(getattr(k, 'key', None) == 'tok_emb' for k in path)
+
+    return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """clip -> AdamW, wrapped so a step with NaN/Inf gradients leaves params and moments as they were.
+
+    apply_if_finite would apply updates again after max_consecutive_errors bad steps; we set it
+    out of reach and let the training loop stop the run instead.
+    """
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(learning_rate_schedule(config, total_steps), b1=config.adam_b1,
+                    b2=config.adam_b2, weight_decay=config.weight_decay, mask=weight_decay_mask))
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Masked next-token loss in float32.
+
+    Args:
+      logits: (B, T, V); targets: (B, T) int; weights: (B, T) float, 0 where masked.
+    Returns:
+      (sum of weighted token losses, sum of weights), both () float32.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure steps
+
+
+def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTransformation
+               ) -> TrainState:
+    params_rng, dropout_rng = jax.random.split(rng)
+    _, params = nnx.split(Thinker(model_config, rngs=nnx.Rngs(params=params_rng)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=dropout_rng)
+
+
+def state_from_params(params: nnx.State, tx: optax.GradientTransformation, seed: int = 0
+                      ) -> TrainState:
+    """Step 0 of a run that starts from given params (an import) with a fresh optimizer."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+def abstract_model(model_config: ThinkerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params as ShapeDtypeStructs) of a Thinker; no FLOPs, no memory."""
+    return nnx.split(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
+
+
+def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
+             loss_chunk_tokens: int = 0):
+    """(loss sum, weight sum); loss_chunk_tokens > 0 fuses lm_head and loss (lm_loss.py)."""
+    model = nnx.merge(graphdef, params)
+    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
+                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+    if loss_chunk_tokens:
+        hidden = model.hidden_states(batch['inputs'], **inputs)
+        return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
+                                             batch['weights'], loss_chunk_tokens)
+    logits = model(batch['inputs'], **inputs)
+    return cross_entropy(logits, batch['targets'], batch['weights'])
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
+               max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
+
+    Gradients are summed over micro-batches and divided by the total weight, so the update equals
+    the update on the whole batch at once. A step with NaN/Inf loss or gradients changes nothing
+    but the step and the optimizer's non-finite counters; its loss and gradient norm count as 0 in
+    the metrics. metrics['nonfinite_limit_step'] is the step number once max_consecutive_nonfinite
+    such steps have come in a row (else NO_STEP), so the loop learns the exact step without
+    reading the device every step.
+    """
+    # Micro-batch j takes rows j, j + A, j + 2A, ...: every micro-batch spans every batch shard.
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+    step_key = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+
+    def accumulate(carry, xs):
+        index, micro_batch = xs
+        (loss_sum, weight_sum), grads = grad_fn(
+            state.params, micro_batch, jax.random.fold_in(step_key, index), graphdef,
+            deterministic, loss_chunk_tokens)
+        return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(accumulation_steps), micro))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = opt_state.last_finite
+    streak_done = (max_consecutive_nonfinite > 0) & (
+        opt_state.notfinite_count >= max_consecutive_nonfinite)
+    metrics = {
+        'loss_sum': jnp.where(finite, loss_sum, 0.0),
+        'weight_sum': jnp.where(finite, weight_sum, 0.0),
+        'grad_norm': jnp.where(finite, optax.tree.norm(grads), 0.0),
+        'nonfinite': 1 - finite.astype(jnp.int32),
+        'nonfinite_limit_step': jnp.where(streak_done, state.step + 1, NO_STEP),
+        'steps': jnp.ones((), jnp.int32),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
+    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True,
+                                    loss_chunk_tokens)
+    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+
+
+def add_metrics(total, metrics):
+    """Sums metrics over steps; nonfinite_limit_step keeps the earliest step instead."""
+    if total is None:
+        return metrics
+    return {k: (jnp.minimum if k == 'nonfinite_limit_step' else jnp.add)(total[k], v)
+            for k, v in metrics.items()}
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps laid out on a mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What create_train_state returns: the state and everything that runs it on the mesh."""
+    state: TrainState | None  # Initialised from config.seed; None when asked for the shape only.
+    abstract_state: TrainState  # ShapeDtypeStructs carrying state_shardings: restore onto it.
+    state_shardings: TrainState  # NamedSharding per leaf (partitioning.state_shardings).
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    model_config: ThinkerConfig
+    train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]  # (state, batch), jitted.
+    eval_step: Callable[..., dict[str, jax.Array]]  # (params, batch), jitted.
+    init: Callable[[jax.Array], TrainState]  # PRNG key -> state, jitted onto state_shardings.
+
+
+def create_train_state(config, mesh, total_steps: int = 1, *, initialize: bool = True
+                       ) -> TrainSetup:
+    """The Thinker's train state for a config, laid out on the mesh, with its jitted steps.
+
+    total_steps sets the learning-rate schedule (the state's tree does not depend on it).
+    initialize=False skips making the state: a resumed run restores onto abstract_state instead.
+    """
+    model_config = ThinkerConfig.from_config(config)
+    tx = make_optimizer(config, total_steps)
+    init = functools.partial(init_state, model_config=model_config, tx=tx)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = partitioning.state_shardings(mesh, abstract)
+    graphdef, _ = abstract_model(model_config)
+    jitted_init = jax.jit(init, out_shardings=shardings)
+    train, evaluate = _jit_steps(config, model_config, mesh, graphdef, tx, shardings)
+    return TrainSetup(
+        state=jitted_init(jax.random.PRNGKey(config.seed)) if initialize else None,
+        abstract_state=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings),
+        state_shardings=shardings, graphdef=graphdef, tx=tx, model_config=model_config,
+        train_step=train, eval_step=evaluate, init=jitted_init)
+
+
+def _jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, state_sharding: Any) -> tuple[Any, Any]:
+    """train_step and eval_step jitted over the mesh: state as laid out, batch rows split over
+    every device, metrics replicated."""
+    batch_sharding = partitioning.batch_sharding(mesh)
+    metrics_sharding = partitioning.replicated(mesh)
+    p_train_step = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          accumulation_steps=config.gradient_accumulation_steps,
+                          deterministic=model_config.dropout == 0,
+                          max_consecutive_nonfinite=config.max_consecutive_nonfinite,
+                          loss_chunk_tokens=config.loss_chunk_tokens),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                            loss_chunk_tokens=config.loss_chunk_tokens),
+                          in_shardings=(state_sharding.params, batch_sharding),
+                          out_shardings=metrics_sharding)
+    return p_train_step, p_eval_step

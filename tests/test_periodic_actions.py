@@ -1,0 +1,61 @@
+"""The training loop alone, with a fake step and fake batches: which action runs after which step."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from muomni_jax import periodic_actions
+from muomni_jax import steps
+from muomni_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Recorder:
+    every: int
+    on_stop: bool = False
+    calls: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, step, state, last):
+        self.calls.append((step, state, last))
+
+
+def _fake_step(state, batch):
+    metrics = {'loss_sum': np.float32(batch), 'weight_sum': np.float32(1), 'grad_norm': 0.0,
+               'nonfinite': np.int32(0), 'nonfinite_limit_step': np.int32(steps.NO_STEP),
+               'steps': np.int32(1)}
+    return state + batch, metrics
+
+
+def test_actions_run_on_their_multiples_and_after_the_final_step():
+    every2, every3 = Recorder(every=2), Recorder(every=3)
+    interval = periodic_actions.Interval()
+    state, stopped = periodic_actions.train_loop(
+        0, range(3, 8), iter([10, 20, 30, 40, 50, 60]), _fake_step, interval, [every2, every3])
+    assert (state, stopped) == (150, False)  # Five steps, 3..7: the sixth batch is never read.
+    assert every2.calls == [(4, 30, False), (6, 100, False), (7, 150, True)]
+    assert every3.calls == [(3, 10, False), (6, 100, False), (7, 150, True)]
+    assert interval.steps == 5 and float(interval.host_sums()['loss_sum']) == 150
+
+
+def test_a_stop_runs_only_the_on_stop_actions_and_ends_the_loop():
+    periodic, on_stop = Recorder(every=4), Recorder(every=4, on_stop=True)
+    state, stopped = periodic_actions.train_loop(
+        0, range(1, 11), iter(range(1, 11)), _fake_step, periodic_actions.Interval(),
+        [periodic, on_stop], should_stop=lambda step: step == 3)
+    assert (state, stopped) == (6, True)
+    assert periodic.calls == [] and on_stop.calls == [(3, 6, True)]
+
+
+def test_nothing_runs_when_there_is_no_step_left():
+    action = Recorder(every=1)
+    state, stopped = periodic_actions.train_loop(
+        7, range(5, 5), iter([1]), _fake_step, periodic_actions.Interval(), [action])
+    assert (state, stopped, action.calls) == (7, False, [])
+
+
+def test_the_nonfinite_limit_names_the_streak_and_the_newest_checkpoint():
+    periodic_actions.check_nonfinite_limit({'nonfinite_limit_step': steps.NO_STEP}, 3, 0)
+    with pytest.raises(UserError, match=r'^steps 4-6 all had NaN/Inf .*\(newest checkpoint: '
+                                        r'step 2\)'):
+        periodic_actions.check_nonfinite_limit({'nonfinite_limit_step': 6}, 3, 2)
