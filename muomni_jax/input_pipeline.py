@@ -109,8 +109,7 @@ def _text_file_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
             yield [pending], 0
 
 
-def _tfds_dataset(config) -> tf.data.Dataset:
-    builder = tfds_builder(config)
+def _tfds_dataset(config, builder) -> tf.data.Dataset:
     features = builder.info.features
     if config.tfds_text_key not in features:
         raise UserError(
@@ -124,7 +123,7 @@ def _tfds_dataset(config) -> tf.data.Dataset:
                   num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def tfds_builder(config):
+def _tfds_builder(config):
     """The prepared TFDS builder of config.tfds_name (downloading it if needed)."""
     import tensorflow_datasets as tfds  # Imported only for TFDS sources: it is slow to import.
     try:
@@ -167,9 +166,12 @@ class DocumentSource:
     def __init__(self, config):
         self.config = config
         if config.tfds_name:
-            self._dataset = _tfds_dataset(config)
+            # Prepared once: its info also keys the token cache and sizes the progress bar.
+            self.tfds_builder = _tfds_builder(config)
+            self._dataset = _tfds_dataset(config, self.tfds_builder)
             self.paths = []
         else:
+            self.tfds_builder = None
             self.paths = text_files(config.data_path)
         self._threshold = int(round(config.val_split * _HASH_BUCKETS))
 
@@ -182,7 +184,7 @@ class DocumentSource:
         """(total, unit) of the progress that chunks report: bytes, or TFDS examples (0: unknown)."""
         if not self.config.tfds_name:
             return sum(tf.io.gfile.stat(path).length for path in self.paths), 'B'
-        splits = tfds_builder(self.config).info.splits
+        splits = self.tfds_builder.info.splits
         try:
             return splits[self.config.tfds_split].num_examples, 'examples'
         except (KeyError, ValueError):

@@ -59,7 +59,7 @@ def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenize
               num_shards: int) -> tuple[str, dict]:
     """(key, what it covers): equal keys mean equal token streams."""
     if config.tfds_name:
-        info = input_pipeline.tfds_builder(config).info
+        info = source.tfds_builder.info
         described = {'tfds': info.full_name, 'split': config.tfds_split,
                      'text_key': config.tfds_text_key}
     else:
