@@ -25,8 +25,8 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
     if batch_size <= 0:
         raise UserError(f'batch_size ({batch_size}) must be positive')
     source = ml_collections.ConfigDict(dict(data_path=data_path, tfds_name='', val_split=0.0))
-    docs = (doc.encode('utf-8') for doc in input_pipeline.documents(source, 'train'))
-    stream, _ = input_pipeline.in_memory_stream(docs, tokenizer)
+    stream, _ = input_pipeline.in_memory_stream(input_pipeline.document_bytes(source, 'train'),
+                                                tokenizer)
     ctx_len = model.config.ctx_len
     if stream.num_windows(ctx_len) == 0:
         raise UserError(f'{data_path} holds no text to score: give a file with non-empty lines')

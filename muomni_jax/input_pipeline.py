@@ -218,10 +218,11 @@ class DocumentSource:
             yield RoutedChunk(docs, split, position % num_shards, progress)
 
 
-def documents(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
-    """The documents of one split ('train' or 'validation') and data shard, as text.
+def document_bytes(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[bytes]:
+    """The documents of one split ('train' or 'validation') and data shard, as UTF-8 bytes (maybe
+    invalid: tokenize() replaces and counts bad bytes).
 
-    Checks the source now and reads it lazily, e.g. to train the tokenizer.
+    Checks the source now and reads it lazily.
     """
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}')
@@ -232,9 +233,15 @@ def documents(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterat
         for chunk in source.routed(num_shards):
             for doc, s, d in zip(chunk.docs, chunk.split, chunk.shard):
                 if s == split_index and d == shard:
-                    yield doc.decode('utf-8', errors='replace')
+                    yield doc
 
     return read()
+
+
+def documents(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
+    """document_bytes as text (bad UTF-8 bytes become U+FFFD), e.g. to train the tokenizer."""
+    return (doc.decode('utf-8', errors='replace')
+            for doc in document_bytes(config, split, shard, num_shards))
 
 
 def tokenize(docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer,
