@@ -256,7 +256,7 @@ def prepare_data(config) -> dict[str, int]:
     with distributed.fail_together():
         validate_config(config)
         _check_writable(config.save_dir)
-        host_data.num_shards(config)
+        num_shards = host_data.num_shards(config)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
     tokenizer = _shared_tokenizer(config)
@@ -265,7 +265,7 @@ def prepare_data(config) -> dict[str, int]:
         _keep_tokenizer(config.save_dir, tokenizer)
     totals = data.totals
     log(f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
-        f'validation tokens in {host_data.num_shards(config)} data shard(s); the tokenizer is in '
+        f'validation tokens in {num_shards} data shard(s); the tokenizer is in '
         f'{config.save_dir}.')
     return totals
 
