@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.tfds_split = 'train'  # TFDS split to read documents from.
     config.tfds_text_key = 'text'  # Feature of each TFDS example that holds the text.
     config.tfds_data_dir = ''  # TFDS data_dir (may be gs://...); empty uses the TFDS default.
+    # Weighted sources, 'name=path_or_tfds:DATASET/SPLIT/TEXT_KEY:weight,...'; replaces data_path.
+    config.mixture = ''
     config.val_split = 0.1  # Fraction of documents held out for validation (by a stable content hash).
     config.tokenizer_path = ''  # Existing SentencePiece model to use; empty trains one into save_dir.
     config.tokenizer_sample_size = 2_000_000  # Max sentences sampled to train the tokenizer (bounds memory).

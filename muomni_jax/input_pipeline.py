@@ -47,8 +47,11 @@ _READ_CHUNK_BYTES = 2**20  # Text is read, split into documents and hashed in ch
 _TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
 
-def text_files(data_path: str) -> list[str]:
-    """Expands a file, a directory (its text files, recursively) or a glob into sorted paths."""
+def text_files(data_path: str, label: str = 'data_path') -> list[str]:
+    """Expands a file, a directory (its text files, recursively) or a glob into sorted paths.
+
+    label names the path in errors: 'data_path', or a mixture's "mixture source 'wiki'".
+    """
     if not data_path:
         raise UserError(
             'data_path is empty: set --config.data_path to a text file, directory or glob, '
@@ -60,21 +63,21 @@ def text_files(data_path: str) -> list[str]:
         ]
         if not paths:
             raise UserError(
-                f'data_path {data_path} is a directory with no {"/".join(_TEXT_SUFFIXES)} '
+                f'{label} {data_path} is a directory with no {"/".join(_TEXT_SUFFIXES)} '
                 'files: point it at a text file or a glob such as "dir/*.md"')
     elif any(c in data_path for c in '*?['):
         paths = tf.io.gfile.glob(data_path)
         if not paths:
-            raise UserError(f'data_path glob {data_path} matches no files: check the pattern')
+            raise UserError(f'{label} glob {data_path} matches no files: check the pattern')
     elif tf.io.gfile.exists(data_path):
         paths = [data_path]
     else:
-        raise UserError(
-            f'data_path {data_path} does not exist: point --config.data_path at a text file')
+        flag = '--config.data_path' if label == 'data_path' else 'it'
+        raise UserError(f'{label} {data_path} does not exist: point {flag} at a text file')
     return sorted(paths)
 
 
-def _check_not_binary(path: str, head: bytes) -> None:
+def _check_not_binary(path: str, head: bytes, label: str) -> None:
     """Refuses a file whose first 64 KB hold a NUL byte or are >10% undecodable.
 
     Text with a few invalid UTF-8 bytes is accepted: tokenize() replaces them by U+FFFD and
@@ -83,16 +86,16 @@ def _check_not_binary(path: str, head: bytes) -> None:
     # A multi-byte character cut at the end of the sniffed block is not an error.
     replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
     if b'\0' in head or replaced > 0.1 * len(head):
-        raise UserError(f'data_path file {path} looks binary, not UTF-8 text: point data_path at '
+        raise UserError(f'{label} file {path} looks binary, not UTF-8 text: point {label} at '
                         'text files with one document per line')
 
 
-def _text_file_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
+def _text_file_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]]:
     """(whole lines, bytes read) per chunk of a text file, refusing binary files and huge lines."""
     with tf.io.gfile.GFile(path, 'rb') as f:
         chunk = f.read(_SNIFF_BYTES)
         if chunk:
-            _check_not_binary(path, chunk)
+            _check_not_binary(path, chunk, label)
         offset, pending = 0, b''  # pending: the start of a line not yet ended.
         while chunk:
             offset += len(chunk)
@@ -100,7 +103,7 @@ def _text_file_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
             pending = lines.pop()
             if max([len(pending), *map(len, lines)]) > MAX_LINE_BYTES:
                 raise UserError(
-                    f'data_path file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
+                    f'{label} file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
                     f'(before byte {offset:,}); each line is one document: split the text into '
                     'lines')
             yield lines, len(chunk)
@@ -165,6 +168,8 @@ class DocumentSource:
 
     def __init__(self, config):
         self.config = config
+        # How errors name this source: a mixture's source configs set it (mixture.source_config).
+        self.label = config.get('source_label', 'data_path')
         if config.tfds_name:
             # Prepared once: its info also keys the token cache and sizes the progress bar.
             self.tfds_builder = _tfds_builder(config)
@@ -172,7 +177,7 @@ class DocumentSource:
             self.paths = []
         else:
             self.tfds_builder = None
-            self.paths = text_files(config.data_path)
+            self.paths = text_files(config.data_path, self.label)
         self._threshold = int(round(config.val_split * _HASH_BUCKETS))
 
     @property
@@ -197,7 +202,7 @@ class DocumentSource:
                 yield [doc for doc in (raw.strip() for raw in batch) if doc], len(batch)
         else:
             for path in self.paths:
-                for lines, read in _text_file_chunks(path):
+                for lines, read in _text_file_chunks(path, self.label):
                     yield [doc for doc in (line.strip() for line in lines) if doc], read
 
     def routed(self, num_shards: int) -> Iterator[RoutedChunk]:
@@ -374,20 +379,47 @@ def steps_per_epoch(stream: TokenStream, ctx_len: int, batch_size: int) -> int:
     return stream.num_windows(ctx_len) // batch_size
 
 
-def _batches(stream: TokenStream, ctx_len: int,
-             batch_index: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-    """Feature dicts of (B, ctx_len) arrays; batch_index is (num_batches, B) window numbers."""
-    for index in batch_index:
-        yield features(*stream.windows(index, ctx_len))
+def epoch_order(num_windows: int, seed: int, epoch: int, source: int = 0) -> np.ndarray:
+    """(num_windows,) int64: the order of epoch `epoch`, fixed by (seed, epoch, source).
 
-
-def epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
-    """(num_windows,) int64: the order of epoch `epoch`, fixed by (seed, epoch).
-
+    Source 0 (also the only source of a single corpus) keeps the seed's original order.
     Memory: 8 bytes per window of this stream while the epoch runs (e.g. 15 M windows of a
     30 GB corpus at ctx_len 512, spread over the data shards: 120 MB in all).
     """
-    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+    entropy = [seed, epoch, source] if source else [seed, epoch]
+    return np.random.default_rng(entropy).permutation(num_windows)
+
+
+class EpochOrder:
+    """Window numbers of positions 0, 1, 2, ... in an endless run of epochs over one stream.
+
+    Position p is index p % epoch_windows of epoch p // epoch_windows's order; an epoch reads
+    the first epoch_windows windows of a fresh permutation of all num_windows, so every data
+    shard's epoch has the same length and the windows left over differ from epoch to epoch.
+    """
+
+    def __init__(self, num_windows: int, epoch_windows: int, seed: int, source: int = 0):
+        if not 0 < epoch_windows <= num_windows:
+            raise ValueError(f'epoch_windows {epoch_windows} not in [1, {num_windows}]')
+        self.num_windows, self.epoch_windows = num_windows, epoch_windows
+        self.seed, self.source = seed, source
+        self._orders: dict[int, np.ndarray] = {}  # The newest two epochs: a step may span both.
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = epoch_order(self.num_windows, self.seed, epoch, self.source)
+        return self._orders[epoch]
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """(N,) window numbers of (N,) positions."""
+        epochs, index = np.divmod(np.asarray(positions, np.int64), self.epoch_windows)
+        windows = np.empty(len(index), np.int64)
+        for epoch in np.unique(epochs):
+            mine = epochs == epoch
+            windows[mine] = self._order(int(epoch))[index[mine]]
+        return windows
 
 
 def train_batches(stream: TokenStream, ctx_len: int, batch_size: int, *, seed: int, epoch: int,
@@ -399,9 +431,12 @@ def train_batches(stream: TokenStream, ctx_len: int, batch_size: int, *, seed: i
     any s.
     """
     num_steps = steps_per_epoch(stream, ctx_len, batch_size) if num_steps is None else num_steps
-    order = epoch_order(stream.num_windows(ctx_len), seed, epoch)
-    batch_index = order[:num_steps * batch_size].reshape(num_steps, batch_size)[start_step:]
-    return _batches(stream, ctx_len, batch_index)
+    if num_steps == 0:
+        return
+    order = EpochOrder(stream.num_windows(ctx_len), num_steps * batch_size, seed)
+    for step in range(epoch * num_steps + start_step, (epoch + 1) * num_steps):
+        yield features(*stream.windows(order(step * batch_size + np.arange(batch_size)),
+                                       ctx_len))
 
 
 def eval_batches(stream: TokenStream, ctx_len: int, batch_size: int,
@@ -410,4 +445,5 @@ def eval_batches(stream: TokenStream, ctx_len: int, batch_size: int,
     index = np.full(num_batches * batch_size, -1, np.int64)
     count = min(stream.num_windows(ctx_len), len(index))
     index[:count] = np.arange(count)
-    return _batches(stream, ctx_len, index.reshape(num_batches, batch_size))
+    for rows in index.reshape(num_batches, batch_size):
+        yield features(*stream.windows(rows, ctx_len))

@@ -129,6 +129,8 @@ class LogMetrics:
     last_saved: Callable[[], int]
     flops_per_step: float = 0.0
     peak_flops: float | None = None  # None: MFU not logged.
+    # step -> {source name: epochs drawn} of a mixture, logged as epochs/<name>; None: one source.
+    source_epochs: Callable[[int], dict[str, float]] | None = None
     run_start: float = dataclasses.field(default_factory=time.time)
     on_stop: bool = False
 
@@ -148,6 +150,11 @@ class LogMetrics:
         if self.peak_flops:
             record['mfu'] = self.flops_per_step * steps / elapsed / self.peak_flops
             mfu = f' | MFU {100 * record["mfu"]:.1f}%'
+        epochs = ''
+        if self.source_epochs:
+            drawn = self.source_epochs(step)
+            record.update({f'epochs/{name}': value for name, value in drawn.items()})
+            epochs = ' | epochs ' + ' '.join(f'{name} {value:.3g}' for name, value in drawn.items())
         self.history.add(step, **record)
         self.reporter.write_scalars(step, record)
         skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
@@ -155,7 +162,7 @@ class LogMetrics:
         self.reporter.log(f'[Step {step}/{self.total_steps}] loss={record["loss"]:.3f} '
                           f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
                           f'{elapsed / steps:.2f}s/step | '
-                          f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{skipped}')
+                          f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}')
         self.interval.restart()
 
 
@@ -174,7 +181,8 @@ class Evaluate:
     """Every eval_every steps: validation loss, then sample lines; its time is not training time."""
     every: int
     total_steps: int
-    evaluate: Callable[[Any], dict[str, float]]  # params -> {'val_loss', 'val_ppl'} or {}.
+    # params -> {'val_loss', 'val_ppl', and a mixture's 'val/<name>/loss' and /ppl} or {}.
+    evaluate: Callable[[Any], dict[str, float]]
     sampler: Callable[[Any], list[str]] | None  # params -> lines, or None: no samples.
     interval: Interval
     history: training_log.TrainingLog
@@ -191,7 +199,12 @@ class Evaluate:
             self.history.add(step, **val)
             self.reporter.write_scalars(step, val)
             prefix = 'Final validation' if step == self.total_steps else 'Validation'
-            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}')
+            per_source = ''.join(
+                f' | {key.split("/")[1]} loss={value:.3f} ppl={val[key[:-len("loss")] + "ppl"]:.1f}'
+                for key, value in val.items() if key.startswith('val/') and key.endswith('/loss'))
+            weighted = ' (weighted)' if per_source else ''
+            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} '
+                              f'ppl={val["val_ppl"]:.1f}{weighted}{per_source}')
         if self.sampler:  # Every process joins: the params may span them all.
             samples = self.sampler(state.params)
             for line in samples:
@@ -229,6 +242,7 @@ class SaveCheckpoint:
     max_consecutive_nonfinite: int
     reporter: reporting.Reporter
     last_saved: int = 0
+    mixture: str | None = None  # mixture.canonical: a resume with another mixture is refused.
     on_stop: bool = True
 
     def __call__(self, step, state, last):
@@ -242,7 +256,7 @@ class SaveCheckpoint:
         self.checkpointer.save(step, state, {
             'step': step, 'epoch': step // self.steps_per_epoch,
             'step_in_epoch': step % self.steps_per_epoch,
-            'steps_per_epoch': self.steps_per_epoch,
+            'steps_per_epoch': self.steps_per_epoch, 'mixture': self.mixture,
             'interval_metrics': None if interval is None else {
                 k: v.item() for k, v in interval.items()}})
         self.last_saved = step

@@ -66,10 +66,27 @@ def _run_labels(checkpoint_dirs: Sequence[str]) -> list[str]:
             for n, d in zip(names, checkpoint_dirs)]
 
 
+# Markers of a mixture's per-source validation curves, one per source.
+_SOURCE_MARKERS = ('s', '^', 'v', 'D', 'P', 'X', '*')
+
+
+def _series(records: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key prefix, legend text, line style) of each curve: train, validation and, for a
+    mixture, the validation of each source (keys val/<name>/loss and val/<name>/ppl)."""
+    names = list(dict.fromkeys(key.split('/')[1] for r in records for key in r
+                               if key.startswith('val/') and key.count('/') == 2))
+    return [('', 'train', dict(linestyle='-')),
+            ('val_', 'validation', dict(linestyle='--', marker='o', markersize=4)),
+            *((f'val/{name}/', f'validation {name}',
+               dict(linestyle=':', marker=_SOURCE_MARKERS[i % len(_SOURCE_MARKERS)],
+                    markersize=4)) for i, name in enumerate(names))]
+
+
 def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) -> Figure:
     """Draws loss and perplexity of one or more runs, against step (left) and tokens (right).
 
-    Training curves are solid lines, validation dashed with markers; each run has one colour.
+    Training curves are solid lines, validation dashed with markers, and a mixture's validation
+    per source dotted with a marker per source; each run has one colour.
 
     Args:
       checkpoint_dirs: save_dirs of runs, each holding a training_log.json.
@@ -88,13 +105,11 @@ def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) ->
         for column, x_key in enumerate(('step', 'tokens')):
             for row, metric in enumerate(('loss', 'ppl')):
                 ax = axes[row, column]
-                for prefix, style in (('', dict(linestyle='-')),
-                                      ('val_', dict(linestyle='--', marker='o', markersize=4))):
+                for prefix, kind, style in _series(records):
                     points = [(r[x_key], r[prefix + metric]) for r in records
                               if prefix + metric in r]
                     if points:
                         xs, ys = zip(*points)
-                        kind = 'validation' if prefix else 'train'
                         ax.plot(xs, ys, color=colour, label=f'{label} {kind}', **style)
     for column, x_label in enumerate(('step', 'tokens seen')):
         axes[0, column].set_title(f'against {x_label}')

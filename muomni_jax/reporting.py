@@ -43,10 +43,13 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 
 
 def scalar_tag(name: str) -> str:
-    """TensorBoard tag of a training_log.json field: 'val_loss' -> 'val/loss', 'lr' -> 'train/lr'.
+    """TensorBoard tag of a training_log.json field: 'val_loss' -> 'val/loss', 'lr' -> 'train/lr',
+    'epochs/wiki' -> 'train/epochs/wiki', 'val/wiki/loss' as it is.
     """
     if name.startswith('val_'):
         return 'val/' + name[len('val_'):]
+    if name.startswith('val/'):  # A mixture source's: 'val/wiki/loss'.
+        return name
     return 'train/' + name
 
 

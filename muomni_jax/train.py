@@ -24,7 +24,7 @@ from muomni_jax import checkpointing
 from muomni_jax import distributed
 from muomni_jax import flops
 from muomni_jax import host_data
-from muomni_jax import input_pipeline
+from muomni_jax import mixture
 from muomni_jax import partitioning
 from muomni_jax import periodic_actions
 from muomni_jax import preemption
@@ -70,6 +70,7 @@ def validate_config(config) -> ThinkerConfig:
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     reporting.parse_profile_steps(config.profile_steps)
+    mixture.sources(config)  # A mixture string that does not parse fails here.
     return model_config
 
 
@@ -131,10 +132,10 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
                             'tokenizer_path to resume with the saved one')
     else:
         # All the training text, not one shard: the vocabulary must not depend on the processes.
-        texts = input_pipeline.documents(config, 'train')
+        texts = mixture.tokenizer_documents(config)
         first = next(texts, None)
         if first is None:
-            raise UserError(_no_text_message(config))
+            raise UserError(mixture.no_text_message(config, mixture.sources(config)[0]))
         print(f'Training a {config.vocab_size}-piece BPE tokenizer on the training text...')
         tokenizer = tokenizer_lib.train_tokenizer(
             itertools.chain([first], texts), config.vocab_size, config.tokenizer_sample_size,
@@ -146,10 +147,27 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
     return tokenizer
 
 
-def _no_text_message(config) -> str:
-    source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
-    return (f'{source} holds no training text (empty, blank lines only, or all in validation): '
-            'point data_path at a text file with one document per line')
+def _describe_sources(config) -> str:
+    sources = mixture.sources(config)
+    if not config.mixture:
+        return sources[0].describe()
+    return f'a mixture of {len(sources)} sources: ' + ', '.join(
+        f'{s.name} {s.weight:.0%} ({s.describe()})' for s in sources)
+
+
+def _log_totals(data: host_data.HostData, log) -> None:
+    def line(totals):
+        return (f'{totals["train_documents"]:,} documents ({totals["train_tokens"]:,} tokens); '
+                f'validation: {totals["validation_documents"]:,} documents '
+                f'({totals["validation_tokens"]:,} tokens)')
+
+    log(f'Training samples: {line(data.totals)}')
+    if data.is_mixture:
+        for source in data.sources:
+            log(f'  {source.source.name}: {line(source.totals)}')
+            if not source.totals['validation_documents']:
+                log(f'  {source.source.name}: no validation documents (raise val_split to '
+                    'validate it); the weighted validation loss leaves it out')
 
 
 def _shared_tokenizer(config) -> tokenizer_lib.Tokenizer:
@@ -209,16 +227,12 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
         model_config, mesh = _check_inputs(config, devices)
     save_dir = config.save_dir
 
-    source = f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
-    log(f'Loading data from {source}...')
+    log(f'Loading data from {_describe_sources(config)}...')
     tokenizer = _shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
     sampler = sampling.training_sampler(config, model_config, tokenizer)
     data = host_data.load(config, tokenizer, log)
-    totals = data.totals
-    log(f'Training samples: {totals["train_documents"]:,} documents '
-        f'({totals["train_tokens"]:,} tokens); validation: {totals["validation_documents"]:,} '
-        f'documents ({totals["validation_tokens"]:,} tokens)')
+    _log_totals(data, log)
     steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps:
@@ -295,6 +309,11 @@ def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
     state, meta = restored
     start_step = int(meta['step'])
     # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
+    if start_step and meta.get('mixture') != mixture.canonical(run.config):
+        raise UserError(f'the checkpoint in {checkpointer.directory} was trained on '
+                        f'{meta.get("mixture") or "a single data_path"}, not on '
+                        f'{mixture.canonical(run.config) or "a single data_path"}: resume with '
+                        'the same --config.mixture, or use a new save_dir')
     if start_step and meta.get('steps_per_epoch') != run.steps_per_epoch:
         raise UserError(f'the checkpoint in {checkpointer.directory} was trained with '
                         f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
@@ -376,7 +395,7 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         every=config.save_every, checkpointer=checkpointer, save_dir=config.save_dir,
         steps_per_epoch=run.steps_per_epoch, interval=interval,
         max_consecutive_nonfinite=config.max_consecutive_nonfinite, reporter=reporter,
-        last_saved=start_step)
+        last_saved=start_step, mixture=mixture.canonical(config))
     log_metrics = periodic_actions.LogMetrics(
         every=config.log_every, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
         tokens_per_step=config.batch_size * config.ctx_len,
@@ -384,7 +403,9 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         history=history, reporter=reporter, summary=summary,
         max_consecutive_nonfinite=config.max_consecutive_nonfinite,
         last_saved=lambda: save.last_saved, flops_per_step=flops_per_step,
-        peak_flops=peak_flops)
+        peak_flops=peak_flops,
+        source_epochs=(lambda step: run.data.source_epochs(step, config.seed))
+        if run.data.is_mixture else None)
     evaluate_action = periodic_actions.Evaluate(
         every=config.eval_every, total_steps=run.total_steps,
         evaluate=lambda params: evaluate(run, params), sampler=run.sampler, interval=interval,
@@ -423,13 +444,27 @@ def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
 
 
 def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
-    """Mean loss and perplexity over the validation windows (all, or eval_batches per shard)."""
-    total = None
+    """Validation loss and perplexity (all windows, or eval_batches per shard) of each source,
+    and their mixture-weighted mean; {} when there is no validation text.
+
+    A mixture's record also holds val/<name>/loss and val/<name>/ppl of each source.
+    """
     batch_sharding = partitioning.batch_sharding(run.mesh)
-    for batch in run.data.validation_batches():
-        total = steps.add_metrics(total, run.setup.eval_step(params, partitioning.global_batch(
-            batch, batch_sharding)))
-    if total is None or float(total['weight_sum']) == 0:
+    losses = {}
+    for index, data in enumerate(run.data.sources):
+        total = None
+        for batch in run.data.validation_batches(index):
+            total = steps.add_metrics(total, run.setup.eval_step(
+                params, partitioning.global_batch(batch, batch_sharding)))
+        if total is not None and float(total['weight_sum']) > 0:
+            losses[data.source] = float(total['loss_sum']) / float(total['weight_sum'])
+    if not losses:
         return {}
-    loss = float(total['loss_sum']) / float(total['weight_sum'])
-    return {'val_loss': loss, 'val_ppl': steps.perplexity(loss)}
+    # Sources without validation text are left out; the others keep their relative weights.
+    loss = sum(s.weight * value for s, value in losses.items()) / sum(s.weight for s in losses)
+    result = {'val_loss': loss, 'val_ppl': steps.perplexity(loss)}
+    if run.data.is_mixture:
+        for source, value in losses.items():
+            result[f'val/{source.name}/loss'] = value
+            result[f'val/{source.name}/ppl'] = steps.perplexity(value)
+    return result

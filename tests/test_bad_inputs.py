@@ -104,6 +104,30 @@ CASES = {
                              "TFDS dataset 'lm1bb' does not exist: did you mean 'lm1b'?"),
     'zero_nonfinite_limit': (lambda t, run, data: dict(max_consecutive_nonfinite=0),
                              'max_consecutive_nonfinite (0) must be positive'),
+    'mixture_weight_zero': (lambda t, run, data: dict(mixture=f'a={data}:0,b={data}:1'),
+                            "mixture source 'a' has weight 0: weights must be > 0"),
+    'mixture_weight_negative': (lambda t, run, data: dict(mixture=f'a={data}:-0.5'),
+                                "mixture source 'a' has weight -0.5: weights must be > 0"),
+    'mixture_weight_not_a_number': (lambda t, run, data: dict(mixture=f'a={data}:heavy'),
+                                    "has weight 'heavy', not a number"),
+    'mixture_duplicate_names': (lambda t, run, data: dict(mixture=f'a={data}:1,a={data}:2'),
+                                "mixture source name 'a' appears twice"),
+    'mixture_does_not_parse': (lambda t, run, data: dict(mixture=f'a={data}'),
+                               'does not parse: write NAME=SOURCE:WEIGHT entries'),
+    'mixture_missing_path': (
+        lambda t, run, data: dict(mixture=f'a={data}:1,b={t / "nope.txt"}:1'),
+        "mixture source 'b' " + '{tmp}/nope.txt does not exist: point it at a text file'),
+    'mixture_source_without_text': (
+        lambda t, run, data: dict(mixture=f'a={data}:1,b={_write(t / "e.txt", b"")}:1'),
+        "mixture source 'b' ({tmp}/e.txt) holds no training text"),
+    'mixture_source_without_text_new_tokenizer': (
+        lambda t, run, data: dict(save_dir=str(t / 'fresh'),
+                                  mixture=f'a={data}:1,b={_write(t / "e.txt", b"")}:1'),
+        "mixture source 'b' ({tmp}/e.txt) holds no training text"),
+    'mixture_on_resume_of_another_mixture': (
+        lambda t, run, data: dict(mixture=f'a={data}:1'),
+        'was trained on a single data_path, not on a=' + '{data}:1: resume with the same '
+        '--config.mixture'),
 }
 
 
@@ -120,7 +144,7 @@ def test_bad_input_is_one_clear_error_and_leaves_save_dir_untouched(case, tmp_pa
     with pytest.raises(UserError) as error:
         train.train_and_evaluate(config)
     message = str(error.value)
-    assert expected in message
+    assert expected.format(tmp=tmp_path, data=corpus_sample) in message
     assert '\n' not in message and len(message) < 400
     assert tree_digest(config.save_dir) == before
 

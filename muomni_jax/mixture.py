@@ -1,0 +1,225 @@
+"""Weighted mixtures of corpora: the sources, and which source fills each row of each batch.
+
+A mixture is one config string (ml_collections overrides a string on the command line as
+easily as in a config file, where a list of dicts cannot be):
+
+  --config.mixture='wiki=data/wiki/*.txt:0.7,books=tfds:pg19/train/book_text:0.3'
+
+Each comma-separated entry is NAME=SOURCE:WEIGHT. SOURCE is a text file, directory or glob
+(as data_path), or tfds:DATASET/SPLIT/TEXT_KEY (DATASET may hold a config, e.g.
+wiki40b/en). Weights are positive and need not sum to 1. An empty mixture is the single source
+of data_path (or tfds_name): a mixture of one, which trains on exactly the batches it always did.
+
+Rows are given to sources in blocks of BLOCK_ROWS rows, as in Levanter's MixtureDataset: each
+block holds a fixed count of rows of each source (weight x BLOCK_ROWS, by largest remainders) in
+an order shuffled by (seed, block). This sits between a per-row draw, whose shares wander (a
+source of weight 0.01 misses 100 rows in a row 37% of the time), and fixed counts per
+batch, which give a source of weight below 1/rows no rows at all. Every 4,096 rows the shares are
+exact; within a block each row's source is random. The source and position of row g follow from
+g alone, so a resumed run starts at any step in O(BLOCK_ROWS) and every data shard, on any
+number of processes, draws the same pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from muomni_jax import input_pipeline
+from muomni_jax.errors import UserError
+
+BLOCK_ROWS = 4096
+_NAME = re.compile(r'[A-Za-z0-9_-]+')
+_SYNTAX = ('write NAME=SOURCE:WEIGHT entries separated by commas, with SOURCE a text path or '
+           'glob or tfds:DATASET/SPLIT/TEXT_KEY, e.g. '
+           "--config.mixture='wiki=data/wiki/*.txt:0.7,books=tfds:pg19/train/book_text:0.3'")
+# Seeds the block shuffles apart from the epoch orders of input_pipeline.epoch_order.
+_BLOCK_SEED_TAG = 0x6D6978
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One corpus of a mixture."""
+    name: str  # Short name: in metric keys (val/<name>/loss), TensorBoard tags and log lines.
+    weight: float  # Share of the training rows; the weights of a mixture sum to 1.
+    data_path: str = ''  # Text file, directory or glob; '' for TFDS.
+    tfds_name: str = ''
+    tfds_split: str = 'train'
+    tfds_text_key: str = 'text'
+
+    def describe(self) -> str:
+        if self.tfds_name:
+            return f'TFDS {self.tfds_name}/{self.tfds_split}'
+        return self.data_path
+
+
+def parse(spec: str) -> list[Source]:
+    """The sources of a mixture string, weights normalized; a one-line UserError if it is bad."""
+    entries = [entry.strip() for entry in spec.split(',')]
+    if not spec.strip() or not all(entries):
+        raise UserError(f'mixture {spec!r} has an empty entry: {_SYNTAX}')
+    sources = []
+    for entry in entries:
+        name, equals, rest = entry.partition('=')
+        where, colon, weight_text = rest.rpartition(':')
+        name = name.strip()
+        if not equals or not colon or not where.strip():
+            raise UserError(f'mixture entry {entry!r} does not parse: {_SYNTAX}')
+        if not _NAME.fullmatch(name):
+            raise UserError(f'mixture source name {name!r} must be letters, digits, _ or -: '
+                            'it names metrics such as val/<name>/loss')
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise UserError(f'mixture entry {entry!r} has weight {weight_text!r}, not a number: '
+                            f'{_SYNTAX}') from None
+        if not weight > 0 or not np.isfinite(weight):
+            raise UserError(f'mixture source {name!r} has weight {weight_text}: weights must be '
+                            '> 0 (drop the source to leave it out)')
+        if name in [s.name for s in sources]:
+            raise UserError(f'mixture source name {name!r} appears twice: give each source its '
+                            'own name')
+        sources.append(_source(name, weight, where.strip(), entry))
+    total = sum(s.weight for s in sources)
+    sources = [dataclasses.replace(s, weight=s.weight / total) for s in sources]
+    block_rows(sources)  # Checks that every source gets rows.
+    return sources
+
+
+def _source(name: str, weight: float, where: str, entry: str) -> Source:
+    if not where.startswith('tfds:'):
+        return Source(name, weight, data_path=where)
+    parts = where[len('tfds:'):].rsplit('/', 2)
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f'mixture entry {entry!r}: a TFDS source is tfds:DATASET/SPLIT/TEXT_KEY, '
+                        'e.g. tfds:lm1b/train/text')
+    return Source(name, weight, tfds_name=parts[0], tfds_split=parts[1], tfds_text_key=parts[2])
+
+
+def sources(config) -> list[Source]:
+    """config.mixture's sources, or the one source of data_path / tfds_name."""
+    if config.mixture:
+        return parse(config.mixture)
+    return [Source('data', 1.0, data_path=config.data_path, tfds_name=config.tfds_name,
+                   tfds_split=config.tfds_split, tfds_text_key=config.tfds_text_key)]
+
+
+def canonical(config) -> str | None:
+    """The mixture as a checkpoint records it (None for a single source): names, sources and
+    normalized weights, so that a resume with another mixture is refused."""
+    if not config.mixture:
+        return None
+    return ','.join(f'{s.name}={s.describe()}:{s.weight:.6g}' for s in parse(config.mixture))
+
+
+def source_config(config, source: Source) -> ml_collections.ConfigDict:
+    """The fields the input pipeline and token cache read, for one source."""
+    return ml_collections.ConfigDict(dict(
+        data_path=source.data_path, tfds_name=source.tfds_name, tfds_split=source.tfds_split,
+        tfds_text_key=source.tfds_text_key, tfds_data_dir=config.tfds_data_dir,
+        val_split=config.val_split, cache_dir=config.cache_dir,
+        source_label=f'mixture source {source.name!r}' if config.mixture else 'data_path'))
+
+
+def no_text_message(config, source: Source) -> str:
+    if config.mixture:
+        return (f'mixture source {source.name!r} ({source.describe()}) holds no training text '
+                '(empty, blank lines only, or all in validation): point it at text with one '
+                'document per line, or drop it from --config.mixture')
+    return (f'{source.describe()} holds no training text (empty, blank lines only, or all in '
+            'validation): point data_path at a text file with one document per line')
+
+
+def tokenizer_documents(config) -> Iterator[str]:
+    """The training documents the tokenizer learns from, drawn by the mixture's weights.
+
+    A single source gives all its documents, in order. In a mixture of D training documents,
+    source s gives about weight_s x D: each of its documents repeated or skipped at random
+    (seeded), so SentencePiece's own sample of tokenizer_sample_size sentences follows the
+    weights. Counting the documents costs one extra read of the text, on the first run only.
+    """
+    all_sources = sources(config)
+    configs = [source_config(config, s) for s in all_sources]
+    if len(all_sources) == 1:
+        return input_pipeline.documents(configs[0], 'train')
+    counts = [sum(1 for _ in input_pipeline.document_bytes(c, 'train')) for c in configs]
+    for source, count in zip(all_sources, counts):
+        if not count:
+            raise UserError(no_text_message(config, source))
+
+    def draw():
+        for i, (source, source_config_, count) in enumerate(zip(all_sources, configs, counts)):
+            whole, fraction = divmod(source.weight * sum(counts) / count, 1.0)
+            rng = np.random.default_rng([config.seed, i])
+            for doc in input_pipeline.documents(source_config_, 'train'):
+                for _ in range(int(whole) + int(rng.random() < fraction)):
+                    yield doc
+
+    return draw()
+
+
+def block_rows(sources: list[Source], size: int = BLOCK_ROWS) -> np.ndarray:
+    """(S,) int64 rows of each source per block: weight x size, largest remainders first."""
+    exact = np.array([s.weight for s in sources]) * size
+    counts = np.floor(exact).astype(np.int64)
+    # Stable: equal remainders go to the earlier source.
+    extra = np.argsort(-(exact - counts), kind='stable')[:size - counts.sum()]
+    counts[extra] += 1
+    if not counts.all():
+        small = [s.name for s, c in zip(sources, counts) if not c]
+        raise UserError(f'mixture source(s) {", ".join(small)} have a weight below 1/{size} of '
+                        'the total and would never be drawn: raise their weight')
+    return counts
+
+
+class RowAssignment:
+    """The source of every row of the endless row sequence, and its position in that source.
+
+    Row g (= step * rows + j for row j of a step, per data shard) lies in block g // BLOCK_ROWS.
+    A source's position counts its earlier rows, so positions 0, 1, 2, ... of each source are
+    drawn in order, each once.
+    """
+
+    def __init__(self, counts: np.ndarray, seed: int):
+        self.counts = np.asarray(counts, np.int64)
+        self.seed = seed
+        self.size = int(self.counts.sum())
+        self._block_index, self._block = -1, None
+
+    def _block_of(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """((size,) source of each row of the block, (size,) its rank among that source's rows)."""
+        if block != self._block_index:
+            source = np.repeat(np.arange(len(self.counts)), self.counts)
+            if len(self.counts) > 1:
+                np.random.default_rng([_BLOCK_SEED_TAG, self.seed, block]).shuffle(source)
+            order = np.argsort(source, kind='stable')
+            first = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+            rank = np.empty(self.size, np.int64)
+            rank[order] = np.arange(self.size) - first[source[order]]
+            self._block_index, self._block = block, (source, rank)
+        return self._block
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """((n,) source, (n,) position in that source) of rows start .. stop - 1."""
+        sources, positions = [], []
+        g = start
+        while g < stop:
+            block, offset = divmod(g, self.size)
+            end = min(stop - g, self.size - offset) + offset
+            source, rank = self._block_of(block)
+            sources.append(source[offset:end])
+            positions.append(block * self.counts[source[offset:end]] + rank[offset:end])
+            g += end - offset
+        if not sources:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(sources), np.concatenate(positions)
+
+    def rows_before(self, g: int) -> np.ndarray:
+        """(S,) rows of each source among rows 0 .. g - 1."""
+        block, offset = divmod(g, self.size)
+        source, _ = self._block_of(block)
+        return block * self.counts + np.bincount(source[:offset], minlength=len(self.counts))
