@@ -99,6 +99,25 @@ def corpus_sample(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope='session')
+def two_sources(tmp_path_factory, corpus_sample):
+    """corpus_sample split in two by a fixed rule, as data/text/split_corpus.py splits the
+    corpus: a folder holding prose.txt and code.txt (the paragraphs with a '(')."""
+    folder = tmp_path_factory.mktemp('sources')
+    lines = open(corpus_sample, encoding='utf-8').read().splitlines()
+    code = [line for line in lines if '(' in line]
+    prose = [line for line in lines if '(' not in line]
+    assert len(prose) > 2 * len(code) > 200
+    (folder / 'prose.txt').write_text('\n'.join(prose) + '\n', encoding='utf-8')
+    (folder / 'code.txt').write_text('\n'.join(code) + '\n', encoding='utf-8')
+    return folder
+
+
+def mixture_spec(folder, prose_weight=0.7, code_weight=0.3) -> str:
+    """config.mixture of two_sources's folder."""
+    return f'prose={folder / "prose.txt"}:{prose_weight},code={folder / "code.txt"}:{code_weight}'
+
+
 def pytest_report_header(config):
     del config
     return f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices'

@@ -19,25 +19,8 @@ from muomni_jax import plotting
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from tests.conftest import restore_state, run_module, small_config
+from tests.conftest import mixture_spec, restore_state, run_module, small_config
 from tests.test_resume import TIMING_FIELDS
-
-
-@pytest.fixture(scope='module')
-def two_sources(tmp_path_factory, corpus_sample):
-    """The sample corpus split in two by a fixed rule, as data/text/split_corpus.py does."""
-    folder = tmp_path_factory.mktemp('sources')
-    lines = open(corpus_sample, encoding='utf-8').read().splitlines()
-    code = [line for line in lines if '(' in line]
-    prose = [line for line in lines if '(' not in line]
-    assert len(prose) > 2 * len(code) > 200
-    (folder / 'prose.txt').write_text('\n'.join(prose) + '\n', encoding='utf-8')
-    (folder / 'code.txt').write_text('\n'.join(code) + '\n', encoding='utf-8')
-    return folder
-
-
-def _spec(folder, prose_weight=0.7, code_weight=0.3):
-    return f'prose={folder / "prose.txt"}:{prose_weight},code={folder / "code.txt"}:{code_weight}'
 
 
 def _log(save_dir, drop=TIMING_FIELDS):
@@ -117,7 +100,7 @@ def _window_counts(stream, ctx_len) -> collections.Counter:
 
 def test_mixture_batches_follow_the_weights_and_repeat_a_source_only_after_its_epoch(
         tmp_path, two_sources):
-    config = small_config(tmp_path / 'run', '', mixture=_spec(two_sources, 0.3, 0.7),
+    config = small_config(tmp_path / 'run', '', mixture=mixture_spec(two_sources, 0.3, 0.7),
                           batch_size=16, data_shards=2, cache_dir=str(tmp_path / 'cache'))
     tokenizer = tokenizer_lib.train_tokenizer(mixture.tokenizer_documents(config), 256, 20000)
     data = host_data.load(config, tokenizer, log=lambda line: None)
@@ -172,7 +155,7 @@ def test_a_mixture_of_one_source_trains_exactly_like_data_path(tmp_path, corpus_
 def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
         tmp_path, two_sources, capsys):
     save_dir = tmp_path / 'run'
-    config = small_config(save_dir, '', mixture=_spec(two_sources), eval_batches=0,
+    config = small_config(save_dir, '', mixture=mixture_spec(two_sources), eval_batches=0,
                           max_steps=4, eval_every=4, save_every=4,
                           cache_dir=str(tmp_path / 'cache'))
     summary = train.train_and_evaluate(config)
@@ -203,7 +186,7 @@ def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
     assert labels == ['run train', 'run validation', 'run validation prose',
                       'run validation code']
     # Resuming with other weights is refused before anything changes.
-    config.mixture = _spec(two_sources, 0.5, 0.5)
+    config.mixture = mixture_spec(two_sources, 0.5, 0.5)
     config.max_steps = 6
     with pytest.raises(UserError, match='resume with the same --config.mixture'):
         train.train_and_evaluate(config)
@@ -212,7 +195,7 @@ def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
 def test_a_mixture_resumes_bitwise(tmp_path, two_sources):
     """A run that resumes from its step-4 checkpoint ends equal to one that did not stop."""
     whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
-    config = small_config(whole, '', mixture=_spec(two_sources), max_steps=8, save_every=4,
+    config = small_config(whole, '', mixture=mixture_spec(two_sources), max_steps=8, save_every=4,
                           eval_every=4, log_every=3, dropout=0.1)
     train.train_and_evaluate(config)
     shutil.copytree(whole, resumed)

@@ -11,8 +11,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from tests.conftest import REPO, free_port, one_device_env
+from tests.conftest import REPO, free_port, mixture_spec, one_device_env
 from tests.test_launch import SMALL
 
 TIMEOUT_S = 300
@@ -63,9 +64,13 @@ def _log(save_dir):
         return json.load(f)
 
 
-def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus_sample):
+@pytest.mark.parametrize('data', ['data_path', 'mixture'])
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus_sample,
+                                                                two_sources, data):
     one_dir, two_dir = tmp_path / 'one_process', tmp_path / 'two_processes'
-    data = f'--config.data_path={corpus_sample}'
+    sources = 2 if data == 'mixture' else 1
+    data = (f'--config.mixture={mixture_spec(two_sources)}' if data == 'mixture' else
+            f'--config.data_path={corpus_sample}')
     # A token cache on each process's own disk, as on TPU VMs: each builds only its own shard.
     caches = [tmp_path / f'cache_{i}' for i in range(3)]
     pair_args = [[*COMMON, data, f'--config.save_dir={two_dir}', f'--config.cache_dir={caches[i]}']
@@ -92,11 +97,12 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
         '3', 'config.json', 'tokenizer.model', 'training_log.json']
 
     shard_files = lambda cache: sorted(p.name for p in cache.glob('*/*-of-*.tokens'))
-    assert shard_files(caches[0]) == ['train-00000-of-00002.tokens',
-                                      'validation-00000-of-00002.tokens']
-    assert shard_files(caches[1]) == ['train-00001-of-00002.tokens',
-                                      'validation-00001-of-00002.tokens']
-    assert len(shard_files(caches[2])) == 4  # One process builds both shards.
+    # A cache per source; each process builds its own shard of each.
+    assert shard_files(caches[0]) == sorted(['train-00000-of-00002.tokens',
+                                             'validation-00000-of-00002.tokens'] * sources)
+    assert shard_files(caches[1]) == sorted(['train-00001-of-00002.tokens',
+                                             'validation-00001-of-00002.tokens'] * sources)
+    assert len(shard_files(caches[2])) == 4 * sources  # One process builds both shards.
 
     # Process 0 trained the tokenizer on all the text, as the single process did.
     assert (one_dir / 'tokenizer.model').read_bytes() == (two_dir / 'tokenizer.model').read_bytes()
@@ -104,7 +110,10 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     assert [r['step'] for r in one] == [r['step'] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-5, err_msg=f'step {a["step"]}')
-    np.testing.assert_allclose(two[-1]['val_loss'], one[-1]['val_loss'], rtol=1e-5)
+    validation = [key for key in one[-1] if key.startswith('val')]
+    assert len(validation) == (2 if sources == 1 else 6)  # val_loss, val_ppl, val/<name>/...
+    for key in validation:
+        np.testing.assert_allclose(two[-1][key], one[-1][key], rtol=1e-5, err_msg=key)
 
 
 def test_an_error_on_one_process_stops_both(tmp_path, corpus_sample):
