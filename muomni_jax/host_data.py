@@ -125,11 +125,11 @@ def load(config, tokenizer, log=print) -> HostData:
     loaded = []
     for source in sources:
         prefix = f'[{source.name}] ' if config.mixture else ''
+        source_config = mixture.source_config(config, source)
         with distributed.fail_together():
             streams = token_cache.open_or_build(
-                mixture.source_config(config, source),
-                input_pipeline.DocumentSource(mixture.source_config(config, source)), tokenizer,
-                count, mine, log=lambda line, prefix=prefix: log(prefix + line),
+                source_config, input_pipeline.DocumentSource(source_config), tokenizer, count,
+                mine, log=lambda line, prefix=prefix: log(prefix + line),
                 verbose=jax.process_index() == 0)
         loaded.append(([streams['train', k] for k in mine],
                        [streams['validation', k] for k in mine]))

@@ -154,7 +154,7 @@ class LogMetrics:
         if self.source_epochs:
             drawn = self.source_epochs(step)
             record.update({f'epochs/{name}': value for name, value in drawn.items()})
-            epochs = ' | epochs ' + ' '.join(f'{name} {value:.3g}' for name, value in drawn.items())
+            epochs = ' | epochs ' + ' '.join(f'{name} {n:.3g}' for name, n in drawn.items())
         self.history.add(step, **record)
         self.reporter.write_scalars(step, record)
         skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
@@ -199,12 +199,12 @@ class Evaluate:
             self.history.add(step, **val)
             self.reporter.write_scalars(step, val)
             prefix = 'Final validation' if step == self.total_steps else 'Validation'
-            per_source = ''.join(
-                f' | {key.split("/")[1]} loss={value:.3f} ppl={val[key[:-len("loss")] + "ppl"]:.1f}'
-                for key, value in val.items() if key.startswith('val/') and key.endswith('/loss'))
-            weighted = ' (weighted)' if per_source else ''
-            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} '
-                              f'ppl={val["val_ppl"]:.1f}{weighted}{per_source}')
+            names = [key.split('/')[1] for key in val
+                     if key.startswith('val/') and key.endswith('/loss')]
+            per_source = ''.join(f' | {name} loss={val[f"val/{name}/loss"]:.3f} '
+                                 f'ppl={val[f"val/{name}/ppl"]:.1f}' for name in names)
+            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}'
+                              f'{" (weighted)" if names else ""}{per_source}')
         if self.sampler:  # Every process joins: the params may span them all.
             samples = self.sampler(state.params)
             for line in samples:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from muomni_jax import host_data
 from muomni_jax import input_pipeline
 from muomni_jax import token_cache
 from muomni_jax import tokenizer as tokenizer_lib
@@ -99,6 +100,19 @@ def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, nu
             legacy.eval_batches(validation, rows, num_batches),
             input_pipeline.eval_batches(streams['validation', shard], ctx, rows, num_batches),
             rows_that_exist=validation.num_windows)
+
+
+def test_training_batches_of_a_single_source_equal_the_in_memory_path(corpus, tmp_path,
+                                                                      tokenizer):
+    """host_data reads a data_path as a mixture of one source: the batches must not change."""
+    config = _config(corpus, tmp_path / 'cache', ctx_len=16, batch_size=4, data_shards=1, seed=7)
+    data = host_data.load(config, tokenizer, log=lambda line: None)
+    train = legacy.pack(legacy.documents(config, 'train'), tokenizer, 16)
+    assert data.steps_per_epoch == train.num_windows // 4
+    for epoch, start in ((0, 0), (1, 5)):
+        _assert_same_batches(
+            legacy.train_batches(train, 4, seed=7, epoch=epoch, start_step=start),
+            data.train_batches(7, epoch, start))
 
 
 def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, tokenizer,
