@@ -231,7 +231,7 @@ def _peak_and_mfu(config, figures: TrainFigures, peaks: list[float], flops_per_s
         figures.mfu = float(np.median(
             [flops_per_step / t / p for t, p in zip(figures.step_s_all, peaks)]))
         return PeakFigures(flops_per_s=float(np.median(peaks)), all=peaks,
-                           source=f'measured float32 {peak_size}^2 matmul before each step')
+                           source=f'best float32 {peak_size}^2 matmul before each step')
     peak, source = flops.system_peak_flops(config.peak_flops_per_device)
     figures.mfu = figures.flops_per_s / peak if peak else None
     return PeakFigures(flops_per_s=peak, source=source)

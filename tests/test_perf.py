@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+from muomni_jax import benchmark
 from muomni_jax import flops
 from muomni_jax import lm_loss
 from muomni_jax import steps
@@ -203,6 +204,30 @@ def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
     assert [r['step'] for r in records] == [1, 2]
     for record in records:
         assert record['tokens_per_s'] > 0 and 0 < record['mfu'] < 10
+
+
+def test_live_mfu_agrees_with_the_bench_on_the_same_config(tmp_path, corpus_sample):
+    """The MFU of the log lines and launch.bench's, measured back to back on the same model and
+    batch shape. Both are ratios to a peak measured the same way, so their ratio stays near 1
+    however fast or loaded the machine is (a peak read low once made the log say 60% where the
+    bench said 44%)."""
+    config = small_config(tmp_path / 'run', corpus_sample, d_model=128, d_ff=512, ctx_len=128,
+                          max_steps=40, log_every=10, eval_every=100, save_every=100)
+    train.train_and_evaluate(config)
+    with open(tmp_path / 'run' / 'training_log.json') as f:
+        live = [r['mfu'] for r in json.load(f) if 'mfu' in r and r['step'] > 10]  # No compile.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (8, 129)).astype(np.int32)
+    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+                 segment_ids=np.ones((8, 128), np.int32), weights=np.ones((8, 128), np.float32),
+                 positions=np.tile(np.arange(128, dtype=np.int32), (8, 1)))
+    figures, peaks, _, _ = benchmark.bench_train_step(config, batch, warmup=2, repeats=7,
+                                                      measure_peak=flops.measure_matmul_peak)
+    flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * 8 * 128
+    # pylint: disable-next=protected-access
+    benchmark._peak_and_mfu(config, figures, peaks, flops_per_step, flops.CPU_PEAK_SIZE)
+    ratio = float(np.median(live)) / figures.mfu
+    assert 0.75 < ratio < 1.33, (live, figures.mfu)
 
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
