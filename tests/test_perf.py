@@ -221,7 +221,7 @@ def test_live_mfu_agrees_with_the_bench_on_the_same_config(tmp_path, corpus_samp
     batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
                  segment_ids=np.ones((8, 128), np.int32), weights=np.ones((8, 128), np.float32),
                  positions=np.tile(np.arange(128, dtype=np.int32), (8, 1)))
-    figures, peaks, _, _ = benchmark.bench_train_step(config, batch, warmup=2, repeats=7,
+    figures, peaks, _, _, _ = benchmark.bench_train_step(config, batch, warmup=2, repeats=7,
                                                       measure_peak=flops.measure_matmul_peak)
     flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * 8 * 128
     # pylint: disable-next=protected-access
@@ -234,7 +234,7 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     output = tmp_path / 'bench.json'
     env = one_device_env()  # One device, as a user has.
     args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
-            '--config.n_heads=2', '--config.d_ff=64', '--config.ctx_len=16',
+            '--config.n_heads=4', '--config.d_ff=64', '--config.ctx_len=16',
             '--config.batch_size=4', '--config.tokenizer_sample_size=20000',
             f'--config.data_path={corpus_sample}', f'--config.save_dir={tmp_path / "run"}',
             '--repeats=1', '--warmup=0', '--pipeline_batches=3', '--decode_tokens=2',
@@ -245,10 +245,10 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'MFU' in run.stdout and 'tokens/s' in run.stdout
     result = json.loads(output.read_text())
-    cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, d_ff=64, ctx_len=16)
+    cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, d_ff=64, ctx_len=16)
     assert result['model']['flops_per_token'] == flops.flops_per_token(cfg)
-    # Embedding and lm_head, q/k/v/o (two kv groups of 16 = 32 wide), SwiGLU, three norms.
-    assert result['model']['params'] == 2 * 256 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
+    # Embedding and lm_head, q/o 32 wide and k/v (two kv groups of 8) 16 wide, SwiGLU, norms.
+    assert result['model']['params'] == 2 * 256 * 32 + 3 * 32 * 32 + 3 * 32 * 64 + 3 * 32
     train_figures = result['train']
     assert train_figures['step_s'] > 0 and train_figures['first_step_s'] > 0
     # One repeat: the MFU is that step's FLOP/s over the peak measured just before it.
@@ -263,6 +263,12 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
     assert result['checkpoint']['save_blocking_s'] > 0
     assert result['peak_host_memory_mb'] > 0
+    # torch is in requirements-test.txt: the original's step ran beside ours, interleaved.
+    original = result['original']
+    assert original['available'] is True and len(original['step_s']) == 1
+    assert original['speedup'] == pytest.approx(
+        original['ours_tokens_per_s'] / original['tokens_per_s'])
+    assert 'original (PyTorch) step' in run.stdout
     # Two new tokens fit the 16-token context: decoding is measured at both batch sizes.
     assert result['decode']['available'] is True
     assert set(result['decode']['tokens_per_s']) == {'1', '8'}
