@@ -153,6 +153,8 @@ def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
                   deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
     if loss_chunk_tokens:
         hidden = model.hidden_states(batch['inputs'], **inputs)
+        # The lm_head matmuls run in the hidden states' dtype (matmul_dtype's, if lower).
+        hidden = hidden.astype(model.config.matmul_compute_dtype)
         return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
                                              batch['weights'], loss_chunk_tokens)
     logits = model(batch['inputs'], **inputs)
