@@ -37,9 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.gradient_accumulation_steps = 1  # Micro-batches per optimizer step (inside the jitted step).
     config.num_epochs = 10  # Passes over the training windows.
     config.max_steps = 0  # Stop after this many optimizer steps if earlier than num_epochs; 0: no limit.
-    config.learning_rate = 3e-4  # Peak AdamW learning rate.
+    config.max_train_seconds = 0  # Save and stop before this many seconds of training (per launch); 0: none.
+    config.optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the block matrices, AdamW for the rest.
+    config.muon_momentum = 0.95  # Muon's Nesterov momentum (optimizer='muon' only).
+    config.learning_rate = 3e-4  # Peak learning rate (Muon's updates are scaled to share it).
+    config.lr_schedule = 'cosine'  # 'cosine' (warmup, cosine decay) or 'wsd' (warmup-stable-decay).
+    config.decay_fraction = 0.2  # WSD: the last fraction of the steps that decays linearly.
     config.warmup_steps = 1000  # Linear warmup from 0 to learning_rate.
-    config.min_lr_ratio = 0.1  # Cosine decay floor at the last step, as a fraction of learning_rate.
+    config.min_lr_ratio = 0.1  # Decay floor at the last step, as a fraction of learning_rate.
     config.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms, biases or embeddings).
     config.adam_b1 = 0.9  # AdamW beta1.
     config.adam_b2 = 0.95  # AdamW beta2.
@@ -65,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1 fills with the devices left over.
     config.mesh.fsdp = 1  # Axis that shards parameters and optimizer state; -1 fills.
+    config.compilation_cache = True  # Keep compiled steps on disk, so a restart skips most compiling.
+    config.compilation_cache_dir = ''  # '': $JAX_COMPILATION_CACHE_DIR, else ~/.cache/muomni_jax/...
     config.peak_flops_per_device = 0.0  # Device peak FLOP/s for MFU; 0: GPU/TPU table, CPU measured.
 
     # --- Processes (one per TPU VM worker or GPU node; see README "Many devices and hosts") ---

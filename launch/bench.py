@@ -22,6 +22,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats of each figure (the
 _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 50, 'Batches the input bench reads.')
 _DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 64, 'New tokens per decode repeat.')
 _PEAK_SIZE = flags.DEFINE_integer('peak_size', 2048, 'Side of the CPU peak matmul.')
+_COMPARE_ORIGINAL = flags.DEFINE_bool(
+    'compare_original', True, 'Also time the original PyTorch step beside ours (needs torch).')
 
 
 def main(argv):
@@ -36,7 +38,7 @@ def main(argv):
         result = benchmark.run_benchmark(
             config, warmup=_WARMUP.value, repeats=_REPEATS.value,
             pipeline_batches=_PIPELINE_BATCHES.value, decode_tokens=_DECODE_TOKENS.value,
-            peak_size=_PEAK_SIZE.value)
+            peak_size=_PEAK_SIZE.value, compare_original=_COMPARE_ORIGINAL.value)
     print(benchmark.format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:

@@ -114,6 +114,20 @@ class DecodeFigures:
 
 
 @dataclasses.dataclass
+class OriginalFigures:
+    """The original's training step (torch_reference, written from the spec) timed beside ours,
+    A B A B in one run, on the same batch: forward, loss, backward, clipping and AdamW."""
+    available: bool
+    reason: str = ''  # Why not, when unavailable (e.g. torch is not installed).
+    torch: str = ''
+    step_s: list[float] = dataclasses.field(default_factory=list)  # The original's steps.
+    ours_step_s: list[float] = dataclasses.field(default_factory=list)  # Ours, interleaved.
+    tokens_per_s: float = 0.0  # The original's, from its median step.
+    ours_tokens_per_s: float = 0.0
+    speedup: float = 0.0  # ours_tokens_per_s / tokens_per_s.
+
+
+@dataclasses.dataclass
 class BenchResult:
     conditions: Conditions
     model: ModelFigures
@@ -123,6 +137,8 @@ class BenchResult:
     checkpoint: CheckpointFigures
     decode: DecodeFigures
     peak_host_memory_mb: float
+    original: OriginalFigures = dataclasses.field(
+        default_factory=lambda: OriginalFigures(available=False, reason='not measured'))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,7 +207,7 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     """Time to the first step (trace + compile + run), then the median steady-state step.
 
     measure_peak, if given, runs before each timed step; its results are returned second.
-    Returns the figures, the peaks, the trained state and its graphdef.
+    Returns the figures, the peaks, the trained state, its graphdef and the jitted step.
     """
     train.validate_config(config)
     mesh = partitioning.make_mesh(config.mesh)
@@ -220,7 +236,7 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
         first_step_s=first_step_s, step_s=step_s, step_s_all=times,
         tokens_per_s=config.batch_size * config.ctx_len / step_s,
         loss=float(metrics['loss_sum']) / max(float(metrics['weight_sum']), 1.0))
-    return figures, peaks, state, setup.graphdef
+    return figures, peaks, state, setup.graphdef, step
 
 
 def _peak_and_mfu(config, figures: TrainFigures, peaks: list[float], flops_per_step: float,
@@ -231,7 +247,7 @@ def _peak_and_mfu(config, figures: TrainFigures, peaks: list[float], flops_per_s
         figures.mfu = float(np.median(
             [flops_per_step / t / p for t, p in zip(figures.step_s_all, peaks)]))
         return PeakFigures(flops_per_s=float(np.median(peaks)), all=peaks,
-                           source=f'measured float32 {peak_size}^2 matmul before each step')
+                           source=f'best float32 {peak_size}^2 matmul before each step')
     peak, source = flops.system_peak_flops(config.peak_flops_per_device)
     figures.mfu = figures.flops_per_s / peak if peak else None
     return PeakFigures(flops_per_s=peak, source=source)
@@ -274,6 +290,61 @@ def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_t
     return figures
 
 
+def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step: Callable,
+                          repeats: int) -> tuple[OriginalFigures, Any]:
+    """Times the original's training step and ours alternately, `repeats` times each; returns
+    the figures and our state after its steps (the step donates the state it is given).
+
+    The original is torch_reference.ThinkerLM with torch's AdamW (foreach) and gradient
+    clipping, in float32 with the config's dropout, on one process using every core, as its
+    train_text.py trains. Interleaving A B A B lets a shared machine's load fall on both alike.
+    """
+    try:
+        from muomni_jax import torch_reference  # pylint: disable=import-outside-toplevel
+        torch, thinker_lm = torch_reference.thinker_lm_class()
+    except ImportError:
+        return OriginalFigures(available=False, reason='torch is not installed'), state
+    model_config = train.validate_config(config)
+    if model_config.kv_groups != model_config.n_heads // 2 and model_config.use_gqa:
+        return OriginalFigures(available=False, reason='the original always uses n_heads // 2 '
+                               'kv groups'), state
+    torch.manual_seed(config.seed)
+    model = thinker_lm(model_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_b1, config.adam_b2),
+                                  weight_decay=config.weight_decay)
+    inputs = torch.from_numpy(np.asarray(batch['inputs'], np.int64))
+    targets = torch.from_numpy(np.asarray(batch['targets'], np.int64))
+
+    def original_step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        return loss
+
+    mesh = partitioning.make_mesh(config.mesh)
+    device_batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
+    original_step()  # Warm-up: allocations and the first AdamW state.
+    ours, theirs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = step(state, device_batch)
+        jax.block_until_ready(metrics)
+        ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        original_step().item()
+        theirs.append(time.perf_counter() - start)
+    tokens = config.batch_size * config.ctx_len
+    figures = OriginalFigures(available=True, torch=torch.__version__, step_s=theirs,
+                              ours_step_s=ours, tokens_per_s=tokens / float(np.median(theirs)),
+                              ours_tokens_per_s=tokens / float(np.median(ours)))
+    figures.speedup = figures.ours_tokens_per_s / figures.tokens_per_s
+    return figures, state
+
+
 def _conditions(config, warmup: int, repeats: int) -> Conditions:
     device = jax.devices()[0]
     return Conditions(
@@ -287,6 +358,7 @@ def _conditions(config, warmup: int, repeats: int) -> Conditions:
 def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches: int = 50,
                   checkpoint_repeats: int = 3, decode_tokens: int = 64,
                   decode_batch_sizes: tuple[int, ...] = (1, 8), peak_size: int = 2048,
+                  compare_original: bool = True,
                   log: Callable[[str], None] = print) -> BenchResult:
     """Runs every measurement on `config` (a configs/*.py ConfigDict) and returns the figures."""
     model_config = train.validate_config(config)
@@ -301,11 +373,16 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
 
     cpu_peak = conditions.platform == 'cpu' and not config.peak_flops_per_device
     log('Train step...')
-    train_figures, peaks, state, graphdef = bench_train_step(
+    train_figures, peaks, state, graphdef, step = bench_train_step(
         config, batch, warmup=warmup, repeats=repeats,
         measure_peak=functools.partial(flops.measure_matmul_peak, peak_size) if cpu_peak else None)
     peak = _peak_and_mfu(config, train_figures, peaks, model.flops_per_step, peak_size)
     pipeline.ratio_to_training = pipeline.batch_tokens_per_s / train_figures.tokens_per_s
+
+    original = OriginalFigures(available=False, reason='--compare_original=false')
+    if compare_original:
+        log('The original (PyTorch) step, interleaved with ours...')
+        original, state = compare_with_original(config, batch, state, step, repeats)
 
     log('Checkpoint save...')
     checkpoint = bench_checkpoint(state, checkpoint_repeats)
@@ -316,7 +393,7 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
     conditions.load_average_1m_end = os.getloadavg()[0]
     return BenchResult(
         conditions=conditions, model=model, input_pipeline=pipeline, train=train_figures,
-        peak=peak, checkpoint=checkpoint, decode=decode,
+        peak=peak, checkpoint=checkpoint, decode=decode, original=original,
         peak_host_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -352,6 +429,11 @@ def format_table(result: BenchResult) -> str:
         ('ckpt save blocks', f'{c.save_blocking_s:.3f} s = {c.blocking_over_step:.2f} '
                              f'steps (write {c.save_total_s:.2f} s)'),
     ]
+    o = result.original
+    rows.append(('original (PyTorch) step',
+                 f'{o.tokens_per_s:,.0f} tok/s; ours {o.ours_tokens_per_s:,.0f} tok/s in the same '
+                 f'run: {o.speedup:.2f}x (torch {o.torch}, interleaved)' if o.available
+                 else f'not compared ({o.reason})'))
     if d.available:
         rows += [(f'decode batch {b}', f'{rate:,.0f} tok/s') for b, rate in d.tokens_per_s.items()]
     else:

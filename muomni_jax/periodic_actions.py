@@ -149,7 +149,7 @@ class LogMetrics:
         mfu = ''
         if self.peak_flops:
             record['mfu'] = self.flops_per_step * steps / elapsed / self.peak_flops
-            mfu = f' | MFU {100 * record["mfu"]:.1f}%'
+            mfu = f' | MFU {100 * record["mfu"]:.1f}% of {_flops(self.peak_flops)}'
         epochs = ''
         if self.source_epochs:
             drawn = self.source_epochs(step)
@@ -164,6 +164,13 @@ class LogMetrics:
                           f'{elapsed / steps:.2f}s/step | '
                           f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}')
         self.interval.restart()
+
+
+def _flops(per_second: float) -> str:
+    """'0.195 TFLOP/s', '989 TFLOP/s', '52.1 GFLOP/s'."""
+    if per_second >= 1e11:
+        return f'{per_second / 1e12:.3g} TFLOP/s'
+    return f'{per_second / 1e9:.3g} GFLOP/s'
 
 
 def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: float,

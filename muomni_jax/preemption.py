@@ -1,4 +1,4 @@
-"""Stopping a run cleanly on SIGTERM or Ctrl-C, at a step every process agrees on.
+"""Stopping a run cleanly on SIGTERM, Ctrl-C or a time budget, at a step every process agrees on.
 
 The first SIGTERM (what a preempted TPU VM or a scheduler sends) or Ctrl-C only sets a flag; the
 training loop reads it at the next step boundary, saves a checkpoint and returns. A second signal
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -86,3 +87,33 @@ class StopSignals:
         if np.any(flags) and self.received is None:
             self.received = 'a signal on another process'
         return bool(np.any(flags))
+
+
+class TimeBudget:
+    """Stops training before max_train_seconds of it have passed (0: no budget).
+
+    The clock starts when the loop does (the first step's compile counts). After each step it
+    waits for that step's metrics, so the time is what the devices did, not how far ahead the
+    host dispatched, and stops when one more step as long as the last would cross the budget.
+    At least one step always runs. Every process gets the same answer: with several processes
+    the decision is allgathered after each step.
+    """
+
+    def __init__(self, seconds: float, wait_for: Callable[[], Any]):
+        self.seconds = seconds
+        self._wait_for = wait_for  # () -> device values the last step produced.
+        self._start = self._last = time.monotonic()
+        self.exhausted = False
+
+    def should_stop(self, step: int) -> bool:
+        del step
+        if not self.seconds:
+            return False
+        jax.block_until_ready(self._wait_for())
+        now = time.monotonic()
+        last_step, self._last = now - self._last, now
+        stop = now - self._start + last_step > self.seconds
+        if jax.process_count() > 1:
+            stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+        self.exhausted = stop
+        return stop

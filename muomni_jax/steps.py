@@ -40,13 +40,29 @@ class TrainState:
 # Optimizer and loss. A new optimizer goes in make_optimizer: the state tree follows from it.
 
 
+SCHEDULES = ('cosine', 'wsd')
+OPTIMIZERS = ('adamw', 'muon')
+
+
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
+    """Linear warmup to learning_rate, then down to min_lr_ratio * learning_rate at the last step.
+
+    'cosine': a cosine decay over all the steps after warmup. 'wsd' (warmup-stable-decay): the
+    peak rate until the last decay_fraction of the steps, then a linear decay; a run can be
+    extended or cut without changing its stable phase, and the decay can start from any step.
+    """
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=config.learning_rate * config.min_lr_ratio)
+    end = config.learning_rate * config.min_lr_ratio
+    if config.lr_schedule == 'cosine':
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=end)
+    decay_start = max(warmup, total_steps - round(config.decay_fraction * total_steps))
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+        optax.constant_schedule(config.learning_rate),
+        optax.linear_schedule(config.learning_rate, end, max(total_steps - decay_start, 1)),
+    ], boundaries=[warmup, decay_start])
 
 
 def weight_decay_mask(params: nnx.State) -> Any:
@@ -58,16 +74,32 @@ def weight_decay_mask(params: nnx.State) -> Any:
     return jax.tree.map_with_path(decays, params)
 
 
+def is_muon_matrix(path, x) -> bool:
+    """The block matrices Muon updates (attention and MLP kernels); not the embedding, the norms,
+    the lm_head or an MoE router, which keep AdamW as in the Muon papers."""
+    names = [getattr(k, 'key', None) for k in path]
+    return 'blocks' in names and 'router' not in names and x.ndim == 2
+
+
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-    """clip -> AdamW, wrapped so a step with NaN/Inf gradients leaves params and moments as they were.
+    """clip -> AdamW (or Muon for the block matrices, AdamW for the rest), wrapped so a step with
+    NaN/Inf gradients leaves params and moments as they were.
 
     apply_if_finite would apply updates again after max_consecutive_errors bad steps; we set it
     out of reach and let the training loop stop the run instead.
     """
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(learning_rate_schedule(config, total_steps), b1=config.adam_b1,
-                    b2=config.adam_b2, weight_decay=config.weight_decay, mask=weight_decay_mask))
+    schedule = learning_rate_schedule(config, total_steps)
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                        weight_decay=config.weight_decay, mask=weight_decay_mask)
+    if config.optimizer == 'muon':
+        # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Moonlight,
+        # arXiv:2502.16982), so one learning rate and schedule serve both parts.
+        muon = optax.contrib.muon(schedule, beta=config.muon_momentum,
+                                  weight_decay=config.weight_decay, consistent_rms=0.2)
+        labels = lambda params: jax.tree.map_with_path(
+            lambda path, x: 'muon' if is_muon_matrix(path, x) else 'adamw', params)
+        adamw = optax.partition({'muon': muon, 'adamw': adamw}, labels)
+    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
 
 
@@ -121,6 +153,8 @@ def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
                   deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
     if loss_chunk_tokens:
         hidden = model.hidden_states(batch['inputs'], **inputs)
+        # The lm_head matmuls run in the hidden states' dtype (matmul_dtype's, if lower).
+        hidden = hidden.astype(model.config.matmul_compute_dtype)
         return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
                                              batch['weights'], loss_chunk_tokens)
     logits = model(batch['inputs'], **inputs)

@@ -52,6 +52,9 @@ class ThinkerConfig:
     num_experts_per_tok: int = _field(2)  # Experts each token is routed to (only with use_moe).
     # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU; params are always float32.
     dtype: str = _field("float32", original=False)
+    # Matmul inputs only: 'bfloat16' casts both operands of every matmul (accumulating in
+    # float32) and keeps params, activations and the residual stream in `dtype`.
+    matmul_dtype: str = _field("float32", original=False)
     # Recompute each block's activations in the backward pass (saves memory).
     remat: bool = _field(False, original=False)
     # Run the blocks as one lax.scan: compile time flat in n_layers.
@@ -88,6 +91,13 @@ class ThinkerConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(_DTYPES[self.dtype])
+
+    @property
+    def matmul_compute_dtype(self) -> jnp.dtype:
+        """The dtype matmul operands are cast to: matmul_dtype, or the compute dtype if lower."""
+        if self.dtype != "float32":
+            return self.compute_dtype
+        return jnp.dtype(_DTYPES[self.matmul_dtype])
 
     def validate(self) -> None:
         """Raises ValueError naming the first inconsistency and how to fix it."""
@@ -128,6 +138,9 @@ class ThinkerConfig:
                     f" ({self.num_experts}): lower it or add experts")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}")
+        if self.matmul_dtype not in _DTYPES:
+            raise ValueError(f"matmul_dtype ({self.matmul_dtype!r}) must be one of "
+                             f"{sorted(_DTYPES)}")
 
 
 # Every model field, in order; those that fix the parameter shapes; those of the original's
@@ -179,8 +192,12 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def _linear(cfg: ThinkerConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias=False):
+    # With matmul_dtype below the compute dtype, the operands are cast down and the product is
+    # accumulated and returned in the compute dtype.
+    lower = cfg.matmul_compute_dtype != cfg.compute_dtype
     return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        d_in, d_out, use_bias=bias, dtype=cfg.matmul_compute_dtype, param_dtype=jnp.float32,
+        preferred_element_type=cfg.compute_dtype if lower else None,
         kernel_init=nnx.initializers.normal(stddev=0.02),
         bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
@@ -213,6 +230,7 @@ class Attention(nnx.Module):
         self.n_heads, self.head_dim = cfg.n_heads, k
         self.n_groups = cfg.kv_groups if cfg.use_gqa else cfg.n_heads
         self.use_gqa = cfg.use_gqa
+        self.matmul_dtype = cfg.matmul_compute_dtype
         if cfg.use_gqa:
             self.q = _linear(cfg, d, cfg.n_heads * k, rngs)
             self.k = _linear(cfg, d, self.n_groups * k, rngs)
@@ -257,19 +275,23 @@ class Attention(nnx.Module):
 
         Query head h reads kv group h // (H // G) (the original's repeat_interleave).
         """
+        dtype, md = q.dtype, self.matmul_dtype
         if fused:
             # The same function, fused where the backend can (cuDNN flash attention on GPU).
-            return jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                                scale=1 / math.sqrt(self.head_dim))
+            return jax.nn.dot_product_attention(q.astype(md), k.astype(md), v.astype(md),
+                                                mask=mask, scale=1 / math.sqrt(self.head_dim)
+                                                ).astype(dtype)
         # Dropout on the probabilities, and the cache's padded slots, need them explicitly;
         # grouping the query heads reads each kv group without repeating it.
         b, t, _, _ = q.shape
         q = q.reshape(b, t, self.n_groups, self.n_heads // self.n_groups, self.head_dim)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(md), k.astype(md),
+                            preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, :, None], scores / math.sqrt(self.head_dim), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v)
+        out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(md), v.astype(md),
+                         preferred_element_type=dtype)
         return out.reshape(b, t, self.n_heads, self.head_dim)
 
 

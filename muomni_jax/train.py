@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 
 from muomni_jax import checkpointing
+from muomni_jax import compilation_cache
 from muomni_jax import distributed
 from muomni_jax import flops
 from muomni_jax import host_data
@@ -67,6 +68,14 @@ def validate_config(config) -> ThinkerConfig:
     if config.loss_chunk_tokens < 0 or config.peak_flops_per_device < 0:
         raise UserError('loss_chunk_tokens and peak_flops_per_device must be >= 0 (0: plain loss, '
                         'and the peak from the device table or a measurement)')
+    for name, allowed in (('optimizer', steps.OPTIMIZERS), ('lr_schedule', steps.SCHEDULES)):
+        if config[name] not in allowed:
+            raise UserError(f'{name} {config[name]!r} is not one of {", ".join(allowed)}')
+    if not 0 < config.decay_fraction <= 1:
+        raise UserError(f'decay_fraction ({config.decay_fraction}) must be in (0, 1]')
+    if config.max_train_seconds < 0:
+        raise UserError(f'max_train_seconds ({config.max_train_seconds}) must be >= 0 (0: no '
+                        'time budget)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     reporting.parse_profile_steps(config.profile_steps)
@@ -106,7 +115,7 @@ def _check_writable(path: str) -> None:
 
 
 def _check_same_model(config, save_dir: str) -> None:
-    """A save_dir written with another model shape must not be resumed into this one."""
+    """A save_dir written with another model shape or optimizer must not be resumed into this."""
     path = os.path.join(save_dir, 'config.json')
     if not os.path.exists(path):
         return
@@ -117,6 +126,11 @@ def _check_same_model(config, save_dir: str) -> None:
     if differ:
         raise UserError(f'save_dir {save_dir} holds a run with another model shape '
                         f'({", ".join(differ)}): use a new --config.save_dir or the saved values')
+    # Another optimizer has another state tree: its checkpoints cannot restore into this one.
+    if saved.get('optimizer', 'adamw') != config.optimizer:
+        raise UserError(f'save_dir {save_dir} was trained with optimizer '
+                        f'{saved.get("optimizer", "adamw")!r}, not {config.optimizer!r}: resume '
+                        'with the saved optimizer or use a new --config.save_dir')
 
 
 def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
@@ -226,6 +240,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     with distributed.fail_together():
         model_config, mesh = _check_inputs(config, devices)
     save_dir = config.save_dir
+    compile_cache = compilation_cache.enable(config)  # Before the first compilation.
 
     log(f'Loading data from {_describe_sources(config)}...')
     tokenizer = _shared_tokenizer(config)
@@ -244,6 +259,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
                total_steps=total_steps, setup=setup, sampler=sampler, is_main=is_main, log=log)
 
     _log_layout(run)
+    log(f'Compilation cache: {compile_cache or "off"}')
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     state, start_step, interval = _restore_or_init(run, checkpointer)
     if is_main:
@@ -366,16 +382,19 @@ def _train_with(run: _Run, state: steps.TrainState, start_step: int, interval: d
     summary = {}
     actions = _actions(run, checkpointer, reporter, summary, start_step,
                        periodic_actions.Interval.resumed(interval, run.mesh), *model_flops)
+    budget = preemption.TimeBudget(config.max_train_seconds,
+                                   wait_for=lambda: actions.interval.sums)
     with preemption.StopSignals(sync_every=config.log_every) as signals:
         _, stopped = periodic_actions.train_loop(
             state, range(start_step + 1, run.total_steps + 1),
             _batches(run, start_step, reporter.log), run.setup.train_step, actions.interval,
-            actions.in_order, signals.should_stop)
+            actions.in_order, lambda step: signals.should_stop(step) or budget.should_stop(step))
     if not stopped:
         return summary, None
-    reporter.log(f'Stopped by {signals.received} after step {actions.save.last_saved}/'
+    reason = signals.received or f'the time budget (max_train_seconds={config.max_train_seconds:g})'
+    reporter.log(f'Stopped by {reason} after step {actions.save.last_saved}/'
                  f'{run.total_steps}. Rerun the same command to resume from this checkpoint.')
-    return summary, signals.received
+    return summary, reason
 
 
 @dataclasses.dataclass

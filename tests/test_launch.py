@@ -3,7 +3,11 @@
 import json
 import os
 
-from tests.conftest import REPO, run_module
+import jax
+import ml_collections
+
+from muomni_jax import compilation_cache
+from tests.conftest import REPO, one_device_env, run_module
 
 SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64',
          '--config.n_heads=4', '--config.d_ff=128', '--config.ctx_len=32', '--config.batch_size=8',
@@ -62,3 +66,33 @@ def test_bad_config_is_one_clear_line(tmp_path, corpus_sample):
     assert 'error: d_model (66) must be divisible by n_heads (4)' in result.stderr
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'run').exists()
+
+
+def test_the_compilation_cache_is_filled_once_then_reused(tmp_path, corpus_sample):
+    cache = tmp_path / 'jax_cache'
+    common = [*SMALL, f'--config.data_path={corpus_sample}', '--config.max_steps=2',
+              '--config.eval_every=2', '--config.save_every=2']
+    env = one_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    first = run_module('launch.stage_a', '--config=configs/tiny.py', *common,
+                       f'--config.save_dir={tmp_path / "a"}',
+                       f'--config.compilation_cache_dir={cache}', env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f'Compilation cache: {cache}' in first.stdout
+    entries = set(os.listdir(cache))
+    assert entries
+    # A second run of the same steps compiles nothing new: every entry is read back.
+    second = run_module('launch.stage_a', '--config=configs/tiny.py', *common,
+                        f'--config.save_dir={tmp_path / "b"}',
+                        f'--config.compilation_cache_dir={cache}', env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert set(os.listdir(cache)) == entries
+
+
+def test_the_compilation_cache_has_an_off_switch():
+    enabled = jax.config.jax_enable_compilation_cache
+    try:
+        off = ml_collections.ConfigDict(dict(compilation_cache=False, compilation_cache_dir='x'))
+        assert compilation_cache.enable(off) is None
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update('jax_enable_compilation_cache', enabled)

@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+from muomni_jax import benchmark
 from muomni_jax import flops
 from muomni_jax import lm_loss
 from muomni_jax import steps
@@ -104,6 +105,35 @@ def test_train_step_with_fused_loss_equals_plain():
     evaluated = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                           loss_chunk_tokens=32))(state.params, batch)
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
+
+
+# The plain path without dropout (fused attention), and the fused loss with dropout (manual).
+@pytest.mark.parametrize('loss_chunk_tokens, dropout', [(0, 0.0), (32, 0.1)])
+def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chunk_tokens,
+                                                                      dropout):
+    """matmul_dtype='bfloat16': every matmul's operands in bfloat16, accumulated in float32; the
+    params, the residual stream, the loss and the gradients stay float32 and near the float32
+    run (bfloat16 keeps 8 bits of mantissa: relative errors of about 1e-2)."""
+    batch = _batch()
+    results = {}
+    for matmul_dtype in ('float32', 'bfloat16'):
+        cfg = dataclasses.replace(MODEL, matmul_dtype=matmul_dtype, dropout=dropout)
+        model = Thinker(cfg, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        hidden = model.hidden_states(batch['inputs'], segment_ids=batch['segment_ids'],
+                                     positions=batch['positions'])
+        assert hidden.dtype == jnp.float32
+        loss = lambda p: steps._loss_fn(  # pylint: disable=protected-access
+            p, batch, jax.random.PRNGKey(1), graphdef, deterministic=dropout == 0,
+            loss_chunk_tokens=loss_chunk_tokens)[0]
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+        results[matmul_dtype] = value, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+    (value32, grads32), (value16, grads16) = results['float32'], results['bfloat16']
+    assert float(value16) != float(value32)  # The option is on...
+    np.testing.assert_allclose(value16, value32, rtol=1e-2)  # ...and close.
+    cosine = jnp.dot(grads16, grads32) / jnp.linalg.norm(grads16) / jnp.linalg.norm(grads32)
+    assert float(cosine) > 0.999
 
 
 def _loss_and_grads(cfg, deterministic, tokens, segment_ids):
@@ -205,11 +235,35 @@ def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
         assert record['tokens_per_s'] > 0 and 0 < record['mfu'] < 10
 
 
+def test_live_mfu_agrees_with_the_bench_on_the_same_config(tmp_path, corpus_sample):
+    """The MFU of the log lines and launch.bench's, measured back to back on the same model and
+    batch shape. Both are ratios to a peak measured the same way, so their ratio stays near 1
+    however fast or loaded the machine is (a peak read low once made the log say 60% where the
+    bench said 44%)."""
+    config = small_config(tmp_path / 'run', corpus_sample, d_model=128, d_ff=512, ctx_len=128,
+                          max_steps=40, log_every=10, eval_every=100, save_every=100)
+    train.train_and_evaluate(config)
+    with open(tmp_path / 'run' / 'training_log.json') as f:
+        live = [r['mfu'] for r in json.load(f) if 'mfu' in r and r['step'] > 10]  # No compile.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (8, 129)).astype(np.int32)
+    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+                 segment_ids=np.ones((8, 128), np.int32), weights=np.ones((8, 128), np.float32),
+                 positions=np.tile(np.arange(128, dtype=np.int32), (8, 1)))
+    figures, peaks, _, _, _ = benchmark.bench_train_step(config, batch, warmup=2, repeats=7,
+                                                      measure_peak=flops.measure_matmul_peak)
+    flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * 8 * 128
+    # pylint: disable-next=protected-access
+    benchmark._peak_and_mfu(config, figures, peaks, flops_per_step, flops.CPU_PEAK_SIZE)
+    ratio = float(np.median(live)) / figures.mfu
+    assert 0.75 < ratio < 1.33, (live, figures.mfu)
+
+
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     output = tmp_path / 'bench.json'
     env = one_device_env()  # One device, as a user has.
     args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
-            '--config.n_heads=2', '--config.d_ff=64', '--config.ctx_len=16',
+            '--config.n_heads=4', '--config.d_ff=64', '--config.ctx_len=16',
             '--config.batch_size=4', '--config.tokenizer_sample_size=20000',
             f'--config.data_path={corpus_sample}', f'--config.save_dir={tmp_path / "run"}',
             '--repeats=1', '--warmup=0', '--pipeline_batches=3', '--decode_tokens=2',
@@ -220,10 +274,10 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'MFU' in run.stdout and 'tokens/s' in run.stdout
     result = json.loads(output.read_text())
-    cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, d_ff=64, ctx_len=16)
+    cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, d_ff=64, ctx_len=16)
     assert result['model']['flops_per_token'] == flops.flops_per_token(cfg)
-    # Embedding and lm_head, q/k/v/o (two kv groups of 16 = 32 wide), SwiGLU, three norms.
-    assert result['model']['params'] == 2 * 256 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
+    # Embedding and lm_head, q/o 32 wide and k/v (two kv groups of 8) 16 wide, SwiGLU, norms.
+    assert result['model']['params'] == 2 * 256 * 32 + 3 * 32 * 32 + 3 * 32 * 64 + 3 * 32
     train_figures = result['train']
     assert train_figures['step_s'] > 0 and train_figures['first_step_s'] > 0
     # One repeat: the MFU is that step's FLOP/s over the peak measured just before it.
@@ -238,6 +292,12 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
     assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
     assert result['checkpoint']['save_blocking_s'] > 0
     assert result['peak_host_memory_mb'] > 0
+    # torch is in requirements-test.txt: the original's step ran beside ours, interleaved.
+    original = result['original']
+    assert original['available'] is True and len(original['step_s']) == 1
+    assert original['speedup'] == pytest.approx(
+        original['ours_tokens_per_s'] / original['tokens_per_s'])
+    assert 'original (PyTorch) step' in run.stdout
     # Two new tokens fit the 16-token context: decoding is measured at both batch sizes.
     assert result['decode']['available'] is True
     assert set(result['decode']['tokens_per_s']) == {'1', '8'}

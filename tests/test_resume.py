@@ -148,3 +148,36 @@ def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
     assert run.returncode == 130, out[-3000:]
     assert out.rstrip().endswith('Aborted: nothing was saved after the last checkpoint.')
     assert 'Stopped by' not in out and 'Training complete' not in out
+
+
+def test_time_budget_saves_exits_0_and_resumes_bitwise(tmp_path, corpus_sample):
+    """max_train_seconds stops like SIGTERM: it saves the step it stops at and exits 0, and the
+    rerun continues exactly where an uninterrupted run would be."""
+    common = [sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *SMALL,
+              '--config.num_epochs=2', '--config.max_steps=400', '--config.log_every=100',
+              '--config.eval_every=400', '--config.save_every=400',
+              f'--config.data_path={corpus_sample}']
+    run = lambda save_dir, *extra: subprocess.run(
+        [*common, f'--config.save_dir={save_dir}', *extra], cwd=REPO, env=one_device_env(),
+        capture_output=True, text=True, timeout=600)
+    reference_dir, budget_dir = tmp_path / 'reference', tmp_path / 'budget'
+    reference = run(reference_dir)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    first = run(budget_dir, '--config.max_train_seconds=2')
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = [line for line in first.stdout.splitlines() if line.startswith('Stopped by')]
+    assert stopped and stopped[0].startswith(
+        'Stopped by the time budget (max_train_seconds=2) after step '), first.stdout[-3000:]
+    stop_step = int(stopped[0].split('after step ')[1].split('/')[0])
+    assert 1 <= stop_step < 400
+    assert f'✓ Saved checkpoint: step {stop_step} ' in first.stdout
+    assert 'Training complete' not in first.stdout
+
+    second = run(budget_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f'Resuming from checkpoint step {stop_step} ' in second.stdout
+    assert _log_without_timing(budget_dir) == _log_without_timing(reference_dir)
+    expected, actual = _final_state(reference_dir, 400), _final_state(budget_dir, 400)
+    for (path, a), (_, b) in zip(expected, actual):
+        assert np.array_equal(a, b), jax.tree_util.keystr(path)
