@@ -103,7 +103,6 @@ class TimeBudget:
         self.seconds = seconds
         self._wait_for = wait_for  # () -> device values the last step produced.
         self._start = self._last = time.monotonic()
-        self.exhausted = False
 
     def should_stop(self, step: int) -> bool:
         del step
@@ -115,5 +114,4 @@ class TimeBudget:
         stop = now - self._start + last_step > self.seconds
         if jax.process_count() > 1:
             stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
-        self.exhausted = stop
         return stop
