@@ -1,5 +1,7 @@
 """Learning-rate schedules and optimizers: warmup-cosine (the default), WSD, AdamW and Muon."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,14 @@ def test_bad_recipe_fields_are_one_line(field, value, expected):
     with pytest.raises(UserError) as error:
         train.validate_config(_config(**{field: value}))
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize('name', ['tiny', 'cpu_demo', 'cpu_fast'])
+def test_every_shipped_config_is_valid(name):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    train.validate_config(config)
+    if name == 'cpu_fast':  # cpu_demo's model and batches; only the recipe differs.
+        demo = importlib.import_module('configs.cpu_demo').get_config()
+        differ = {k for k in config.keys() if config[k] != demo[k]}
+        assert differ == {'optimizer', 'learning_rate', 'lr_schedule', 'max_steps', 'eval_every',
+                          'save_every', 'save_dir'}
