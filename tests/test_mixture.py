@@ -20,6 +20,7 @@ from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
 from tests.conftest import mixture_spec, restore_state, run_module, small_config
+from tests.test_reporting import read_events
 from tests.test_resume import TIMING_FIELDS
 
 
@@ -90,6 +91,24 @@ def test_row_assignment_follows_the_weights_draws_each_position_once_and_resumes
     assert not np.array_equal(mixture.RowAssignment(counts, seed=6).rows(0, 4096)[0], block)
     one = mixture.RowAssignment([mixture.BLOCK_ROWS], seed=5)
     np.testing.assert_array_equal(one.rows(100, 9000)[1], np.arange(100, 9000))
+
+
+def test_the_tokenizer_learns_from_documents_drawn_by_the_weights(tmp_path, two_sources):
+    config = small_config(tmp_path / 'run', '', mixture=mixture_spec(two_sources, 0.5, 0.5))
+    sources = mixture.sources(config)
+    train_docs = [list(input_pipeline.documents(mixture.source_config(config, s), 'train'))
+                  for s in sources]
+    drawn = list(mixture.tokenizer_documents(config))
+    # As many documents as the sources hold, half from each: code's repeated, prose's thinned.
+    assert abs(len(drawn) - sum(map(len, train_docs))) < 0.05 * len(drawn)
+    code = set(train_docs[1])
+    share = sum(doc in code for doc in drawn) / len(drawn)
+    assert abs(share - 0.5) < 0.05 and len(code) / sum(map(len, train_docs)) < 0.3
+    assert set(drawn) <= set(train_docs[0]) | code  # Training documents only.
+    # A single source is every training document, in order, once.
+    config.mixture = ''
+    config.data_path = str(two_sources / 'code.txt')
+    assert list(mixture.tokenizer_documents(config)) == train_docs[1]
 
 
 def _window_counts(stream, ctx_len) -> collections.Counter:
@@ -180,6 +199,11 @@ def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
     weighted = 0.7 * final['val/prose/loss'] + 0.3 * final['val/code/loss']
     assert final['val_loss'] == pytest.approx(weighted, rel=1e-12)
     assert summary['val_loss'] == final['val_loss'] and 'val/code/ppl' in summary
+    # TensorBoard has each source's validation and epochs beside the weighted total.
+    events = read_events(save_dir)
+    for tag in ('val/loss', 'val/prose/loss', 'val/code/ppl', 'train/epochs/code'):
+        assert tag in events, sorted(events)
+    assert events['val/code/loss'][-1] == (4, pytest.approx(final['val/code/loss'], rel=1e-6))
     # launch.plot draws each source's validation.
     fig = plotting.plot_runs([str(save_dir)])
     labels = fig.axes[0].get_legend_handles_labels()[1]
