@@ -113,6 +113,11 @@ class Progress:
         self.reporter.advance(step, state)
 
 
+# A host shared with other work changes speed with its load; a CPU peak older than this is
+# measured again at the next log line, so the MFU follows (at a cost under 1% of the time).
+PEAK_EVERY_S = 60.0
+
+
 @dataclasses.dataclass
 class LogMetrics:
     """Every log_every steps: one console line, a training_log record and TensorBoard scalars."""
@@ -129,6 +134,10 @@ class LogMetrics:
     last_saved: Callable[[], int]
     flops_per_step: float = 0.0
     peak_flops: float | None = None  # None: MFU not logged.
+    # Measures peak_flops again (CPU), at a log line at most every PEAK_EVERY_S seconds; its
+    # time (about 0.6 s) is kept out of the interval's.
+    measure_peak: Callable[[], float] | None = None
+    peak_measured_at: float = dataclasses.field(default_factory=time.time)
     # step -> {source name: epochs drawn} of a mixture, logged as epochs/<name>; None: one source.
     source_epochs: Callable[[int], dict[str, float]] | None = None
     run_start: float = dataclasses.field(default_factory=time.time)
@@ -147,6 +156,8 @@ class LogMetrics:
         self.summary.clear()
         self.summary.update(loss=record['loss'], ppl=record['ppl'])
         mfu = ''
+        if self.measure_peak is not None and time.time() - self.peak_measured_at >= PEAK_EVERY_S:
+            self.peak_flops, self.peak_measured_at = self.measure_peak(), time.time()
         if self.peak_flops:
             record['mfu'] = self.flops_per_step * steps / elapsed / self.peak_flops
             mfu = f' | MFU {100 * record["mfu"]:.1f}% of {_flops(self.peak_flops)}'

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 from flax import nnx
@@ -340,16 +340,22 @@ def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
     return state, start_step, meta.get('interval_metrics')
 
 
-def _model_flops(run: _Run) -> tuple[float, float | None]:
-    """(model FLOPs of one optimizer step, peak FLOP/s of all devices or None: no MFU)."""
+def _model_flops(run: _Run) -> tuple[float, float | None, Callable[[], float] | None]:
+    """(model FLOPs of one optimizer step, peak FLOP/s of all devices or None: no MFU, and on CPU
+    the function that measures the peak again)."""
     config = run.config
+    devices = list(run.mesh.devices.flat)
     flops_per_token = flops.flops_per_token(run.setup.model_config)['total']
     peak_flops, peak_source = flops.system_peak_flops(config.peak_flops_per_device,
-                                                      devices=list(run.mesh.devices.flat))
+                                                      devices=devices)
+    measured = devices[0].platform == 'cpu' and not config.peak_flops_per_device
     if peak_flops:
+        again = '; measured again each minute' if measured else ''
         run.log(f'Model FLOPs: {flops_per_token / 1e6:.1f} MFLOP/token; MFU against '
-                f'{peak_flops / 1e12:.3g} TFLOP/s ({peak_source})')
-    return flops_per_token * config.batch_size * config.ctx_len, peak_flops
+                f'{peak_flops / 1e12:.3g} TFLOP/s ({peak_source}{again})')
+    # A host shared with other work changes speed as its load does: the peak must follow.
+    measure = (lambda: flops.system_peak_flops(devices=devices)[0]) if measured else None
+    return flops_per_token * config.batch_size * config.ctx_len, peak_flops, measure
 
 
 def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict | None,
@@ -373,7 +379,7 @@ def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict |
 
 def _train_with(run: _Run, state: steps.TrainState, start_step: int, interval: dict | None,
                 checkpointer: checkpointing.Checkpointer, reporter: reporting.Reporter,
-                model_flops: tuple[float, float | None]) -> tuple[dict[str, float], str | None]:
+                model_flops: tuple) -> tuple[dict[str, float], str | None]:
     config = run.config
     if start_step >= run.total_steps:
         reporter.log(f'Nothing to do: save_dir is already at step {start_step} of '
@@ -405,7 +411,7 @@ class _Actions:
 
 
 def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, flops_per_step,
-             peak_flops) -> _Actions:
+             peak_flops, measure_peak) -> _Actions:
     """The periodic actions of a run, in the order they run after a step."""
     config = run.config
     history = training_log.TrainingLog(os.path.join(config.save_dir, 'training_log.json'),
@@ -422,7 +428,7 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         history=history, reporter=reporter, summary=summary,
         max_consecutive_nonfinite=config.max_consecutive_nonfinite,
         last_saved=lambda: save.last_saved, flops_per_step=flops_per_step,
-        peak_flops=peak_flops,
+        peak_flops=peak_flops, measure_peak=measure_peak,
         source_epochs=(lambda step: run.data.source_epochs(step, config.seed))
         if run.data.is_mixture else None)
     evaluate_action = periodic_actions.Evaluate(

@@ -59,3 +59,40 @@ def test_the_nonfinite_limit_names_the_streak_and_the_newest_checkpoint():
     with pytest.raises(UserError, match=r'^steps 4-6 all had NaN/Inf .*\(newest checkpoint: '
                                         r'step 2\)'):
         periodic_actions.check_nonfinite_limit({'nonfinite_limit_step': 6}, 3, 2)
+
+
+class _History:
+    def __init__(self):
+        self.records = []
+
+    def add(self, step, **fields):
+        self.records.append({'step': step, **fields})
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines = []
+
+    def write_scalars(self, step, record):
+        del step, record
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+@pytest.mark.parametrize('every_s, expected', [(3600.0, [100.0, 100.0]), (0.0, [1.0, 2.0])])
+def test_the_cpu_peak_is_measured_again_once_it_is_old(monkeypatch, every_s, expected):
+    """A shared host's speed changes with its load: an old peak is measured again, so the MFU
+    of a line compares the steps with what the machine could do then."""
+    monkeypatch.setattr(periodic_actions, 'PEAK_EVERY_S', every_s)
+    measured = iter([1.0, 2.0])
+    interval, history, reporter = periodic_actions.Interval(), _History(), _Reporter()
+    log = periodic_actions.LogMetrics(
+        every=1, total_steps=2, steps_per_epoch=2, tokens_per_step=1,
+        schedule=lambda step: 0.0, interval=interval, history=history, reporter=reporter,
+        summary={}, max_consecutive_nonfinite=5, last_saved=lambda: 0, flops_per_step=1.0,
+        peak_flops=100.0, measure_peak=lambda: next(measured))
+    periodic_actions.train_loop(0, range(1, 3), iter([1, 2]), _fake_step, interval, [log])
+    peaks = [r['tokens_per_s'] / r['mfu'] for r in history.records]
+    np.testing.assert_allclose(peaks, expected)
+    assert f'of {expected[-1] / 1e9:.3g} GFLOP/s' in reporter.lines[-1]  # The line names it.
