@@ -53,11 +53,12 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     """
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     end = config.learning_rate * config.min_lr_ratio
-    if config.lr_schedule == 'cosine':
+    # Configs saved before these fields existed (an old save_dir's config.json) mean cosine.
+    if config.get('lr_schedule', 'cosine') == 'cosine':
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=end)
-    decay_start = max(warmup, total_steps - round(config.decay_fraction * total_steps))
+    decay_start = max(warmup, total_steps - round(config.get('decay_fraction', 0.2) * total_steps))
     return optax.join_schedules([
         optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
         optax.constant_schedule(config.learning_rate),
@@ -91,10 +92,10 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, total_steps)
     adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
                         weight_decay=config.weight_decay, mask=weight_decay_mask)
-    if config.optimizer == 'muon':
+    if config.get('optimizer', 'adamw') == 'muon':
         # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Moonlight,
         # arXiv:2502.16982), so one learning rate and schedule serve both parts.
-        muon = optax.contrib.muon(schedule, beta=config.muon_momentum,
+        muon = optax.contrib.muon(schedule, beta=config.get('muon_momentum', 0.95),
                                   weight_decay=config.weight_decay, consistent_rms=0.2)
         labels = lambda params: jax.tree.map_with_path(
             lambda path, x: 'muon' if is_muon_matrix(path, x) else 'adamw', params)

@@ -324,5 +324,5 @@ def test_defaults_are_the_original_tiny_thinker_and_the_field_lists_derive_from_
             default.d_ff, default.kv_groups) == (32000, 4, 256, 4, 1024, 2)
     assert SHAPE_FIELDS == ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "use_gqa",
                             "kv_groups", "use_swiglu", "use_moe", "num_experts")
-    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-3]  # All but dtype, remat and scan_layers.
+    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-4]  # All but dtype, matmul_dtype, remat, scan_layers.
     assert set(MODEL_FIELDS) <= set(tiny.get_config())
