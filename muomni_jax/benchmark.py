@@ -32,7 +32,7 @@ from muomni_jax import token_cache
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import train
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import count_params
+from muomni_jax.thinker import ThinkerConfig, count_params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,16 +300,16 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
     train_text.py trains. Interleaving A B A B lets a shared machine's load fall on both alike.
     """
     try:
+        import torch  # pylint: disable=import-outside-toplevel
         from muomni_jax import torch_reference  # pylint: disable=import-outside-toplevel
-        torch, thinker_lm = torch_reference.thinker_lm_class()
     except ImportError:
         return OriginalFigures(available=False, reason='torch is not installed'), state
-    model_config = train.validate_config(config)
+    model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.
     if model_config.kv_groups != model_config.n_heads // 2 and model_config.use_gqa:
         return OriginalFigures(available=False, reason='the original always uses n_heads // 2 '
                                'kv groups'), state
     torch.manual_seed(config.seed)
-    model = thinker_lm(model_config).train()
+    model = torch_reference.ThinkerLM(model_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   betas=(config.adam_b1, config.adam_b2),
                                   weight_decay=config.weight_decay)

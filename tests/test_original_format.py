@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from muomni_jax import original_format
-from muomni_jax import torch_reference
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import Thinker, ThinkerConfig
 
@@ -45,8 +44,10 @@ def _tokens(config, batch=2, length=12):
 
 
 def _reference_class():
-    pytest.importorskip('torch')
-    return torch_reference.thinker_lm_class()
+    """(torch, ThinkerLM), or a skip where torch is not installed."""
+    torch = pytest.importorskip('torch')
+    from muomni_jax import torch_reference  # pylint: disable=import-outside-toplevel
+    return torch, torch_reference.ThinkerLM
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))

@@ -241,10 +241,11 @@ def test_live_mfu_agrees_with_the_bench_on_the_same_config(tmp_path, corpus_samp
     however fast or loaded the machine is (a peak read low once made the log say 60% where the
     bench said 44%)."""
     config = small_config(tmp_path / 'run', corpus_sample, d_model=128, d_ff=512, ctx_len=128,
-                          max_steps=40, log_every=10, eval_every=100, save_every=100)
+                          max_steps=60, log_every=10, eval_every=100, save_every=100)
     train.train_and_evaluate(config)
     with open(tmp_path / 'run' / 'training_log.json') as f:
-        live = [r['mfu'] for r in json.load(f) if 'mfu' in r and r['step'] > 10]  # No compile.
+        # After compile and warm-up; the median of several intervals rides out a load spike.
+        live = [r['mfu'] for r in json.load(f) if 'mfu' in r and r['step'] > 20]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (8, 129)).astype(np.int32)
     batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
