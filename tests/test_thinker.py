@@ -249,7 +249,10 @@ def test_gqa_uses_repeat_interleave_grouping():
     dict(use_gqa=False, use_swiglu=False),
     dict(use_gqa=True, use_swiglu=True, use_moe=True, num_experts=4, num_experts_per_tok=2),
     dict(use_gqa=False, use_swiglu=False, use_moe=True, num_experts=3, num_experts_per_tok=1),
-], ids=["gqa-swiglu", "mha-gelu", "moe-swiglu", "moe-gelu-top1"])
+    dict(use_gqa=True, use_swiglu=True, attention_block=2),
+    dict(use_gqa=False, use_swiglu=False, attention_block=4),
+], ids=["gqa-swiglu", "mha-gelu", "moe-swiglu", "moe-gelu-top1", "gqa-blocks-of-2",
+        "mha-blocks-of-4"])
 def test_forward_matches_numpy_reference(variant):
     cfg = dataclasses.replace(TINY, **variant)
     model = make_model(cfg, seed=5)
@@ -270,8 +273,40 @@ def test_hidden_states_and_lm_head_compose_to_logits():
     np.testing.assert_array_equal(np.asarray(model.lm_head(h)), np.asarray(model(tokens)))
 
 
-def test_dropout():
-    cfg = dataclasses.replace(TINY, dropout=0.1)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
+    """Query blocks that skip the masked upper keys compute the one-block function: logits and
+    gradients agree in float32 over packed rows whose documents cross the block edges; a length
+    the block does not divide falls back to one block."""
+    tokens = random_tokens((2, 16), 64, seed=3)
+    seg = jnp.asarray([[1] * 5 + [2] * 11, [1] * 9 + [2] * 4 + [0] * 3])
+    pos = jnp.asarray([list(range(5)) + list(range(11)), list(range(9)) + list(range(4)) + [0] * 3])
+
+    def loss_and_grads(block, t=16):
+        model = make_model(dataclasses.replace(TINY, attention_block=block,
+                                               scan_layers=scan_layers), seed=4)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens[:, :t], segment_ids=seg[:, :t],
+                                                 positions=pos[:, :t])
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * (seg[:, :t] > 0)), logits
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return np.asarray(logits), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+    one_logits, one_grads = loss_and_grads(0)
+    for block in (4, 8):
+        logits, grads = loss_and_grads(block)
+        np.testing.assert_allclose(logits, one_logits, atol=2e-5, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+                     grads, one_grads)
+    np.testing.assert_allclose(loss_and_grads(5, t=13)[0], loss_and_grads(0, t=13)[0],
+                               atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [0, 4], ids=["one-block", "blocks-of-4"])
+def test_dropout(block):
+    cfg = dataclasses.replace(TINY, dropout=0.1, attention_block=block)
     model = make_model(cfg)
     tokens = random_tokens((2, 8), 64)
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens)))
@@ -302,6 +337,7 @@ def test_bfloat16_compute():
     (dict(use_moe=True, num_experts=2, num_experts_per_tok=3), r"num_experts_per_tok \(3\)"),
     (dict(dropout=1.0), r"dropout"),
     (dict(ctx_len=1), r"ctx_len"),
+    (dict(attention_block=-1), r"attention_block \(-1\) must be a non-negative integer"),
 ])
 def test_validate_rejects_bad_configs(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -324,5 +360,6 @@ def test_defaults_are_the_original_tiny_thinker_and_the_field_lists_derive_from_
             default.d_ff, default.kv_groups) == (32000, 4, 256, 4, 1024, 2)
     assert SHAPE_FIELDS == ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "use_gqa",
                             "kv_groups", "use_swiglu", "use_moe", "num_experts")
-    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-4]  # All but dtype, matmul_dtype, remat, scan_layers.
+    # All but dtype, matmul_dtype, remat, scan_layers and attention_block.
+    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-5]
     assert set(MODEL_FIELDS) <= set(tiny.get_config())
