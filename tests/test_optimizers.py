@@ -105,5 +105,5 @@ def test_every_shipped_config_is_valid(name):
     if name == 'cpu_fast':  # cpu_demo's model and batches; only the recipe differs.
         demo = importlib.import_module('configs.cpu_demo').get_config()
         differ = {k for k in config.keys() if config[k] != demo[k]}
-        assert differ == {'optimizer', 'learning_rate', 'lr_schedule', 'max_steps', 'eval_every',
-                          'save_every', 'save_dir'}
+        assert differ == {'learning_rate', 'lr_schedule', 'max_steps', 'eval_every', 'save_every',
+                          'save_dir'}

@@ -27,10 +27,10 @@ VARIANTS = {
 
 def _model(config, seed=0):
     graphdef, params = nnx.split(Thinker(config, rngs=nnx.Rngs(params=seed)))
-    # Larger than the 0.02 init, and non-trivial norm scales and biases, so mistakes show.
+    # Twice the init's kernels, and non-trivial norm scales and biases, so mistakes show.
     keys = iter(jax.random.split(jax.random.key(seed + 1), 100))
     params = jax.tree.map(
-        lambda x: x * 6 if x.ndim == 2 else x + 0.3 * jax.random.normal(next(keys), x.shape),
+        lambda x: x * 2 if x.ndim == 2 else x + 0.3 * jax.random.normal(next(keys), x.shape),
         params)
     return nnx.merge(graphdef, params)
 

@@ -23,7 +23,7 @@ TINY = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, 
 
 def make_model(cfg, seed=0):
     """Builds a model and replaces every param with O(1)-scale random values, so
-    the comparisons below are not dominated by the 0.02-scale init or ones/zeros."""
+    the comparisons below are not dominated by the init's scales or ones/zeros."""
     model = Thinker(cfg, rngs=nnx.Rngs(seed))
     state = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(seed)
