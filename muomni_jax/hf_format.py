@@ -167,15 +167,24 @@ def hf_config(config: ThinkerConfig) -> dict[str, Any]:
     return fields
 
 
+def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers 5's rope_parameters, or transformers 4's rope_theta and rope_scaling."""
+    rope = hf.get('rope_parameters')
+    rope = dict(rope if isinstance(rope, Mapping) else hf.get('rope_scaling') or {})
+    rope.setdefault('rope_theta', hf.get('rope_theta', 10000.0))
+    rope.setdefault('rope_type', rope.pop('type', 'default'))
+    return rope
+
+
 def _unsupported(hf: Mapping[str, Any]) -> list[str]:
     """What in a Hugging Face config.json the Thinker cannot compute, one phrase each."""
     problems = []
-    rope = hf.get('rope_parameters') or {}
-    rope_type = rope.get('rope_type', rope.get('type', 'default')) if isinstance(rope, Mapping) \
-        else 'default'
-    if hf.get('rope_scaling') or rope_type != 'default':
-        problems.append(f'rope scaling ({hf.get("rope_scaling") or rope})')
-    if isinstance(rope, Mapping) and rope.get('partial_rotary_factor', 1.0) != 1.0:
+    rope = _rope_parameters(hf)
+    scaling = hf.get('rope_scaling')
+    if rope['rope_type'] != 'default' or (isinstance(scaling, Mapping) and scaling.get(
+            'rope_type', scaling.get('type', 'default')) != 'default'):
+        problems.append(f'rope scaling ({scaling or rope})')
+    if rope.get('partial_rotary_factor', 1.0) != 1.0:
         problems.append(f'partial rotary factor {rope["partial_rotary_factor"]}')
     for flag in ('attention_bias', 'mlp_bias'):
         if hf.get(flag):
@@ -216,13 +225,12 @@ def thinker_config_from_hf(hf: Mapping[str, Any], base: Mapping[str, Any] | None
                         'compute another function and do not import')
     heads = hf.get('num_attention_heads')
     kv_heads = hf.get('num_key_value_heads') or heads
-    rope = hf.get('rope_parameters') or {}
     try:
         fields = dict(base or {})
         fields.update(
             vocab_size=hf['vocab_size'], n_layers=hf['num_hidden_layers'],
             d_model=hf['hidden_size'], n_heads=heads, d_ff=hf['intermediate_size'],
-            rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
+            rope_theta=_rope_parameters(hf)['rope_theta'],
             ctx_len=hf.get('max_position_embeddings', fields.get('ctx_len', 512)),
             use_gqa=kv_heads != heads, use_swiglu=True, use_moe=architecture == MIXTRAL)
         if kv_heads != heads:
@@ -326,8 +334,8 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
         with open(os.path.join(staging, 'config.json'), 'w') as f:
             json.dump(fields, f, indent=2, sort_keys=True)
         with open(os.path.join(staging, 'generation_config.json'), 'w') as f:
-            json.dump({'bos_token_id': tokenizer_lib.BOS_ID, 'eos_token_id': tokenizer_lib.EOS_ID,
-                       'max_length': config.ctx_len}, f, indent=2)
+            json.dump({'bos_token_id': tokenizer_lib.BOS_ID,
+                       'eos_token_id': tokenizer_lib.EOS_ID}, f, indent=2)
         _write_tokenizer(tokenizer, staging)
         if os.path.exists(output):
             old = output + '.old'

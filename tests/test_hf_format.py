@@ -247,6 +247,8 @@ def _edited_copy(tmp_path, folder, **fields):
     (dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}), 'rope scaling'),
     (dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 500.0, 'factor': 2.0}),
      'rope scaling'),
+    (dict(rope_parameters=None, rope_scaling={'type': 'dynamic', 'factor': 2.0}),
+     'rope scaling'),  # transformers 4 spelling
     (dict(attention_bias=True), 'attention_bias=true'),
     (dict(mlp_bias=True), 'mlp_bias=true'),
     (dict(sliding_window=16), 'sliding_window=16'),
@@ -260,6 +262,13 @@ def test_unsupported_options_are_named(tmp_path, exports, fields, expected):
     with pytest.raises(UserError) as error:
         hf_format.read_hf(folder)
     assert expected in _one_line(error)
+
+
+def test_a_transformers_4_config_reads(exports):
+    fields = json.load(open(os.path.join(exports['gqa'][2], 'config.json')))
+    del fields['rope_parameters']
+    fields['rope_theta'] = 250.0
+    assert hf_format.thinker_config_from_hf(fields).rope_theta == 250.0
 
 
 def test_bad_folders_are_one_line_each(tmp_path, exports):
@@ -280,6 +289,15 @@ def test_bad_folders_are_one_line_each(tmp_path, exports):
         with pytest.raises(UserError) as error:
             hf_format.read_hf(folder)
         assert expected in _one_line(error), name
+
+    no_tokenizer = _edited_copy(tmp_path / 'd', gqa)
+    os.remove(os.path.join(no_tokenizer, 'tokenizer.model'))
+    with pytest.raises(UserError) as error:
+        original_checkpoints.import_weights(no_tokenizer, str(tmp_path / 'run'), None,
+                                            tiny.get_config())
+    assert 'has no tokenizer.model: an imported checkpoint needs the tokenizer.model' in \
+        _one_line(error)
+    assert not (tmp_path / 'run').exists()
 
 
 def test_cli_import_error_is_one_line_and_writes_nothing(tmp_path, exports):
