@@ -7,6 +7,7 @@ and must compute our logits, continue greedily as we do, and tokenize as our Sen
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,17 @@ def test_the_gelu_mlp_has_no_counterpart(tmp_path, sp_tokenizer):
                            sp_tokenizer)
     assert 'GELU MLP (use_swiglu=False), which no Hugging Face' in _one_line(error)
     assert not (tmp_path / 'hf').exists()
+
+
+def test_without_transformers_export_is_one_line_and_import_works(tmp_path, exports,
+                                                                   sp_tokenizer, monkeypatch):
+    config, model, folder = exports['gqa']
+    monkeypatch.setitem(sys.modules, 'transformers', None)
+    with pytest.raises(UserError) as error:
+        hf_format.write_hf(str(tmp_path / 'hf'), nnx.state(model), config, sp_tokenizer)
+    assert 'needs transformers: pip install transformers==' in _one_line(error)
+    assert not (tmp_path / 'hf').exists()
+    _assert_same_params(nnx.state(model), hf_format.read_hf(folder)[1])
 
 
 def test_export_refuses_a_folder_it_did_not_write(tmp_path, exports, sp_tokenizer):
