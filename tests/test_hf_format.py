@@ -367,3 +367,49 @@ def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
     assert len(samples) == 4 and len(requests) == 12
     ours = _our_loglikelihoods(model, sp_tokenizer, requests)
     np.testing.assert_allclose(reported, ours, atol=1e-3, rtol=0)
+
+    # The same task through lm_eval_model.ThinkerLM, on the JAX model with no export.
+    from muomni_jax import lm_eval_model
+    direct = lm_eval_model.evaluate_tasks(
+        model, sp_tokenizer, ['muomni_tiny_choice'], include_path=LM_EVAL_TASKS,
+        include_defaults=False, batch_size=8, log_samples=True)
+    direct_samples = direct['samples']['muomni_tiny_choice']
+    assert [tuple(a) for s in direct_samples for a in s['arguments']] == requests
+    np.testing.assert_allclose([r[0][0] for s in direct_samples for r in s['resps']], reported,
+                               atol=1e-3, rtol=0)
+    assert direct['results']['muomni_tiny_choice']['acc,none'] == \
+        results['results']['muomni_tiny_choice']['acc,none']
+
+
+def test_the_jax_lm_scores_long_texts_and_generates_as_we_do(exports, sp_tokenizer, corpus_lines):
+    lm_eval_model = pytest.importorskip('muomni_jax.lm_eval_model')
+    from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+    _, model, _ = exports['gqa']
+    lm = lm_eval_model.ThinkerLM(model, sp_tokenizer, batch_size=4)
+    # Longer than ctx_len (32), so the rolling windows are several per text.
+    text = ' '.join(corpus_lines[:3])
+    ids = [tokenizer_lib.BOS_ID] + sp_tokenizer.encode(text)
+    assert len(ids) > 3 * model.config.ctx_len
+    # Window k predicts ids[start:end] from the ctx_len tokens (or all there are) before each;
+    # right-padded into one batch, which a causal model's logits ignore.
+    ctx_len = model.config.ctx_len
+    spans = [(start, min(start + ctx_len, len(ids))) for start in range(1, len(ids), ctx_len)]
+    inputs = np.zeros((len(spans), ctx_len), np.int32)
+    for row, (_, end) in enumerate(spans):
+        window = ids[max(0, end - 1 - ctx_len):end - 1]
+        inputs[row, :len(window)] = window
+    logprobs = np.asarray(jax.nn.log_softmax(_logits(model, inputs), axis=-1))
+    expected = 0.0
+    for row, (start, end) in enumerate(spans):
+        first = max(0, end - 1 - ctx_len)  # ids index of the row's first input
+        expected += sum(logprobs[row, i - 1 - first, ids[i]] for i in range(start, end))
+    rolling = lm.loglikelihood_rolling(
+        [Instance('loglikelihood_rolling', {}, (text,), 0)])[0]
+    assert rolling == pytest.approx(expected, abs=1e-3)
+
+    prompt = 'The cat sat on the'
+    generated = lm.generate_until([Instance('generate_until', {}, (
+        prompt, {'until': ['\n'], 'max_gen_toks': 12}), 0)])[0]
+    greedy = sampling.generate(model, sp_tokenizer, prompt, max_new_tokens=12,
+                               temperature=0.0)[0]
+    assert generated == greedy.split('\n')[0]
