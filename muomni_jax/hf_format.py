@@ -103,13 +103,14 @@ def expected_hf_shapes(config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
     return hf
 
 
-def from_hf_state_dict(hf: Mapping[str, np.ndarray], config: ThinkerConfig
-                       ) -> dict[str, np.ndarray]:
+def from_hf_state_dict(hf: Mapping[str, np.ndarray], config: ThinkerConfig,
+                       tied: bool = False) -> dict[str, np.ndarray]:
     """Hugging Face's state_dict -> the original's, after checking every key and shape against
-    `config`; all mismatches are named in one UserError. A missing lm_head.weight (tied
-    embeddings) is filled with a copy of the embedding."""
-    hf = dict(hf)
-    if 'lm_head.weight' not in hf and 'model.embed_tokens.weight' in hf:
+    `config`; all mismatches are named in one UserError. tied (tie_word_embeddings): lm_head is
+    a copy of the embedding, as transformers computes it, whatever the file holds."""
+    # Older Llama files hold RoPE's inv_freq buffers, which the config already determines.
+    hf = {k: v for k, v in hf.items() if not k.endswith('rotary_emb.inv_freq')}
+    if tied and 'model.embed_tokens.weight' in hf:
         hf['lm_head.weight'] = np.array(hf['model.embed_tokens.weight'])
     expected = expected_hf_shapes(config)
     problems = [f'missing {k} {list(shape)}' for k, shape in expected.items() if k not in hf]
@@ -328,6 +329,9 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp-', dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users.
     try:
         hf = to_hf_state_dict(original_format.to_state_dict(params), config)
         save_file(hf, os.path.join(staging, WEIGHTS_FILE), metadata={'format': 'pt'})
@@ -397,7 +401,7 @@ def read_hf(directory: str, base: Mapping[str, Any] | None = None
         raise UserError(f'{config_path} is not a JSON object')
     config = thinker_config_from_hf(fields, base, config_path)
     hf = _read_safetensors(directory)
-    state_dict = from_hf_state_dict(hf, config)
+    state_dict = from_hf_state_dict(hf, config, tied=bool(fields.get('tie_word_embeddings')))
     params = original_format.from_state_dict(state_dict, config)
     tokenizer_path = os.path.join(directory, 'tokenizer.model')
     tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path) if os.path.exists(

@@ -168,6 +168,7 @@ def test_export_refuses_a_folder_it_did_not_write(tmp_path, exports, sp_tokenize
     shutil.copytree(exports['mha'][2], again)
     hf_format.write_hf(str(again), nnx.state(model), config, sp_tokenizer)
     assert json.load(open(again / 'config.json'))['num_key_value_heads'] == 2
+    assert os.stat(again).st_mode & 0o777 == os.stat(run).st_mode & 0o777
     assert sorted(os.listdir(tmp_path)) == ['again', 'run']
 
 
