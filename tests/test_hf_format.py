@@ -21,11 +21,11 @@ from muomni_jax import hf_format
 from muomni_jax import loading
 from muomni_jax import original_checkpoints
 from muomni_jax import sampling
+from muomni_jax import steps
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import SHAPE_FIELDS, Thinker, ThinkerConfig
+from muomni_jax.thinker import SHAPE_FIELDS, ThinkerConfig
 from tests.conftest import REPO, run_module
-from tests.test_original_format import _model as scaled_model
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -38,6 +38,17 @@ VARIANTS = {
     'mha': ThinkerConfig(**BASE, use_gqa=False),
     'moe': ThinkerConfig(**BASE, use_moe=True, num_experts=3, num_experts_per_tok=2),
 }
+
+
+def random_model(config, seed=0):
+    """A Thinker with weights 6x the init's scale and norm scales around 1, so mistakes show.
+    Filled from numpy: initializing through JAX compiles op by op, seconds per model."""
+    graphdef, abstract = steps.abstract_model(config)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda x: jnp.asarray(
+        rng.normal(0, 0.12, x.shape) if len(x.shape) == 2 else 1 + 0.3 * rng.normal(
+            size=x.shape), jnp.float32), abstract)
+    return nnx.merge(graphdef, params)
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +67,7 @@ def exports(tmp_path_factory, sp_tokenizer):
     root = tmp_path_factory.mktemp('hf')
     out = {}
     for name, config in VARIANTS.items():
-        model = scaled_model(config)
+        model = random_model(config)
         folder = str(root / name)
         hf_format.write_hf(folder, nnx.state(model), config, sp_tokenizer)
         out[name] = config, model, folder
@@ -138,7 +149,7 @@ def test_tokenizer_gives_our_ids_and_text(exports, sp_tokenizer, corpus_lines):
 def test_the_gelu_mlp_has_no_counterpart(tmp_path, sp_tokenizer):
     config = ThinkerConfig(**BASE, use_swiglu=False)
     with pytest.raises(UserError) as error:
-        hf_format.write_hf(str(tmp_path / 'hf'), nnx.state(scaled_model(config)), config,
+        hf_format.write_hf(str(tmp_path / 'hf'), nnx.state(random_model(config)), config,
                            sp_tokenizer)
     assert 'GELU MLP (use_swiglu=False), which no Hugging Face' in _one_line(error)
     assert not (tmp_path / 'hf').exists()
@@ -237,7 +248,7 @@ def test_a_folder_transformers_wrote_imports_with_tied_embeddings_untied(tmp_pat
         architecture == 'mixtral', 1, 1000.0)
     np.testing.assert_array_equal(np.asarray(params['lm_head']['kernel'][...]),
                                   np.asarray(params['tok_emb']['embedding'][...]).T)
-    model = nnx.merge(nnx.graphdef(Thinker(config, rngs=nnx.Rngs(0))), params)
+    model = nnx.merge(steps.abstract_model(config)[0], params)
     tokens = np.random.default_rng(1).integers(0, 256, (2, 16))
     np.testing.assert_allclose(np.asarray(_logits(model, jnp.asarray(tokens))),
                                _hf_logits(hf_model.eval(), tokens), atol=1e-4, rtol=0)
