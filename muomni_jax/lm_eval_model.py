@@ -99,7 +99,8 @@ class ThinkerLM(TemplateLM):
             logprobs, greedy = jax.device_get(_score(self._params, inputs, targets,
                                                      graphdef=self._graphdef))
             for i, (row, (_, _, continuation)) in enumerate(zip(rows, batch)):
-                scored = slice(len(row) - 1 - len(continuation), len(row) - 1)
+                # A continuation longer than the context window is scored on what fits.
+                scored = slice(max(0, len(row) - 1 - len(continuation)), len(row) - 1)
                 results.append((float(np.sum(logprobs[i, scored], dtype=np.float64)),
                                 bool(np.all(greedy[i, scored]))))
         return results
@@ -133,7 +134,7 @@ class ThinkerLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = max(1, min(int(gen_kwargs.get('max_gen_toks', 256)), self.max_length - 1))
             prompt = self.tok_encode(context)[-(self.max_length - max_new):]
-            temperature = float(gen_kwargs.get('temperature', 0.0)) if gen_kwargs.get(
+            temperature = float(gen_kwargs.get('temperature', 1.0)) if gen_kwargs.get(
                 'do_sample', False) else 0.0
             ids = sampling.generate_ids(self.model, [prompt], max_new_tokens=max_new,
                                         temperature=temperature)[0]
