@@ -1,18 +1,23 @@
-"""Exchange Thinker weights with the original μOmni PyTorch format (shared/spec/thinker.md).
+"""Exchange Thinker weights with the original μOmni PyTorch format (shared/spec/thinker.md)
+and with Hugging Face transformers (a LlamaForCausalLM, or MixtralForCausalLM for MoE).
 
-Export a checkpoint step (the suffix picks the format):
+Export a checkpoint step (the suffix picks the original's format; --format=hf, or a folder, a
+Hugging Face one):
   python -m launch.convert --checkpoint_dir=checkpoints/cpu_demo --output=export/thinker.pt
   python -m launch.convert --checkpoint_dir=checkpoints/cpu_demo \
       --output=export/thinker.safetensors        # also writes export/config.json
+  python -m launch.convert --checkpoint_dir=checkpoints/cpu_demo --output=export/hf --format=hf
 
 Import the original's weights into a new save_dir (step 0, a fresh optimizer), ready for
 launch.sample, launch.evaluate, the notebook, or launch.stage_a to train further:
   python -m launch.convert --input=thinker.pt --tokenizer=tokenizer.model \
       --save_dir=checkpoints/imported [--config=configs/tiny.py --config.n_heads=4]
+  python -m launch.convert --input=export/hf --save_dir=checkpoints/from_hf  # a local HF folder
 
 The weights' shapes give the model size; --config gives what they cannot (n_heads, rope_theta,
-ctx_len) and the training fields; a safetensors file's config.json wins over it.
-.pt files need torch (pip install torch==2.13.0); safetensors files do not.
+ctx_len) and the training fields; a safetensors file's or HF folder's config.json wins over it.
+.pt files need torch (pip install torch==2.13.0); the HF format needs transformers
+(pip install transformers==5.24.0); original safetensors files need neither.
 """
 
 from absl import app
@@ -24,8 +29,13 @@ from muomni_jax.errors import UserError
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'Export: save_dir of a run.')
 _STEP = flags.DEFINE_integer('step', None, 'Export: checkpoint step; default: the newest.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Export: a .pt or .safetensors file to write.')
-_INPUT = flags.DEFINE_string('input', None, 'Import: a .pt or .safetensors file to read.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Export: a .pt or .safetensors file to write, or '
+                              'a folder with --format=hf.')
+_FORMAT = flags.DEFINE_enum('format', None, ['original', 'hf'], 'Export: original (the default '
+                            'for a .pt/.safetensors output) or hf (a Hugging Face folder; the '
+                            'default for an output ending in / or an existing folder).')
+_INPUT = flags.DEFINE_string('input', None, 'Import: a .pt or .safetensors file, or a Hugging '
+                             'Face model folder, to read.')
 _SAVE_DIR = flags.DEFINE_string('save_dir', None, 'Import: a new save_dir to create.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Import: the tokenizer.model of the weights.')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,9 +46,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 def _export():
     from muomni_jax import original_checkpoints  # pylint: disable=import-outside-toplevel
     if not _OUTPUT.value:
-        raise UserError('exporting needs --output=FILE.pt or FILE.safetensors')
+        raise UserError('exporting needs --output=FILE.pt, FILE.safetensors or, with --format=hf, '
+                        'a folder')
     for path in original_checkpoints.export_checkpoint(_CHECKPOINT_DIR.value, _OUTPUT.value,
-                                                  _STEP.value):
+                                                       _STEP.value, _FORMAT.value):
         print(f'Wrote {path}')
 
 

@@ -1,8 +1,9 @@
-"""Whole checkpoints to and from the original μOmni's files (launch.convert).
+"""Whole checkpoints to and from other formats (launch.convert): the original μOmni's files
+and Hugging Face model folders.
 
-original_format.py maps state_dict <-> params and reads and writes the files; checkpointing.py
-writes the save_dir. This module joins them: one step of a save_dir -> a .pt/.safetensors file,
-and such a file -> a new save_dir at step 0.
+original_format.py and hf_format.py map the weights and read and write the files;
+checkpointing.py writes the save_dir. This module joins them: one step of a save_dir -> a
+.pt/.safetensors file or a Hugging Face folder, and either of those -> a new save_dir at step 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from typing import Any
 
 from muomni_jax import checkpointing
+from muomni_jax import hf_format
 from muomni_jax import loading
 from muomni_jax import original_format
 from muomni_jax import steps
@@ -19,11 +21,25 @@ from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import ThinkerConfig
 
+FORMATS = ('original', 'hf')
+_NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '
+                    'with: pass --tokenizer')
 
-def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> list[str]:
-    """One step of a save_dir (default: the newest) -> the original's format at `output`."""
-    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=False)
+
+def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None,
+                      output_format: str | None = None) -> list[str]:
+    """One step of a save_dir (default: the newest) -> `output`: the original's format (a .pt or
+    .safetensors file) or a Hugging Face folder (output_format='hf'). Without output_format, an
+    output that ends in / or is an existing folder is a Hugging Face one."""
+    if output_format is None:
+        output_format = 'hf' if output.endswith('/') or os.path.isdir(output) else 'original'
+    if output_format not in FORMATS:
+        raise UserError(f'unknown format {output_format!r}: choose one of {", ".join(FORMATS)}')
+    hf = output_format == 'hf'
+    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=hf)
     config = ThinkerConfig.from_config(ckpt.config)
+    if hf:
+        return hf_format.write_hf(output, ckpt.params, config, ckpt.tokenizer)
     warning = original_format.original_compatibility_warning(config)
     if warning:
         print(f'Warning: {warning}', file=sys.stderr)
@@ -31,20 +47,29 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     return original_format.write_weights(output, ckpt.params, config)
 
 
-def import_weights(source: str, save_dir: str, tokenizer_path: str, base_config: Any,
+def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_config: Any,
                    seed: int = 0) -> ThinkerConfig:
-    """Makes a save_dir from the original's weights, as step 0 of a run with a fresh optimizer,
-    so that launch.sample, launch.evaluate, the notebook and launch.stage_a (training further)
-    all take it. base_config: a full training config (e.g. configs/tiny.py); its model fields
-    supply what the file cannot show and are replaced by the file's."""
+    """Makes a save_dir from the original's weights file or a Hugging Face folder (`source` a
+    directory), as step 0 of a run with a fresh optimizer, so that launch.sample,
+    launch.evaluate, the notebook and launch.stage_a (training further) all take it.
+    base_config: a full training config (e.g. configs/tiny.py); its model fields supply what
+    the source cannot show and are replaced by the source's. A Hugging Face folder's own
+    tokenizer.model serves when tokenizer_path is empty."""
     if os.path.exists(save_dir) and os.listdir(save_dir):
         raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
-    if not tokenizer_path:
-        raise UserError('an imported checkpoint needs the tokenizer.model the weights were '
-                        'trained with: pass --tokenizer')
-    tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+    hf = os.path.isdir(source)
+    if not tokenizer_path and not hf:
+        raise UserError(_NEEDS_TOKENIZER)
     base_fields = {k: base_config[k] for k in original_format.UNSEEN_FIELDS if k in base_config}
-    model_config, params = original_format.read_weights(source, base_fields)
+    tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path) if tokenizer_path else None
+    if hf:
+        model_config, params, found = hf_format.read_hf(source, base_fields)
+        if tokenizer is None and found is None:
+            raise UserError(f'{source} has no tokenizer.model: ' + _NEEDS_TOKENIZER)
+        tokenizer_path = tokenizer_path or os.path.join(source, 'tokenizer.model')
+        tokenizer = tokenizer or found
+    else:
+        model_config, params = original_format.read_weights(source, base_fields)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserError(f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
                         f'vocab_size {model_config.vocab_size}: pass the matching tokenizer')
