@@ -14,7 +14,6 @@ Shapes: D d_model, F d_ff, H heads, G kv groups, K head dim, E experts, V vocab.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -27,10 +26,8 @@ from flax import nnx
 from muomni_jax import original_format
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import RMSNorm, ThinkerConfig
+from muomni_jax.thinker import RMS_NORM_EPS, ThinkerConfig
 
-# The Thinker's RMSNorm eps, read from its one definition.
-RMS_NORM_EPS = inspect.signature(RMSNorm.__init__).parameters['eps'].default
 LLAMA = 'LlamaForCausalLM'
 MIXTRAL = 'MixtralForCausalLM'
 _MODEL_TYPES = {LLAMA: 'llama', MIXTRAL: 'mixtral'}

@@ -24,6 +24,8 @@ from flax import nnx
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Finite, so a row with nothing to attend to gives a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
+# The spec's RMSNorm epsilon; every norm of the Thinker uses it, and exports declare it.
+RMS_NORM_EPS = 1e-5
 
 
 def _field(default, *, shape: bool = False, original: bool = True):
@@ -219,7 +221,7 @@ def _linear(cfg: ThinkerConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias=F
 class RMSNorm(nnx.Module):
     """x * rsqrt(mean(x**2) + eps) * weight, computed in float32."""
 
-    def __init__(self, dim: int, *, dtype, eps: float = 1e-5):
+    def __init__(self, dim: int, *, dtype, eps: float = RMS_NORM_EPS):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
         self.dtype = dtype
