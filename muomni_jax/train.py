@@ -84,6 +84,7 @@ def validate_config(config) -> ThinkerConfig:
         raise UserError('profile_steps needs a local save_dir (jax.profiler cannot write to '
                         f'{config.save_dir}): profile a short run with a local save_dir')
     storage.check_supported(config.tokenizer_path, 'tokenizer_path')
+    reporting.check_wandb_installed(config.wandb_project)
     if storage.is_url(config.cache_dir):
         raise UserError(f'cache_dir {config.cache_dir} must be a local folder (the token cache is '
                         'memory-mapped): give a local path, or leave it empty for the default')
@@ -357,7 +358,8 @@ def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict |
     model_flops = _model_flops(run)
     reporter = reporting.Reporter(
         run.config.save_dir, total_steps=run.total_steps, start_step=start_step,
-        enabled=run.is_main, profile_steps=reporting.parse_profile_steps(run.config.profile_steps))
+        enabled=run.is_main, profile_steps=reporting.parse_profile_steps(run.config.profile_steps),
+        wandb_project=run.config.wandb_project, run_config=run.config.to_dict())
     try:
         return _train_with(run, state, start_step, interval, checkpointer, reporter, model_flops)
     finally:
