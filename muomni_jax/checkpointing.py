@@ -106,8 +106,8 @@ class Checkpointer:
         if newer and jax.process_index() == 0:
             suffix = f'set-aside-{int(time.time())}'
             for s in newer:
-                (epath.Path(self.directory) / str(s)).rename(
-                    epath.Path(self.directory) / f'{s}.{suffix}')
+                storage.move_folder(os.path.join(self.directory, str(s)),
+                                    os.path.join(self.directory, f'{s}.{suffix}'))
             print(
                 f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
                 f'<step>.{suffix}), since training continues from step {start_step}.',

@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 
+from etils import epath
+
 from muomni_jax.errors import UserError
 
 # The write probe of a gs:// save_dir gives up after this long, so a wrong bucket or missing
@@ -40,6 +42,21 @@ def check_supported(path: str, field: str) -> None:
         raise UserError(f'{field} {path}: only local paths and gs:// URLs are supported')
     if not path[len('gs://'):].split('/')[0]:
         raise UserError(f'{field} {path} names no bucket: use gs://BUCKET/FOLDER')
+
+
+def move_folder(source: str, target: str) -> None:
+    """Renames a folder; on gs://, where folders are name prefixes and TensorFlow's client fails to
+    rename one, copies each file and then deletes the source."""
+    source_path, target_path = epath.Path(source), epath.Path(target)
+    if not is_url(source):
+        source_path.rename(target_path)
+        return
+    for folder, _, files in source_path.walk():
+        relative = folder.relative_to(source_path)
+        (target_path / relative).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (folder / name).copy(target_path / relative / name)
+    source_path.rmtree()
 
 
 def check_writable(path: str, field: str = 'save_dir') -> None:

@@ -16,6 +16,7 @@ from etils import epath
 from muomni_jax import checkpointing
 from muomni_jax import loading
 from muomni_jax import original_checkpoints
+from muomni_jax import plotting
 from muomni_jax import storage
 from muomni_jax.errors import UserError
 from tests.conftest import REPO, one_device_env
@@ -106,6 +107,7 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
     assert (root / 'tokenizer.model').read_bytes() == (
         epath.Path(reference_dir) / 'tokenizer.model').read_bytes()
 
+    assert [r['step'] for r in plotting.load_run(url)] == [r['step'] for r in records]
     loaded, reference_loaded = loading.load(url), loading.load(reference_dir)
     assert loaded.config.save_dir == url
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(reference_loaded.params)):
@@ -115,6 +117,15 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
     export = tmp_path / 'export' / 'thinker.safetensors'
     assert str(export) in original_checkpoints.export_checkpoint(url, str(export), None)
     assert export.exists()
+    # Going back to step 2 (--config.restore_step=2) sets steps 4 and 6 aside, here as on a disk,
+    # and Orbax's clean-up of uncommitted folders leaves them be: they hold their commit file.
+    checkpointer = checkpointing.Checkpointer(url, max_to_keep=3)
+    checkpointer.start_writing(2)
+    checkpointer.close()
+    names = {p.name for p in root.iterdir()}
+    assert loading.available_steps(url) == [2] and '4' not in names and '6' not in names, names
+    [aside] = [n for n in names if n.startswith('6.set-aside-')]
+    assert (root / aside / 'commit_success.txt').exists() and (root / aside / 'state').is_dir()
     print(f'train, kill and resume on the emulator: {train_seconds:.0f} s')
 
 
