@@ -19,11 +19,13 @@ HTTP server refuses it) and points upload Locations back at www.googleapis.com.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import http.client
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -76,7 +78,7 @@ class LocalGcs:
             [str(fake_gcs._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1',
              '-port', str(self._port), '-backend', 'memory', '-log-level', 'error',
              '-external-url', 'https://www.googleapis.com'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.time() + 20
         while True:
             try:
@@ -151,6 +153,12 @@ class LocalGcs:
             lines.append(f'Content-Length: {len(data)}')
             client.sendall(('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') +
                            (b'' if method == 'HEAD' else data))
+
+
+def _die_with_parent() -> None:
+    """Linux's PR_SET_PDEATHSIG: the emulator gets SIGKILL when the test process dies, even when
+    a timeout kills that process before its clean-up runs."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def _read_head(reader) -> tuple[str, list[tuple[str, str]]] | None:
