@@ -103,3 +103,18 @@ def test_wandb_project_without_wandb_installed_is_a_clear_error(monkeypatch):
                                         r'install wandb==0.31.0'):
         reporting.check_wandb_installed('p')
     reporting.check_wandb_installed('')  # Not set: nothing to check.
+
+
+def test_only_process_0_starts_a_wandb_run(monkeypatch, tmp_path):
+    started = []
+    # The stub returns None, so the reporters log to TensorBoard only.
+    monkeypatch.setattr(reporting, '_start_wandb', lambda *args: started.append(args))
+    other = reporting.Reporter(str(tmp_path / 'other'), total_steps=2, start_step=0,
+                               enabled=False, wandb_project='p')
+    other.write_scalars(1, {'loss': 1.0})
+    other.close()
+    assert not started
+    main = reporting.Reporter(str(tmp_path / 'main'), total_steps=2, start_step=0,
+                              wandb_project='p', run_config={'seed': 0})
+    main.close()
+    assert started == [('p', str(tmp_path / 'main'), {'seed': 0})]
