@@ -6,6 +6,7 @@ matplotlib Figure with the Agg canvas, so it never touches pyplot's global state
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -15,6 +16,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from muomni_jax import storage
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 
 FIGURE_SIZE_INCHES = (12.0, 8.0)
@@ -132,6 +135,11 @@ def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) ->
 
 
 def _save(fig: Figure, output_path: str) -> None:
+    if storage.is_url(output_path):  # launch.plot's default beside a gs:// run.
+        png = io.BytesIO()
+        fig.savefig(png, format='png', dpi=DPI)
+        write_atomically(output_path, png.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(directory):
         raise UserError(f'cannot write {output_path}: folder {directory} does not exist')

@@ -108,6 +108,8 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
         epath.Path(reference_dir) / 'tokenizer.model').read_bytes()
 
     assert [r['step'] for r in plotting.load_run(url)] == [r['step'] for r in records]
+    plotting.plot_runs([url], f'{url}/training_curves.png')  # launch.plot's default output.
+    assert (root / 'training_curves.png').read_bytes().startswith(b'\x89PNG')
     loaded, reference_loaded = loading.load(url), loading.load(reference_dir)
     assert loaded.config.save_dir == url
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(reference_loaded.params)):
