@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.save_dir = 'checkpoints/thinker_tiny'  # Checkpoints, tokenizer, config and training log.
     config.restore_step = 0  # Resume from this saved step; 0: the newest complete checkpoint.
     config.profile_steps = ''  # 'start,end': jax.profiler trace of those steps into save_dir; '': off.
+    config.wandb_project = ''  # W&B project that also gets the scalars and samples; '': off.
 
     # --- Devices ---
     config.mesh = ml_collections.ConfigDict()

@@ -1,10 +1,11 @@
 """Orbax step checkpoints of the whole training state, plus a small JSON of the data position.
 
 Layout of save_dir/<step>/: `state/` (params, optimizer state, step, PRNG key) and `meta/`
-(epoch and step within the epoch, so the data resumes without replay). Orbax writes each step
-into `<step>.orbax-checkpoint-tmp-<time>` and renames it on commit, so a step folder that exists
-is complete; a temporary folder left by a crash is never listed as a step, and is removed when
-the next run opens save_dir.
+(epoch and step within the epoch, so the data resumes without replay). A step that exists is
+complete, and a save cut by a crash is never listed as a step and is removed when the next run
+opens save_dir. Locally Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and
+renames it on commit. On gs://, where a rename copies every object, it writes into `<step>/` and
+commits by writing `<step>/commit_success.txt` last: a folder without it is an unfinished save.
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from muomni_jax import storage
 from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 
@@ -67,8 +69,7 @@ class Checkpointer:
   """
 
     def __init__(self, directory: str, max_to_keep: int | None = None, read_only: bool = False):
-        # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
-        self.directory = directory if '://' in directory else os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self._max_to_keep = max_to_keep
         self._may_write = not read_only
         self._writing = False
@@ -105,8 +106,8 @@ class Checkpointer:
         if newer and jax.process_index() == 0:
             suffix = f'set-aside-{int(time.time())}'
             for s in newer:
-                (epath.Path(self.directory) / str(s)).rename(
-                    epath.Path(self.directory) / f'{s}.{suffix}')
+                storage.move_folder(os.path.join(self.directory, str(s)),
+                                    os.path.join(self.directory, f'{s}.{suffix}'))
             print(
                 f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
                 f'<step>.{suffix}), since training continues from step {start_step}.',
@@ -180,7 +181,7 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
     """Makes a new save_dir holding `state` as step 0 (no data position yet) and config.json:
     a run that launch.stage_a continues and that launch.sample and launch.evaluate read."""
-    if os.path.exists(save_dir) and os.listdir(save_dir):
+    if epath.Path(save_dir).exists() and any(epath.Path(save_dir).iterdir()):
         raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
     checkpointer = Checkpointer(save_dir, max_to_keep=None)
     checkpointer.start_writing(0)

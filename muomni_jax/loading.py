@@ -9,7 +9,6 @@ on one CPU in a notebook. Needs no training data.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +18,7 @@ from etils import epath
 from flax import nnx
 
 from muomni_jax import steps
+from muomni_jax import storage
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import Thinker, ThinkerConfig
@@ -46,14 +46,19 @@ def abstract_model(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def available_steps(checkpoint_dir: str) -> list[int]:
-    """The complete checkpoint steps in a save_dir, oldest first (Orbax's temporary folders of an
-    unfinished save are not steps)."""
+    """The complete checkpoint steps in a save_dir, oldest first.
+
+    An unfinished save is not a step: locally Orbax writes it into a temporary folder, and on
+    gs:// into the step's own folder, which it commits last with a commit_success.txt.
+    """
+    storage.check_supported(checkpoint_dir, 'checkpoint_dir')
     directory = epath.Path(checkpoint_dir)
     if not directory.is_dir():
         raise UserError(f'checkpoint_dir {checkpoint_dir} does not exist: point it at the '
                         'save_dir of a launch.stage_a run')
     return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / 'state').is_dir())
+                  if p.name.isdigit() and (p / 'state').is_dir()
+                  and ocp.utils.is_checkpoint_finalized(p))
 
 
 def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
@@ -70,9 +75,7 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    # Orbax needs absolute local paths; remote ones (gs://...) are absolute already.
-    directory = checkpoint_dir if '://' in checkpoint_dir else os.path.abspath(checkpoint_dir)
-    path = epath.Path(directory) / str(step) / 'state'
+    path = epath.Path(storage.absolute(checkpoint_dir)) / str(step) / 'state'
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(

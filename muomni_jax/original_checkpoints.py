@@ -12,11 +12,14 @@ import os
 import sys
 from typing import Any
 
+from etils import epath
+
 from muomni_jax import checkpointing
 from muomni_jax import hf_format
 from muomni_jax import loading
 from muomni_jax import original_format
 from muomni_jax import steps
+from muomni_jax import storage
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import ThinkerConfig
@@ -55,7 +58,8 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
     base_config: a full training config (e.g. configs/tiny.py); its model fields supply what
     the source cannot show and are replaced by the source's. A Hugging Face folder's own
     tokenizer.model serves when tokenizer_path is empty."""
-    if os.path.exists(save_dir) and os.listdir(save_dir):
+    storage.check_writable(save_dir)
+    if epath.Path(save_dir).exists() and any(epath.Path(save_dir).iterdir()):
         raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
     hf = os.path.isdir(source)
     if not tokenizer_path and not hf:

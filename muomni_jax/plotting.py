@@ -6,14 +6,18 @@ matplotlib Figure with the Agg canvas, so it never touches pyplot's global state
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from muomni_jax import storage
+from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
 
 FIGURE_SIZE_INCHES = (12.0, 8.0)
@@ -26,13 +30,12 @@ def load_run(checkpoint_dir: str) -> list[dict[str, Any]]:
     Logs written before the 'tokens' field existed get step * batch_size * ctx_len from the
     run's config.json; validation-only records get the same tokens per step as the others.
     """
-    path = os.path.join(checkpoint_dir, 'training_log.json')
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except FileNotFoundError:
+    path = epath.Path(checkpoint_dir) / 'training_log.json'  # Also on gs://.
+    if not path.is_file():
         raise UserError(f'{path} does not exist: point --checkpoint_dir at the save_dir of a run '
-                        'that has logged at least one step') from None
+                        'that has logged at least one step')
+    try:
+        records = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON ({e}): is it a training_log.json?') from None
     if not isinstance(records, list) or not all(
@@ -49,11 +52,11 @@ def _tokens_per_step(checkpoint_dir: str, records: list[dict[str, Any]]) -> int:
     for record in records:
         if 'tokens' in record and record['step']:
             return record['tokens'] // record['step']
+    path = epath.Path(checkpoint_dir) / 'config.json'
     try:
-        with open(os.path.join(checkpoint_dir, 'config.json')) as f:
-            config = json.load(f)
+        config = json.loads(path.read_text()) if path.is_file() else {}
         return int(config['batch_size']) * int(config['ctx_len'])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise UserError(f'{checkpoint_dir} has neither "tokens" in its training log nor a '
                         'config.json with batch_size and ctx_len: cannot plot against tokens '
                         'seen') from None
@@ -132,6 +135,11 @@ def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) ->
 
 
 def _save(fig: Figure, output_path: str) -> None:
+    if storage.is_url(output_path):  # launch.plot's default beside a gs:// run.
+        png = io.BytesIO()
+        fig.savefig(png, format='png', dpi=DPI)
+        write_atomically(output_path, png.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(directory):
         raise UserError(f'cannot write {output_path}: folder {directory} does not exist')

@@ -1,4 +1,5 @@
-"""What a run shows while it trains: TensorBoard event files, console progress and a profile.
+"""What a run shows while it trains: TensorBoard event files, console progress, a profile, and
+with config.wandb_project the same scalars and samples in Weights & Biases.
 
 The training loop owns one `Reporter` and calls it at three points: `advance` after every step
 (host-side only: it never waits on the device except at the two profile boundaries),
@@ -9,10 +10,13 @@ Layout under save_dir, as TensorBoard expects with `tensorboard --logdir SAVE_DI
   events.out.tfevents.*           scalars ('train/...', 'val/...') and text summaries
   plugins/profile/<time>/         a jax.profiler trace of config.profile_steps, with
                                   perfetto_trace.json.gz for https://ui.perfetto.dev
+W&B gets one run per launch, grouped by save_dir, under the same tags; wandb is imported only
+when a project is set (it is optional, and slow to import).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Any, Mapping, TextIO
@@ -58,7 +62,8 @@ class Reporter:
 
     def __init__(self, save_dir: str, *, total_steps: int, start_step: int,
                  profile_steps: tuple[int, int] | None = None, enabled: bool = True,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, wandb_project: str = '',
+                 run_config: Mapping[str, Any] | None = None):
         """Opens the event writer and, when `stream` is a terminal, the progress bar.
 
         Args:
@@ -68,6 +73,8 @@ class Reporter:
           profile_steps: (start, end) to trace with jax.profiler, or None.
           enabled: False on processes other than 0: nothing is written or printed.
           stream: Where lines and the bar go; sys.stdout by default.
+          wandb_project: W&B project to log to as well; '' for none.
+          run_config: The run's config, shown with the W&B run.
         """
         self.save_dir = save_dir
         self.enabled = enabled
@@ -76,10 +83,13 @@ class Reporter:
         self._profiling = False
         self._traced_from = self._last_step = start_step
         self._writer = None
+        self._wandb_run = None
         self._bar = None
         if not enabled:
             return
         self._writer = metric_writers.SummaryWriter(save_dir)
+        if wandb_project:
+            self._wandb_run = _start_wandb(wandb_project, save_dir, run_config)
         if _is_terminal(self._stream):
             # tqdm puts ', ' before the postfix: the loss and tokens/s of the last log interval.
             self._bar = tqdm.tqdm(
@@ -125,6 +135,8 @@ class Reporter:
                    and not isinstance(v, bool)}
         self._writer.write_scalars(step, scalars)
         self._writer.flush()  # Readers see each log interval at once, not every 2 minutes.
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=step)
         if self._bar is not None and 'loss' in record:
             postfix = f'loss={record["loss"]:.3f}'
             if 'tokens_per_s' in record:
@@ -137,6 +149,8 @@ class Reporter:
             return
         self._writer.write_texts(step, texts)
         self._writer.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(dict(texts), step=step)
 
     def close(self) -> None:
         """Stops an unfinished profile, flushes the event file and ends the bar. Safe to repeat."""
@@ -148,6 +162,9 @@ class Reporter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
     def _maybe_start_profile(self, next_step: int, state: Any) -> None:
         if (self._profile_steps is None or self._profiling
@@ -168,6 +185,21 @@ class Reporter:
         newest = max(os.listdir(self.profile_dir))  # jax names each trace by its start time.
         self.log(f'Profile of steps {self._traced_from}-{self._last_step} written to '
                  f'{os.path.join(self.profile_dir, newest)}')
+
+
+def check_wandb_installed(project: str) -> None:
+    """A set wandb_project needs the optional wandb package; checked without importing it."""
+    if project and importlib.util.find_spec('wandb') is None:
+        raise UserError(f'wandb_project {project!r} needs the wandb package: pip install '
+                        'wandb==0.31.0, or leave --config.wandb_project empty')
+
+
+def _start_wandb(project: str, save_dir: str, run_config: Mapping[str, Any] | None) -> Any:
+    import wandb  # pylint: disable=import-outside-toplevel
+    name = save_dir.rstrip('/').rsplit('/', 1)[-1]
+    # WANDB_MODE, WANDB_DIR and the API key come from the environment, as W&B documents.
+    return wandb.init(project=project, name=name, group=save_dir,
+                      config=dict(run_config or {}))
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -12,6 +12,7 @@ import re
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
@@ -39,12 +40,14 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> 'Tokenizer':
         try:
-            with open(path, 'rb') as f:
-                proto = f.read()
-            return cls(proto)
-        except (OSError, RuntimeError) as e:
+            return cls(epath.Path(path).read_bytes())
+        # On gs:// the reader is tf.io.gfile, whose errors are not OSErrors.
+        except Exception as e:  # pylint: disable=broad-except
+            if isinstance(e, UserError):
+                raise
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(
-                f'cannot load tokenizer {path}: {e}; point tokenizer_path at a SentencePiece '
+                f'cannot load tokenizer {path}: {reason}; point tokenizer_path at a SentencePiece '
                 '.model file or leave it empty to train one') from None
 
     @property

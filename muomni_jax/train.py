@@ -13,11 +13,11 @@ import dataclasses
 import itertools
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Iterator
 
 import jax
+from etils import epath
 from flax import nnx
 
 from muomni_jax import checkpointing
@@ -32,6 +32,7 @@ from muomni_jax import preemption
 from muomni_jax import reporting
 from muomni_jax import sampling
 from muomni_jax import steps
+from muomni_jax import storage
 from muomni_jax import tokenizer as tokenizer_lib
 from muomni_jax import training_log
 from muomni_jax.atomic_write import write_atomically
@@ -78,7 +79,15 @@ def validate_config(config) -> ThinkerConfig:
                         'time budget)')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
-    reporting.parse_profile_steps(config.profile_steps)
+    if reporting.parse_profile_steps(config.profile_steps) and storage.is_url(config.save_dir):
+        # jax.profiler writes its trace with local file calls.
+        raise UserError('profile_steps needs a local save_dir (jax.profiler cannot write to '
+                        f'{config.save_dir}): profile a short run with a local save_dir')
+    storage.check_supported(config.tokenizer_path, 'tokenizer_path')
+    reporting.check_wandb_installed(config.wandb_project)
+    if storage.is_url(config.cache_dir):
+        raise UserError(f'cache_dir {config.cache_dir} must be a local folder (the token cache is '
+                        'memory-mapped): give a local path, or leave it empty for the default')
     mixture.sources(config)  # A mixture string that does not parse fails here.
     return model_config
 
@@ -86,7 +95,7 @@ def validate_config(config) -> ThinkerConfig:
 def _check_inputs(config, devices) -> tuple[ThinkerConfig, jax.sharding.Mesh]:
     """Every check of the config, save_dir and devices; returns the model config and the mesh."""
     model_config = validate_config(config)
-    _check_writable(config.save_dir)
+    storage.check_writable(config.save_dir)
     _check_same_model(config, config.save_dir)
     mesh = partitioning.make_mesh(config.mesh, devices)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
@@ -94,33 +103,12 @@ def _check_inputs(config, devices) -> tuple[ThinkerConfig, jax.sharding.Mesh]:
     return model_config, mesh
 
 
-def _check_writable(path: str) -> None:
-    """Fails unless save_dir can be created and written; leaves no trace when it can."""
-    if '://' in path:
-        raise UserError(f'save_dir {path} is a URL, which is not supported: give a local path, or '
-                        'mount the bucket (e.g. with gcsfuse) at the same path on every host')
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f'save_dir {path} cannot be created: {existing} is a file, not a '
-                        'directory; choose another --config.save_dir')
-    try:
-        # A real write, not os.access: it also catches read-only mounts, and root ignores modes.
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f'save_dir {path} is not writable ({existing}: {e.strerror}): choose '
-                        'another --config.save_dir') from None
-
-
 def _check_same_model(config, save_dir: str) -> None:
     """A save_dir written with another model shape or optimizer must not be resumed into this."""
-    path = os.path.join(save_dir, 'config.json')
-    if not os.path.exists(path):
+    path = epath.Path(save_dir) / 'config.json'
+    if not path.exists():
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     differ = [f'{k} {saved.get(k)!r} -> {config[k]!r}' for k in SHAPE_FIELDS
               if k in saved and saved[k] != config[k]]
     if differ:
@@ -136,10 +124,11 @@ def _check_same_model(config, save_dir: str) -> None:
 def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
     """tokenizer_path's model, else save_dir's, else one trained on the training text."""
     saved = os.path.join(config.save_dir, 'tokenizer.model')
-    path = config.tokenizer_path or (saved if os.path.exists(saved) else '')
+    saved_exists = epath.Path(saved).exists()
+    path = config.tokenizer_path or (saved if saved_exists else '')
     if path:
         tokenizer = tokenizer_lib.Tokenizer.load(path)
-        if path != saved and os.path.exists(saved) and (
+        if path != saved and saved_exists and (
                 tokenizer_lib.Tokenizer.load(saved).model_proto != tokenizer.model_proto):
             raise UserError(f'save_dir {config.save_dir} holds a run with another tokenizer than '
                             f'tokenizer_path {path}: use a new --config.save_dir, or drop '
@@ -263,7 +252,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     state, start_step, interval = _restore_or_init(run, checkpointer)
     if is_main:
-        os.makedirs(save_dir, exist_ok=True)
+        epath.Path(save_dir).mkdir(parents=True, exist_ok=True)
         _keep_tokenizer(save_dir, tokenizer)
         write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))
@@ -285,7 +274,7 @@ def prepare_data(config) -> dict[str, int]:
     """
     with distributed.fail_together():
         validate_config(config)
-        _check_writable(config.save_dir)
+        storage.check_writable(config.save_dir)
         num_shards = host_data.num_shards(config)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -304,7 +293,7 @@ def _keep_tokenizer(save_dir: str, tokenizer: tokenizer_lib.Tokenizer) -> None:
     """Copies the tokenizer into save_dir (also one from tokenizer_path), so that save_dir alone
     is enough to sample, evaluate and resume."""
     path = os.path.join(save_dir, 'tokenizer.model')
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         tokenizer.save(path)
 
 
@@ -369,7 +358,8 @@ def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict |
     model_flops = _model_flops(run)
     reporter = reporting.Reporter(
         run.config.save_dir, total_steps=run.total_steps, start_step=start_step,
-        enabled=run.is_main, profile_steps=reporting.parse_profile_steps(run.config.profile_steps))
+        enabled=run.is_main, profile_steps=reporting.parse_profile_steps(run.config.profile_steps),
+        wandb_project=run.config.wandb_project, run_config=run.config.to_dict())
     try:
         return _train_with(run, state, start_step, interval, checkpointer, reporter, model_flops)
     finally:

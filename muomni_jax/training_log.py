@@ -1,8 +1,9 @@
 """training_log.json: one record per logged step, rewritten atomically so a crash never truncates it."""
 
 import json
-import os
 from typing import Any
+
+from etils import epath
 
 from muomni_jax.atomic_write import write_atomically
 
@@ -14,9 +15,9 @@ class TrainingLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self.unwritten = False  # Whether records changed since the last write.
-        if resume_step and os.path.exists(path):
-            with open(path) as f:
-                self.records = [r for r in json.load(f) if r['step'] <= resume_step]
+        if resume_step and epath.Path(path).exists():
+            self.records = [r for r in json.loads(epath.Path(path).read_text())
+                            if r['step'] <= resume_step]
 
     def add(self, step: int, **fields: Any) -> None:
         """Adds fields to the record of `step`, creating it if it is not the last one."""
