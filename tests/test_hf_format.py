@@ -4,6 +4,8 @@ transformers' own LlamaForCausalLM and MixtralForCausalLM are the reference: the
 and must compute our logits, continue greedily as we do, and tokenize as our SentencePiece does.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from muomni_jax import original_checkpoints
 from muomni_jax import sampling
 from muomni_jax import steps
 from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax import train
 from muomni_jax.errors import UserError
 from muomni_jax.thinker import SHAPE_FIELDS, ThinkerConfig
 from tests.conftest import REPO, run_module
@@ -219,6 +222,27 @@ def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
     assert sorted(first) == sorted(again)
     for key, value in first.items():
         np.testing.assert_array_equal(value, again[key])
+
+
+def test_an_hf_import_trains_further(exports, tmp_path, corpus_sample):
+    """Training on an imported folder resumes at step 0 and moves on from those weights."""
+    config, model, folder = exports['gqa']
+    save_dir = tmp_path / 'imported'
+    original_checkpoints.import_weights(folder, str(save_dir), None, tiny.get_config())
+    run = loading.read_config(str(save_dir))
+    run.update(dict(data_path=str(corpus_sample), batch_size=8, max_steps=2, warmup_steps=1,
+                    log_every=1, eval_every=2, eval_batches=2, save_every=2, sample_prompts='',
+                    num_epochs=1))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train.train_and_evaluate(run)
+    assert 'Resuming from checkpoint step 0' in out.getvalue()
+    assert np.isfinite(summary['val_loss'])
+    assert loading.available_steps(str(save_dir)) == [0, 2]
+    trained = loading.load(str(save_dir))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained.params))]
+    assert min(moved) > 0  # Every parameter took the two steps from the imported values.
 
 
 
