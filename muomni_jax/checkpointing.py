@@ -178,11 +178,16 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
                         abstract_tree, shardings)
 
 
+def check_new_save_dir(save_dir: str) -> None:
+    """Refuses a save_dir that holds anything: step 0 of an import must not mix with a run."""
+    if epath.Path(save_dir).exists() and any(epath.Path(save_dir).iterdir()):
+        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
+
+
 def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
     """Makes a new save_dir holding `state` as step 0 (no data position yet) and config.json:
     a run that launch.stage_a continues and that launch.sample and launch.evaluate read."""
-    if epath.Path(save_dir).exists() and any(epath.Path(save_dir).iterdir()):
-        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
+    check_new_save_dir(save_dir)
     checkpointer = Checkpointer(save_dir, max_to_keep=None)
     checkpointer.start_writing(0)
     checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,

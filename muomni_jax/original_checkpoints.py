@@ -12,8 +12,6 @@ import os
 import sys
 from typing import Any
 
-from etils import epath
-
 from muomni_jax import checkpointing
 from muomni_jax import hf_format
 from muomni_jax import loading
@@ -59,8 +57,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
     the source cannot show and are replaced by the source's. A Hugging Face folder's own
     tokenizer.model serves when tokenizer_path is empty."""
     storage.check_writable(save_dir)
-    if epath.Path(save_dir).exists() and any(epath.Path(save_dir).iterdir()):
-        raise UserError(f'save_dir {save_dir} is not empty: import into a new folder')
+    checkpointing.check_new_save_dir(save_dir)  # Before reading the weights, not after.
     hf = os.path.isdir(source)
     if not tokenizer_path and not hf:
         raise UserError(_NEEDS_TOKENIZER)
