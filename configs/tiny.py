@@ -8,14 +8,14 @@ import dataclasses
 
 import ml_collections
 
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.model.thinker import ThinkerConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # --- Model: every ThinkerConfig field at its default, the original μOmni thinker_tiny.json ---
-    # (muomni_jax/thinker.py says what each field means; override them here or on the command line).
+    # (muomni_jax/model/thinker.py says what each field means; override them here or on the command line).
     config.update(dataclasses.asdict(ThinkerConfig()))
 
     # --- Data ---

@@ -20,8 +20,8 @@ def main(argv):
         cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     config = training_config.value()
     # Imported after flag parsing: JAX and TF are slow to import.
-    from muomni_jax import distributed
-    from muomni_jax import train
+    from muomni_jax.parallel import distributed
+    from muomni_jax.training import train
     try:
         with cli.one_line_errors():
             distributed.initialize(config)  # Before any other JAX use; no-op for one process.

@@ -1,13 +1,32 @@
 """muomni-jax: Stage A of μOmni (the Thinker) in JAX.
 
-`muomni_jax.load(checkpoint_dir, step=None)` restores a trained Thinker's config, params and
-tokenizer (see muomni_jax/loading.py).
+The public face, for notebooks and later μOmni stages:
+  muomni_jax.load(checkpoint_dir, step=None) -> Checkpoint (config, params, tokenizer; .model())
+  muomni_jax.generate(model, tokenizer, prompts, ...) -> continuations (KV-cache sampling)
+  muomni_jax.next_token_distribution(model, tokenizer, prompt, k=5) -> most likely next tokens
+  muomni_jax.plot_runs(checkpoint_dirs, output_path=None) -> matplotlib Figure of the curves
+
+The package is in layers, each importing only those below it (tests/test_layers.py checks):
+errors, io, parallel, model, data, inference, training, interop, then benchmark over all.
 """
+
+# name -> (module, attribute). Resolved lazily, so `import muomni_jax` costs nothing and
+# `muomni_jax.load` pays only for what loading needs.
+_PUBLIC = {
+    'load': ('muomni_jax.inference.loading', 'load'),
+    'generate': ('muomni_jax.inference.sampling', 'generate'),
+    'next_token_distribution': ('muomni_jax.inference.sampling', 'next_token_distribution'),
+    'plot_runs': ('muomni_jax.inference.plotting', 'plot_runs'),
+}
 
 
 def __getattr__(name):
-    # Lazy, so that `from muomni_jax import tokenizer` does not pay for Orbax and Flax.
-    if name == 'load':
-        from muomni_jax.loading import load
-        return load
+    if name in _PUBLIC:
+        import importlib  # pylint: disable=import-outside-toplevel
+        module, attribute = _PUBLIC[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

@@ -22,17 +22,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from muomni_jax import checkpointing
-from muomni_jax import flops
-from muomni_jax import input_pipeline
-from muomni_jax import partitioning
-from muomni_jax import sampling
-from muomni_jax import steps
-from muomni_jax import token_cache
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax import train
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import token_cache
+from muomni_jax.data import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig, count_params
+from muomni_jax.inference import sampling
+from muomni_jax.model import flops
+from muomni_jax.model.thinker import ThinkerConfig, abstract_model, count_params
+from muomni_jax.parallel import partitioning
+from muomni_jax.training import checkpointing
+from muomni_jax.training import config_checks
+from muomni_jax.training import steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def bench_input_pipeline(config, num_batches: int) -> tuple[InputPipelineFigures
     Returns the figures and the first batch (to train on). The tokenizer is the run's (config,
     then save_dir) or, when there is none yet, one trained here like a first run trains it.
     """
-    tokenizer = train.load_or_train_tokenizer(config)
+    tokenizer = tokenizer_setup.load_or_train_tokenizer(config)
     quiet = lambda line: None
     with tempfile.TemporaryDirectory() as cache_dir:
         cached = config.copy_and_resolve_references()
@@ -209,7 +210,7 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     measure_peak, if given, runs before each timed step; its results are returned second.
     Returns the figures, the peaks, the trained state, its graphdef and the jitted step.
     """
-    train.validate_config(config)
+    config_checks.validate_config(config)
     mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
     setup = steps.create_train_state(config, mesh, max(warmup + repeats + 1, 2))
@@ -301,7 +302,7 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
     """
     try:
         import torch  # pylint: disable=import-outside-toplevel
-        from muomni_jax import torch_reference  # pylint: disable=import-outside-toplevel
+        from muomni_jax.interop import torch_reference# pylint: disable=import-outside-toplevel
     except ImportError:
         return OriginalFigures(available=False, reason='torch is not installed'), state
     model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.
@@ -361,10 +362,10 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
                   compare_original: bool = True,
                   log: Callable[[str], None] = print) -> BenchResult:
     """Runs every measurement on `config` (a configs/*.py ConfigDict) and returns the figures."""
-    model_config = train.validate_config(config)
+    model_config = config_checks.validate_config(config)
     conditions = _conditions(config, warmup, repeats)
     per_token = flops.flops_per_token(model_config)
-    model = ModelFigures(params=count_params(steps.abstract_model(model_config)[1]),
+    model = ModelFigures(params=count_params(abstract_model(model_config)[1]),
                          flops_per_token=per_token,
                          flops_per_step=per_token['total'] * config.batch_size * config.ctx_len)
 

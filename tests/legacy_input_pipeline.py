@@ -1,4 +1,4 @@
-"""muomni_jax/input_pipeline.py as of commit b7c1f33: the in-memory packing path, frozen.
+"""muomni_jax/data/input_pipeline.py as of commit b7c1f33: the in-memory packing path, frozen.
 
 The oracle for the token cache: the cached path must give exactly these windows, in this order,
 with these masks. Nothing in muomni_jax/ imports this file; only the equality tests read it.
@@ -15,7 +15,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL',
                       '2')  # Keep TensorFlow's C++ info lines out of the console.
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
 # tf.data is host-side work: never let TensorFlow grab accelerator memory that JAX needs.

@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from muomni_jax import train
 from muomni_jax.errors import UserError
+from muomni_jax.training import train
 from tests.conftest import run_module, small_config
 from tests.test_launch import SMALL
 

@@ -14,12 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from muomni_jax import checkpointing
-from muomni_jax import loading
-from muomni_jax import original_checkpoints
-from muomni_jax import partitioning
-from muomni_jax import steps
 from muomni_jax.errors import UserError
+from muomni_jax.inference import loading
+from muomni_jax.interop import original_checkpoints
+from muomni_jax.parallel import partitioning
+from muomni_jax.training import checkpointing
+from muomni_jax.training import steps
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'checkpoint_v1')
 LOSS_ON_FIXED_TOKENS = 5.525517463684082

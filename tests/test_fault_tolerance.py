@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muomni_jax import periodic_actions
-from muomni_jax import steps
-from muomni_jax import train
 from muomni_jax.errors import UserError
+from muomni_jax.training import periodic_actions
+from muomni_jax.training import steps
+from muomni_jax.training import train
 from tests.conftest import (REPO, free_port, one_device_env, restore_state,
                             small_config)
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from etils import epath
 
-from muomni_jax import checkpointing
-from muomni_jax import loading
-from muomni_jax import original_checkpoints
-from muomni_jax import plotting
-from muomni_jax import storage
 from muomni_jax.errors import UserError
+from muomni_jax.inference import loading
+from muomni_jax.inference import plotting
+from muomni_jax.interop import original_checkpoints
+from muomni_jax.io import storage
+from muomni_jax.training import checkpointing
 from tests.conftest import REPO, one_device_env
 from tests.gcs_emulator import LocalGcs
 from tests.test_resume import (RESUME_ARGS, TIMING_FIELDS, _final_state, _kill,

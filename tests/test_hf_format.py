@@ -1,4 +1,4 @@
-"""Hugging Face export and import (muomni_jax/hf_format.py), and lm-eval-harness on an export.
+"""Hugging Face export and import (muomni_jax/interop/hf_format.py), and lm-eval-harness on an export.
 
 transformers' own LlamaForCausalLM and MixtralForCausalLM are the reference: they load our export
 and must compute our logits, continue greedily as we do, and tokenize as our SentencePiece does.
@@ -19,15 +19,14 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import tiny
-from muomni_jax import hf_format
-from muomni_jax import loading
-from muomni_jax import original_checkpoints
-from muomni_jax import sampling
-from muomni_jax import steps
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax import train
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import SHAPE_FIELDS, ThinkerConfig
+from muomni_jax.inference import loading
+from muomni_jax.inference import sampling
+from muomni_jax.interop import hf_format
+from muomni_jax.interop import original_checkpoints
+from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
+from muomni_jax.training import train
 from tests.conftest import REPO, run_module
 
 torch = pytest.importorskip('torch')
@@ -46,7 +45,7 @@ VARIANTS = {
 def random_model(config, seed=0):
     """A Thinker with weights 6x the init's scale and norm scales around 1, so mistakes show.
     Filled from numpy: initializing through JAX compiles op by op, seconds per model."""
-    graphdef, abstract = steps.abstract_model(config)
+    graphdef, abstract = abstract_model(config)
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda x: jnp.asarray(
         rng.normal(0, 0.12, x.shape) if len(x.shape) == 2 else 1 + 0.3 * rng.normal(
@@ -277,7 +276,7 @@ def test_a_folder_transformers_wrote_imports_tied_and_sharded(tmp_path, sp_token
         architecture == 'mixtral', 1, 1000.0)
     np.testing.assert_array_equal(np.asarray(params['lm_head']['kernel'][...]),
                                   np.asarray(params['tok_emb']['embedding'][...]).T)
-    model = nnx.merge(steps.abstract_model(config)[0], params)
+    model = nnx.merge(abstract_model(config)[0], params)
     tokens = np.random.default_rng(1).integers(0, 256, (2, 16))
     np.testing.assert_allclose(np.asarray(_logits(model, jnp.asarray(tokens))),
                                _hf_logits(hf_model.eval(), tokens), atol=1e-4, rtol=0)
@@ -410,7 +409,7 @@ def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
     np.testing.assert_allclose(reported, ours, atol=1e-3, rtol=0)
 
     # The same task through lm_eval_model.ThinkerLM, on the JAX model with no export.
-    from muomni_jax import lm_eval_model
+    from muomni_jax.interop import lm_eval_model
     direct = lm_eval_model.evaluate_tasks(
         model, sp_tokenizer, ['muomni_tiny_choice'], include_path=LM_EVAL_TASKS,
         include_defaults=False, batch_size=8, log_samples=True)
@@ -423,7 +422,7 @@ def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
 
 
 def test_the_jax_lm_scores_long_texts_and_generates_as_we_do(exports, sp_tokenizer, corpus_lines):
-    lm_eval_model = pytest.importorskip('muomni_jax.lm_eval_model')
+    lm_eval_model = pytest.importorskip('muomni_jax.interop.lm_eval_model')
     from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
     _, model, _ = exports['gqa']
     lm = lm_eval_model.ThinkerLM(model, sp_tokenizer, batch_size=4)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from muomni_jax import input_pipeline
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
 DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]

@@ -6,7 +6,7 @@ import os
 import jax
 import ml_collections
 
-from muomni_jax import compilation_cache
+from muomni_jax.training import compilation_cache
 from tests.conftest import REPO, one_device_env, run_module
 
 SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64',

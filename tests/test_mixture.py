@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from muomni_jax import host_data
-from muomni_jax import input_pipeline
-from muomni_jax import mixture
-from muomni_jax import plotting
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax import train
+from muomni_jax.data import host_data
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import mixture
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.inference import plotting
+from muomni_jax.training import train
 from tests.conftest import mixture_spec, restore_state, run_module, small_config
 from tests.test_reporting import read_events
 from tests.test_resume import TIMING_FIELDS

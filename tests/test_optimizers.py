@@ -9,10 +9,11 @@ import optax
 import pytest
 
 from configs import tiny
-from muomni_jax import steps
-from muomni_jax import train
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.model.thinker import ThinkerConfig, abstract_model
+from muomni_jax.training import config_checks
+from muomni_jax.training import steps
+from muomni_jax.training import train
 from tests.conftest import small_config
 
 
@@ -47,7 +48,7 @@ def _one_update(config, params, grads):
 def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
     model_config = ThinkerConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=64,
                                  ctx_len=16)
-    _, abstract = steps.abstract_model(model_config)
+    _, abstract = abstract_model(model_config)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 100))
     params = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
     grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
@@ -94,14 +95,14 @@ def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, co
 ])
 def test_bad_recipe_fields_are_one_line(field, value, expected):
     with pytest.raises(UserError) as error:
-        train.validate_config(_config(**{field: value}))
+        config_checks.validate_config(_config(**{field: value}))
     assert expected in str(error.value)
 
 
 @pytest.mark.parametrize('name', ['tiny', 'cpu_demo', 'cpu_fast'])
 def test_every_shipped_config_is_valid(name):
     config = importlib.import_module(f'configs.{name}').get_config()
-    train.validate_config(config)
+    config_checks.validate_config(config)
     if name == 'cpu_fast':  # cpu_demo's model and batches; only the recipe differs.
         demo = importlib.import_module('configs.cpu_demo').get_config()
         differ = {k for k in config.keys() if config[k] != demo[k]}

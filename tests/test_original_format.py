@@ -1,6 +1,6 @@
 """Weight exchange with the original μOmni PyTorch Thinker.
 
-The PyTorch reference (muomni_jax/torch_reference.py) is written from shared/spec/thinker.md
+The PyTorch reference (muomni_jax/interop/torch_reference.py) is written from shared/spec/thinker.md
 alone, so agreeing with it checks our model and our exporter against the spec, not against
 themselves.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from muomni_jax import original_format
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker, ThinkerConfig
+from muomni_jax.interop import original_format
+from muomni_jax.model.thinker import Thinker, ThinkerConfig
 
 BASE = dict(vocab_size=96, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=32, dropout=0.0,
             rope_theta=500.0)
@@ -46,7 +46,7 @@ def _tokens(config, batch=2, length=12):
 def _reference_class():
     """(torch, ThinkerLM), or a skip where torch is not installed."""
     torch = pytest.importorskip('torch')
-    from muomni_jax import torch_reference  # pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import torch_reference# pylint: disable=import-outside-toplevel
     return torch, torch_reference.ThinkerLM
 
 

@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 
 from muomni_jax import benchmark
-from muomni_jax import flops
-from muomni_jax import lm_loss
-from muomni_jax import steps
-from muomni_jax import train
-from muomni_jax.thinker import Thinker, ThinkerConfig
+from muomni_jax.model import flops
+from muomni_jax.model import lm_loss
+from muomni_jax.model.thinker import Thinker, ThinkerConfig
+from muomni_jax.training import steps
+from muomni_jax.training import train
 from tests.conftest import REPO, one_device_env, small_config
 from tests.test_train import MODEL, _batch, _state
 
@@ -57,7 +57,7 @@ def test_peak_table_by_device_kind():
 
 def _plain_loss(hidden, kernel, targets, weights):
     logits = jnp.einsum('btd,dv->btv', hidden, kernel)
-    return steps.cross_entropy(logits, targets, weights)[0]
+    return lm_loss.cross_entropy(logits, targets, weights)[0]
 
 
 @pytest.mark.parametrize('chunk_tokens', [1, 12, 40, 10_000])
@@ -102,7 +102,7 @@ def test_train_step_with_fused_loss_equals_plain():
     np.testing.assert_allclose(m_fused['grad_norm'], m_plain['grad_norm'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(fused.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    evaluated = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
+    evaluated = jax.jit(functools.partial(lm_loss.eval_step, graphdef=graphdef,
                                           loss_chunk_tokens=32))(state.params, batch)
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
 
@@ -123,7 +123,7 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
         hidden = model.hidden_states(batch['inputs'], segment_ids=batch['segment_ids'],
                                      positions=batch['positions'])
         assert hidden.dtype == jnp.float32
-        loss = lambda p: steps._loss_fn(  # pylint: disable=protected-access
+        loss = lambda p: lm_loss.batch_loss(  # pylint: disable=protected-access
             p, batch, jax.random.PRNGKey(1), graphdef, deterministic=dropout == 0,
             loss_chunk_tokens=loss_chunk_tokens)[0]
         value, grads = jax.jit(jax.value_and_grad(loss))(params)

@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from muomni_jax import periodic_actions
-from muomni_jax import steps
 from muomni_jax.errors import UserError
+from muomni_jax.training import periodic_actions
+from muomni_jax.training import steps
 
 
 @dataclasses.dataclass

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from muomni_jax import plotting
-from muomni_jax import reporting
-from muomni_jax import train
 from muomni_jax.errors import UserError
+from muomni_jax.inference import plotting
+from muomni_jax.training import config_checks
+from muomni_jax.training import reporting
 from tests.conftest import REPO, one_device_env, small_config
 from tests.test_launch import SMALL, run_stage_a
 
@@ -214,7 +214,7 @@ def test_reporter_on_other_processes_writes_nothing(tmp_path):
 def test_bad_profile_steps_is_a_clear_error(tmp_path, corpus_sample, text):
     config = small_config(tmp_path / 'run', corpus_sample, profile_steps=text)
     with pytest.raises(UserError, match=r'profile_steps .* must be "start,end" with 1 <= start'):
-        train.validate_config(config)
+        config_checks.validate_config(config)
     assert reporting.parse_profile_steps(' ') is None
     assert reporting.parse_profile_steps('4,9') == (4, 9)
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from muomni_jax import checkpointing
+from muomni_jax.training import checkpointing
 from tests.conftest import REPO, one_device_env
 from tests.test_launch import SMALL
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from muomni_jax import sampling
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import KVCache, Thinker, ThinkerConfig, decode_step
+from muomni_jax.inference import sampling
+from muomni_jax.model.thinker import KVCache, Thinker, ThinkerConfig, decode_step
 
 BASE = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=48, dropout=0.0)
 VARIANTS = {

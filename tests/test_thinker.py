@@ -1,4 +1,4 @@
-"""Tests for muomni_jax.thinker against shared/spec/thinker.md.
+"""Tests for muomni_jax.model.thinker against shared/spec/thinker.md.
 
 The numpy reference below is written from the spec, independently of the model code:
 float64, explicit per-head / per-position loops, weights read from the nnx state.
@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from muomni_jax.thinker import (
+from muomni_jax.model.thinker import (
     MODEL_FIELDS, ORIGINAL_FIELDS, SHAPE_FIELDS, Attention, Thinker, ThinkerConfig, apply_rope,
     attention_mask, count_params, rope_cos_sin)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from muomni_jax import host_data
-from muomni_jax import input_pipeline
-from muomni_jax import token_cache
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import host_data
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import token_cache
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from tests import legacy_input_pipeline as legacy
 from tests.conftest import REPO, one_device_env, run_module

@@ -1,6 +1,6 @@
 import pytest
 
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
 TEXTS = ['The cat sat on the mat.', 'A dog slept on the couch.', 'Naïve café — déjà vu!',

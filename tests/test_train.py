@@ -9,11 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from muomni_jax import checkpointing
-from muomni_jax import partitioning
-from muomni_jax import steps
-from muomni_jax import train
-from muomni_jax.thinker import Thinker, ThinkerConfig
+from muomni_jax.model import lm_loss
+from muomni_jax.model.thinker import Thinker, ThinkerConfig
+from muomni_jax.parallel import partitioning
+from muomni_jax.training import checkpointing
+from muomni_jax.training import steps
+from muomni_jax.training import train
 from tests.conftest import small_config
 
 MODEL = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=16,
@@ -26,7 +27,7 @@ def _batch(seed=0, batch=8, ctx=16):
     segment_ids = np.ones((batch, ctx + 1), np.int32)
     segment_ids[:, ctx // 2:] = 2
     segment_ids[-1, -3:] = 0  # Padding at the very end.
-    from muomni_jax import input_pipeline
+    from muomni_jax.data import input_pipeline
     return input_pipeline.features(tokens, segment_ids)
 
 
@@ -41,7 +42,7 @@ def test_cross_entropy_is_masked_mean_in_float32():
     logits = jnp.array([[[2.0, 0.0], [0.0, 3.0], [5.0, -5.0]]], jnp.bfloat16)
     targets = jnp.array([[0, 1, 1]])
     weights = jnp.array([[1.0, 1.0, 0.0]])
-    loss_sum, weight_sum = steps.cross_entropy(logits, targets, weights)
+    loss_sum, weight_sum = lm_loss.cross_entropy(logits, targets, weights)
     expected = -np.log(np.exp(2) / (np.exp(2) + 1)) - np.log(np.exp(3) / (np.exp(3) + 1))
     assert loss_sum.dtype == jnp.float32 and float(weight_sum) == 2.0
     np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-6)

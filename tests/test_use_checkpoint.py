@@ -15,12 +15,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 import muomni_jax
-from muomni_jax import loading
-from muomni_jax import original_checkpoints
-from muomni_jax import original_format
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax import train
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.inference import loading
+from muomni_jax.interop import original_checkpoints
+from muomni_jax.interop import original_format
+from muomni_jax.training import train
 from tests.conftest import REPO, one_device_env, small_config
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')

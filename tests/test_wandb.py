@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from muomni_jax import reporting
-from muomni_jax import train
 from muomni_jax.errors import UserError
+from muomni_jax.training import reporting
+from muomni_jax.training import train
 from tests.conftest import REPO, one_device_env, small_config
 from tests.test_reporting import read_events
 
@@ -83,7 +83,7 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
 def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
     code = (
         'import sys\n'
-        'from muomni_jax import train\n'
+        'from muomni_jax.training import train\n'
         'from tests.conftest import small_config\n'
         f'train.train_and_evaluate(small_config({str(tmp_path / "run")!r}, '
         f'{str(corpus_sample)!r}, max_steps=2, eval_every=2, save_every=2))\n'

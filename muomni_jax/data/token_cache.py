@@ -36,10 +36,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from muomni_jax import input_pipeline
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax.atomic_write import write_atomically
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.io.atomic_write import write_atomically
 
 FORMAT_VERSION = 1
 _PARTIAL = '.partial-'

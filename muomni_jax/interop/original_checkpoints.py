@@ -12,15 +12,15 @@ import os
 import sys
 from typing import Any
 
-from muomni_jax import checkpointing
-from muomni_jax import hf_format
-from muomni_jax import loading
-from muomni_jax import original_format
-from muomni_jax import steps
-from muomni_jax import storage
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.inference import loading
+from muomni_jax.interop import hf_format
+from muomni_jax.interop import original_format
+from muomni_jax.io import storage
+from muomni_jax.model.thinker import ThinkerConfig
+from muomni_jax.training import checkpointing
+from muomni_jax.training import steps
 
 FORMATS = ('original', 'hf')
 _NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '

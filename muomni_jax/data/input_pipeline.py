@@ -28,7 +28,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL',
                       '2')  # Keep TensorFlow's C++ info lines out of the console.
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
 # TensorFlow is host-side work here (file I/O, hashing, TFDS): never let it grab accelerator

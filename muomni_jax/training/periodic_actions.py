@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import jax
 import numpy as np
 
-from muomni_jax import partitioning
-from muomni_jax import reporting
-from muomni_jax import steps as steps_lib
-from muomni_jax import training_log
 from muomni_jax.errors import UserError
+from muomni_jax.model import lm_loss
+from muomni_jax.parallel import partitioning
+from muomni_jax.training import reporting
+from muomni_jax.training import steps as steps_lib
+from muomni_jax.training import training_log
 
 
 class PeriodicAction(Protocol):
@@ -189,7 +190,7 @@ def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: f
     """A training_log record from the summed metrics of one log interval (host values)."""
     loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
     finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
-    return dict(epoch=epoch + 1, loss=loss, ppl=steps_lib.perplexity(loss), lr=lr,
+    return dict(epoch=epoch + 1, loss=loss, ppl=lm_loss.perplexity(loss), lr=lr,
                 grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
                 elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
 

@@ -1,16 +1,15 @@
-"""The pure training computation: state, optimizer, loss, steps, and their layout on a mesh.
+"""The pure training computation: state, optimizer, steps, and their layout on a mesh.
 
 No I/O and no loop: `create_train_state(config, mesh, total_steps)` gives the state (or its
 abstract shape, to restore onto), its shardings and the jitted `train_step` / `eval_step`. The
-trainer, the benchmark, evaluation, weight import and the tests all build their steps here, so
-a change to the optimizer or the loss is made once.
+trainer, the benchmark, weight import and the tests build their steps here, so a change to the
+optimizer is made once; the loss itself is model/lm_loss.py's, which inference shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax.struct
@@ -20,9 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from muomni_jax import lm_loss
-from muomni_jax import partitioning
-from muomni_jax.thinker import Thinker, ThinkerConfig
+from muomni_jax.model import lm_loss
+from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
+from muomni_jax.parallel import partitioning
 
 # metrics['nonfinite_limit_step'] when the non-finite limit was not reached.
 NO_STEP = np.iinfo(np.int32).max
@@ -37,7 +36,7 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer and loss. A new optimizer goes in make_optimizer: the state tree follows from it.
+# Optimizer. A new optimizer goes in make_optimizer: the state tree follows from it.
 
 
 SCHEDULES = ('cosine', 'wsd')
@@ -104,24 +103,6 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
 
 
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""
-    return math.exp(min(loss, 50.0))
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Masked next-token loss in float32.
-
-    Args:
-      logits: (B, T, V); targets: (B, T) int; weights: (B, T) float, 0 where masked.
-    Returns:
-      (sum of weighted token losses, sum of weights), both () float32.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(losses * weights), jnp.sum(weights)
-
-
 # ----------------------------------------------------------------------------------------------
 # Pure steps
 
@@ -141,27 +122,6 @@ def state_from_params(params: nnx.State, tx: optax.GradientTransformation, seed:
                       rng=jax.random.PRNGKey(seed))
 
 
-def abstract_model(model_config: ThinkerConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, params as ShapeDtypeStructs) of a Thinker; no FLOPs, no memory."""
-    return nnx.split(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
-
-
-def _loss_fn(params, batch, dropout_key, graphdef, deterministic: bool,
-             loss_chunk_tokens: int = 0):
-    """(loss sum, weight sum); loss_chunk_tokens > 0 fuses lm_head and loss (lm_loss.py)."""
-    model = nnx.merge(graphdef, params)
-    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
-                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
-    if loss_chunk_tokens:
-        hidden = model.hidden_states(batch['inputs'], **inputs)
-        # The lm_head matmuls run in the hidden states' dtype (matmul_dtype's, if lower).
-        hidden = hidden.astype(model.config.matmul_compute_dtype)
-        return lm_loss.chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
-                                             batch['weights'], loss_chunk_tokens)
-    logits = model(batch['inputs'], **inputs)
-    return cross_entropy(logits, batch['targets'], batch['weights'])
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
                max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0
@@ -179,7 +139,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     micro = jax.tree.map(
         lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch)
     step_key = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lm_loss.batch_loss, has_aux=True)
 
     def accumulate(carry, xs):
         index, micro_batch = xs
@@ -207,13 +167,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
-
-
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
-    loss_sum, weight_sum = _loss_fn(params, batch, jax.random.key(0), graphdef, True,
-                                    loss_chunk_tokens)
-    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
 
 
 def add_metrics(total, metrics):
@@ -285,7 +238,7 @@ def _jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+    p_eval_step = jax.jit(functools.partial(lm_loss.eval_step, graphdef=graphdef,
                                             loss_chunk_tokens=config.loss_chunk_tokens),
                           in_shardings=(state_sharding.params, batch_sharding),
                           out_shardings=metrics_sharding)

@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from muomni_jax import storage
-from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
+from muomni_jax.io import storage
+from muomni_jax.io.atomic_write import write_atomically
 
 
 # Tests only: with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N writes into Orbax's temporary

@@ -17,11 +17,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from muomni_jax import steps
-from muomni_jax import storage
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker, ThinkerConfig
+from muomni_jax.io import storage
+from muomni_jax.model.thinker import Thinker, ThinkerConfig
+from muomni_jax.model.thinker import abstract_model as thinker_abstract_model
 
 
 class Checkpoint(NamedTuple):
@@ -42,7 +42,7 @@ def abstract_model(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
         model_config.validate()
     except ValueError as e:
         raise UserError(f'the saved config is not a valid Thinker: {e}') from None
-    return steps.abstract_model(model_config)
+    return thinker_abstract_model(model_config)
 
 
 def available_steps(checkpoint_dir: str) -> list[int]:

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 from etils import epath
 
-from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
+from muomni_jax.io.atomic_write import write_atomically
 
 UNK_ID = 0
 BOS_ID = 1

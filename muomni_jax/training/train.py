@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
-import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -20,134 +18,41 @@ import jax
 from etils import epath
 from flax import nnx
 
-from muomni_jax import checkpointing
-from muomni_jax import compilation_cache
-from muomni_jax import distributed
-from muomni_jax import flops
-from muomni_jax import host_data
-from muomni_jax import mixture
-from muomni_jax import partitioning
-from muomni_jax import periodic_actions
-from muomni_jax import preemption
-from muomni_jax import reporting
-from muomni_jax import sampling
-from muomni_jax import steps
-from muomni_jax import storage
-from muomni_jax import tokenizer as tokenizer_lib
-from muomni_jax import training_log
-from muomni_jax.atomic_write import write_atomically
+from muomni_jax.data import host_data
+from muomni_jax.data import mixture
+from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import SHAPE_FIELDS, ThinkerConfig, count_params
-
+from muomni_jax.inference import sampling
+from muomni_jax.io import storage
+from muomni_jax.io.atomic_write import write_atomically
+from muomni_jax.model import flops
+from muomni_jax.model import lm_loss
+from muomni_jax.model.thinker import ThinkerConfig, count_params
+from muomni_jax.parallel import distributed
+from muomni_jax.parallel import partitioning
+from muomni_jax.training import checkpointing
+from muomni_jax.training import compilation_cache
+from muomni_jax.training import config_checks
+from muomni_jax.training import periodic_actions
+from muomni_jax.training import preemption
+from muomni_jax.training import reporting
+from muomni_jax.training import steps
+from muomni_jax.training import training_log
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks that run before anything is written
 
 
-def validate_config(config) -> ThinkerConfig:
-    """Checks every training field up front, so a bad value fails before anything is written."""
-    try:
-        model_config = ThinkerConfig.from_config(config)
-        model_config.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    positive = ('batch_size', 'num_epochs', 'gradient_accumulation_steps', 'log_every',
-                'eval_every', 'save_every', 'max_consecutive_nonfinite')
-    for name in positive:
-        if config[name] <= 0:
-            raise UserError(f'{name} ({config[name]}) must be positive')
-    if not config.learning_rate > 0:
-        raise UserError(f'learning_rate ({config.learning_rate}) must be > 0, e.g. 3e-4')
-    if config.max_steps < 0 or config.warmup_steps < 0 or config.eval_batches < 0:
-        raise UserError('max_steps, warmup_steps and eval_batches must be >= 0 (0 means unset)')
-    if not 0 <= config.val_split < 1:
-        raise UserError(f'val_split ({config.val_split}) must be in [0, 1)')
-    if config.tokenizer_sample_size <= 100:
-        raise UserError(f'tokenizer_sample_size ({config.tokenizer_sample_size}) must be > 100 '
-                        '(a SentencePiece limit)')
-    if config.loss_chunk_tokens < 0 or config.peak_flops_per_device < 0:
-        raise UserError('loss_chunk_tokens and peak_flops_per_device must be >= 0 (0: plain loss, '
-                        'and the peak from the device table or a measurement)')
-    for name, allowed in (('optimizer', steps.OPTIMIZERS), ('lr_schedule', steps.SCHEDULES)):
-        if config[name] not in allowed:
-            raise UserError(f'{name} {config[name]!r} is not one of {", ".join(allowed)}')
-    if not 0 < config.decay_fraction <= 1:
-        raise UserError(f'decay_fraction ({config.decay_fraction}) must be in (0, 1]')
-    if config.max_train_seconds < 0:
-        raise UserError(f'max_train_seconds ({config.max_train_seconds}) must be >= 0 (0: no '
-                        'time budget)')
-    if config.max_grad_norm <= 0:
-        raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
-    if reporting.parse_profile_steps(config.profile_steps) and storage.is_url(config.save_dir):
-        # jax.profiler writes its trace with local file calls.
-        raise UserError('profile_steps needs a local save_dir (jax.profiler cannot write to '
-                        f'{config.save_dir}): profile a short run with a local save_dir')
-    storage.check_supported(config.tokenizer_path, 'tokenizer_path')
-    reporting.check_wandb_installed(config.wandb_project)
-    if storage.is_url(config.cache_dir):
-        raise UserError(f'cache_dir {config.cache_dir} must be a local folder (the token cache is '
-                        'memory-mapped): give a local path, or leave it empty for the default')
-    mixture.sources(config)  # A mixture string that does not parse fails here.
-    return model_config
-
-
 def _check_inputs(config, devices) -> tuple[ThinkerConfig, jax.sharding.Mesh]:
     """Every check of the config, save_dir and devices; returns the model config and the mesh."""
-    model_config = validate_config(config)
+    model_config = config_checks.validate_config(config)
     storage.check_writable(config.save_dir)
-    _check_same_model(config, config.save_dir)
+    config_checks.check_same_model(config, config.save_dir)
     mesh = partitioning.make_mesh(config.mesh, devices)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
     host_data.num_shards(config)
     return model_config, mesh
-
-
-def _check_same_model(config, save_dir: str) -> None:
-    """A save_dir written with another model shape or optimizer must not be resumed into this."""
-    path = epath.Path(save_dir) / 'config.json'
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    differ = [f'{k} {saved.get(k)!r} -> {config[k]!r}' for k in SHAPE_FIELDS
-              if k in saved and saved[k] != config[k]]
-    if differ:
-        raise UserError(f'save_dir {save_dir} holds a run with another model shape '
-                        f'({", ".join(differ)}): use a new --config.save_dir or the saved values')
-    # Another optimizer has another state tree: its checkpoints cannot restore into this one.
-    if saved.get('optimizer', 'adamw') != config.optimizer:
-        raise UserError(f'save_dir {save_dir} was trained with optimizer '
-                        f'{saved.get("optimizer", "adamw")!r}, not {config.optimizer!r}: resume '
-                        'with the saved optimizer or use a new --config.save_dir')
-
-
-def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
-    """tokenizer_path's model, else save_dir's, else one trained on the training text."""
-    saved = os.path.join(config.save_dir, 'tokenizer.model')
-    saved_exists = epath.Path(saved).exists()
-    path = config.tokenizer_path or (saved if saved_exists else '')
-    if path:
-        tokenizer = tokenizer_lib.Tokenizer.load(path)
-        if path != saved and saved_exists and (
-                tokenizer_lib.Tokenizer.load(saved).model_proto != tokenizer.model_proto):
-            raise UserError(f'save_dir {config.save_dir} holds a run with another tokenizer than '
-                            f'tokenizer_path {path}: use a new --config.save_dir, or drop '
-                            'tokenizer_path to resume with the saved one')
-    else:
-        # All the training text, not one shard: the vocabulary must not depend on the processes.
-        texts = mixture.tokenizer_documents(config)
-        first = next(texts, None)
-        if first is None:
-            raise UserError(mixture.no_text_message(config, mixture.sources(config)[0]))
-        print(f'Training a {config.vocab_size}-piece BPE tokenizer on the training text...')
-        tokenizer = tokenizer_lib.train_tokenizer(
-            itertools.chain([first], texts), config.vocab_size, config.tokenizer_sample_size,
-            seed=config.seed)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f'tokenizer {path} has {tokenizer.vocab_size} pieces but vocab_size is '
-                        f'{config.vocab_size}: set --config.vocab_size={tokenizer.vocab_size} or '
-                        'use a new save_dir')
-    return tokenizer
 
 
 def _describe_sources(config) -> str:
@@ -171,12 +76,6 @@ def _log_totals(data: host_data.HostData, log) -> None:
             if not source.totals['validation_documents']:
                 log(f'  {source.source.name}: no validation documents (raise val_split to '
                     'validate it); the weighted validation loss leaves it out')
-
-
-def _shared_tokenizer(config) -> tokenizer_lib.Tokenizer:
-    """Process 0 loads or trains the tokenizer and every process gets its model."""
-    proto = distributed.run_on_main(lambda: load_or_train_tokenizer(config).model_proto)
-    return tokenizer_lib.Tokenizer(proto)
 
 
 def _format_duration(seconds: float) -> str:
@@ -232,7 +131,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     compile_cache = compilation_cache.enable(config)  # Before the first compilation.
 
     log(f'Loading data from {_describe_sources(config)}...')
-    tokenizer = _shared_tokenizer(config)
+    tokenizer = tokenizer_setup.shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
     sampler = sampling.training_sampler(config, model_config, tokenizer)
     data = host_data.load(config, tokenizer, log)
@@ -253,7 +152,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     state, start_step, interval = _restore_or_init(run, checkpointer)
     if is_main:
         epath.Path(save_dir).mkdir(parents=True, exist_ok=True)
-        _keep_tokenizer(save_dir, tokenizer)
+        tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
         write_atomically(os.path.join(save_dir, 'config.json'),
                           config.to_json_best_effort(indent=1, sort_keys=True))
     checkpointer.start_writing(start_step)
@@ -273,28 +172,20 @@ def prepare_data(config) -> dict[str, int]:
     the cache; on every host of a pod it builds each host's own shards. Returns the split totals.
     """
     with distributed.fail_together():
-        validate_config(config)
+        config_checks.validate_config(config)
         storage.check_writable(config.save_dir)
         num_shards = host_data.num_shards(config)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    tokenizer = _shared_tokenizer(config)
+    tokenizer = tokenizer_setup.shared_tokenizer(config)
     data = host_data.load(config, tokenizer, log)
     if is_main:  # Last, so a bad input leaves save_dir untouched.
-        _keep_tokenizer(config.save_dir, tokenizer)
+        tokenizer_setup.keep_in_save_dir(config.save_dir, tokenizer)
     totals = data.totals
     log(f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
         f'validation tokens in {num_shards} data shard(s); the tokenizer is in '
         f'{config.save_dir}.')
     return totals
-
-
-def _keep_tokenizer(save_dir: str, tokenizer: tokenizer_lib.Tokenizer) -> None:
-    """Copies the tokenizer into save_dir (also one from tokenizer_path), so that save_dir alone
-    is enough to sample, evaluate and resume."""
-    path = os.path.join(save_dir, 'tokenizer.model')
-    if not epath.Path(path).exists():
-        tokenizer.save(path)
 
 
 def _log_layout(run: _Run) -> None:
@@ -477,9 +368,9 @@ def evaluate(run: _Run, params: nnx.State) -> dict[str, float]:
         return {}
     # Sources without validation text are left out; the others keep their relative weights.
     loss = sum(s.weight * value for s, value in losses.items()) / sum(s.weight for s in losses)
-    result = {'val_loss': loss, 'val_ppl': steps.perplexity(loss)}
+    result = {'val_loss': loss, 'val_ppl': lm_loss.perplexity(loss)}
     if run.data.is_mixture:
         for source, value in losses.items():
             result[f'val/{source.name}/loss'] = value
-            result[f'val/{source.name}/ppl'] = steps.perplexity(value)
+            result[f'val/{source.name}/ppl'] = lm_loss.perplexity(value)
     return result

@@ -176,6 +176,11 @@ def count_params(state_or_model: Any) -> int:
     return total
 
 
+def abstract_model(model_config: ThinkerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params as ShapeDtypeStructs) of a Thinker; no FLOPs, no memory."""
+    return nnx.split(nnx.eval_shape(lambda: Thinker(model_config, rngs=nnx.Rngs(0))))
+
+
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
     """positions (B, T) int -> cos, sin (B, T, 1, K) float32, broadcastable over heads."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)

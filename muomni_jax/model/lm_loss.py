@@ -1,6 +1,7 @@
-"""The LM head and next-token cross-entropy fused over chunks of positions, for training.
+"""The Thinker's next-token loss: the plain cross-entropy, the lm_head and cross-entropy fused
+over chunks of positions, and the loss of a batch that the train and eval steps share.
 
-The plain path (`Thinker.__call__`, then `steps.cross_entropy`) materialises (B, T, V) float32
+The plain path (`Thinker.__call__`, then `cross_entropy`) materialises (B, T, V) float32
 logits, then as many log-probabilities and, in the backward pass, as many gradients: at vocab
 32000 that is 1 GB per 8192 tokens for each, written and read several times. Here the loss and
 both gradients are computed chunk by chunk in the forward pass, so each (B, C, V) block of logits
@@ -14,9 +15,30 @@ recomputed), and one exp per logit instead of two.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Masked next-token loss in float32.
+
+    Args:
+      logits: (B, T, V); targets: (B, T) int; weights: (B, T) float, 0 where masked.
+    Returns:
+      (sum of weighted token losses, sum of weights), both () float32.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
 
 
 def _time_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -105,7 +127,7 @@ def time_chunk(batch_size: int, seq_len: int, chunk_tokens: int) -> int:
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                           weights: jax.Array, chunk_tokens: int = 1024
                           ) -> tuple[jax.Array, jax.Array]:
-    """What `steps.cross_entropy` gives for the logits `hidden @ kernel`, with equal gradients.
+    """What `cross_entropy` gives for the logits `hidden @ kernel`, with equal gradients.
 
     Args:
       hidden: (B, T, D) final-normed hidden states in the compute dtype.
@@ -120,3 +142,30 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     loss_sum = _loss_sum(hidden, kernel, targets.astype(jnp.int32),
                          weights.astype(jnp.float32), chunk)
     return loss_sum, jnp.sum(weights)
+
+
+def batch_loss(params: nnx.State, batch: dict[str, jax.Array], dropout_key: jax.Array,
+               graphdef: nnx.GraphDef, deterministic: bool, loss_chunk_tokens: int = 0
+               ) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, weight sum) () float32 of the Thinker (graphdef, params) on a batch of (B, T)
+    inputs, targets, segment_ids, positions and weights; loss_chunk_tokens > 0 fuses the lm_head
+    and the loss (chunked_cross_entropy)."""
+    model = nnx.merge(graphdef, params)
+    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
+                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+    if loss_chunk_tokens:
+        hidden = model.hidden_states(batch['inputs'], **inputs)
+        # The lm_head matmuls run in the hidden states' dtype (matmul_dtype's, if lower).
+        hidden = hidden.astype(model.config.matmul_compute_dtype)
+        return chunked_cross_entropy(hidden, model.lm_head.kernel[...], batch['targets'],
+                                     batch['weights'], loss_chunk_tokens)
+    logits = model(batch['inputs'], **inputs)
+    return cross_entropy(logits, batch['targets'], batch['weights'])
+
+
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
+    """batch_loss without dropout, as {'loss_sum', 'weight_sum'}: validation and scoring."""
+    loss_sum, weight_sum = batch_loss(params, batch, jax.random.key(0), graphdef, True,
+                                      loss_chunk_tokens)
+    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}

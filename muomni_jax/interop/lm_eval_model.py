@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from muomni_jax import sampling
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker
+from muomni_jax.inference import sampling
+from muomni_jax.model.thinker import Thinker
 
 try:
     # pylint: disable=g-import-not-at-top

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muomni_jax.thinker import ThinkerConfig
+from muomni_jax.model.thinker import ThinkerConfig
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by a substring of jax.Device.device_kind.
 # First match wins, so longer names come first. Sources: vendor data sheets (no sparsity).

@@ -29,7 +29,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from muomni_jax import input_pipeline
+from muomni_jax.data import input_pipeline
 from muomni_jax.errors import UserError
 
 BLOCK_ROWS = 4096

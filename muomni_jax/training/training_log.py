@@ -5,7 +5,7 @@ from typing import Any
 
 from etils import epath
 
-from muomni_jax.atomic_write import write_atomically
+from muomni_jax.io.atomic_write import write_atomically
 
 
 class TrainingLog:

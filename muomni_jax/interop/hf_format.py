@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from muomni_jax import original_format
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import RMS_NORM_EPS, ThinkerConfig
+from muomni_jax.interop import original_format
+from muomni_jax.model.thinker import RMS_NORM_EPS, ThinkerConfig
 
 LLAMA = 'LlamaForCausalLM'
 MIXTRAL = 'MixtralForCausalLM'

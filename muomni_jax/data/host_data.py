@@ -20,12 +20,12 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from muomni_jax import distributed
-from muomni_jax import input_pipeline
-from muomni_jax import mixture
-from muomni_jax import token_cache
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import mixture
+from muomni_jax.data import token_cache
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.parallel import distributed
 
 _STATS = ('windows', 'documents', 'tokens')
 

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from muomni_jax import steps
-from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import ORIGINAL_FIELDS, SHAPE_FIELDS, ThinkerConfig
+from muomni_jax.io.atomic_write import write_atomically
+from muomni_jax.model.thinker import ORIGINAL_FIELDS, SHAPE_FIELDS, ThinkerConfig, abstract_model
 
 SAFETENSORS_PREFIX = 'thinker.'
 COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes its keys.
@@ -62,7 +61,7 @@ def to_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
 
 def expected_shapes(model_config: ThinkerConfig) -> dict[str, tuple[int, ...]]:
     """The original's state_dict keys and shapes for a config."""
-    _, abstract = steps.abstract_model(model_config)
+    _, abstract = abstract_model(model_config)
     shapes = {}
     for path, value in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name, transpose = _torch_name(path)
@@ -131,7 +130,7 @@ def from_state_dict(state_dict: Mapping[str, Any], model_config: ThinkerConfig) 
     if problems:
         raise UserError(f'the weights do not match the Thinker config ({_describe(model_config)}):'
                         f' {"; ".join(problems)}')
-    _, abstract = steps.abstract_model(model_config)
+    _, abstract = abstract_model(model_config)
 
     def convert(path, _):
         name, transpose = _torch_name(path)

@@ -5,7 +5,7 @@ import tempfile
 
 from etils import epath
 
-from muomni_jax import storage
+from muomni_jax.io import storage
 
 
 def write_atomically(path: str, data: str | bytes) -> None:

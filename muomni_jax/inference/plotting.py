@@ -16,9 +16,9 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from muomni_jax import storage
-from muomni_jax.atomic_write import write_atomically
 from muomni_jax.errors import UserError
+from muomni_jax.io import storage
+from muomni_jax.io.atomic_write import write_atomically
 
 FIGURE_SIZE_INCHES = (12.0, 8.0)
 DPI = 100  # So a saved PNG is 1200 x 800 pixels.

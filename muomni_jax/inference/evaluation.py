@@ -8,11 +8,11 @@ import jax
 import ml_collections
 from flax import nnx
 
-from muomni_jax import input_pipeline
-from muomni_jax import steps
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import input_pipeline
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import Thinker
+from muomni_jax.model import lm_loss
+from muomni_jax.model.thinker import Thinker
 
 
 def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path: str,
@@ -31,7 +31,7 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
     if stream.num_windows(ctx_len) == 0:
         raise UserError(f'{data_path} holds no text to score: give a file with non-empty lines')
     graphdef, params = nnx.split(model)
-    step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef))
+    step = jax.jit(functools.partial(lm_loss.eval_step, graphdef=graphdef))
     loss_sum = weight_sum = 0.0
     num_batches = -(-stream.num_windows(ctx_len) // batch_size)
     for batch in input_pipeline.eval_batches(stream, ctx_len, batch_size, num_batches):
@@ -39,5 +39,5 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
         loss_sum += float(metrics['loss_sum'])
         weight_sum += float(metrics['weight_sum'])
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'loss': loss, 'perplexity': steps.perplexity(loss), 'tokens': int(weight_sum),
+    return {'loss': loss, 'perplexity': lm_loss.perplexity(loss), 'tokens': int(weight_sum),
             'documents': stream.num_documents}

@@ -21,10 +21,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from muomni_jax import steps
-from muomni_jax import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.thinker import KVCache, Thinker, ThinkerConfig, decode_step
+from muomni_jax.model.thinker import KVCache, Thinker, ThinkerConfig, abstract_model, decode_step
 
 # Prompt lengths are rounded up to a multiple of this, so prompts of similar length share one
 # compiled program.
@@ -206,7 +205,7 @@ def training_sampler(config, model_config: ThinkerConfig, tokenizer: tokenizer_l
         raise UserError(f'sample_prompts need {longest} tokens, which leaves no room to generate '
                         f'within ctx_len ({model_config.ctx_len}) (or sample_max_new_tokens < 1): '
                         "shorten them, or turn them off with --config.sample_prompts=''")
-    graphdef, _ = steps.abstract_model(model_config)
+    graphdef, _ = abstract_model(model_config)
 
     def sample(params: nnx.State) -> list[str]:
         ids = generate_ids(nnx.merge(graphdef, params), prompt_ids,
