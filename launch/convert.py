@@ -44,7 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def _export():
-    from muomni_jax.interop import original_checkpoints# pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import original_checkpoints  # pylint: disable=import-outside-toplevel
     if not _OUTPUT.value:
         raise UserError('exporting needs --output=FILE.pt, FILE.safetensors or, with --format=hf, '
                         'a folder')
@@ -54,7 +54,7 @@ def _export():
 
 
 def _import():
-    from muomni_jax.interop import original_checkpoints# pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import original_checkpoints  # pylint: disable=import-outside-toplevel
     if not _SAVE_DIR.value:
         raise UserError('importing needs --save_dir=NEW_DIR')
     config = _CONFIG.value

@@ -35,13 +35,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     import muomni_jax  # pylint: disable=import-outside-toplevel
-    from muomni_jax.inference import evaluation# pylint: disable=import-outside-toplevel
+    from muomni_jax.inference import evaluation  # pylint: disable=import-outside-toplevel
     with cli.one_line_errors():
         if bool(_DATA_PATH.value) == bool(_LM_EVAL_TASKS.value):
             raise UserError('give either --data_path (a text to score) or --lm_eval_tasks')
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
         if _LM_EVAL_TASKS.value:
-            from muomni_jax.interop import lm_eval_model# pylint: disable=import-outside-toplevel
+            from muomni_jax.interop import lm_eval_model  # pylint: disable=import-outside-toplevel
             results = lm_eval_model.evaluate_tasks(
                 ckpt.model(), ckpt.tokenizer, _LM_EVAL_TASKS.value,
                 include_path=_LM_EVAL_INCLUDE_PATH.value, limit=_LM_EVAL_LIMIT.value,

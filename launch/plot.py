@@ -25,7 +25,7 @@ def main(argv):
     output = _OUTPUT.value or (os.path.join(dirs[0], 'training_curves.png') if len(dirs) == 1
                                else 'training_curves.png')
     with cli.one_line_errors():
-        from muomni_jax.inference import plotting# After flag parsing: matplotlib is slow to import.
+        from muomni_jax.inference import plotting  # After flag parsing: matplotlib is slow to import.
         plotting.plot_runs(dirs, output)
     print(f'Wrote {output}')
 

@@ -18,7 +18,7 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     config = training_config.value()
-    from muomni_jax.parallel import distributed# Imported after flag parsing: JAX and TF are slow.
+    from muomni_jax.parallel import distributed  # Imported after flag parsing: JAX and TF are slow.
     from muomni_jax.training import train
     with cli.one_line_errors():
         distributed.initialize(config)

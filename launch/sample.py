@@ -28,7 +28,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     import muomni_jax  # pylint: disable=import-outside-toplevel
-    from muomni_jax.inference import sampling# pylint: disable=import-outside-toplevel
+    from muomni_jax.inference import sampling  # pylint: disable=import-outside-toplevel
     with cli.one_line_errors():
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
         model = ckpt.model()

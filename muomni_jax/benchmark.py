@@ -302,7 +302,7 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
     """
     try:
         import torch  # pylint: disable=import-outside-toplevel
-        from muomni_jax.interop import torch_reference# pylint: disable=import-outside-toplevel
+        from muomni_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
     except ImportError:
         return OriginalFigures(available=False, reason='torch is not installed'), state
     model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.

@@ -35,9 +35,9 @@ jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from muomni_jax.parallel import partitioning# pylint: disable=g-import-not-at-top
-from muomni_jax.training import checkpointing# pylint: disable=g-import-not-at-top
-from muomni_jax.training import steps# pylint: disable=g-import-not-at-top
+from muomni_jax.parallel import partitioning  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 
 def small_config(save_dir, data_path, **overrides):

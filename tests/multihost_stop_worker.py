@@ -17,7 +17,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-from muomni_jax.training import preemption# pylint: disable=g-import-not-at-top
+from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
 
 
 def main(port: str, process_id: str) -> None:
