@@ -19,21 +19,18 @@ the RoPE positions at every document, as in Flax's lm1b example.
 
 import dataclasses
 import difflib
+import functools
+import glob
 import os
 from typing import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL',
-                      '2')  # Keep TensorFlow's C++ info lines out of the console.
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+from muomni_jax.data import fingerprint
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-
-# TensorFlow is host-side work here (file I/O, hashing, TFDS): never let it grab accelerator
-# memory that JAX needs.
-tf.config.set_visible_devices([], 'GPU')
+from muomni_jax.io import storage
 
 SPLITS = ('train', 'validation')
 _HASH_BUCKETS = 1_000_000
@@ -47,6 +44,30 @@ _READ_CHUNK_BYTES = 2**20  # Text is read, split into documents and hashed in ch
 _TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
 
+@functools.cache
+def _tensorflow():
+    """TensorFlow, for TFDS sources only: text files are read without it (it costs a text run
+    11 s and 650 MB to import, and an accelerator box may not have it)."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Its C++ info lines stay off the console.
+    try:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise UserError(f'TFDS sources need TensorFlow, which does not import here ({e}): pip '
+                        'install -r requirements.txt, or give text files as data_path') from None
+    # Host-side work here: it must never take accelerator memory that JAX needs.
+    tf.config.set_visible_devices([], 'GPU')
+    return tf
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files a glob matches, locally or on gs:// (where epath's client expands it)."""
+    if not storage.is_url(pattern):
+        return [p for p in glob.glob(pattern) if os.path.isfile(p)]
+    wild = min(pattern.find(c) for c in '*?[' if c in pattern)
+    root = pattern[:pattern.rfind('/', 0, wild)]
+    return [str(p) for p in epath.Path(root).glob(pattern[len(root) + 1:])]
+
+
 def text_files(data_path: str, label: str = 'data_path') -> list[str]:
     """Expands a file, a directory (its text files, recursively) or a glob into sorted paths.
 
@@ -56,20 +77,19 @@ def text_files(data_path: str, label: str = 'data_path') -> list[str]:
         raise UserError(
             'data_path is empty: set --config.data_path to a text file, directory or glob, '
             'or set --config.tfds_name')
-    if tf.io.gfile.isdir(data_path):
-        paths = [
-            os.path.join(root, name) for root, _, names in tf.io.gfile.walk(data_path)
-            for name in names if name.endswith(_TEXT_SUFFIXES)
-        ]
+    path = epath.Path(data_path)
+    if path.is_dir():
+        paths = [str(root / name) for root, _, names in path.walk()
+                 for name in names if name.endswith(_TEXT_SUFFIXES)]
         if not paths:
             raise UserError(
                 f'{label} {data_path} is a directory with no {"/".join(_TEXT_SUFFIXES)} '
                 'files: point it at a text file or a glob such as "dir/*.md"')
     elif any(c in data_path for c in '*?['):
-        paths = tf.io.gfile.glob(data_path)
+        paths = _glob(data_path)
         if not paths:
             raise UserError(f'{label} glob {data_path} matches no files: check the pattern')
-    elif tf.io.gfile.exists(data_path):
+    elif path.exists():
         paths = [data_path]
     else:
         flag = '--config.data_path' if label == 'data_path' else 'it'
@@ -92,7 +112,7 @@ def _check_not_binary(path: str, head: bytes, label: str) -> None:
 
 def _text_file_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]]:
     """(whole lines, bytes read) per chunk of a text file, refusing binary files and huge lines."""
-    with tf.io.gfile.GFile(path, 'rb') as f:
+    with epath.Path(path).open('rb') as f:
         chunk = f.read(_SNIFF_BYTES)
         if chunk:
             _check_not_binary(path, chunk, label)
@@ -112,7 +132,9 @@ def _text_file_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]
             yield [pending], 0
 
 
-def _tfds_dataset(config, builder) -> tf.data.Dataset:
+def _tfds_dataset(config, builder):
+    """The tf.data.Dataset of the text feature of config's TFDS split."""
+    tf = _tensorflow()
     features = builder.info.features
     if config.tfds_text_key not in features:
         raise UserError(
@@ -128,7 +150,8 @@ def _tfds_dataset(config, builder) -> tf.data.Dataset:
 
 def _tfds_builder(config):
     """The prepared TFDS builder of config.tfds_name (downloading it if needed)."""
-    import tensorflow_datasets as tfds  # Imported only for TFDS sources: it is slow to import.
+    _tensorflow()
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     try:
         builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
@@ -188,7 +211,7 @@ class DocumentSource:
     def size(self) -> tuple[int, str]:
         """(total, unit) of the progress that chunks report: bytes, or TFDS examples (0: unknown)."""
         if not self.config.tfds_name:
-            return sum(tf.io.gfile.stat(path).length for path in self.paths), 'B'
+            return sum(epath.Path(path).stat().length for path in self.paths), 'B'
         splits = self.tfds_builder.info.splits
         try:
             return splits[self.config.tfds_split].num_examples, 'examples'
@@ -213,7 +236,7 @@ class DocumentSource:
                 yield RoutedChunk([], np.zeros(0, np.int8), np.zeros(0, np.int64), progress)
                 continue
             # Duplicated documents always fall on the same side.
-            buckets = tf.strings.to_hash_bucket_fast(docs, _HASH_BUCKETS).numpy()
+            buckets = fingerprint.hash_buckets(docs, _HASH_BUCKETS)
             split = (buckets < self._threshold).astype(np.int8)
             position = np.empty(len(docs), np.int64)
             for index in range(len(SPLITS)):

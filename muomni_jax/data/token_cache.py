@@ -33,8 +33,8 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
 import tqdm
+from etils import epath
 
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
@@ -63,8 +63,10 @@ def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenize
         described = {'tfds': info.full_name, 'split': config.tfds_split,
                      'text_key': config.tfds_text_key}
     else:
-        stats = [tf.io.gfile.stat(path) for path in source.paths]
-        described = {'files': [[path, stat.length, stat.mtime_nsec]
+        # Modification times in whole seconds, as nanoseconds: the key TensorFlow's stat gave,
+        # so caches built before TensorFlow left this path are still found.
+        stats = [epath.Path(path).stat() for path in source.paths]
+        described = {'files': [[path, stat.length, int(stat.mtime) * 10**9]
                                for path, stat in zip(source.paths, stats)]}
     material = {'format': FORMAT_VERSION, 'source': described,
                 'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),

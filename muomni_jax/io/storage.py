@@ -1,11 +1,11 @@
 """Where a run's files live: a local folder or a gs:// bucket.
 
 Every file of a save_dir is reached through etils.epath, Orbax's own path layer, so one code path
-serves both. On gs:// four clients do the work (BUILD_NOTES "Checkpoints on gs://"):
+serves both. On gs:// three clients do the work (BUILD_NOTES "Checkpoints on gs://"):
   - Orbax's arrays: tensorstore's gcs driver;
-  - Orbax's metadata and our own files (config.json, training_log.json, tokenizer.model):
-    epath, which uses tf.io.gfile when TensorFlow is installed, as it is with us;
-  - TensorBoard event files: tf.summary, through the same TensorFlow GCS client;
+  - Orbax's metadata and our own files (config.json, training_log.json, tokenizer.model, the
+    TensorBoard event files, gs:// text data): epath, which uses tf.io.gfile when TensorFlow is
+    installed, as it is with us (so only runs that touch gs:// import TensorFlow);
   - the bucket's metadata, which Orbax reads with google-cloud-storage.
 Other URL schemes are refused: only gs:// is tested.
 """

@@ -23,9 +23,9 @@ from typing import Any, Mapping, TextIO
 
 import jax
 import tqdm
-from clu import metric_writers
 
 from muomni_jax.errors import UserError
+from muomni_jax.training import event_writer
 
 # Record fields that are bookkeeping (TensorBoard keeps wall time itself), not measurements.
 _NOT_SCALARS = frozenset({'step', 'epoch', 'elapsed_s'})
@@ -87,7 +87,7 @@ class Reporter:
         self._bar = None
         if not enabled:
             return
-        self._writer = metric_writers.SummaryWriter(save_dir)
+        self._writer = event_writer.EventWriter(save_dir)
         if wandb_project:
             self._wandb_run = _start_wandb(wandb_project, save_dir, run_config)
         if _is_terminal(self._stream):
