@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from muomni_jax.model import attention_kernels
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Finite, so a row with nothing to attend to gives a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
@@ -43,7 +45,7 @@ class ThinkerConfig:
     d_model: int = _field(256, shape=True)  # Residual stream width.
     n_heads: int = _field(4, shape=True)  # Attention heads; head dim is d_model // n_heads.
     d_ff: int = _field(1024, shape=True)  # Hidden width of each MLP (SwiGLU gate/up or GELU fc1).
-    dropout: float = _field(0.1)  # On attention probabilities and both residual branches.
+    dropout: float = _field(0.1)  # On both residual branches, and attention probabilities too.
     rope_theta: float = _field(10000.0)  # RoPE frequency base.
     ctx_len: int = _field(512)  # Tokens per packed training window (the model's context).
     use_gqa: bool = _field(True, shape=True)  # Grouped-query attention (q, k, v), else fused qkv.
@@ -64,6 +66,12 @@ class ThinkerConfig:
     # Causal attention in query blocks of this many tokens, each reading keys only up to its own
     # end, so the fully masked upper blocks are never computed; 0 or ctx_len: one block.
     attention_block: int = _field(128, original=False)
+    # Dropout on the attention probabilities; -1: the same as dropout (the original's function).
+    # At 0 the fused kernels serve training; the residual dropout still applies.
+    attention_dropout: float = _field(-1.0, original=False)
+    # 'auto' (each platform's choice), 'xla', 'cudnn' (GPU, bfloat16), 'pallas' (GPU) or
+    # 'splash' (TPU): which kernel computes attention without dropout (model/attention_kernels.py).
+    attention_impl: str = _field("auto", original=False)
 
     @classmethod
     def from_config(cls, config: Any) -> "ThinkerConfig":
@@ -88,6 +96,10 @@ class ThinkerConfig:
                 value = float(value)
             kwargs[field.name] = value
         return cls(**kwargs)
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        return self.dropout if self.attention_dropout < 0 else self.attention_dropout
 
     @property
     def head_dim(self) -> int:
@@ -134,6 +146,9 @@ class ThinkerConfig:
                              " non-negative integer (0: one block)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
+        if not (0.0 <= self.attention_dropout < 1.0 or self.attention_dropout == -1):
+            raise ValueError(f"attention_dropout ({self.attention_dropout}) must be in [0, 1), "
+                             "or -1 for the same as dropout")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) must be positive")
         if self.use_moe:
@@ -150,6 +165,13 @@ class ThinkerConfig:
         if self.matmul_dtype not in _DTYPES:
             raise ValueError(f"matmul_dtype ({self.matmul_dtype!r}) must be one of "
                              f"{sorted(_DTYPES)}")
+        attention_kernels.check(self.attention_impl, self.ctx_len, self.head_dim,
+                                self.matmul_compute_dtype)
+        if (self.attention_impl not in ("auto", "xla") and self.attention_dropout_rate > 0):
+            raise ValueError(f"attention_impl {self.attention_impl} computes no dropout on the "
+                             f"attention probabilities (attention_dropout "
+                             f"{self.attention_dropout_rate:g}): set attention_dropout=0 (the "
+                             "residual dropout stays) or use attention_impl=xla")
 
 
 # Every model field, in order; those that fix the parameter shapes; those of the original's
@@ -203,6 +225,19 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same)[:, None]
+
+
+@flax.struct.dataclass
+class PackedMask:
+    """The attention mask of packed windows, in both forms: the dense one the explicit path and
+    XLA read, and the segment ids the fused kernels read (an unused form costs nothing: XLA
+    drops it)."""
+    dense: jax.Array  # (B, 1, T, T) bool, attention_mask(segment_ids).
+    segment_ids: jax.Array  # (B, T) int, 0 = padding.
+
+    @classmethod
+    def of(cls, segment_ids: jax.Array) -> "PackedMask":
+        return cls(dense=attention_mask(segment_ids), segment_ids=segment_ids)
 
 
 def _uniform_fan_in(d_in: int):
@@ -259,16 +294,17 @@ class Attention(nnx.Module):
         else:
             self.qkv = _linear(cfg, d, 3 * d, rngs)
         self.o = _linear(cfg, d, d, rngs)
-        self.attn_dropout = nnx.Dropout(cfg.dropout)
+        self.attn_dropout = nnx.Dropout(cfg.attention_dropout_rate)
         self.block = cfg.attention_block
+        self.impl = cfg.attention_impl
 
     def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None, cache=None):
         """x (B, T, D), cos/sin (B, T, 1, K) -> (B, T, D).
 
-        Without a cache, mask (B, 1, T, T) bool. With cache = (keys, values, index): keys and
-        values (B, S, G, K) of this layer, index () int32 the slot of x's first token; x's keys
-        and values are written there, the queries attend over all S slots under mask
-        (B, 1, T, S), and the result is (out, (keys, values)) updated.
+        Without a cache, mask is a PackedMask of the window. With cache = (keys, values, index):
+        keys and values (B, S, G, K) of this layer, index () int32 the slot of x's first token;
+        x's keys and values are written there, the queries attend over all S slots under mask
+        (B, 1, T, S) bool, and the result is (out, (keys, values)) updated.
         """
         b, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
@@ -277,6 +313,14 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
         fused = cache is None and (deterministic or self.attn_dropout.rate == 0)
+        if fused and attention_kernels.resolve(self.impl) != "xla":
+            # The kernels skip the tiles above the diagonal themselves.
+            md = self.matmul_dtype
+            out = attention_kernels.attend(self.impl, q.astype(md), k.astype(md), v.astype(md),
+                                           mask.dense, mask.segment_ids).astype(q.dtype)
+            return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+        if cache is None:
+            mask = mask.dense
         if cache is None and 0 < self.block < t and t % self.block == 0:
             # Query block i reads keys [0, (i + 1) * block) only: each softmax row still spans
             # every key it may see, so this is exact, at (n + 1) / 2n of the work for n blocks.
@@ -310,10 +354,9 @@ class Attention(nnx.Module):
         """
         dtype, md = q.dtype, self.matmul_dtype
         if fused:
-            # The same function, fused where the backend can (cuDNN flash attention on GPU).
-            return jax.nn.dot_product_attention(q.astype(md), k.astype(md), v.astype(md),
-                                                mask=mask, scale=1 / math.sqrt(self.head_dim)
-                                                ).astype(dtype)
+            # XLA's fused attention: the same function, with the dense mask.
+            return attention_kernels.attend("xla", q.astype(md), k.astype(md), v.astype(md),
+                                            mask, None).astype(dtype)
         # Dropout on the probabilities, and the cache's padded slots, need them explicitly;
         # grouping the query heads reads each kv group without repeating it.
         b, t, _, _ = q.shape
@@ -440,7 +483,7 @@ class Thinker(nnx.Module):
         if not deterministic and self.config.dropout > 0 and rngs is None:
             raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...)")
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = attention_mask(segment_ids)
+        mask = PackedMask.of(segment_ids)
         x = self.tok_emb(tokens)
         if self.config.scan_layers:
             x = self._scan_blocks(x, cos, sin, mask, deterministic, rngs)

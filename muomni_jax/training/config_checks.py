@@ -9,6 +9,7 @@ from etils import epath
 from muomni_jax.data import mixture
 from muomni_jax.errors import UserError
 from muomni_jax.io import storage
+from muomni_jax.model import attention_kernels
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig
 from muomni_jax.training import reporting
 from muomni_jax.training import steps
@@ -77,3 +78,11 @@ def check_same_model(config, save_dir: str) -> None:
         raise UserError(f'save_dir {save_dir} was trained with optimizer '
                         f'{saved.get("optimizer", "adamw")!r}, not {config.optimizer!r}: resume '
                         'with the saved optimizer or use a new --config.save_dir')
+
+
+def check_platform(model_config: ThinkerConfig, platform: str) -> None:
+    """The attention kernel must run on the devices of the run ('cudnn' needs a GPU, ...)."""
+    try:
+        attention_kernels.check_platform(model_config.attention_impl, platform)
+    except ValueError as e:
+        raise UserError(str(e)) from None
