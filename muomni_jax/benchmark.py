@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import resource
 import tempfile
@@ -22,8 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from muomni_jax.data import input_pipeline
-from muomni_jax.data import token_cache
+from muomni_jax.data import host_data
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
@@ -76,8 +76,10 @@ class InputPipelineFigures:
     cache_open_s: float  # Opening the built cache again, as every later run does.
     cache_bytes_per_token: float  # On disk.
     batches_measured: int
-    batch_tokens_per_s: float  # Training batches read from the cache.
-    ratio_to_training: float | None = None  # batch_tokens_per_s / training tokens/s.
+    batch_tokens_per_s: float  # Training batches cut from the cache by host_data, host only.
+    placed_tokens_per_s: float  # The same batches, each also placed on the devices.
+    sources: int = 1  # Sources of the mixture the batches draw from.
+    ratio_to_training: float | None = None  # placed_tokens_per_s / training tokens/s.
 
 
 @dataclasses.dataclass
@@ -126,6 +128,7 @@ class OriginalFigures:
     tokens_per_s: float = 0.0  # The original's, from its median step.
     ours_tokens_per_s: float = 0.0
     speedup: float = 0.0  # ours_tokens_per_s / tokens_per_s.
+    recipe: dict = dataclasses.field(default_factory=dict)  # OriginalRecipe, as a dict.
 
 
 @dataclasses.dataclass
@@ -159,46 +162,49 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def bench_input_pipeline(config, num_batches: int) -> tuple[InputPipelineFigures, Any]:
-    """Builds the token cache of the corpus from scratch (in a temporary cache_dir), opens it
-    again as a resumed run would, then delivers num_batches training batches from it.
+    """Builds the token cache of every source from scratch (in a temporary cache_dir), opens it
+    again as a resumed run would, then delivers num_batches training batches through the
+    trainer's own path (host_data: every source of a mixture, this process's shards), each
+    also placed on the devices as the training loop places it.
 
-    Returns the figures and the first batch (to train on). The tokenizer is the run's (config,
-    then save_dir) or, when there is none yet, one trained here like a first run trains it.
+    Returns the figures and the first host batch (to train on). The tokenizer is the run's
+    (config, then save_dir) or, when there is none yet, one trained here like a first run's.
     """
     tokenizer = tokenizer_setup.load_or_train_tokenizer(config)
     quiet = lambda line: None
+    sharding = partitioning.batch_sharding(partitioning.make_mesh(config.mesh))
     with tempfile.TemporaryDirectory() as cache_dir:
         cached = config.copy_and_resolve_references()
         cached.cache_dir = cache_dir
-        source = input_pipeline.DocumentSource(cached)
         start = time.perf_counter()
-        streams = token_cache.open_or_build(cached, source, tokenizer, 1, [0], log=quiet,
-                                            verbose=False)
+        data = host_data.load(cached, tokenizer, quiet)
         build_s = time.perf_counter() - start
         start = time.perf_counter()
-        streams = token_cache.open_or_build(cached, source, tokenizer, 1, [0], log=quiet,
-                                            verbose=False)
+        data = host_data.load(cached, tokenizer, quiet)
         open_s = time.perf_counter() - start
-        disk_bytes = sum(f.stat().st_size for f in os.scandir(os.path.join(
-            cache_dir, os.listdir(cache_dir)[0])) if f.name.endswith(('.tokens', '.docs')))
-        stream = streams['train', 0]
-        per_epoch = input_pipeline.steps_per_epoch(stream, config.ctx_len, config.batch_size)
-        if per_epoch == 0:
-            raise UserError(f'{source.name} packs into fewer than one batch of '
-                            f'{config.batch_size} windows: lower batch_size or ctx_len')
-        batches = input_pipeline.train_batches(stream, config.ctx_len, config.batch_size,
-                                               seed=config.seed, epoch=0,
-                                               num_steps=min(num_batches, per_epoch))
-        first = next(batches)  # Includes the epoch permutation, as a training run pays it.
+        disk_bytes = sum(f.stat().st_size for key in os.scandir(cache_dir)
+                         for f in os.scandir(key.path) if f.name.endswith(('.tokens', '.docs')))
+        # The first batch pays for the epoch permutations, as a training run's does; the rest
+        # are timed, twice: cut on the host, then also placed as the loop places them.
+        first = next(data.train_batches(config.seed, 0, 0))
+        delivered = min(num_batches, data.steps_per_epoch) - 1
+        rest = lambda: itertools.islice(data.train_batches(config.seed, 0, 1), delivered)
         start = time.perf_counter()
-        delivered = sum(1 for _ in batches)
-        batches_s = time.perf_counter() - start
-    tokens = sum(s.num_tokens for s in streams.values())
+        for _ in rest():
+            pass
+        host_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in rest():
+            jax.block_until_ready(partitioning.global_batch(batch, sharding))
+        placed_s = time.perf_counter() - start
+    tokens = data.totals['train_tokens'] + data.totals['validation_tokens']
+    batch_tokens = config.batch_size * config.ctx_len
     figures = InputPipelineFigures(
         corpus_tokens=tokens, cache_build_s=build_s, cache_build_tokens_per_s=tokens / build_s,
         cache_open_s=open_s, cache_bytes_per_token=disk_bytes / max(tokens, 1),
-        batches_measured=delivered,
-        batch_tokens_per_s=delivered * config.batch_size * config.ctx_len / max(batches_s, 1e-9))
+        batches_measured=delivered, sources=len(data.sources),
+        batch_tokens_per_s=delivered * batch_tokens / max(host_s, 1e-9),
+        placed_tokens_per_s=delivered * batch_tokens / max(placed_s, 1e-9))
     return figures, first
 
 
@@ -291,44 +297,68 @@ def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_t
     return figures
 
 
+@dataclasses.dataclass(frozen=True)
+class OriginalRecipe:
+    """How the original trains: on the CPU in float32 eager mode, or with its GPU recipe
+    (thinker_tiny.json's use_amp, use_flash and use_compile)."""
+    device: str = 'cpu'
+    autocast_bfloat16: bool = False  # use_amp: torch.autocast(dtype=bfloat16).
+    sdpa: bool = False  # use_flash: F.scaled_dot_product_attention.
+    compile: bool = False  # use_compile: torch.compile of the model.
+
+    @classmethod
+    def gpu(cls) -> 'OriginalRecipe':
+        return cls(device='cuda', autocast_bfloat16=True, sdpa=True, compile=True)
+
+
 def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step: Callable,
-                          repeats: int) -> tuple[OriginalFigures, Any]:
+                          repeats: int, recipe: OriginalRecipe = OriginalRecipe()
+                          ) -> tuple[OriginalFigures, Any]:
     """Times the original's training step and ours alternately, `repeats` times each; returns
     the figures and our state after its steps (the step donates the state it is given).
 
     The original is torch_reference.ThinkerLM with torch's AdamW (foreach) and gradient
-    clipping, in float32 with the config's dropout, on one process using every core, as its
-    train_text.py trains. Interleaving A B A B lets a shared machine's load fall on both alike.
+    clipping, with the config's dropout, trained as `recipe` says (by default float32 on one
+    process using every core, as its train_text.py trains on a CPU). Interleaving A B A B lets
+    a shared machine's load fall on both alike.
     """
     try:
         import torch  # pylint: disable=import-outside-toplevel
         from muomni_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
     except ImportError:
         return OriginalFigures(available=False, reason='torch is not installed'), state
+    if recipe.device == 'cuda' and not torch.cuda.is_available():
+        return OriginalFigures(available=False, reason='torch sees no CUDA device'), state
     model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.
     if model_config.kv_groups != model_config.n_heads // 2 and model_config.use_gqa:
         return OriginalFigures(available=False, reason='the original always uses n_heads // 2 '
                                'kv groups'), state
     torch.manual_seed(config.seed)
-    model = torch_reference.ThinkerLM(model_config).train()
+    model = torch_reference.ThinkerLM(model_config, use_sdpa=recipe.sdpa).to(recipe.device)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   betas=(config.adam_b1, config.adam_b2),
                                   weight_decay=config.weight_decay)
-    inputs = torch.from_numpy(np.asarray(batch['inputs'], np.int64))
-    targets = torch.from_numpy(np.asarray(batch['targets'], np.int64))
+    forward = torch.compile(model) if recipe.compile else model
+    inputs, targets = (torch.from_numpy(np.asarray(batch[k], np.int64)).to(recipe.device)
+                       for k in ('inputs', 'targets'))
 
     def original_step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        with torch.autocast(recipe.device, dtype=torch.bfloat16,
+                            enabled=recipe.autocast_bfloat16):
+            logits = forward(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                     targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        return loss
+        return loss.item()  # Waits for the device, as block_until_ready does for ours.
 
     mesh = partitioning.make_mesh(config.mesh)
     device_batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
-    original_step()  # Warm-up: allocations and the first AdamW state.
+    for _ in range(2):  # Warm-up: compilation, allocations and the first AdamW state.
+        original_step()
     ours, theirs = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -336,12 +366,13 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
         jax.block_until_ready(metrics)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        original_step().item()
+        original_step()
         theirs.append(time.perf_counter() - start)
     tokens = config.batch_size * config.ctx_len
     figures = OriginalFigures(available=True, torch=torch.__version__, step_s=theirs,
                               ours_step_s=ours, tokens_per_s=tokens / float(np.median(theirs)),
-                              ours_tokens_per_s=tokens / float(np.median(ours)))
+                              ours_tokens_per_s=tokens / float(np.median(ours)),
+                              recipe=dataclasses.asdict(recipe))
     figures.speedup = figures.ours_tokens_per_s / figures.tokens_per_s
     return figures, state
 
@@ -378,7 +409,7 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
         config, batch, warmup=warmup, repeats=repeats,
         measure_peak=functools.partial(flops.measure_matmul_peak, peak_size) if cpu_peak else None)
     peak = _peak_and_mfu(config, train_figures, peaks, model.flops_per_step, peak_size)
-    pipeline.ratio_to_training = pipeline.batch_tokens_per_s / train_figures.tokens_per_s
+    pipeline.ratio_to_training = pipeline.placed_tokens_per_s / train_figures.tokens_per_s
 
     original = OriginalFigures(available=False, reason='--compare_original=false')
     if compare_original:
@@ -425,8 +456,10 @@ def format_table(result: BenchResult) -> str:
                               f'({p.corpus_tokens:,} tokens in {p.cache_build_s:.1f} s, '
                               f'{p.cache_bytes_per_token:.2f} bytes/token on disk)'),
         ('token cache open', f'{1000 * p.cache_open_s:.1f} ms'),
-        ('batches from cache', f'{p.batch_tokens_per_s:,.0f} tok/s = '
-                               f'{p.ratio_to_training:,.1f}x what training consumes'),
+        ('batches from cache', f'{p.batch_tokens_per_s:,.0f} tok/s on the host, '
+                               f'{p.placed_tokens_per_s:,.0f} tok/s placed on the devices = '
+                               f'{p.ratio_to_training:,.1f}x what training consumes '
+                               f'({p.sources} source{"s" if p.sources > 1 else ""})'),
         ('ckpt save blocks', f'{c.save_blocking_s:.3f} s = {c.blocking_over_step:.2f} '
                              f'steps (write {c.save_total_s:.2f} s)'),
     ]

@@ -32,6 +32,10 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    # The original's use_flash: torch's fused scaled_dot_product_attention (flash attention on a
+    # GPU) in place of the explicit softmax; the same function, dropout included.
+    use_sdpa = False
+
     def __init__(self, c):
         super().__init__()
         self.h, self.dk, self.gqa = c.n_heads, c.d_model // c.n_heads, c.use_gqa
@@ -63,6 +67,10 @@ class Attention(nn.Module):
         k = k.repeat_interleave(self.h // self.g, dim=2)
         v = v.repeat_interleave(self.h // self.g, dim=2)
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            return self.o(out.transpose(1, 2).reshape(b, t, d))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.dk)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         probs = scores.masked_fill(~causal, float('-inf')).softmax(-1)
@@ -124,12 +132,14 @@ class Block(nn.Module):
 
 
 class ThinkerLM(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, use_sdpa: bool = False):
         super().__init__()
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layers)])
         self.norm = RMSNorm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        for block in self.blocks:
+            block.attn.use_sdpa = use_sdpa
 
     def forward(self, ids):
         x = self.tok_emb(ids)

@@ -114,6 +114,26 @@ class Progress:
         self.reporter.advance(step, state)
 
 
+@dataclasses.dataclass
+class FirstStepTime:
+    """After the first step of a launch: one line with its time from the loop's start, the
+    batch, the compilation (or the compilation cache's load) and the step itself. It waits for
+    that one step; later steps pass straight through."""
+    reporter: reporting.Reporter
+    start: float = dataclasses.field(default_factory=time.time)
+    every: int = 1
+    on_stop: bool = False
+    done: bool = False
+
+    def __call__(self, step, state, last):
+        del step, last
+        if self.done:
+            return
+        self.done = True
+        jax.block_until_ready(state.step)
+        self.reporter.log(f'First step: {time.time() - self.start:.1f} s (compilation included)')
+
+
 # A host shared with other work changes speed with its load; a CPU peak older than this is
 # measured again at the next log line, so the MFU follows (at a cost under 1% of the time).
 PEAK_EVERY_S = 60.0

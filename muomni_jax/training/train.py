@@ -50,6 +50,7 @@ def _check_inputs(config, devices) -> tuple[ThinkerConfig, jax.sharding.Mesh]:
     storage.check_writable(config.save_dir)
     config_checks.check_same_model(config, config.save_dir)
     mesh = partitioning.make_mesh(config.mesh, devices)
+    config_checks.check_platform(model_config, mesh.devices.flat[0].platform)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
     host_data.num_shards(config)
     return model_config, mesh
@@ -317,7 +318,8 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         evaluate=lambda params: evaluate(run, params), sampler=run.sampler, interval=interval,
         history=history, reporter=reporter, summary=summary)
     return _Actions(interval=interval, save=save, in_order=[
-        periodic_actions.Progress(reporter), log_metrics, evaluate_action,
+        periodic_actions.FirstStepTime(reporter), periodic_actions.Progress(reporter),
+        log_metrics, evaluate_action,
         periodic_actions.WriteHistory(history, enabled=run.is_main), save])
 
 
