@@ -10,9 +10,9 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'muomni_jax'
 # Bottom up. A top-level module is its own layer: errors at the bottom, benchmark (and the
-# package's lazy public face) over everything.
+# package's lazy public face) over everything, and the device check over the benchmark.
 LAYERS = ('errors', 'io', 'parallel', 'model', 'data', 'inference', 'training', 'interop',
-          'benchmark')
+          'benchmark', 'device_check')
 # Pairs the ranks alone would allow but the design does not.
 FORBIDDEN = {('data', 'model')}
 
