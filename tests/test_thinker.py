@@ -360,6 +360,7 @@ def test_defaults_are_the_original_tiny_thinker_and_the_field_lists_derive_from_
             default.d_ff, default.kv_groups) == (32000, 4, 256, 4, 1024, 2)
     assert SHAPE_FIELDS == ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "use_gqa",
                             "kv_groups", "use_swiglu", "use_moe", "num_experts")
-    # All but dtype, matmul_dtype, remat, scan_layers and attention_block.
-    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-5]
+    # All but dtype, matmul_dtype, remat, scan_layers, attention_block, attention_dropout and
+    # attention_impl.
+    assert ORIGINAL_FIELDS == MODEL_FIELDS[:-7]
     assert set(MODEL_FIELDS) <= set(tiny.get_config())

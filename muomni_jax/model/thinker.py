@@ -301,7 +301,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None, cache=None):
         """x (B, T, D), cos/sin (B, T, 1, K) -> (B, T, D).
 
-        Without a cache, mask is a PackedMask of the window. With cache = (keys, values, index):
+        Without a cache, mask is a PackedMask of the window (or its dense (B, 1, T, T) bool form,
+        which only the XLA path reads). With cache = (keys, values, index):
         keys and values (B, S, G, K) of this layer, index () int32 the slot of x's first token;
         x's keys and values are written there, the queries attend over all S slots under mask
         (B, 1, T, S) bool, and the result is (out, (keys, values)) updated.
@@ -313,13 +314,14 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
         fused = cache is None and (deterministic or self.attn_dropout.rate == 0)
-        if fused and attention_kernels.resolve(self.impl) != "xla":
+        if (fused and isinstance(mask, PackedMask)
+                and attention_kernels.resolve(self.impl) != "xla"):
             # The kernels skip the tiles above the diagonal themselves.
             md = self.matmul_dtype
             out = attention_kernels.attend(self.impl, q.astype(md), k.astype(md), v.astype(md),
                                            mask.dense, mask.segment_ids).astype(q.dtype)
             return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
-        if cache is None:
+        if isinstance(mask, PackedMask):
             mask = mask.dense
         if cache is None and 0 < self.block < t and t % self.block == 0:
             # Query block i reads keys [0, (i + 1) * block) only: each softmax row still spans
