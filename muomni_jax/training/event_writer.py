@@ -13,6 +13,7 @@ TensorFlow's GCS client when TensorFlow is installed, so only gs:// runs import 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -56,7 +57,11 @@ class EventWriter:
         name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
                 f'{next(_FILE_COUNTER)}.v2')
         self.path = directory / name
-        self._records = record_writer.RecordWriter(self.path.open('wb'))
+        # epath's open is a file locally and a context manager around TensorFlow's GFile on
+        # gs://: entered here, left in close.
+        self._files = contextlib.ExitStack()
+        self._file = self._files.enter_context(self.path.open('wb'))
+        self._records = record_writer.RecordWriter(self._file)
         self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
     def _write(self, event: event_pb2.Event) -> None:
@@ -73,8 +78,7 @@ class EventWriter:
                                     summary=summary_pb2.Summary(value=values)))
 
     def flush(self) -> None:
-        self._records.flush()
+        self._file.flush()
 
     def close(self) -> None:
-        if not self._records.closed:
-            self._records.close()
+        self._files.close()  # Closes the file once; a second call does nothing.
