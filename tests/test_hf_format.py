@@ -173,16 +173,28 @@ def test_export_refuses_a_folder_it_did_not_write(tmp_path, exports, sp_tokenize
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'training_log.json').write_text('[]')
-    with pytest.raises(UserError, match='holds training_log.json, which no Hugging Face export'):
+    with pytest.raises(UserError, match='holds training_log.json and is not an export of this '
+                       r'project \(no \.muomni-jax-export\)'):
         hf_format.write_hf(str(run), nnx.state(model), config, sp_tokenizer)
     assert os.listdir(run) == ['training_log.json']
-    # An earlier export is replaced whole.
+    # A folder of another tool's export files, without the marker, is not ours either.
+    theirs = tmp_path / 'theirs'
+    shutil.copytree(exports['mha'][2], theirs)
+    os.remove(theirs / hf_format.EXPORT_MARKER)
+    with pytest.raises(UserError, match='is not an export of this project'):
+        hf_format.write_hf(str(theirs), nnx.state(model), config, sp_tokenizer)
+    # An earlier export is replaced whole, twice, beside a user's own again.old, which stays.
     again = tmp_path / 'again'
     shutil.copytree(exports['mha'][2], again)
-    hf_format.write_hf(str(again), nnx.state(model), config, sp_tokenizer)
+    (tmp_path / 'again.old').mkdir()
+    (tmp_path / 'again.old' / 'notes.txt').write_text('mine')
+    for _ in range(2):
+        hf_format.write_hf(str(again), nnx.state(model), config, sp_tokenizer)
     assert json.load(open(again / 'config.json'))['num_key_value_heads'] == 2
+    assert (again / hf_format.EXPORT_MARKER).exists()
+    assert (tmp_path / 'again.old' / 'notes.txt').read_text() == 'mine'
     assert os.stat(again).st_mode & 0o777 == os.stat(run).st_mode & 0o777
-    assert sorted(os.listdir(tmp_path)) == ['again', 'run']
+    assert sorted(os.listdir(tmp_path)) == ['again', 'again.old', 'run', 'theirs']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +347,24 @@ def test_bad_folders_are_one_line_each(tmp_path, exports):
             _edited_copy(tmp_path / 'b', gqa, intermediate_size=100),
             'model.layers.0.mlp.gate_proj.weight has shape [128, 64], expected [100, 64]'),
         'no weights': (_edited_copy(tmp_path / 'c', gqa), 'has no model.safetensors'),
+        'junk weights': (_edited_copy(tmp_path / 'e', gqa), 'model.safetensors as safetensors '
+                         '(SafetensorError: '),
+        'a shard outside the folder': (_edited_copy(tmp_path / 'f', gqa),
+                                       "names shard '../elsewhere.safetensors', which is not a "
+                                       'file in its own folder'),
+        'an index that is not one': (_edited_copy(tmp_path / 'g', gqa),
+                                     "is not a safetensors index (KeyError: 'weight_map')"),
     }
     os.remove(os.path.join(cases['no weights'][0], hf_format.WEIGHTS_FILE))
+    with open(os.path.join(cases['junk weights'][0], hf_format.WEIGHTS_FILE), 'wb') as f:
+        f.write(b'not safetensors at all')
+    for name, index in (('a shard outside the folder',
+                         {'weight_map': {'lm_head.weight': '../elsewhere.safetensors'}}),
+                        ('an index that is not one', {'weights': {}})):
+        folder = cases[name][0]
+        os.remove(os.path.join(folder, hf_format.WEIGHTS_FILE))
+        with open(os.path.join(folder, hf_format.WEIGHTS_INDEX), 'w') as f:
+            json.dump(index, f)
     for name, (folder, expected) in cases.items():
         with pytest.raises(UserError) as error:
             hf_format.read_hf(folder)

@@ -143,3 +143,20 @@ def test_wrong_suffix_and_missing_file_are_user_errors(tmp_path):
         original_format.write_weights(str(tmp_path / 'x.bin'), nnx.state(_model(config)), config)
     with pytest.raises(UserError, match='does not exist'):
         original_format.read_weights(str(tmp_path / 'missing.pt'))
+
+
+@pytest.mark.parametrize('content, raised', [
+    (b'hello world\n', 'KeyError'),  # What torch.load raised as a traceback before.
+    (bytes(range(256)) * 8, 'UnpicklingError'),
+])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content, raised):
+    pytest.importorskip('torch')
+    path = tmp_path / 'x.pt'
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf'^cannot read {path} as a PyTorch checkpoint '
+                       rf'\({raised}'):
+        original_format.read_weights(str(path))
+    junk = tmp_path / 'x.safetensors'
+    junk.write_bytes(content)
+    with pytest.raises(UserError, match=rf'^cannot read {junk} as safetensors \('):
+        original_format.read_weights(str(junk))

@@ -29,7 +29,7 @@ from etils import epath
 
 from muomni_jax.data import fingerprint
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import storage
 
 SPLITS = ('train', 'validation')
@@ -163,7 +163,7 @@ def _tfds_builder(config):
         builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
         raise UserError(f'cannot download or prepare TFDS dataset {config.tfds_name!r} '
-                        f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}): check the '
+                        f'({first_line(e, 200)}): check the '
                         'network, or set --config.tfds_data_dir to a prepared copy') from None
     return builder
 
@@ -307,9 +307,14 @@ class TokenStream:
 
     tokens: (num_tokens,) unsigned or int32 ids, [BOS] ... [EOS] per document (maybe a memmap).
     doc_starts: (num_documents,) int64 offset of each document's BOS in tokens (maybe a memmap).
+    vocab_size: when set, every window read is checked to hold only ids below it (a damaged
+      cache file would otherwise train on ids the model has no row for, without a word).
+    path: the file the tokens come from, for that error.
     """
     tokens: np.ndarray
     doc_starts: np.ndarray
+    vocab_size: int = 0
+    path: str = ''
 
     @property
     def num_tokens(self) -> int:
@@ -344,6 +349,12 @@ class TokenStream:
             valid[row, :hi - lo] = True
             first, last = np.searchsorted(self.doc_starts, [lo, hi])
             starts[row, self.doc_starts[first:last] - lo] = True
+        if self.vocab_size and tokens.size and int(tokens.max()) >= self.vocab_size:
+            # O(tokens read): the whole file is never scanned, yet no bad id reaches a step.
+            raise UserError(f'token cache file {self.path or "(in memory)"} holds token id '
+                            f'{int(tokens.max())}, past the vocabulary ({self.vocab_size}): the '
+                            f'file is damaged; delete {os.path.dirname(self.path) or "it"} and '
+                            'rerun, which builds it again')
         # A document continued from the previous window starts a fresh segment at slot 0.
         segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) + (~starts[:, :1])
         return tokens, np.where(valid, segment_ids, 0).astype(np.int32)

@@ -18,7 +18,7 @@ from etils import epath
 from flax import nnx
 
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import storage
 from muomni_jax.model.thinker import Thinker, ThinkerConfig
 from muomni_jax.model.thinker import abstract_model as thinker_abstract_model
@@ -66,7 +66,15 @@ def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
     if not path.exists():
         raise UserError(f'{path} is missing: checkpoint_dir must be a save_dir written by '
                         'launch.stage_a or launch.convert')
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError('not a JSON object')
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f'{path} is damaged ({first_line(e, 200)}): restore it from the run '
+                        'that wrote it (launch.convert --input writes one for imported weights)'
+                        ) from None
+    return ml_collections.ConfigDict(fields)
 
 
 def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
@@ -82,9 +90,8 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
                 item={'params': target}, restore_args={'params': restore_args},
                 partial_restore=True))
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise UserError(f'cannot restore the params of {path} ({type(e).__name__}: '
-                        f'{str(e).splitlines()[0][:300]}): is config.json the config it was '
-                        'trained with?') from None
+        raise UserError(f'cannot restore the params of {path} ({first_line(e)}): is config.json '
+                        'the config it was trained with?') from None
     return restored['params']
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.interop import original_format
 from muomni_jax.model.thinker import RMS_NORM_EPS, ThinkerConfig
 
@@ -33,10 +33,9 @@ MIXTRAL = 'MixtralForCausalLM'
 _MODEL_TYPES = {LLAMA: 'llama', MIXTRAL: 'mixtral'}
 WEIGHTS_FILE = 'model.safetensors'
 WEIGHTS_INDEX = 'model.safetensors.index.json'
-# Files an export writes; an existing folder holding only these may be replaced.
-_EXPORT_FILES = {'config.json', WEIGHTS_FILE, 'generation_config.json', 'tokenizer.json',
-                 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
-                 'chat_template.jinja'}
+# Every export folder holds this file, and only a folder holding it is ever replaced: an export
+# must never delete what it did not write.
+EXPORT_MARKER = '.muomni-jax-export'
 _MIXTRAL_EXPERT = {'gate_proj': 'w1', 'down_proj': 'w2', 'up_proj': 'w3'}
 
 
@@ -299,16 +298,18 @@ def _write_tokenizer(tokenizer: tokenizer_lib.Tokenizer, directory: str) -> None
 
 
 def _check_output_is_free(output: str) -> None:
-    """Refuses a folder holding anything but an earlier export's files (a run's save_dir?)."""
+    """Refuses a file, or a folder that holds anything and no export marker (a run's save_dir,
+    a user's folder, an export of another tool): only our own exports are replaced."""
     if not os.path.exists(output):
         return
     if not os.path.isdir(output):
         raise UserError(f'{output} exists and is a file: the Hugging Face format is a folder, '
                         'name a new one')
-    others = sorted(set(os.listdir(output)) - _EXPORT_FILES)
-    if others:
-        raise UserError(f'{output} holds {", ".join(others[:3])}, which no Hugging Face export '
-                        'writes: export into a new or empty folder')
+    entries = os.listdir(output)
+    if entries and EXPORT_MARKER not in entries:
+        raise UserError(f'{output} holds {", ".join(sorted(entries)[:3])} and is not an export '
+                        f'of this project (no {EXPORT_MARKER}): export into a new or empty '
+                        'folder')
 
 
 def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
@@ -338,18 +339,39 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
             json.dump({'bos_token_id': tokenizer_lib.BOS_ID,
                        'eos_token_id': tokenizer_lib.EOS_ID}, f, indent=2)
         _write_tokenizer(tokenizer, staging)
+        with open(os.path.join(staging, EXPORT_MARKER), 'w') as f:
+            f.write('Written by muomni-jax launch.convert; a new export may replace this folder.\n')
         if os.path.exists(output):
-            old = output + '.old'
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(output, old)
+            # The earlier export goes into a folder made here, under a name no one else has, and
+            # only that folder is deleted.
+            replaced = tempfile.mkdtemp(prefix=os.path.basename(output) + '.replaced-', dir=parent)
+            os.rename(output, os.path.join(replaced, 'export'))
             os.rename(staging, output)
-            shutil.rmtree(old)
+            shutil.rmtree(replaced)
         else:
             os.rename(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sorted(os.path.join(output, name) for name in os.listdir(output))
+
+
+def _shard_files(index_path: str) -> list[str]:
+    """The shard files model.safetensors.index.json names: plain file names in its own folder
+    (a name with a folder in it, '..' or an absolute path would read outside the model)."""
+    try:
+        with open(index_path) as f:
+            names = json.load(f)['weight_map'].values()
+        names = sorted(set(names))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{index_path} is not a safetensors index ({first_line(e, 200)}): '
+                        're-save the model with save_pretrained') from None
+    bad = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n
+           or n in ('', '.', '..')]
+    if bad:
+        raise UserError(f'{index_path} names shard {bad[0]!r}, which is not a file in its own '
+                        'folder: every shard must sit beside the index')
+    return names
 
 
 def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
@@ -361,8 +383,7 @@ def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
     if os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
         files = [WEIGHTS_FILE]
     elif os.path.exists(index_path):
-        with open(index_path) as f:
-            files = sorted(set(json.load(f)['weight_map'].values()))
+        files = _shard_files(index_path)
     else:
         present = [n for n in os.listdir(directory) if n.endswith(('.bin', '.pt', '.pth'))]
         hint = (f' (it holds {present[0]}: re-save it with save_pretrained(..., '
@@ -373,8 +394,9 @@ def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
         path = os.path.join(directory, name)
         try:
             loaded = load_file(path)
-        except (OSError, SafetensorError) as e:
-            raise UserError(f'cannot read {path} as safetensors: {e}') from None
+        except (OSError, SafetensorError, ValueError) as e:
+            raise UserError(f'cannot read {path} as safetensors ({first_line(e, 200)}): re-save '
+                            'the model with save_pretrained') from None
         tensors.update({k: np.asarray(v, np.float32) for k, v in loaded.items()})
     return tensors
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.io.atomic_write import write_atomically
 from muomni_jax.model.thinker import ORIGINAL_FIELDS, SHAPE_FIELDS, ThinkerConfig, abstract_model
 
@@ -177,8 +177,11 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
     torch = _torch()
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f'cannot read {path} as a PyTorch file: {str(e).splitlines()[0]}') from None
+    except Exception as e:  # pylint: disable=broad-except
+        # A file that is not a torch.save archive fails in many ways (UnpicklingError, KeyError,
+        # RuntimeError, ...): each is the same answer to the user.
+        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({first_line(e, 200)}): '
+                        'give a file torch.save wrote, holding {"model": state_dict}') from None
     if isinstance(obj, Mapping) and isinstance(obj.get('model'), Mapping):
         obj = obj['model']
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -227,16 +230,22 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     try:
         tensors = load_file(path)
-    except (OSError, SafetensorError) as e:
-        raise UserError(f'cannot read {path} as safetensors: {e}') from None
+    except (OSError, SafetensorError, ValueError) as e:
+        raise UserError(f'cannot read {path} as safetensors ({first_line(e, 200)}): give a file '
+                        'launch.convert or safetensors.save_file wrote') from None
     if any(k.startswith(SAFETENSORS_PREFIX) for k in tensors):
         tensors = {k[len(SAFETENSORS_PREFIX):]: v for k, v in tensors.items()
                    if k.startswith(SAFETENSORS_PREFIX)}
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
     thinker_config = None
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            thinker_config = json.load(f).get('thinker')
+        try:
+            with open(config_path) as f:
+                thinker_config = json.load(f).get('thinker')
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f'{config_path} beside {path} is not a readable config.json '
+                            f'({first_line(e, 200)}): fix it, or move it away to import the '
+                            'weights with --config alone') from None
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}, thinker_config
 
 
