@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-from etils import epath
 from flax import nnx
 
 from muomni_jax.data import host_data
@@ -36,6 +35,7 @@ from muomni_jax.training import config_checks
 from muomni_jax.training import periodic_actions
 from muomni_jax.training import preemption
 from muomni_jax.training import reporting
+from muomni_jax.training import run_lock
 from muomni_jax.training import steps
 from muomni_jax.training import training_log
 
@@ -151,13 +151,21 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     log(f'Compilation cache: {compile_cache or "off"}')
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     state, start_step, interval = _restore_or_init(run, checkpointer)
-    if is_main:
-        epath.Path(save_dir).mkdir(parents=True, exist_ok=True)
-        tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
-        write_atomically(os.path.join(save_dir, 'config.json'),
-                          config.to_json_best_effort(indent=1, sort_keys=True))
-    checkpointer.start_writing(start_step)
-    summary, stopped_by = _train(run, state, start_step, interval, checkpointer)
+    # Before the first write: a second run on this save_dir stops here, on every process.
+    lock = run_lock.RunLock(save_dir, log=log) if is_main else None
+    with distributed.fail_together():
+        if lock is not None:
+            lock.acquire()
+    try:
+        if is_main:
+            tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
+            write_atomically(os.path.join(save_dir, 'config.json'),
+                             config.to_json_best_effort(indent=1, sort_keys=True))
+        checkpointer.start_writing(start_step)
+        summary, stopped_by = _train(run, state, start_step, interval, checkpointer)
+    finally:
+        if lock is not None:
+            lock.release()
     if stopped_by:
         return summary
     log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
@@ -297,7 +305,7 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
     """The periodic actions of a run, in the order they run after a step."""
     config = run.config
     history = training_log.TrainingLog(os.path.join(config.save_dir, 'training_log.json'),
-                                       resume_step=start_step)
+                                       resume_step=start_step, set_aside_damaged=run.is_main)
     save = periodic_actions.SaveCheckpoint(
         every=config.save_every, checkpointer=checkpointer, save_dir=config.save_dir,
         steps_per_epoch=run.steps_per_epoch, interval=interval,
