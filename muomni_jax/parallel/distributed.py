@@ -9,15 +9,14 @@ done by process 0 alone reaches the others through `run_on_main`, errors include
 """
 
 import contextlib
+import itertools
 import json
 import os
 from typing import Any, Callable, Iterator
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 
 
 def initialize(config) -> None:
@@ -48,7 +47,7 @@ def initialize(config) -> None:
                                        initialization_timeout=timeout)
         except Exception as e:  # pylint: disable=broad-except
             raise UserError(f'process {process_id} could not join {num_processes} processes at '
-                            f'{address} within {timeout}s ({str(e).splitlines()[0][:200]}): start '
+                            f'{address} within {timeout}s ({first_line(e, 200)}): start '
                             'every process with the same coordinator address, reachable from '
                             'all hosts') from None
     else:
@@ -77,31 +76,67 @@ def describe(mesh) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Agreement
+# Agreement, through the coordinator's key-value store rather than device collectives: every
+# wait has a deadline, so a process that died or hangs is named instead of hanging the others.
+
+# Long enough for what one process may do while the others wait for it (process 0 training the
+# tokenizer, a host building its shards of a large token cache).
+AGREE_TIMEOUT_S = 3600.0
+_agreements = itertools.count()  # Every process agrees in the same order, so the same numbers.
 
 
-def broadcast_bytes(payload: bytes) -> bytes:
-    """Process 0's payload on every process (the others' argument is ignored)."""
-    if jax.process_count() == 1:
-        return payload
-    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
-    if length == 0:
-        return b''
-    buffer = np.zeros(length, np.uint8)
-    if jax.process_index() == 0:
-        buffer[:] = np.frombuffer(payload, np.uint8)
-    return multihost_utils.broadcast_one_to_all(buffer).tobytes()
+def _client():
+    from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+    return jax_distributed.global_state.client
 
 
-def allgather_bytes(payload: bytes) -> list[bytes]:
+def _waited(what: str, timeout_s: float) -> UserError:
+    return UserError(f'process {jax.process_index()} waited {timeout_s:g} s for {what}, which '
+                     'failed or hangs: see its log; every process of a run must run the same '
+                     'command')
+
+
+def allgather_bytes(payload: bytes, timeout_s: float = AGREE_TIMEOUT_S) -> list[bytes]:
     """Every process's payload, in process order, on every process."""
     if jax.process_count() == 1:
         return [payload]
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(payload)))).reshape(-1)
-    buffer = np.zeros(max(int(lengths.max()), 1), np.uint8)
-    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(buffer))
-    return [row[:n].tobytes() for row, n in zip(gathered, lengths)]
+    key = f'muomni_jax/agree/{next(_agreements)}'
+    client = _client()
+    client.key_value_set_bytes(f'{key}/{jax.process_index()}', payload)
+    gathered = []
+    for index in range(jax.process_count()):
+        try:
+            gathered.append(client.blocking_key_value_get_bytes(f'{key}/{index}',
+                                                                int(timeout_s * 1000)))
+        except Exception:  # pylint: disable=broad-except
+            raise _waited(f'process {index}', timeout_s) from None
+    return gathered
+
+
+def broadcast_bytes(payload: bytes, timeout_s: float = AGREE_TIMEOUT_S) -> bytes:
+    """Process 0's payload on every process (the others' argument is ignored)."""
+    if jax.process_count() == 1:
+        return payload
+    key = f'muomni_jax/broadcast/{next(_agreements)}'
+    client = _client()
+    if jax.process_index() == 0:
+        client.key_value_set_bytes(key, payload)
+        return payload
+    try:
+        return client.blocking_key_value_get_bytes(key, int(timeout_s * 1000))
+    except Exception:  # pylint: disable=broad-except
+        raise _waited('process 0', timeout_s) from None
+
+
+def barrier(name: str, timeout_s: float = AGREE_TIMEOUT_S) -> None:
+    """Waits until every process is here; one line naming the wait if one never comes."""
+    if jax.process_count() == 1:
+        return
+    try:
+        _client().wait_at_barrier(f'muomni_jax/{name}/{next(_agreements)}',
+                                  int(timeout_s * 1000))
+    except Exception:  # pylint: disable=broad-except
+        raise _waited(f'every process at "{name}"', timeout_s) from None
 
 
 def allgather_json(value: Any) -> list[Any]:
@@ -111,42 +146,49 @@ def allgather_json(value: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def fail_together() -> Iterator[None]:
-    """Raises on every process if the block raised UserError on any.
+    """Raises on every process if the block raised on any: a UserError as it is, any other
+    exception (a full disk, a bug) as one line naming the process, while the process it came
+    from keeps its own traceback.
 
-    The block must not itself use collectives: a process that raised early would skip them.
+    The block must not itself agree with the others: a process that raised early would skip it.
     """
     error = ''
     try:
         yield
-    except UserError as e:
+    except Exception as e:  # pylint: disable=broad-except
         if jax.process_count() == 1:
             raise
-        error = str(e)
+        error = str(e) if isinstance(e, UserError) else first_line(e)
+        allgather_bytes(error.encode())  # The others learn of it; this process keeps its own.
+        raise
     if jax.process_count() > 1:
-        errors = [e.decode() for e in allgather_bytes(error.encode())]
-        failed = [i for i, e in enumerate(errors) if e]
+        errors = [m.decode() for m in allgather_bytes(error.encode())]
+        failed = [i for i, m in enumerate(errors) if m]
         if failed:
-            message = errors[failed[0]]
-            raise UserError(message if error == message else f'process {failed[0]}: {message}')
+            raise UserError(f'process {failed[0]}: {errors[failed[0]]}')
 
 
 def run_on_main(fn: Callable[[], bytes]) -> bytes:
     """Runs fn on process 0 alone and hands its result to every process.
 
-    A UserError raised by fn is raised on every process, so none waits for a result that
-    never comes.
+    Any exception fn raises is raised on every process (the others get one line naming it), so
+    none waits for a result that never comes.
     """
-    result, error = b'', ''
+    if jax.process_count() == 1:
+        return fn()
     if jax.process_index() == 0:
         try:
             result = fn()
-        except UserError as e:
-            if jax.process_count() == 1:
-                raise
-            error = str(e)
-    if jax.process_count() == 1:
+        except Exception as e:
+            # U: a UserError, said as it is; E: anything else, said as process 0's failure.
+            kind = b'U' if isinstance(e, UserError) else b'E'
+            broadcast_bytes(kind + (str(e) if kind == b'U' else first_line(e)).encode())
+            raise
+        broadcast_bytes(b'R' + result)
         return result
-    message = broadcast_bytes((b'E' + error.encode()) if error else (b'R' + result))
-    if message[:1] == b'E':
+    message = broadcast_bytes(b'')
+    if message[:1] == b'U':
         raise UserError(message[1:].decode())
+    if message[:1] == b'E':
+        raise UserError(f'process 0: {message[1:].decode()}')
     return message[1:]

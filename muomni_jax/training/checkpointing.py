@@ -16,18 +16,21 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from muomni_jax.errors import UserError
+from muomni_jax import test_hooks
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import storage
 from muomni_jax.io.atomic_write import write_atomically
+from muomni_jax.parallel import distributed
 
 
-# Tests only: with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N writes into Orbax's temporary
-# folder, prints a line, and then never returns, so nothing commits: tests/test_resume.py SIGKILLs
-# the run at that known point instead of racing a ~100 ms background write.
+# Tests only (muomni_jax.test_hooks): with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N
+# writes into Orbax's temporary folder, prints a line, and then never returns, so nothing
+# commits: tests/test_resume.py SIGKILLs the run at that known point instead of racing a
+# ~100 ms background write.
 PAUSE_IN_SAVE_ENV = 'MUOMNI_PAUSE_IN_SAVE_OF_STEP'
 
 
@@ -36,7 +39,7 @@ class _PausingJsonHandler(ocp.JsonCheckpointHandler):
 
     def __init__(self):
         super().__init__()
-        self._pause_step = int(os.environ.get(PAUSE_IN_SAVE_ENV, '-1'))
+        self._pause_step = int(test_hooks.value(PAUSE_IN_SAVE_ENV) or '-1')
 
     async def async_save(self, directory, item=None, args=None):
         futures = await super().async_save(directory, item, args)
@@ -84,7 +87,7 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             # A writable manager first deletes temporary folders left by interrupted saves.
             cleanup_tmp_directories=not read_only)
-        pause_step = os.environ.get(PAUSE_IN_SAVE_ENV)
+        pause_step = test_hooks.value(PAUSE_IN_SAVE_ENV)
         self._meta_save = ocp.args.JsonSave
         if pause_step and not read_only:
             self._meta_save = _PausingJsonSave
@@ -112,8 +115,8 @@ class Checkpointer:
                 f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
                 f'<step>.{suffix}), since training continues from step {start_step}.',
                 file=sys.stderr)
-        if newer:
-            multihost_utils.sync_global_devices('muomni_jax: checkpoints set aside')
+        if newer:  # Every process restored the same step (restore_latest), so has the same newer.
+            distributed.barrier('checkpoints set aside')
         self._manager.close()
         self._manager = self._open(read_only=False)
         self._writing = True
@@ -122,20 +125,27 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save; the training loop continues while it writes."""
+        """Starts an asynchronous save; the training loop continues while it writes. meta gets
+        the checksum of every array of state, which restore verifies."""
         if not self._writing:
             raise RuntimeError('call start_writing before saving')
+        meta = {**meta, 'checksums': tree_checksums(state)}
         self._manager.save(step,
                            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=self._meta_save(meta)),
                            force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves)."""
+        """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves).
+
+        Raises DamagedCheckpoint when an array differs from the checksum its save recorded, or
+        holds NaN/Inf (never saved so: the loop checks params before every save).
+        """
         restored = self._manager.restore(step,
                                          args=ocp.args.Composite(
                                              state=ocp.args.StandardRestore(abstract_state),
                                              meta=ocp.args.JsonRestore()))
+        verify(restored.state, restored.meta, f'step {step}')
         return restored.state, restored.meta
 
     def restore_latest(self,
@@ -151,19 +161,37 @@ class Checkpointer:
                 raise UserError(
                     f'restore_step {step} is not in {self.directory}: available steps are '
                     f'{steps or "none"}')
-            return self.restore(step, abstract_state)
+            restored, problem = self._restore_everywhere(step, abstract_state)
+            if problem:
+                raise UserError(f'restore_step {step} in {self.directory} is unreadable '
+                                f'({problem}): pick another of the steps {steps}')
+            return restored
         for candidate in reversed(steps):
-            try:
-                return self.restore(candidate, abstract_state)
-            except Exception as e:  # pylint: disable=broad-except
-                print(
-                    f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
-                    f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one.',
-                    file=sys.stderr)
+            restored, problem = self._restore_everywhere(candidate, abstract_state)
+            if not problem:
+                return restored
+            print(f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
+                  f'({problem}); trying an older one.', file=sys.stderr)
         if steps:
             raise UserError(f'no checkpoint in {self.directory} could be restored (steps {steps}): '
                             'move the folder aside to start afresh, or fix its files')
         return None
+
+    def _restore_everywhere(self, step: int, abstract_state: Any
+                            ) -> tuple[tuple[Any, dict[str, Any]] | None, str]:
+        """(restored, '') when step restores on every process, else (None, what failed and
+        where): the processes decide together, so all of them restore the same step."""
+        restored, problem = None, ''
+        try:
+            restored = self.restore(step, abstract_state)
+        except Exception as e:  # pylint: disable=broad-except
+            problem = first_line(e, 200)
+        problems = distributed.allgather_json(problem)
+        failed = [i for i, p in enumerate(problems) if p]
+        if not failed:
+            return restored, ''
+        where = f' on process {failed[0]}' if len(problems) > 1 else ''
+        return None, problems[failed[0]] + where
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -171,6 +199,58 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class DamagedCheckpoint(ValueError):
+    """A step whose arrays restore but are not what was saved."""
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """(N, 2) uint32: per array, the sum of its elements' bits and the sum weighted by each
+    element's position, both modulo 2**32. Integer sums are exact in any order, so the value
+    does not depend on the mesh the array is sharded over; the weighted one also sees swaps."""
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else \
+            x.astype(jnp.uint32)
+        position = jnp.arange(1, bits.size + 1, dtype=jnp.uint32).reshape(bits.shape)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                          jnp.sum(bits * position, dtype=jnp.uint32)])
+    return jnp.stack([one(x) for x in leaves])
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves
+                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def _array_leaves(tree: Any) -> tuple[list[str], list[jax.Array]]:
+    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(path) for path, _ in pairs], [leaf for _, leaf in pairs]
+
+
+def tree_checksums(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of every array of the tree (one device pass, a few bytes
+    to the host)."""
+    names, leaves = _array_leaves(tree)
+    values = jax.device_get(_checksums(leaves)).tolist() if leaves else []
+    return dict(zip(names, values))
+
+
+def verify(state: Any, meta: dict[str, Any], what: str) -> None:
+    """Raises DamagedCheckpoint if a restored array differs from its recorded checksum (steps
+    saved before checksums existed have none to check) or is not finite."""
+    saved = meta.get('checksums') if isinstance(meta, dict) else None
+    names, leaves = _array_leaves(state)
+    if saved is not None:
+        found = tree_checksums(state)
+        wrong = [name for name in names if found.get(name) != saved.get(name)]
+        if wrong:
+            raise DamagedCheckpoint(f'{what}: {len(wrong)} array(s) differ from the checksums '
+                                    f'of their save, first {wrong[0]}')
+    if leaves and not bool(_all_finite(leaves)):
+        raise DamagedCheckpoint(f'{what}: it holds NaN/Inf values, which no save writes')
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
