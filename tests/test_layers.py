@@ -11,7 +11,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'muomni_jax'
 # Bottom up. A top-level module is its own layer: errors at the bottom, benchmark (and the
 # package's lazy public face) over everything, and the device check over the benchmark.
-LAYERS = ('errors', 'io', 'parallel', 'model', 'data', 'inference', 'training', 'interop',
+LAYERS = ('errors', 'test_hooks', 'io', 'parallel', 'model', 'data', 'inference', 'training', 'interop',
           'benchmark', 'device_check')
 # Pairs the ranks alone would allow but the design does not.
 FORBIDDEN = {('data', 'model')}

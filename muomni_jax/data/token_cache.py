@@ -24,28 +24,32 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tqdm
 from etils import epath
 
+from muomni_jax import test_hooks
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.io.atomic_write import write_atomically
+from muomni_jax.io.atomic_write import fsync_directory, write_atomically
 
 FORMAT_VERSION = 1
 _PARTIAL = '.partial-'
 _PROGRESS_EVERY_S = 5.0  # Seconds between progress lines when stdout is not a terminal.
-# Set to a file path, a build creates that file after writing its first chunk and waits: the
-# tests kill it there, mid-build, without racing a timer.
+# Tests only (muomni_jax.test_hooks): set to a file path, a build creates that file after
+# writing its first chunk and waits: the tests kill it there, mid-build, without racing a timer.
 PAUSE_FOR_TESTS_ENV = 'MUOMNI_TEST_PAUSE_CACHE_BUILD'
 
 
@@ -83,8 +87,20 @@ class _Damaged(Exception):
     """A shard whose files cannot be used; the message says why."""
 
 
-def _open_stream(directory: str, name: str, key: str) -> input_pipeline.TokenStream | None:
-    """The memory-mapped stream of one shard; None if it was never finished."""
+def _check_doc_starts(path: str, starts: np.ndarray, num_tokens: int) -> None:
+    """Document offsets must start at 0, increase and stay inside the tokens: O(documents),
+    read once at open, so damaged offsets never become wrong document boundaries."""
+    if not len(starts):
+        return
+    if starts[0] != 0 or starts[-1] >= num_tokens or np.any(np.diff(starts) <= 0):
+        raise _Damaged(f'{path} holds document offsets that do not start at 0, increase and '
+                       f'stay below its {num_tokens:,} tokens')
+
+
+def _open_stream(directory: str, name: str, key: str, vocab_size: int = 0
+                 ) -> input_pipeline.TokenStream | None:
+    """The memory-mapped stream of one shard; None if it was never finished. Its windows are
+    checked against vocab_size as they are read."""
     header_path = os.path.join(directory, name + '.json')
     if not os.path.exists(header_path):
         return None
@@ -110,31 +126,19 @@ def _open_stream(directory: str, name: str, key: str) -> input_pipeline.TokenStr
                           else np.zeros(0, array_dtype))
         except OSError as e:
             raise _Damaged(f'{path} cannot be read ({e.strerror})') from None
-    return input_pipeline.TokenStream(tokens=arrays[0], doc_starts=arrays[1])
+    _check_doc_starts(os.path.join(directory, f'{name}.docs'), arrays[1], num_tokens)
+    return input_pipeline.TokenStream(tokens=arrays[0], doc_starts=arrays[1],
+                                      vocab_size=vocab_size,
+                                      path=os.path.join(directory, f'{name}.tokens'))
 
 
 def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
-    """Partial files of these shards left by a build on this host that is no longer running."""
+    """Partial files of these shards. Called under their build lock, so whoever wrote them no
+    longer builds: a process that died, on this host or on another one sharing the folder."""
     if not os.path.isdir(directory):
         return []
-    host, stale = socket.gethostname(), []
-    for entry in os.listdir(directory):
-        if _PARTIAL not in entry or not entry.startswith(tuple(n + '.' for n in names)):
-            continue
-        owner_host, _, pid = entry.split(_PARTIAL, 1)[1].rpartition('-')
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-            stale.append(os.path.join(directory, entry))
-    return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return [os.path.join(directory, entry) for entry in os.listdir(directory)
+            if _PARTIAL in entry and entry.startswith(tuple(n + '.' for n in names))]
 
 
 def open_or_build(config, source: input_pipeline.DocumentSource,
@@ -151,27 +155,59 @@ def open_or_build(config, source: input_pipeline.DocumentSource,
     directory = os.path.join(root, key)
     names = {(split, shard): shard_name(split, shard, num_shards)
              for shard in shards for split in input_pipeline.SPLITS}
-    streams, damaged = {}, []
-    for where, name in names.items():
-        try:
-            streams[where] = _open_stream(directory, name, key)
-        except _Damaged as e:
-            damaged.append(str(e))
-    if all(stream is not None for stream in streams.values()) and not damaged:
+    streams, damaged = _open_all(directory, names, key, tokenizer.vocab_size)
+    if streams is not None:
         tokens = sum(s.num_tokens for s in streams.values())
         log(f'Token cache: {directory} ({tokens:,} tokens in {len(streams)} streams); '
             'nothing to tokenize.')
         return streams
-    stale = _stale_partials(directory, list(names.values()))
-    if damaged:
-        log(f'Token cache: {damaged[0]}; rebuilding {directory}.')
-    elif stale:
-        log(f'Token cache: an earlier build of {directory} was interrupted; rebuilding it.')
-    else:
-        log(f'Token cache: building {directory} (tokenized once; later runs reuse it).')
-    _build(source, tokenizer, directory, key, material, num_shards, list(shards), stale,
-           verbose=verbose, log=log)
-    return {where: _open_stream(directory, name, key) for where, name in names.items()}
+    _make_writable(directory)
+    # Two runs that build the same shards (a sweep on the default cache) take turns; the second
+    # then finds them built.
+    with _build_lock(directory, names.values()):
+        streams, damaged = _open_all(directory, names, key, tokenizer.vocab_size)
+        if streams is not None:
+            log(f'Token cache: {directory} was built by another run meanwhile; using it.')
+            return streams
+        stale = _stale_partials(directory, list(names.values()))
+        if damaged:
+            log(f'Token cache: {damaged[0]}; rebuilding {directory}.')
+        elif stale:
+            log(f'Token cache: an earlier build of {directory} was interrupted; rebuilding it.')
+        else:
+            log(f'Token cache: building {directory} (tokenized once; later runs reuse it).')
+        _build(source, tokenizer, directory, key, material, num_shards, list(shards), stale,
+               verbose=verbose, log=log)
+    return {where: _open_stream(directory, name, key, tokenizer.vocab_size)
+            for where, name in names.items()}
+
+
+def _open_all(directory: str, names: dict, key: str, vocab_size: int
+              ) -> tuple[dict | None, list[str]]:
+    """(every stream, []) when all of `names` are complete and sound, else (None, why not)."""
+    streams, damaged = {}, []
+    for where, name in names.items():
+        try:
+            streams[where] = _open_stream(directory, name, key, vocab_size)
+        except _Damaged as e:
+            damaged.append(str(e))
+    if damaged or any(stream is None for stream in streams.values()):
+        return None, damaged
+    return streams, []
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str, names) -> Iterator[None]:
+    """An exclusive lock (fcntl.lockf, which NFS carries) on building these shards; waits for a
+    builder that holds it. The kernel frees it if its holder dies."""
+    names = sorted(names)
+    path = os.path.join(directory, f'.build-lock-{names[0]}-{len(names)}')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _make_writable(directory: str) -> None:
@@ -214,8 +250,13 @@ class _StreamWriter:
             os.replace(self.partial[ext], self.final[ext])
 
     def discard(self) -> None:
+        """Closes and removes the partial files, even on a full disk (where closing, which
+        flushes, fails again)."""
         for ext, f in self.files.items():
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
             if os.path.exists(self.partial[ext]):
                 os.remove(self.partial[ext])
 
@@ -232,7 +273,6 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
     The main thread reads and routes chunks; a thread pool with one worker per core tokenizes
     them (SentencePiece releases the GIL), and results are written in source order.
     """
-    _make_writable(directory)
     for path in stale:
         os.remove(path)
     names = {(split, shard): shard_name(split, shard, num_shards)
@@ -240,14 +280,16 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
     for name in names.values():  # A shard being rebuilt is unusable until its new header.
         if os.path.exists(os.path.join(directory, name + '.json')):
             os.remove(os.path.join(directory, name + '.json'))
-    write_atomically(os.path.join(directory, 'cache.json'),
-                     json.dumps(material, indent=1, sort_keys=True))
     dtype = np.dtype('<u2' if tokenizer.vocab_size <= 2**16 else '<u4')
-    writers = {where: _StreamWriter(directory, name, dtype) for where, name in names.items()}
     workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     progress = _Progress(*source.size(), enabled=verbose)
     mine = set(shards)
+    writers = {}
     try:
+        write_atomically(os.path.join(directory, 'cache.json'),
+                         json.dumps(material, indent=1, sort_keys=True))
+        for where, name in names.items():
+            writers[where] = _StreamWriter(directory, name, dtype)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             in_flight = collections.deque()
             for chunk in source.routed(num_shards):
@@ -263,13 +305,27 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
                 _write(writers, progress, *in_flight.popleft())
         for writer in writers.values():
             writer.commit()
-    except BaseException:
+    except BaseException as e:
         for writer in writers.values():
             writer.discard()
+        _raise_if_disk_full(e, directory)
         raise
     finally:
         progress.close()
-    _finish(directory, key, dtype, names, writers, progress.elapsed(), log)
+    fsync_directory(directory)  # The renamed data files survive a power loss.
+    try:
+        _finish(directory, key, dtype, names, writers, progress.elapsed(), log)
+    except OSError as e:
+        _raise_if_disk_full(e, directory)
+        raise
+
+
+def _raise_if_disk_full(error: BaseException, directory: str) -> None:
+    """A full disk (or quota) is the user's to fix: one line naming the folder."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f'no space left while building the token cache in {directory} '
+                        f'({error.strerror}); no partial file was kept: free space there, or '
+                        'set --config.cache_dir to a folder with room') from None
 
 
 def _finish(directory: str, key: str, dtype: np.dtype, names: dict, writers: dict,
@@ -296,9 +352,9 @@ def _write(writers, progress, future, done: int) -> None:
         writers[where].append(ids, lengths, invalid)
         tokens += len(ids)
     progress.update(done, tokens)
-    pause = os.environ.get(PAUSE_FOR_TESTS_ENV)
+    pause = test_hooks.value(PAUSE_FOR_TESTS_ENV)
     if pause and tokens:
-        with open(pause, 'w', encoding='utf-8'):
+        with open(pause, 'a', encoding='utf-8'):  # Made if missing; never truncated.
             pass
         while True:
             time.sleep(60)

@@ -7,7 +7,7 @@ import json
 from etils import epath
 
 from muomni_jax.data import mixture
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import storage
 from muomni_jax.model import attention_kernels
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig
@@ -67,7 +67,14 @@ def check_same_model(config, save_dir: str) -> None:
     path = epath.Path(save_dir) / 'config.json'
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError('not a JSON object')
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f'{path} is damaged ({first_line(e, 200)}), so this run cannot check '
+                        'that save_dir holds its model shape: restore it, or move it aside to '
+                        'resume without that check (the run writes it again)') from None
     differ = [f'{k} {saved.get(k)!r} -> {config[k]!r}' for k in SHAPE_FIELDS
               if k in saved and saved[k] != config[k]]
     if differ:
