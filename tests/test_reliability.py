@@ -1,0 +1,335 @@
+"""Nothing lost, nothing silently wrong (issue 22): one run per save_dir, checkpoints and token
+caches that prove themselves, damaged side files, failures forwarded to every process, test hooks
+that are inert outside the tests, durable whole-file writes."""
+
+import errno
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from muomni_jax import test_hooks
+from muomni_jax.data import token_cache
+from muomni_jax.errors import UserError, first_line
+from muomni_jax.io import atomic_write
+from muomni_jax.parallel import distributed
+from muomni_jax.training import checkpointing
+from muomni_jax.training import train
+from tests.conftest import REPO, one_device_env, restore_state, small_config
+from tests.test_launch import SMALL
+from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
+
+TIMING = ('tokens_per_s', 'mfu', 'elapsed_s')
+
+
+def _log(save_dir):
+    with open(os.path.join(save_dir, 'training_log.json')) as f:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in json.load(f)]
+
+
+def _flip_bytes(path, count=64):
+    """Inverts `count` bytes in the middle of a file, keeping its size."""
+    with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(count)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _largest_file(folder):
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_a_step_with_flipped_bytes_is_named_and_the_rerun_resumes_bitwise_from_the_one_before(
+        tmp_path, corpus_sample, capsys):
+    reference_dir, save_dir = tmp_path / 'reference', tmp_path / 'run'
+    config = lambda d: small_config(d, corpus_sample, max_steps=6, save_every=3, log_every=1,
+                                    sample_prompts='', peak_flops_per_device=1e11)
+    train.train_and_evaluate(config(reference_dir))
+    train.train_and_evaluate(config(save_dir))
+    _flip_bytes(_largest_file(save_dir / '6' / 'state'))
+    capsys.readouterr()
+
+    train.train_and_evaluate(config(save_dir))
+    captured = capsys.readouterr()
+    assert f'Warning: checkpoint step 6 in {save_dir} is unreadable (DamagedCheckpoint: step 6:' \
+        in captured.err, captured.err
+    assert 'differ from the checksums of their save' in captured.err
+    assert 'Resuming from checkpoint step 3' in captured.out
+    assert _log(save_dir) == _log(reference_dir)
+    for a, b in zip(jax.tree.leaves(restore_state(config(reference_dir), reference_dir, 6)),
+                    jax.tree.leaves(restore_state(config(save_dir), save_dir, 6))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_checks_the_checksums_and_finiteness_of_every_array(tmp_path):
+    state = {'w': jax.numpy.arange(12, dtype=jax.numpy.float32).reshape(3, 4),
+             'step': jax.numpy.int32(7)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    saver = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
+    saver.start_writing(0)
+    saver.save(1, state, {'step': 1})
+    saver.save(2, {'w': state['w'].at[0, 0].set(np.nan), 'step': state['step']}, {'step': 2})
+    saver.close()
+    reader = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
+    restored, meta = reader.restore(1, abstract)
+    np.testing.assert_array_equal(restored['w'], state['w'])
+    assert set(meta['checksums']) == {"['step']", "['w']"}
+    with pytest.raises(checkpointing.DamagedCheckpoint, match='NaN/Inf'):
+        reader.restore(2, abstract)
+    # The same array with two elements swapped has the same plain sum: the weighted one differs.
+    swapped = np.asarray(state['w']).copy()
+    swapped[0, 1], swapped[0, 2] = swapped[0, 2], swapped[0, 1]
+    assert checkpointing.tree_checksums({'w': swapped})["['w']"][0] == meta['checksums']["['w']"][0]
+    assert checkpointing.tree_checksums({'w': swapped}) != {"['w']": meta['checksums']["['w']"]}
+    with pytest.raises(checkpointing.DamagedCheckpoint, match=r"first \['w'\]"):
+        checkpointing.verify({'w': swapped, 'step': state['step']}, meta, 'step 1')
+    reader.close()
+
+
+def test_checksums_do_not_depend_on_the_mesh():
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    mesh = jax.make_mesh((8,), ('d',), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
+    assert checkpointing.tree_checksums(x) == checkpointing.tree_checksums(sharded)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per save_dir
+
+
+def _reader(proc):
+    """A queue of proc's output lines, filled by a thread: readline with a timeout."""
+    lines = queue.Queue()
+    thread = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
+                              daemon=True)
+    thread.start()
+    return lines
+
+
+def _wait_for_line(lines, prefix, timeout=240):
+    seen = []
+    while True:
+        line = lines.get(timeout=timeout)  # queue.Empty fails the test instead of hanging it.
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_save_dir_stops_at_once_and_a_dead_holder_is_taken_over(
+        tmp_path, corpus_sample):
+    save_dir = tmp_path / 'run'
+    command = [sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *SMALL,
+               f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}',
+               '--config.sample_prompts=', '--config.peak_flops_per_device=1e11']
+    first = subprocess.Popen([*command, '--config.max_steps=100000', '--config.save_every=2'],
+                             cwd=REPO, env=one_device_env(PYTHONUNBUFFERED='1'),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(_reader(first), '✓ Saved checkpoint: step 2')  # Between steps.
+        second = subprocess.run([*command, '--config.max_steps=4'], cwd=REPO,
+                                env=one_device_env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert (f'error: save_dir {save_dir} is in use by another run: pid {first.pid} on '
+                'host ') in second.stderr
+        assert 'Starting training' not in second.stdout
+        assert first.poll() is None  # The first run trains on, untouched.
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    third = subprocess.run([*command, '--config.max_steps=6'], cwd=REPO, env=one_device_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (f'Took over the lock of save_dir {save_dir} from pid {first.pid} on host '
+            in third.stdout), third.stdout[-3000:]
+    assert 'Resuming from checkpoint step ' in third.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Token caches
+
+
+def test_damaged_document_offsets_are_named_and_rebuilt(tmp_path, tokenizer):  # noqa: F811
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n'.join(_documents(300)) + '\n')
+    config = _config(corpus, tmp_path / 'cache')
+    clean = {w: np.array(s.doc_starts) for w, s in _open(config, tokenizer).items()}
+    directory = next((tmp_path / 'cache').iterdir())
+    _flip_bytes(directory / 'train-00000-of-00001.docs', count=16)
+    lines = []
+    rebuilt = _open(config, tokenizer, lines=lines)
+    assert 'train-00000-of-00001.docs holds document offsets that do not start at 0, increase' \
+        in lines[0] and 'rebuilding' in lines[0]
+    for where, starts in clean.items():
+        np.testing.assert_array_equal(rebuilt[where].doc_starts, starts)
+
+
+def test_token_ids_past_the_vocabulary_stop_the_read_and_name_the_file(tmp_path,
+                                                                       tokenizer):  # noqa: F811
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n'.join(_documents(300)) + '\n')
+    config = _config(corpus, tmp_path / 'cache')
+    _open(config, tokenizer)
+    path = next((tmp_path / 'cache').iterdir()) / 'train-00000-of-00001.tokens'
+    with open(path, 'r+b') as f:  # Sizes intact: ids 65535 in the uint16 file.
+        f.seek(200)
+        f.write(b'\xff\xff' * 4)
+    stream = _open(config, tokenizer)[('train', 0)]  # Opening reads no token: no full scan.
+    stream.windows(np.array([stream.num_windows(16) - 1]), 16)  # Windows elsewhere read fine.
+    with pytest.raises(UserError, match=rf'token cache file {path} holds token id 65535, past '
+                       r'the vocabulary \(80\): the file is damaged; delete'):
+        stream.windows(np.arange(stream.num_windows(16)), 16)
+
+
+def test_a_full_disk_during_a_build_is_one_line_and_leaves_no_partial_file(tmp_path, tokenizer,
+                                                                           monkeypatch):  # noqa: F811
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n'.join(_documents(300)) + '\n')
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(token_cache._StreamWriter, 'append', full)  # pylint: disable=protected-access
+    with pytest.raises(UserError, match=r'^no space left while building the token cache in '
+                       r'.*\(No space left on device\); no partial file was kept: free space'):
+        _open(_config(corpus, tmp_path / 'cache'), tokenizer)
+    directory = next((tmp_path / 'cache').iterdir())
+    assert not [n for n in os.listdir(directory) if '.partial-' in n or n.endswith('.tokens')]
+
+
+@pytest.mark.slow
+def test_two_builders_of_one_cache_take_turns(tmp_path):
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n'.join(_documents(3000)) + '\n')
+    paused = tmp_path / 'paused'
+    args = ['--config=configs/tiny.py', *SMALL, f'--config.data_path={corpus}',
+            f'--config.save_dir={tmp_path / "run"}', f'--config.cache_dir={tmp_path / "cache"}']
+    subprocess.run([sys.executable, '-m', 'launch.prepare_data', *args, '--config.vocab_size=80'],
+                   cwd=REPO, env=one_device_env(), check=True, capture_output=True, timeout=300)
+    for name in os.listdir(tmp_path / 'cache'):  # Built; now a rebuild of the same key.
+        shutil.rmtree(tmp_path / 'cache' / name)
+    env = one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
+    first = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args,
+                              '--config.vocab_size=80'], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = None
+    try:
+        for _ in range(1200):  # Paused inside its build, holding the build lock.
+            if paused.exists() or first.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert paused.exists(), first.stdout.read()[-3000:]
+        second = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args,
+                                   '--config.vocab_size=80'], cwd=REPO, env=one_device_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=15)  # It waits its turn: it neither builds nor deletes.
+        directory = next((tmp_path / 'cache').iterdir())
+        assert any('.partial-' in n for n in os.listdir(directory))
+        first.kill()
+        first.wait(timeout=60)
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode == 0, out[-3000:]
+        assert 'an earlier build of' in out and 'was interrupted; rebuilding it' in out, out
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------
+# Side files
+
+
+def test_an_emptied_training_log_is_set_aside_and_the_run_continues(tmp_path, corpus_sample,
+                                                                    capsys):
+    save_dir = tmp_path / 'run'
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=3, save_every=3,
+                                          sample_prompts=''))
+    (save_dir / 'training_log.json').write_text('')
+    capsys.readouterr()
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=6, save_every=3,
+                                          sample_prompts=''))
+    err = capsys.readouterr().err
+    damaged = [n for n in os.listdir(save_dir) if n.startswith('training_log.json.damaged-')]
+    assert len(damaged) == 1 and (save_dir / damaged[0]).read_text() == ''
+    assert f'{save_dir}/training_log.json is damaged (JSONDecodeError: ' in err
+    assert [r['step'] for r in _log(save_dir)] == [4, 6]  # The log starts again at the resume.
+
+
+def test_a_damaged_config_json_is_one_line(tmp_path, corpus_sample):
+    save_dir = tmp_path / 'run'
+    config = small_config(save_dir, corpus_sample, max_steps=3, save_every=3, sample_prompts='')
+    train.train_and_evaluate(config)
+    (save_dir / 'config.json').write_text('{"vocab_size": 25')
+    with pytest.raises(UserError, match=r'config.json is damaged \(JSONDecodeError: .*\), so '
+                       'this run cannot check that save_dir holds its model shape'):
+        train.train_and_evaluate(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes, hooks, writes
+
+
+def test_any_error_on_one_process_stops_all_with_one_line(monkeypatch):
+    """fail_together's exchange, with the other process's answers given (the two-process
+    launcher tests run the real one)."""
+    monkeypatch.setattr(distributed.jax, 'process_count', lambda: 2)
+    sent = []
+    answers = {'failing': [b'', b''], 'other': [b'', b'OSError: [Errno 28] No space left']}
+
+    def allgather(payload):
+        sent.append(payload)
+        return answers['failing'] if payload else answers['other']
+
+    monkeypatch.setattr(distributed, 'allgather_bytes', allgather)
+    with pytest.raises(OSError):  # The failing process keeps its own traceback...
+        with distributed.fail_together():
+            raise OSError(errno.ENOSPC, 'No space left')
+    assert sent == [b'OSError: [Errno 28] No space left']  # ...and tells the others.
+    with pytest.raises(UserError, match=r'^process 1: OSError: \[Errno 28\] No space left$'):
+        with distributed.fail_together():
+            pass
+    assert first_line(MemoryError()) == 'MemoryError'  # An empty message cannot crash a line.
+    assert first_line(KeyError()) == 'KeyError'
+
+
+def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, monkeypatch):
+    monkeypatch.delenv(test_hooks.ENABLE_ENV, raising=False)
+    monkeypatch.setenv(checkpointing.PAUSE_IN_SAVE_ENV, '2')  # Would hang the save of step 2.
+    monkeypatch.setenv(token_cache.PAUSE_FOR_TESTS_ENV, str(tmp_path / 'mine.txt'))
+    (tmp_path / 'mine.txt').write_text('a file of the user')
+    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) is None
+    train.train_and_evaluate(small_config(tmp_path / 'run', corpus_sample, max_steps=3,
+                                          save_every=2, sample_prompts='',
+                                          cache_dir=str(tmp_path / 'cache')))
+    assert sorted(n for n in os.listdir(tmp_path / 'run') if n.isdigit()) == ['2', '3']
+    assert (tmp_path / 'mine.txt').read_text() == 'a file of the user'
+    monkeypatch.setenv(test_hooks.ENABLE_ENV, '1')
+    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) == '2'
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / 'config.json'
+    atomic_write.write_atomically(str(path), 'old')
+    with pytest.raises(TypeError):
+        atomic_write.write_atomically(str(path), 12345)  # Neither str nor bytes: write fails.
+    assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
+    atomic_write.write_atomically(str(path), b'new')
+    assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['config.json']
