@@ -24,6 +24,7 @@ from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
 from tests.conftest import REPO, one_device_env, restore_state, small_config
+from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_launch import SMALL
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
@@ -333,3 +334,30 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
     atomic_write.write_atomically(str(path), b'new')
     assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['config.json']
+
+
+@pytest.mark.slow
+def test_the_gs_lease_refuses_a_second_run_and_is_taken_over_once_its_heartbeat_stops(
+        gcs, monkeypatch):  # noqa: F811
+    from muomni_jax.training import run_lock  # pylint: disable=import-outside-toplevel
+    url = f'gs://{gcs.bucket}/runs/leased'
+    lines = []
+    first = run_lock.RunLock(url, log=lines.append)
+    first.acquire()
+    with pytest.raises(UserError, match=rf'save_dir {url} is in use by another run: pid '
+                       rf'{os.getpid()} on host '):
+        run_lock.RunLock(url).acquire()
+    first.release()  # Released: the next run takes it without a word.
+    second = run_lock.RunLock(url, log=lines.append)
+    second.acquire()
+    assert lines == []
+    # A holder that stops beating (a lost VM) is taken over after LEASE_S.
+    second._lease._stop.set()  # pylint: disable=protected-access
+    second._lease._thread.join()  # pylint: disable=protected-access
+    monkeypatch.setattr(run_lock, 'LEASE_S', 0.5)
+    threading.Event().wait(1.0)
+    third = run_lock.RunLock(url, log=lines.append)
+    third.acquire()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'Took over the lease of save_dir {url} from pid {os.getpid()} on host ')
+    third.release()

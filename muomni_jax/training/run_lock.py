@@ -116,7 +116,9 @@ class _Lease:
         bucket, _, prefix = save_dir[len('gs://'):].partition('/')
         name = f'{prefix.rstrip("/")}/{LEASE_FILE}' if prefix.strip('/') else LEASE_FILE
         self.save_dir = save_dir
-        self._blob = gcs.Client().bucket(bucket).blob(name)
+        self._bucket = gcs.Client().bucket(bucket)
+        self._name = name
+        self._blob = self._bucket.blob(name)
         self._log = log
         self._generation = None
         self._stop = threading.Event()
@@ -137,11 +139,12 @@ class _Lease:
         from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
         try:
             if not self._write(if_generation_match=0):  # 0: only if there is no such object.
-                self._blob.reload()
-                holder = json.loads(self._blob.download_as_bytes())
+                # A fresh handle: its download reads the holder and that version's generation.
+                current = self._bucket.blob(self._name)
+                holder = json.loads(current.download_as_bytes())
                 if time.time() - holder.get('heartbeat', 0) < LEASE_S:
                     raise _in_use(self.save_dir, holder)
-                if not self._write(if_generation_match=self._blob.generation):
+                if not self._write(if_generation_match=current.generation):
                     raise _in_use(self.save_dir, holder)  # Another run took it first.
                 self._log(f'Took over the lease of save_dir {self.save_dir} from '
                           f'{_describe(holder)}, whose heartbeat stopped '
