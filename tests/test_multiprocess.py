@@ -134,3 +134,32 @@ def test_an_error_on_one_process_stops_both(tmp_path, corpus_sample):
     for _, _, err in results[2:]:
         assert 'error: the training text supports at most vocab_size=' in err
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
+@pytest.mark.slow
+def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path, corpus_sample):
+    """Process 1's shard of the newest step is truncated: both processes name it, fall back to
+    the same older step and train on together (no hang, no mixed steps)."""
+    save_dir = tmp_path / 'run'
+    args = [*COMMON, f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}',
+            '--config.sample_prompts=', '--config.peak_flops_per_device=1e11']
+    first = _finish(_pair([[*args, '--config.max_steps=6', f'--config.cache_dir={tmp_path}/c{i}']
+                           for i in range(2)]))
+    assert all(rc == 0 for rc, _, _ in first), [err[-2000:] for _, _, err in first]
+    shard = [os.path.join(root, name) for root, _, names in os.walk(save_dir / '6' / 'state')
+             for name in names if 'process_1' in root]
+    assert shard, sorted(os.listdir(save_dir / '6' / 'state'))
+    for path in shard:
+        os.truncate(path, os.path.getsize(path) // 2)
+    second = _finish(_pair([[*args, '--config.max_steps=9', f'--config.cache_dir={tmp_path}/c{i}']
+                            for i in range(2)]))
+    (rc0, out0, err0), (rc1, out1, err1) = second
+    assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
+    warnings = [[line for line in err.splitlines()
+                 if line.startswith(f'Warning: checkpoint step 6 in {save_dir} is unreadable (')]
+                for err in (err0, err1)]
+    # One verdict, the same on both, naming the process whose read failed first.
+    assert len(warnings[0]) == 1 and warnings[0] == warnings[1], warnings
+    assert re.search(r' on process [01]\); trying an older one\.$', warnings[0][0])
+    assert 'Resuming from checkpoint step 3' in out0
+    assert [r['step'] for r in _log(save_dir) if 'loss' in r][-1] == 9

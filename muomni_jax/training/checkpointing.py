@@ -141,11 +141,15 @@ class Checkpointer:
         Raises DamagedCheckpoint when an array differs from the checksum its save recorded, or
         holds NaN/Inf (never saved so: the loop checks params before every save).
         """
+        state, meta = self._read(step, abstract_state)
+        verify(state, meta, f'step {step}')
+        return state, meta
+
+    def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         restored = self._manager.restore(step,
                                          args=ocp.args.Composite(
                                              state=ocp.args.StandardRestore(abstract_state),
                                              meta=ocp.args.JsonRestore()))
-        verify(restored.state, restored.meta, f'step {step}')
         return restored.state, restored.meta
 
     def restore_latest(self,
@@ -183,15 +187,21 @@ class Checkpointer:
         where): the processes decide together, so all of them restore the same step."""
         restored, problem = None, ''
         try:
-            restored = self.restore(step, abstract_state)
+            restored = self._read(step, abstract_state)
         except Exception as e:  # pylint: disable=broad-except
             problem = first_line(e, 200)
         problems = distributed.allgather_json(problem)
         failed = [i for i, p in enumerate(problems) if p]
-        if not failed:
-            return restored, ''
-        where = f' on process {failed[0]}' if len(problems) > 1 else ''
-        return None, problems[failed[0]] + where
+        if failed:
+            where = f' on process {failed[0]}' if len(problems) > 1 else ''
+            return None, problems[failed[0]] + where
+        # Only now that every process holds the arrays: the checksums are collectives over them,
+        # and their values are global, so every process reaches the same verdict.
+        try:
+            verify(*restored, f'step {step}')
+        except DamagedCheckpoint as e:
+            return None, first_line(e, 200)
+        return restored, ''
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
