@@ -112,6 +112,12 @@ def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 300,
                           timeout=timeout)
 
 
+def run_code(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -c code args...` from the repository, to completion, on one CPU device."""
+    return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, env=one_device_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_stage_a(*args: str, cwd: str = REPO, timeout: int = 300,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """launch.stage_a --config=configs/tiny.py args..., to completion."""

@@ -6,8 +6,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -22,7 +20,7 @@ from muomni_jax.inference import loading
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.interop import original_format
 from muomni_jax.training import train
-from tests.conftest import REPO, assert_trees_equal, one_device_env, run_module, small_config
+from tests.conftest import REPO, assert_trees_equal, run_code, run_module, small_config
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
@@ -69,8 +67,7 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         '    np.testing.assert_array_equal(np.asarray(x), expected[f"a{i}"])\n'
         'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
     expected_path = str(tmp_path / 'expected.npz')
-    result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
-                            env=one_device_env(), capture_output=True, text=True, timeout=300)
+    result = run_code(script, save_dir, expected_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'restored {len(expected)} 64 256' in result.stdout
 
