@@ -55,8 +55,9 @@ from muomni_jax.training import train  # pylint: disable=g-import-not-at-top
 def pytest_configure(config):
     # Registered here, so `-m "not slow"` and `--strict-markers` know the marker.
     config.addinivalue_line(
-        'markers', 'slow: starts a launcher or other subprocess, an emulator, several '
-        'processes, or trains long; deselect with -m "not slow" (the fast tier).')
+        'markers', 'slow: starts a launcher or another subprocess, an emulator or several '
+        'processes, or works for many seconds in process (trainings of its own, or many '
+        'compiles of the full model); `-m "not slow"` leaves them out (the fast tier).')
 
 
 # A stated CPU peak (FLOP/s per device): without one, every training start times six 2048^2
@@ -120,9 +121,11 @@ def run_code(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedP
 
 def run_stage_a(*args: str, cwd: str = REPO, timeout: int = 300,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """launch.stage_a --config=configs/tiny.py args..., to completion."""
-    return run_module('launch.stage_a', f'--config={os.path.join(REPO, "configs", "tiny.py")}',
-                      *args, cwd=cwd, timeout=timeout, env=env)
+    """launch.stage_a --config=configs/tiny.py args..., to completion (the config's path as a
+    user in the repository types it; absolute from elsewhere)."""
+    config = 'configs/tiny.py' if cwd == REPO else os.path.join(REPO, 'configs', 'tiny.py')
+    return run_module('launch.stage_a', f'--config={config}', *args, cwd=cwd, timeout=timeout,
+                      env=env)
 
 
 class Launched:

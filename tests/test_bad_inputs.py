@@ -16,7 +16,7 @@ import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.training import train
-from tests.conftest import SMALL, run_module, small_config
+from tests.conftest import SMALL, run_stage_a, small_config
 
 
 @pytest.fixture(scope='module')
@@ -161,10 +161,6 @@ def test_unwritable_save_dir(tmp_path, corpus_sample):
     assert os.listdir(locked) == []
 
 
-def _launch(*args):
-    return run_module('launch.stage_a', '--config=configs/tiny.py', *args)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('flag, expected', [
     ('--config.batch_sze=8',
@@ -174,7 +170,7 @@ def _launch(*args):
      "error: flag --config.learning_rate=fast: could not convert string to float: 'fast'"),
 ])
 def test_launcher_flag_errors_are_one_line(flag, expected, tmp_path):
-    result = _launch(flag, f'--config.save_dir={tmp_path / "run"}')
+    result = run_stage_a(flag, f'--config.save_dir={tmp_path / "run"}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
     assert 'Traceback' not in result.stderr
@@ -187,7 +183,7 @@ def test_launcher_data_error_is_one_line_and_save_dir_untouched(tmp_path, traine
     shutil.copytree(trained_dir, save_dir)
     before = tree_digest(save_dir)
     empty = _write(tmp_path / 'empty.txt', b'')
-    result = _launch(*SMALL, f'--config.data_path={empty}', f'--config.save_dir={save_dir}')
+    result = run_stage_a(*SMALL, f'--config.data_path={empty}', f'--config.save_dir={save_dir}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f'error: {empty} holds no training text (empty, blank lines only, or all in validation): '

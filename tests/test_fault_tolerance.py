@@ -42,6 +42,7 @@ def _steps(save_dir):
     return sorted(int(n) for n in os.listdir(save_dir) if n.isdigit())
 
 
+@pytest.mark.slow  # A training.
 def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path, corpus_sample,
                                                           capsys):
     _signal_before_step(monkeypatch, 4)
@@ -80,6 +81,7 @@ def _nan_on_steps(monkeypatch, bad_steps):
     monkeypatch.setattr(steps, 'train_step', train_step)
 
 
+@pytest.mark.slow  # A training, its step compiled with the NaNs.
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_sample, capsys):
     _nan_on_steps(monkeypatch, [3, 4])
     save_dir = tmp_path / 'run'
@@ -92,6 +94,7 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_s
     assert '[Step 4/6]' in capsys.readouterr().out.split('2 non-finite steps skipped')[0]
 
 
+@pytest.mark.slow  # A training, its step compiled with the NaNs.
 def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path, corpus_sample):
     _nan_on_steps(monkeypatch, list(range(4, 20)))
     save_dir = tmp_path / 'run'
@@ -109,6 +112,7 @@ def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path
     assert int(restored.opt_state.notfinite_count) == 1
 
 
+@pytest.mark.slow  # A training, its step compiled with the overflow.
 def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_sample):
     """Finite gradients can still push a param to Inf (say, a huge learning rate)."""
     real = steps.train_step
@@ -139,6 +143,7 @@ def _truncate_files(folder):
                 f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow  # Four trainings.
 def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path, corpus_sample,
                                                                        capsys):
     save_dir = tmp_path / 'run'

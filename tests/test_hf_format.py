@@ -213,6 +213,7 @@ def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
         np.testing.assert_array_equal(value, again[key])
 
 
+@pytest.mark.slow  # A training.
 def test_an_hf_import_trains_further(exports, tmp_path, corpus_sample):
     """Training on an imported folder resumes at step 0, moves every parameter on from those
     weights, and lowers the loss on held-out text."""

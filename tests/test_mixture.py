@@ -166,6 +166,7 @@ def test_a_mixture_of_one_source_trains_exactly_like_data_path(tmp_path, corpus_
         tmp_path / 'mixture' / 'tokenizer.model').read_bytes()
 
 
+@pytest.mark.slow  # A training, then each source scored.
 def test_validation_per_source_equals_evaluate_on_its_held_out_text(tmp_path, two_sources,
                                                                       capsys):
     """Each source's validation loss is what evaluation.evaluate_text (launch.evaluate's
@@ -212,6 +213,7 @@ def test_validation_per_source_equals_evaluate_on_its_held_out_text(tmp_path, tw
         train.train_and_evaluate(config)
 
 
+@pytest.mark.slow  # Two trainings.
 def test_a_mixture_resumes_bitwise(tmp_path, two_sources):
     """A run that resumes from its step-4 checkpoint ends equal to one that did not stop."""
     whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'

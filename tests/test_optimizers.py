@@ -4,7 +4,6 @@ import importlib
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -65,9 +64,11 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
         if steps.is_muon_matrix(path, update):
             # An orthogonalized update: singular values close together (Newton-Schulz leaves
             # them within about [0.6, 1.3] of each other), RMS 0.2.
-            condition = lambda m: float(jnp.linalg.cond(m))
+            # In numpy: an SVD compiled per matrix shape took seconds.
+            condition = lambda m: float(np.linalg.cond(np.asarray(m)))
             assert condition(update) < min(3.0, condition(grad)), name
-            assert float(jnp.sqrt(jnp.mean(update ** 2))) == pytest.approx(0.2, rel=0.3), name
+            rms = float(np.sqrt(np.mean(np.asarray(update) ** 2)))
+            assert rms == pytest.approx(0.2, rel=0.3), name
             checked.add('muon')
         else:
             # AdamW's first step is -lr * g / |g|, as with optimizer='adamw'.
@@ -77,6 +78,7 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
     assert checked == {'muon', "'blocks']", "'lm_head']", "'norm']", "'tok_emb']"}
 
 
+@pytest.mark.slow  # A training.
 def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, corpus_sample):
     config = small_config(tmp_path / 'run', corpus_sample, optimizer='muon', max_steps=4,
                           log_every=1, eval_every=2, save_every=4, learning_rate=3e-3)

@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import os
+import pathlib
 import resource
 import types
 
@@ -112,6 +113,7 @@ def test_time_chunk_divides_the_sequence():
     assert lm_loss.time_chunk(64, 16, 8) == 1
 
 
+@pytest.mark.slow  # Each fast path below compiles both paths' gradients: seconds apiece.
 def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config)
@@ -131,6 +133,7 @@ def test_train_step_with_fused_loss_equals_plain():
 
 
 # The plain path without dropout (fused attention), and the fused loss with dropout (manual).
+@pytest.mark.slow
 @pytest.mark.parametrize('loss_chunk_tokens, dropout', [(0, 0.0), (32, 0.1)])
 def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chunk_tokens,
                                                                       dropout):
@@ -178,6 +181,7 @@ def _loss_and_grads(cfg, deterministic, tokens, segment_ids):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('use_gqa', [True, False])
 def test_fused_attention_equals_the_manual_path(use_gqa):
     # A dropout rate of 1e-12 keeps every value and scales by exactly 1 in float32, so the
@@ -194,6 +198,7 @@ def test_fused_attention_equals_the_manual_path(use_gqa):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
 def test_remat_gives_equal_gradients(dropout):
     cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
@@ -210,6 +215,7 @@ def test_remat_gives_equal_gradients(dropout):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_over_layers_equals_the_loop(remat):
     cfg = ThinkerConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
@@ -226,6 +232,7 @@ def test_scan_over_layers_equals_the_loop(remat):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_over_layers_applies_dropout_and_remat_keeps_its_masks():
     cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
                         dropout=0.3, scan_layers=True)
@@ -260,20 +267,39 @@ def _mfu_records(save_dir):
         return [r for r in json.load(f) if 'loss' in r]
 
 
-def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
+def test_training_log_carries_tokens_per_s_and_mfu(trained_run):
     """The MFU of a log line is the model's FLOPs per second over the peak of all devices: with
-    the peak stated, mfu / tokens_per_s is FLOPs per token over that peak, whatever the speed."""
-    config = small_config(tmp_path / 'run', corpus_sample, max_steps=2, log_every=1,
-                          eval_every=100, save_every=100, loss_chunk_tokens=64)
-    train.train_and_evaluate(config)
-    records = _mfu_records(tmp_path / 'run')
-    assert [r['step'] for r in records] == [1, 2]
+    the peak stated (conftest.PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
+    is FLOPs per token over that peak, whatever the speed."""
+    save_dir = pathlib.Path(trained_run[0])
+    config = json.loads((save_dir / 'config.json').read_text())
+    records = _mfu_records(save_dir)
+    assert [r['step'] for r in records] == [2, 4, 6]
     per_token = flops.flops_per_token(ThinkerConfig.from_config(config))['total']
     for record in records:
         assert record['mfu'] == pytest.approx(
             record['tokens_per_s'] * per_token / (PEAK_FLOPS * jax.device_count()), rel=1e-9)
 
 
+def test_the_bench_mfu_is_the_median_of_per_step_ratios():
+    """On CPU the peak is measured before each timed step; the MFU pairs each step with its
+    peak and takes the median, so a load spike on one pair does not move it."""
+    figures = benchmark.TrainFigures(first_step_s=9.0, step_s=0.5, step_s_all=[0.5, 0.25, 1.0],
+                                     tokens_per_s=0.0, loss=0.0)
+    peak = benchmark._peak_and_mfu(  # pylint: disable=protected-access
+        None, figures, [1e9, 4e9, 1e9], flops_per_step=1e9, peak_size=64)
+    # Per-step ratios 1e9 / t / p: 2.0, 1.0, 1.0.
+    assert figures.mfu == 1.0 and figures.flops_per_s == 1e9 / 0.5
+    assert (peak.flops_per_s, peak.all) == (1e9, [1e9, 4e9, 1e9])
+    assert peak.source == 'best float32 64^2 matmul before each step'
+    # A stated peak (or a table's) is one figure for every step.
+    stated = types.SimpleNamespace(peak_flops_per_device=2e9)
+    peak = benchmark._peak_and_mfu(stated, figures, [], 1e9, 64)  # pylint: disable=protected-access
+    assert figures.mfu == 1e9 / 0.5 / (2e9 * jax.device_count())
+    assert peak.source == 'config peak_flops_per_device'
+
+
+@pytest.mark.slow  # A training of its own.
 def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus_sample):
     """With no peak stated, a CPU run measures it with flops.measure_matmul_peak at
     CPU_PEAK_SIZE, launch.bench's default --peak_size (test_bench_figures_on_a_fake_clock): the
@@ -296,6 +322,7 @@ def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus
         flops.CPU_PEAK_SIZE
 
 
+@pytest.mark.slow  # Every stage of the bench, each compiling its own steps.
 def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
     """launch.bench's figures, each from a known time: every timed stretch takes 0.5 s on the
     fake clock, and the peak measured before each timed step is 3 GFLOP/s."""

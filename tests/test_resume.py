@@ -151,6 +151,7 @@ def test_the_time_budget_stops_when_one_more_step_would_cross_it(seconds, times,
         assert len(waited) == steps  # It waited for each step's metrics before reading the clock.
 
 
+@pytest.mark.slow  # Three trainings.
 def test_time_budget_saves_returns_and_resumes_bitwise(monkeypatch, tmp_path, corpus_sample,
                                                        capsys):
     """max_train_seconds stops like SIGTERM: it saves the step it stops at and returns (the

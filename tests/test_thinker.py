@@ -276,6 +276,7 @@ def test_hidden_states_and_lm_head_compose_to_logits():
     np.testing.assert_array_equal(np.asarray(model.lm_head(h)), np.asarray(model(tokens)))
 
 
+@pytest.mark.slow  # Five compiled forward and backward passes per case.
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
 def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
     """Query blocks that skip the masked upper keys compute the one-block function: logits and
@@ -307,7 +308,8 @@ def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
                                atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block", [0, 4], ids=["one-block", "blocks-of-4"])
+@pytest.mark.parametrize("block", [0, pytest.param(4, marks=pytest.mark.slow)],
+                         ids=["one-block", "blocks-of-4"])
 def test_dropout(block):
     cfg = dataclasses.replace(TINY, dropout=0.1, attention_block=block)
     model = make_model(cfg)

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 
@@ -34,10 +35,14 @@ def _init_state(model_config, tx, seed=0):
         jax.random.PRNGKey(seed))
 
 
-def _state(config, total_steps=10):
+# One layer where the check is about the step, not the model: half the compile.
+ONE_LAYER = dataclasses.replace(MODEL, n_layers=1)
+
+
+def _state(config, total_steps=10, model=MODEL):
     tx = steps.make_optimizer(config, total_steps)
-    state = _init_state(MODEL, tx)
-    graphdef, _ = abstract_model(MODEL)
+    state = _init_state(model, tx)
+    graphdef, _ = abstract_model(model)
     return state, graphdef, tx
 
 
@@ -63,7 +68,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, _, _ = _state(config)
+    state, _, _ = _state(config, model=ONE_LAYER)
     mask = steps.weight_decay_mask(state.params)
     flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -74,7 +79,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 
 def test_gradient_accumulation_equals_one_big_batch():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config)
+    state, graphdef, tx = _state(config, model=ONE_LAYER)
     batch = _batch()
     step = lambda a: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=a, deterministic=True))
@@ -88,23 +93,23 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_nonfinite_step_leaves_params_unchanged():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config)
+    state, graphdef, tx = _state(config, model=ONE_LAYER)
     batch = _batch()
     batch['weights'] = batch['weights'] * np.float32('nan')
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
     new, metrics = step(state, batch)
     assert int(metrics['nonfinite']) == 1 and int(new.opt_state.notfinite_count) == 1
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(state.params, new.params)
 
 
+@pytest.mark.slow  # Two compiles of a step with dropout.
 def test_dropout_depends_on_the_step_and_the_seed_only():
     """The dropout masks come from (state.rng, state.step): a state rebuilt from the same seed
     and a freshly traced step give the same loss (no randomness drawn while tracing, none kept
     between calls), another step or another seed a different one."""
     config = small_config('/tmp/unused', '/tmp/unused')
-    model = ThinkerConfig(**{**MODEL.__dict__, 'dropout': 0.5})
+    model = dataclasses.replace(ONE_LAYER, dropout=0.5)
     tx = steps.make_optimizer(config, 10)
     graphdef, _ = abstract_model(model)
     new_step = lambda: jax.jit(functools.partial(
@@ -123,7 +128,7 @@ def test_dropout_depends_on_the_step_and_the_seed_only():
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config)
+    state, graphdef, tx = _state(config, model=ONE_LAYER)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
     state, _ = step(state, _batch())  # Non-trivial Adam moments and counters.

@@ -154,8 +154,7 @@ def test_convert_round_trips_a_pt(trained, tmp_path):
     assert_trees_equal(original.params, restored.params)
 
 
-def test_export_import_round_trips_and_the_import_trains_further(trained, tmp_path,
-                                                                 corpus_sample):
+def test_export_import_round_trips(trained, tmp_path, corpus_sample):
     """In process, what launch.convert calls: .pt and safetensors out and back in."""
     pytest.importorskip('torch')
     save_dir = trained[0]
@@ -185,6 +184,16 @@ def test_export_import_round_trips_and_the_import_trains_further(trained, tmp_pa
                                             f'{save_dir}/tokenizer.model', original.config)
     assert sorted(os.listdir(imported_dir)) == before
 
+
+@pytest.mark.slow  # A training.
+def test_an_import_trains_further(trained, tmp_path, corpus_sample):
+    save_dir = trained[0]
+    imported_dir = tmp_path / 'imported'
+    files = original_checkpoints.export_checkpoint(save_dir,
+                                                   str(tmp_path / 'st' / 't.safetensors'))
+    original_checkpoints.import_weights(files[0], str(imported_dir),
+                                        f'{save_dir}/tokenizer.model',
+                                        small_config(imported_dir, corpus_sample))
     config = small_config(imported_dir, corpus_sample, max_steps=2, eval_every=2, save_every=2)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -216,6 +225,7 @@ def test_notebook_runs(trained, monkeypatch):
     assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
 
 
+@pytest.mark.slow  # Two trainings.
 def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trained, tmp_path,
                                                                              corpus_sample):
     tokenizer = os.path.join(trained[0], 'tokenizer.model')
