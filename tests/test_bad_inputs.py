@@ -1,29 +1,27 @@
 """Every bad input ends in one clear UserError, before save_dir changes by a single byte.
 
 The launcher turns a UserError into `error: <message>` and exit status 2 (tested at the end
-through a subprocess); here train_and_evaluate runs in-process, one case at a time.
+through a subprocess); here train_and_evaluate runs in-process, one case at a time, each on a
+copy of the session's trained run (conftest.trained_run: 6 steps, d_model 64, vocab 256,
+batch 8, checkpoints at steps 3 and 6).
 """
 
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.training import train
-from tests.conftest import run_module, small_config
-from tests.test_launch import SMALL
+from tests.conftest import SMALL, run_stage_a, small_config
 
 
 @pytest.fixture(scope='module')
-def trained_run(tmp_path_factory, corpus_sample):
-    """A save_dir holding a finished 2-step run (d_model 64, vocab 256, batch 8)."""
-    save_dir = tmp_path_factory.mktemp('trained') / 'run'
-    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=2, save_every=2,
-                                          eval_every=2))
-    return save_dir
+def trained_dir(trained_run):
+    return pathlib.Path(trained_run[0])
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -132,12 +130,12 @@ CASES = {
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
-def test_bad_input_is_one_clear_error_and_leaves_save_dir_untouched(case, tmp_path, trained_run,
+def test_bad_input_is_one_clear_error_and_leaves_save_dir_untouched(case, tmp_path, trained_dir,
                                                                     corpus_sample):
     make_overrides, expected = CASES[case]
     save_dir = tmp_path / 'run'
-    shutil.copytree(trained_run, save_dir)
-    overrides = make_overrides(tmp_path, trained_run, corpus_sample)
+    shutil.copytree(trained_dir, save_dir)
+    overrides = make_overrides(tmp_path, trained_dir, corpus_sample)
     config = small_config(save_dir, corpus_sample, max_steps=2, save_every=2, eval_every=2)
     config.update(overrides)
     before = tree_digest(config.save_dir)
@@ -163,10 +161,7 @@ def test_unwritable_save_dir(tmp_path, corpus_sample):
     assert os.listdir(locked) == []
 
 
-def _launch(*args):
-    return run_module('launch.stage_a', '--config=configs/tiny.py', *args)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, expected', [
     ('--config.batch_sze=8',
      'error: unknown config field batch_sze (did you mean batch_size?): see configs/tiny.py'),
@@ -175,19 +170,20 @@ def _launch(*args):
      "error: flag --config.learning_rate=fast: could not convert string to float: 'fast'"),
 ])
 def test_launcher_flag_errors_are_one_line(flag, expected, tmp_path):
-    result = _launch(flag, f'--config.save_dir={tmp_path / "run"}')
+    result = run_stage_a(flag, f'--config.save_dir={tmp_path / "run"}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'run').exists()
 
 
-def test_launcher_data_error_is_one_line_and_save_dir_untouched(tmp_path, trained_run):
+@pytest.mark.slow
+def test_launcher_data_error_is_one_line_and_save_dir_untouched(tmp_path, trained_dir):
     save_dir = tmp_path / 'run'
-    shutil.copytree(trained_run, save_dir)
+    shutil.copytree(trained_dir, save_dir)
     before = tree_digest(save_dir)
     empty = _write(tmp_path / 'empty.txt', b'')
-    result = _launch(*SMALL, f'--config.data_path={empty}', f'--config.save_dir={save_dir}')
+    result = run_stage_a(*SMALL, f'--config.data_path={empty}', f'--config.save_dir={save_dir}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f'error: {empty} holds no training text (empty, blank lines only, or all in validation): '

@@ -1,11 +1,11 @@
 """In-process fault tolerance: signals, NaN steps, corrupted checkpoints, restore_step, and the
 two-process stop decision."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import jax
@@ -17,8 +17,8 @@ from muomni_jax.errors import UserError
 from muomni_jax.training import periodic_actions
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import (REPO, free_port, one_device_env, restore_state,
-                            small_config)
+from tests.conftest import (assert_trees_equal, free_port, launched, log_without_timing,
+                            restore_state, small_config)
 
 
 def _signal_before_step(monkeypatch, step, signum=signal.SIGINT, times=1):
@@ -42,6 +42,7 @@ def _steps(save_dir):
     return sorted(int(n) for n in os.listdir(save_dir) if n.isdigit())
 
 
+@pytest.mark.slow  # A training.
 def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path, corpus_sample,
                                                           capsys):
     _signal_before_step(monkeypatch, 4)
@@ -80,6 +81,7 @@ def _nan_on_steps(monkeypatch, bad_steps):
     monkeypatch.setattr(steps, 'train_step', train_step)
 
 
+@pytest.mark.slow  # A training, its step compiled with the NaNs.
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_sample, capsys):
     _nan_on_steps(monkeypatch, [3, 4])
     save_dir = tmp_path / 'run'
@@ -92,6 +94,7 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_s
     assert '[Step 4/6]' in capsys.readouterr().out.split('2 non-finite steps skipped')[0]
 
 
+@pytest.mark.slow  # A training, its step compiled with the NaNs.
 def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path, corpus_sample):
     _nan_on_steps(monkeypatch, list(range(4, 20)))
     save_dir = tmp_path / 'run'
@@ -109,6 +112,7 @@ def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path
     assert int(restored.opt_state.notfinite_count) == 1
 
 
+@pytest.mark.slow  # A training, its step compiled with the overflow.
 def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_sample):
     """Finite gradients can still push a param to Inf (say, a huge learning rate)."""
     real = steps.train_step
@@ -139,12 +143,13 @@ def _truncate_files(folder):
                 f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow  # Four trainings.
 def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path, corpus_sample,
                                                                        capsys):
     save_dir = tmp_path / 'run'
     config = small_config(save_dir, corpus_sample, max_steps=6, save_every=3, log_every=1)
     train.train_and_evaluate(config)
-    expected_log = json.load(open(save_dir / 'training_log.json'))
+    expected_log = log_without_timing(save_dir)
     shutil.copytree(save_dir / '6', tmp_path / 'good' / '6')
     capsys.readouterr()
 
@@ -156,14 +161,8 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     assert 'Resuming from checkpoint step 3' in captured.out
     set_aside = [n for n in os.listdir(save_dir) if n.startswith('6.set-aside-')]
     assert len(set_aside) == 1 and 'moved checkpoint steps [6]' in captured.err
-    log = json.load(open(save_dir / 'training_log.json'))
-    timing = ('tokens_per_s', 'mfu', 'elapsed_s')
-    strip = lambda records: [{k: v for k, v in r.items() if k not in timing}
-                             for r in records]
-    assert strip(log) == strip(expected_log)
-    for a, b in zip(jax.tree.leaves(_restore(config, tmp_path / 'good', 6)),
-                    jax.tree.leaves(_restore(config, save_dir, 6))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert log_without_timing(save_dir) == expected_log
+    assert_trees_equal(_restore(config, tmp_path / 'good', 6), _restore(config, save_dir, 6))
 
     # --config.restore_step=3 goes back to step 3 although step 6 is fine.
     config.restore_step = 3
@@ -184,28 +183,24 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     assert sorted(os.listdir(save_dir)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum, target', [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
 def test_two_processes_agree_on_the_step_to_stop(signum, target):
     """A signal to one of two processes stops both at one step (tests/multihost_stop_worker.py)."""
     port = free_port()
-    env = one_device_env()
-    workers = [subprocess.Popen(
-        [sys.executable, os.path.join('tests', 'multihost_stop_worker.py'), str(port), str(i)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    try:
-        for worker in workers:  # Gloo prints its own lines first.
-            lines = iter(worker.stdout.readline, '')
-            assert any(line.strip() == 'ready' for line in lines), worker.stderr.read()[-2000:]
+    worker = os.path.join('tests', 'multihost_stop_worker.py')
+    with contextlib.ExitStack() as stack:
+        workers = [stack.enter_context(launched([sys.executable, worker, str(port), str(i)],
+                                                stderr=True)) for i in range(2)]
+        for process in workers:  # Gloo prints its own lines first.
+            process.wait_for_line('ready', timeout=120)
         workers[target].send_signal(signum)
-        outs = [[line for line in worker.communicate(timeout=120)[0].splitlines()
-                 if line.startswith('stop ')][0].split() for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    assert [w.returncode for w in workers] == [0, 0]
-    assert outs[0][0] == outs[1][0] == 'stop'
+        assert [process.wait(timeout=120) for process in workers] == [0, 0], [
+            process.output_tail() for process in workers]
+        outs = [[line for line in process.stdout.splitlines() if line.startswith('stop ')]
+                for process in workers]
+    assert all(len(out) == 1 for out in outs), outs
+    outs = [out[0].split() for out in outs]
     assert outs[0][1] == outs[1][1], outs  # The same step on both processes.
     received = ' '.join(outs[target][2:])
     assert received == signal.Signals(signum).name

@@ -27,7 +27,8 @@ from muomni_jax.interop import hf_format
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
 from muomni_jax.training import train
-from tests.conftest import REPO, run_module
+from muomni_jax.inference import evaluation
+from tests.conftest import PEAK_FLOPS, REPO, assert_trees_equal, perturbed_model, run_module
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -43,14 +44,8 @@ VARIANTS = {
 
 
 def random_model(config, seed=0):
-    """A Thinker with weights 6x the init's scale and norm scales around 1, so mistakes show.
-    Filled from numpy: initializing through JAX compiles op by op, seconds per model."""
-    graphdef, abstract = abstract_model(config)
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda x: jnp.asarray(
-        rng.normal(0, 0.12, x.shape) if len(x.shape) == 2 else 1 + 0.3 * rng.normal(
-            size=x.shape), jnp.float32), abstract)
-    return nnx.merge(graphdef, params)
+    """conftest.perturbed_model: O(1)-scale weights and norm scales around 1, so mistakes show."""
+    return perturbed_model(config, seed)
 
 
 @pytest.fixture(scope='module')
@@ -59,8 +54,8 @@ def corpus_lines(corpus_sample):
 
 
 @pytest.fixture(scope='module')
-def sp_tokenizer(corpus_lines):
-    return tokenizer_lib.train_tokenizer(corpus_lines, 256, 20000)
+def sp_tokenizer(corpus_tokenizer):
+    return tokenizer_lib.Tokenizer.load(corpus_tokenizer)
 
 
 @pytest.fixture(scope='module')
@@ -88,12 +83,6 @@ def _hf_logits(hf_model, tokens):
 @jax.jit
 def _logits(model, tokens):
     return model(tokens)
-
-
-def _assert_same_params(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _one_line(error) -> str:
@@ -165,7 +154,7 @@ def test_without_transformers_export_is_one_line_and_import_works(tmp_path, expo
         hf_format.write_hf(str(tmp_path / 'hf'), nnx.state(model), config, sp_tokenizer)
     assert 'needs transformers: pip install transformers==' in _one_line(error)
     assert not (tmp_path / 'hf').exists()
-    _assert_same_params(nnx.state(model), hf_format.read_hf(folder)[1])
+    assert_trees_equal(nnx.state(model), hf_format.read_hf(folder)[1])
 
 
 def test_export_refuses_a_folder_it_did_not_write(tmp_path, exports, sp_tokenizer):
@@ -209,9 +198,10 @@ def test_import_of_an_export_gives_identical_params(exports, name):
         k: getattr(config, k) for k in SHAPE_FIELDS if k != 'kv_groups'}
     assert (imported.rope_theta, imported.ctx_len) == (config.rope_theta, config.ctx_len)
     assert tokenizer is not None and tokenizer.vocab_size == config.vocab_size
-    _assert_same_params(nnx.state(model), params)
+    assert_trees_equal(nnx.state(model), params)
 
 
+@pytest.mark.slow
 def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
     """HF folder -> save_dir (step 0) -> launch.convert --format=hf -> the same weights. The
     save_dir is written as an import of the original's format writes it, which
@@ -222,7 +212,7 @@ def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
     base.dropout = 0.0
     original_checkpoints.import_weights(folder, str(save_dir), None, base)
     ckpt = loading.load(str(save_dir))
-    _assert_same_params(nnx.state(model), ckpt.params)
+    assert_trees_equal(nnx.state(model), ckpt.params)
     assert ckpt.config.ctx_len == config.ctx_len and ckpt.config.rope_theta == config.rope_theta
 
     result = run_module('launch.convert', f'--checkpoint_dir={save_dir}',
@@ -235,26 +225,31 @@ def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
         np.testing.assert_array_equal(value, again[key])
 
 
+@pytest.mark.slow  # A training.
 def test_an_hf_import_trains_further(exports, tmp_path, corpus_sample):
-    """Training on an imported folder resumes at step 0 and moves on from those weights."""
+    """Training on an imported folder resumes at step 0, moves every parameter on from those
+    weights, and lowers the loss on held-out text."""
     config, model, folder = exports['gqa']
     save_dir = tmp_path / 'imported'
     original_checkpoints.import_weights(folder, str(save_dir), None, tiny.get_config())
     run = loading.read_config(str(save_dir))
     run.update(dict(data_path=str(corpus_sample), batch_size=8, max_steps=2, warmup_steps=1,
                     log_every=1, eval_every=2, eval_batches=2, save_every=2, sample_prompts='',
-                    num_epochs=1))
+                    num_epochs=1, peak_flops_per_device=PEAK_FLOPS))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        summary = train.train_and_evaluate(run)
+        train.train_and_evaluate(run)
     assert 'Resuming from checkpoint step 0' in out.getvalue()
-    assert np.isfinite(summary['val_loss'])
     assert loading.available_steps(str(save_dir)) == [0, 2]
     trained = loading.load(str(save_dir))
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained.params))]
     assert min(moved) > 0  # Every parameter took the two steps from the imported values.
-
+    held_out = tmp_path / 'held_out.txt'
+    held_out.write_text('\n'.join(corpus_sample.read_text(encoding='utf-8').splitlines()[-50:]))
+    before, after = (evaluation.evaluate_text(m, trained.tokenizer, str(held_out))['loss']
+                     for m in (model, trained.model()))
+    assert after < before, (before, after)
 
 
 @pytest.mark.parametrize('architecture', ['llama', 'mixtral'])
@@ -380,6 +375,7 @@ def test_bad_folders_are_one_line_each(tmp_path, exports):
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_cli_import_error_is_one_line_and_writes_nothing(tmp_path, exports):
     folder = _edited_copy(tmp_path, exports['gqa'][2], model_type='gpt2', architectures=[])
     result = run_module('launch.convert', f'--input={folder}', f'--save_dir={tmp_path / "run"}')

@@ -5,23 +5,18 @@ import os
 
 import jax
 import ml_collections
+import pytest
 
 from muomni_jax.training import compilation_cache
-from tests.conftest import REPO, one_device_env, run_module
+from tests.conftest import SMALL, one_device_env, run_stage_a, small_config
 
-SMALL = ['--config.vocab_size=256', '--config.n_layers=2', '--config.d_model=64',
-         '--config.n_heads=4', '--config.d_ff=128', '--config.ctx_len=32', '--config.batch_size=8',
-         '--config.num_epochs=1', '--config.warmup_steps=2', '--config.log_every=2',
-         '--config.eval_every=3', '--config.eval_batches=2', '--config.save_every=3',
-         '--config.tokenizer_sample_size=20000']
+CONTROL_CHARACTERS = ('\r', '\x1b')
 
 
-def run_stage_a(*args, cwd=REPO, timeout=300):
-    config = os.path.join(REPO, 'configs', 'tiny.py')
-    return run_module('launch.stage_a', f'--config={config}', *args, cwd=cwd, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_trains_saves_and_resumes(tmp_path, corpus_sample):
+    """stage_a's CLI smoke run: what CI or nohup sees (stdout not a terminal), the files of a
+    save_dir, and a rerun with a later max_steps."""
     save_dir = tmp_path / 'run'
     # A relative save_dir, as in the shipped configs (Orbax itself wants absolute paths).
     common = [*SMALL, f'--config.data_path={corpus_sample}', '--config.save_dir=run']
@@ -37,10 +32,17 @@ def test_trains_saves_and_resumes(tmp_path, corpus_sample):
         assert line in out, f'missing {line!r} in:\n{out}'
     assert 'Traceback' not in first.stderr, first.stderr[-3000:]
     assert ' tok/s' in out and 's/step' in out
+    # Not a terminal: plain lines, no progress bar redrawn in place, no colours.
+    for stream in (first.stdout, first.stderr):
+        for character in CONTROL_CHARACTERS:
+            assert character not in stream, repr(stream)
+    assert not any(line.startswith('Step ') for line in out.splitlines()), 'a progress bar'
     assert sorted(f for f in os.listdir(save_dir) if not f.startswith('events.out.tfevents')) == [
         '3', '6', 'config.json', 'run.lock', 'tokenizer.model', 'training_log.json']
     config = json.load(open(save_dir / 'config.json'))
     assert config['vocab_size'] == 256 and config['max_steps'] == 6
+    # SMALL is small_config as flags: the in-process tests train what the launcher trains.
+    assert config == json.loads(small_config('run', corpus_sample).to_json_best_effort())
     log = json.load(open(save_dir / 'training_log.json'))
     assert [r['step'] for r in log] == [2, 3, 4, 6]
     for record in log:
@@ -59,6 +61,7 @@ def test_trains_saves_and_resumes(tmp_path, corpus_sample):
     assert [r['step'] for r in log] == [2, 3, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_clear_line(tmp_path, corpus_sample):
     result = run_stage_a(*SMALL, f'--config.data_path={corpus_sample}',
                          f'--config.save_dir={tmp_path / "run"}', '--config.d_model=66')
@@ -68,22 +71,21 @@ def test_bad_config_is_one_clear_line(tmp_path, corpus_sample):
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_the_compilation_cache_is_filled_once_then_reused(tmp_path, corpus_sample):
     cache = tmp_path / 'jax_cache'
     common = [*SMALL, f'--config.data_path={corpus_sample}', '--config.max_steps=2',
               '--config.eval_every=2', '--config.save_every=2']
     env = one_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-    first = run_module('launch.stage_a', '--config=configs/tiny.py', *common,
-                       f'--config.save_dir={tmp_path / "a"}',
-                       f'--config.compilation_cache_dir={cache}', env=env)
+    first = run_stage_a(*common, f'--config.save_dir={tmp_path / "a"}',
+                        f'--config.compilation_cache_dir={cache}', env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f'Compilation cache: {cache}' in first.stdout
     entries = set(os.listdir(cache))
     assert entries
     # A second run of the same steps compiles nothing new: every entry is read back.
-    second = run_module('launch.stage_a', '--config=configs/tiny.py', *common,
-                        f'--config.save_dir={tmp_path / "b"}',
-                        f'--config.compilation_cache_dir={cache}', env=env)
+    second = run_stage_a(*common, f'--config.save_dir={tmp_path / "b"}',
+                         f'--config.compilation_cache_dir={cache}', env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert set(os.listdir(cache)) == entries
 

@@ -5,28 +5,23 @@ test_multiprocess.py.
 """
 
 import collections
-import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
+import muomni_jax
 from muomni_jax.data import host_data
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import mixture
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.inference import evaluation
 from muomni_jax.inference import plotting
 from muomni_jax.training import train
-from tests.conftest import mixture_spec, restore_state, run_module, small_config
+from tests.conftest import (assert_trees_equal, log_without_timing, mixture_spec, restore_state,
+                            small_config)
 from tests.test_reporting import read_events
-from tests.test_resume import TIMING_FIELDS
-
-
-def _log(save_dir, drop=TIMING_FIELDS):
-    with open(save_dir / 'training_log.json') as f:
-        return [{k: v for k, v in r.items() if k not in drop} for r in json.load(f)]
 
 
 def test_parse_normalizes_weights_and_reads_tfds_sources():
@@ -163,16 +158,19 @@ def test_a_mixture_of_one_source_trains_exactly_like_data_path(tmp_path, corpus_
     train.train_and_evaluate(small_config(tmp_path / 'mixture', '',
                                           mixture=f'only={corpus_sample}:2.5'))
     per_source = ('epochs/only', 'val/only/loss', 'val/only/ppl')
-    plain, mixed = _log(tmp_path / 'plain'), _log(tmp_path / 'mixture')
-    assert plain == _log(tmp_path / 'mixture', drop=TIMING_FIELDS + per_source)
+    plain, mixed = log_without_timing(tmp_path / 'plain'), log_without_timing(tmp_path / 'mixture')
+    assert plain == log_without_timing(tmp_path / 'mixture', drop=per_source)
     finals = [r for r in mixed if 'val_loss' in r]
     assert finals and all(r['val/only/loss'] == r['val_loss'] for r in finals)
     assert (tmp_path / 'plain' / 'tokenizer.model').read_bytes() == (
         tmp_path / 'mixture' / 'tokenizer.model').read_bytes()
 
 
-def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
-        tmp_path, two_sources, capsys):
+@pytest.mark.slow  # A training, then each source scored.
+def test_validation_per_source_equals_evaluate_on_its_held_out_text(tmp_path, two_sources,
+                                                                      capsys):
+    """Each source's validation loss is what evaluation.evaluate_text (launch.evaluate's
+    scoring, whose CLI test_use_checkpoint runs) gives on that source's held-out documents."""
     save_dir = tmp_path / 'run'
     config = small_config(save_dir, '', mixture=mixture_spec(two_sources), eval_batches=0,
                           max_steps=4, eval_every=4, save_every=4,
@@ -182,18 +180,17 @@ def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
     assert 'Loading data from a mixture of 2 sources: prose 70% (' in out
     assert '  code: ' in out and '[code] Token cache: building' in out
     assert '| epochs prose ' in out
-    final = _log(save_dir)[-1]
+    final = log_without_timing(save_dir)[-1]
     assert final['step'] == 4
+    checkpoint = muomni_jax.load(str(save_dir))
     for name in ('prose', 'code'):
         held_out = tmp_path / f'{name}_validation.txt'
         source = next(s for s in mixture.sources(config) if s.name == name)
         held_out.write_text('\n'.join(input_pipeline.documents(
             mixture.source_config(config, source), 'validation')) + '\n', encoding='utf-8')
-        result = run_module('launch.evaluate', f'--checkpoint_dir={save_dir}',
-                            f'--data_path={held_out}')
-        assert result.returncode == 0, result.stderr[-3000:]
-        loss = float(next(line for line in result.stdout.splitlines()
-                          if line.startswith('Loss: ')).split()[1])
+        # launch.evaluate's default batch_size.
+        loss = evaluation.evaluate_text(checkpoint.model(), checkpoint.tokenizer, str(held_out),
+                                        16)['loss']
         assert final[f'val/{name}/loss'] == pytest.approx(loss, abs=1e-4)
         assert f'| {name} loss={final[f"val/{name}/loss"]:.3f}' in out
     weighted = 0.7 * final['val/prose/loss'] + 0.3 * final['val/code/loss']
@@ -216,6 +213,7 @@ def test_validation_per_source_equals_launch_evaluate_on_its_held_out_text(
         train.train_and_evaluate(config)
 
 
+@pytest.mark.slow  # Two trainings.
 def test_a_mixture_resumes_bitwise(tmp_path, two_sources):
     """A run that resumes from its step-4 checkpoint ends equal to one that did not stop."""
     whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
@@ -226,7 +224,5 @@ def test_a_mixture_resumes_bitwise(tmp_path, two_sources):
     shutil.rmtree(resumed / '8')
     config.save_dir = str(resumed)
     train.train_and_evaluate(config)
-    assert _log(resumed) == _log(whole)
-    expected, actual = restore_state(config, whole, 8), restore_state(config, resumed, 8)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert log_without_timing(resumed) == log_without_timing(whole)
+    assert_trees_equal(restore_state(config, whole, 8), restore_state(config, resumed, 8))

@@ -1,57 +1,51 @@
 """Two processes on localhost, 2 CPU devices each, joined by jax.distributed with gloo collectives.
 
-Every process is the launcher in a subprocess with a timeout, so a hang fails the test instead
-of stalling CI.
+Every process is the launcher in a subprocess, ended (killed if need be) when its test ends, and
+waited for with a timeout, so a hang fails the test instead of stalling CI.
 """
 
+import contextlib
 import json
 import os
 import re
-import subprocess
-import sys
 
+import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, mixture_spec, one_device_env
-from tests.test_launch import SMALL
+from muomni_jax.training import train
+from tests.conftest import (SMALL, free_port, launched, mixture_spec, one_device_env,
+                            small_config, stage_a_command)
+
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 300
 # data=2 x fsdp=2 splits both the batch and the parameters across the two processes.
-COMMON = [*SMALL, '--config.max_steps=3', '--config.log_every=1', '--config.eval_every=3',
-          '--config.save_every=3', '--config.n_layers=1', '--config.d_model=128',
-          '--config.d_ff=256',
-          '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.data_shards=2',
-          '--config.distributed.timeout_s=60']
+OVERRIDES = dict(max_steps=3, log_every=1, eval_every=3, save_every=3, n_layers=1, d_model=128,
+                 d_ff=256, data_shards=2)
+COMMON = [*SMALL, *(f'--config.{k}={v}' for k, v in OVERRIDES.items()),
+          '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.distributed.timeout_s=60']
 
 
-def _start(args, devices: int) -> subprocess.Popen:
-    env = one_device_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    return subprocess.Popen([sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py',
-                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _pairs(*pair_args) -> list:
+    """Starts a two-process run per entry of pair_args (the flags of process 0 and of process
+    1); yields their Launched processes, in order, and ends them all on leaving."""
+    env = one_device_env(XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    with contextlib.ExitStack() as stack:
+        processes = []
+        for args in pair_args:
+            address = f'127.0.0.1:{free_port()}'
+            processes += [stack.enter_context(launched(stage_a_command(
+                *args[i], f'--config.distributed.coordinator_address={address}',
+                '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'),
+                env=env, stderr=True)) for i in range(2)]
+        yield processes
 
 
-def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
-    """Waits for every process; kills all of them (by their own pid) if any runs too long."""
-    results = []
-    try:
-        for process in processes:
-            out, err = process.communicate(timeout=TIMEOUT_S)
-            results.append((process.returncode, out, err))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return results
-
-
-def _pair(args) -> list[subprocess.Popen]:
-    address = f'127.0.0.1:{free_port()}'
-    return [_start([*args[i], f'--config.distributed.coordinator_address={address}',
-                    '--config.distributed.num_processes=2',
-                    f'--config.distributed.process_id={i}'], devices=2) for i in range(2)]
+def _finish(processes) -> list[tuple[int, str, str]]:
+    return [(process.wait(timeout=TIMEOUT_S), process.stdout, process.stderr)
+            for process in processes]
 
 
 def _without_gloo(stdout: str) -> str:
@@ -75,10 +69,15 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     caches = [tmp_path / f'cache_{i}' for i in range(3)]
     pair_args = [[*COMMON, data, f'--config.save_dir={two_dir}', f'--config.cache_dir={caches[i]}']
                  for i in range(2)]
-    processes = [_start([*COMMON, data, f'--config.save_dir={one_dir}',
-                         f'--config.cache_dir={caches[2]}'], devices=4), *_pair(pair_args)]
-    (rc_one, out_one, err_one), (rc0, out0, err0), (rc1, out1, err1) = _finish(processes)
-    assert rc_one == 0, err_one[-3000:]
+    with _pairs(pair_args) as processes:
+        # The one-process run of 4 devices, in this process while the pair runs: losses agree
+        # to float32 rounding, not bitwise, so it need not be a launcher of its own.
+        one = small_config(one_dir, corpus_sample if sources == 1 else '',
+                           mixture=mixture_spec(two_sources) if sources == 2 else '',
+                           cache_dir=str(caches[2]), **OVERRIDES)
+        one.mesh.data, one.mesh.fsdp = 2, 2
+        train.train_and_evaluate(one, devices=jax.devices()[:4])
+        (rc0, out0, err0), (rc1, out1, err1) = _finish(processes)
     assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
 
     # Each process names its devices and the mesh; only process 0 reports progress.
@@ -125,7 +124,8 @@ def test_an_error_on_one_process_stops_both(tmp_path, corpus_sample):
     # Process 0 alone trains the tokenizer, and fails.
     big_vocab = [[*COMMON, f'--config.save_dir={tmp_path / "b"}',
                   f'--config.data_path={corpus_sample}', '--config.vocab_size=60000']] * 2
-    results = _finish([*_pair(missing_data), *_pair(big_vocab)])
+    with _pairs(missing_data, big_vocab) as processes:
+        results = _finish(processes)
     for rc, _, err in results:
         assert rc == 2, err[-3000:]
         assert 'Traceback' not in err

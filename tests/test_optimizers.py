@@ -1,9 +1,9 @@
 """Learning-rate schedules and optimizers: warmup-cosine (the default), WSD, AdamW and Muon."""
 
 import importlib
+import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -41,8 +41,8 @@ def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_the_floor():
 
 def _one_update(config, params, grads):
     tx = steps.make_optimizer(config, total_steps=10)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return updates
+    # Compiled: Newton-Schulz op by op took seconds.
+    return jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)
 
 
 def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
@@ -64,9 +64,11 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
         if steps.is_muon_matrix(path, update):
             # An orthogonalized update: singular values close together (Newton-Schulz leaves
             # them within about [0.6, 1.3] of each other), RMS 0.2.
-            condition = lambda m: float(jnp.linalg.cond(m))
+            # In numpy: an SVD compiled per matrix shape took seconds.
+            condition = lambda m: float(np.linalg.cond(np.asarray(m)))
             assert condition(update) < min(3.0, condition(grad)), name
-            assert float(jnp.sqrt(jnp.mean(update ** 2))) == pytest.approx(0.2, rel=0.3), name
+            rms = float(np.sqrt(np.mean(np.asarray(update) ** 2)))
+            assert rms == pytest.approx(0.2, rel=0.3), name
             checked.add('muon')
         else:
             # AdamW's first step is -lr * g / |g|, as with optimizer='adamw'.
@@ -76,11 +78,16 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
     assert checked == {'muon', "'blocks']", "'lm_head']", "'norm']", "'tok_emb']"}
 
 
+@pytest.mark.slow  # A training.
 def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, corpus_sample):
     config = small_config(tmp_path / 'run', corpus_sample, optimizer='muon', max_steps=4,
-                          eval_every=4, save_every=4)
-    summary = train.train_and_evaluate(config)
-    assert np.isfinite(summary['val_loss'])
+                          log_every=1, eval_every=2, save_every=4, learning_rate=3e-3)
+    train.train_and_evaluate(config)
+    log = json.loads((tmp_path / 'run' / 'training_log.json').read_text())
+    losses = [r['loss'] for r in log if 'loss' in r]
+    validation = [r['val_loss'] for r in log if 'val_loss' in r]
+    assert len(losses) == 4 and len(validation) == 2
+    assert losses[-1] < losses[0] and validation[1] < validation[0], log  # It learns.
     config.optimizer = 'adamw'
     config.max_steps = 6
     with pytest.raises(UserError, match="was trained with optimizer 'muon', not 'adamw'"):

@@ -13,7 +13,8 @@ from flax import nnx
 
 from muomni_jax.errors import UserError
 from muomni_jax.interop import original_format
-from muomni_jax.model.thinker import Thinker, ThinkerConfig
+from muomni_jax.model.thinker import ThinkerConfig, abstract_model
+from tests.conftest import assert_trees_equal, perturbed_model
 
 BASE = dict(vocab_size=96, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=32, dropout=0.0,
             rope_theta=500.0)
@@ -26,13 +27,14 @@ VARIANTS = {
 
 
 def _model(config, seed=0):
-    graphdef, params = nnx.split(Thinker(config, rngs=nnx.Rngs(params=seed)))
-    # Twice the init's kernels, and non-trivial norm scales and biases, so mistakes show.
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 100))
-    params = jax.tree.map(
-        lambda x: x * 2 if x.ndim == 2 else x + 0.3 * jax.random.normal(next(keys), x.shape),
-        params)
-    return nnx.merge(graphdef, params)
+    # conftest.perturbed_model: O(1)-scale kernels, non-trivial norm scales and biases, so
+    # mistakes show.
+    return perturbed_model(config, seed)
+
+
+@jax.jit
+def _forward(model, tokens):
+    return model(tokens)
 
 
 def _tokens(config, batch=2, length=12):
@@ -62,7 +64,7 @@ def test_pytorch_reference_loads_the_export_strictly_and_gives_our_logits(name, 
     tokens = _tokens(config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).numpy()
-    ours = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)))
+    ours = np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)))
     assert np.abs(expected).max() > 1.0
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
@@ -78,11 +80,12 @@ def test_a_compiled_pytorch_state_dict_imports(tmp_path):
     imported, params = original_format.read_weights(
         path, {'rope_theta': config.rope_theta, 'ctx_len': config.ctx_len, 'dropout': 0.0})
     assert imported == config
-    model = nnx.merge(nnx.graphdef(Thinker(config, rngs=nnx.Rngs(0))), params)
+    model = nnx.merge(abstract_model(config)[0], params)
     tokens = _tokens(config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).numpy()
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(_forward(model, jnp.asarray(tokens))), expected,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize('suffix', ['.pt', '.safetensors'])
@@ -98,9 +101,7 @@ def test_export_then_import_gives_identical_params(name, suffix, tmp_path):
                                                 'ctx_len': config.ctx_len, 'dropout': 0.0}
     imported, restored = original_format.read_weights(path, base)
     assert imported == config
-    assert jax.tree.structure(restored) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(params, restored)
     if suffix == '.safetensors':
         from safetensors.numpy import load_file
         assert all(k.startswith('thinker.') for k in load_file(path))

@@ -3,26 +3,27 @@ one (fused cross-entropy, fused attention, remat, device prefetch). No timing as
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
-import subprocess
-import sys
+import pathlib
+import resource
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from muomni_jax import benchmark
 from muomni_jax.model import flops
 from muomni_jax.model import lm_loss
-from muomni_jax.model.thinker import Thinker, ThinkerConfig
+from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
+from muomni_jax.training import periodic_actions
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import REPO, one_device_env, small_config
+from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
 from tests.test_train import MODEL, _batch, _state
 
 
@@ -51,8 +52,31 @@ def test_peak_table_by_device_kind():
     assert flops.device_peak_flops(types.SimpleNamespace(platform='cpu', device_kind='cpu')) is None
     peak, source = flops.system_peak_flops(5e9)
     assert peak == 5e9 * jax.device_count() and 'config' in source
-    peak, _ = flops.system_peak_flops(measure_cpu=True, cpu_size=64)
-    assert peak > 0
+    assert flops.system_peak_flops(measure_cpu=False) == (None, 'none (CPU peak not measured)')
+
+
+class _Clock:
+    """A fake time.perf_counter for one module: each call returns the next of `times`, or
+    advances by `step` seconds."""
+
+    def __init__(self, times=(), step=0.0):
+        self._times, self._step, self.now = iter(times), step, 0.0
+
+    def perf_counter(self):
+        self.now = next(self._times, self.now + self._step)
+        return self.now
+
+
+def test_the_cpu_peak_is_the_best_of_its_timed_matmuls(monkeypatch):
+    """The best, not the median: load can only slow a matmul down, and a peak read low makes
+    every MFU high. A fake clock times the five runs after the warm-up."""
+    durations = [0.5, 0.25, 0.75, 0.4, 0.3]
+    times = [t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)]
+    monkeypatch.setattr(flops, 'time', _Clock(times))
+    peak, source = flops.system_peak_flops(measure_cpu=True, cpu_size=64)
+    # Per process, not per virtual device: the eight share this process's cores.
+    assert peak == 2 * 64 ** 3 / 0.25
+    assert source == 'best float32 64^2 matmul'
 
 
 def _plain_loss(hidden, kernel, targets, weights):
@@ -89,6 +113,7 @@ def test_time_chunk_divides_the_sequence():
     assert lm_loss.time_chunk(64, 16, 8) == 1
 
 
+@pytest.mark.slow  # Each fast path below compiles both paths' gradients: seconds apiece.
 def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config)
@@ -108,6 +133,7 @@ def test_train_step_with_fused_loss_equals_plain():
 
 
 # The plain path without dropout (fused attention), and the fused loss with dropout (manual).
+@pytest.mark.slow
 @pytest.mark.parametrize('loss_chunk_tokens, dropout', [(0, 0.0), (32, 0.1)])
 def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chunk_tokens,
                                                                       dropout):
@@ -118,8 +144,8 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
     results = {}
     for matmul_dtype in ('float32', 'bfloat16'):
         cfg = dataclasses.replace(MODEL, matmul_dtype=matmul_dtype, dropout=dropout)
-        model = Thinker(cfg, rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model)
+        graphdef, params = _init(cfg)
+        model = nnx.merge(graphdef, params)
         hidden = model.hidden_states(batch['inputs'], segment_ids=batch['segment_ids'],
                                      positions=batch['positions'])
         assert hidden.dtype == jnp.float32
@@ -136,8 +162,16 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
     assert float(cosine) > 0.999
 
 
+def _init(cfg):
+    """(graphdef, params) of the init itself, whose gradients here are O(1-10), the scale the
+    tolerances below are set for; compiled, not op by op."""
+    graphdef, _ = abstract_model(cfg)
+    params = jax.jit(lambda: nnx.split(Thinker(cfg, rngs=nnx.Rngs(0)))[1])()
+    return graphdef, params
+
+
 def _loss_and_grads(cfg, deterministic, tokens, segment_ids):
-    graphdef, params = nnx.split(Thinker(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = _init(cfg)
 
     def loss(p):
         logits = nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids,
@@ -147,6 +181,7 @@ def _loss_and_grads(cfg, deterministic, tokens, segment_ids):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('use_gqa', [True, False])
 def test_fused_attention_equals_the_manual_path(use_gqa):
     # A dropout rate of 1e-12 keeps every value and scales by exactly 1 in float32, so the
@@ -163,6 +198,7 @@ def test_fused_attention_equals_the_manual_path(use_gqa):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
 def test_remat_gives_equal_gradients(dropout):
     cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
@@ -179,6 +215,7 @@ def test_remat_gives_equal_gradients(dropout):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_over_layers_equals_the_loop(remat):
     cfg = ThinkerConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
@@ -195,6 +232,7 @@ def test_scan_over_layers_equals_the_loop(remat):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_over_layers_applies_dropout_and_remat_keeps_its_masks():
     cfg = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=16,
                         dropout=0.3, scan_layers=True)
@@ -224,82 +262,144 @@ def test_prefetch_keeps_order_and_runs_ahead():
     assert list(train.prefetch(iter([]), 2)) == []
 
 
-def test_training_log_carries_tokens_per_s_and_mfu(tmp_path, corpus_sample):
-    config = small_config(tmp_path / 'run', corpus_sample, max_steps=2, log_every=1,
-                          eval_every=100, save_every=100, loss_chunk_tokens=64)
-    train.train_and_evaluate(config)
-    with open(tmp_path / 'run' / 'training_log.json') as f:
-        records = [r for r in json.load(f) if 'loss' in r]
-    assert [r['step'] for r in records] == [1, 2]
+def _mfu_records(save_dir):
+    with open(save_dir / 'training_log.json') as f:
+        return [r for r in json.load(f) if 'loss' in r]
+
+
+def test_training_log_carries_tokens_per_s_and_mfu(trained_run):
+    """The MFU of a log line is the model's FLOPs per second over the peak of all devices: with
+    the peak stated (conftest.PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
+    is FLOPs per token over that peak, whatever the speed."""
+    save_dir = pathlib.Path(trained_run[0])
+    config = json.loads((save_dir / 'config.json').read_text())
+    records = _mfu_records(save_dir)
+    assert [r['step'] for r in records] == [2, 4, 6]
+    per_token = flops.flops_per_token(ThinkerConfig.from_config(config))['total']
     for record in records:
-        assert record['tokens_per_s'] > 0 and 0 < record['mfu'] < 10
+        assert record['mfu'] == pytest.approx(
+            record['tokens_per_s'] * per_token / (PEAK_FLOPS * jax.device_count()), rel=1e-9)
 
 
-def test_live_mfu_agrees_with_the_bench_on_the_same_config(tmp_path, corpus_sample):
-    """The MFU of the log lines and launch.bench's, measured back to back on the same model and
-    batch shape. Both are ratios to a peak measured the same way, so their ratio stays near 1
-    however fast or loaded the machine is (a peak read low once made the log say 60% where the
-    bench said 44%)."""
-    config = small_config(tmp_path / 'run', corpus_sample, d_model=128, d_ff=512, ctx_len=128,
-                          max_steps=60, log_every=10, eval_every=100, save_every=100)
+def test_the_bench_mfu_is_the_median_of_per_step_ratios():
+    """On CPU the peak is measured before each timed step; the MFU pairs each step with its
+    peak and takes the median, so a load spike on one pair does not move it."""
+    figures = benchmark.TrainFigures(first_step_s=9.0, step_s=0.5, step_s_all=[0.5, 0.25, 1.0],
+                                     tokens_per_s=0.0, loss=0.0)
+    peak = benchmark._peak_and_mfu(  # pylint: disable=protected-access
+        None, figures, [1e9, 4e9, 1e9], flops_per_step=1e9, peak_size=64)
+    # Per-step ratios 1e9 / t / p: 2.0, 1.0, 1.0.
+    assert figures.mfu == 1.0 and figures.flops_per_s == 1e9 / 0.5
+    assert (peak.flops_per_s, peak.all) == (1e9, [1e9, 4e9, 1e9])
+    assert peak.source == 'best float32 64^2 matmul before each step'
+    # A stated peak (or a table's) is one figure for every step.
+    stated = types.SimpleNamespace(peak_flops_per_device=2e9)
+    peak = benchmark._peak_and_mfu(stated, figures, [], 1e9, 64)  # pylint: disable=protected-access
+    assert figures.mfu == 1e9 / 0.5 / (2e9 * jax.device_count())
+    assert peak.source == 'config peak_flops_per_device'
+
+
+@pytest.mark.slow  # A training of its own.
+def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus_sample):
+    """With no peak stated, a CPU run measures it with flops.measure_matmul_peak at
+    CPU_PEAK_SIZE, launch.bench's default --peak_size (test_bench_figures_on_a_fake_clock): the
+    log's MFU and the bench's are the same ratio to the same measurement."""
+    sizes = []
+    monkeypatch.setattr(flops, 'measure_matmul_peak',
+                        lambda size=flops.CPU_PEAK_SIZE, *a, **k: sizes.append(size) or 3e9)
+    monkeypatch.setattr(periodic_actions, 'PEAK_EVERY_S', 1e9)  # However loaded the machine.
+    config = small_config(tmp_path / 'run', corpus_sample, max_steps=2, log_every=1,
+                          eval_every=100, save_every=100, peak_flops_per_device=0.0)
     train.train_and_evaluate(config)
-    with open(tmp_path / 'run' / 'training_log.json') as f:
-        # After compile and warm-up; the median of several intervals rides out a load spike.
-        live = [r['mfu'] for r in json.load(f) if 'mfu' in r and r['step'] > 20]
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (8, 129)).astype(np.int32)
-    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                 segment_ids=np.ones((8, 128), np.int32), weights=np.ones((8, 128), np.float32),
-                 positions=np.tile(np.arange(128, dtype=np.int32), (8, 1)))
-    figures, peaks, _, _, _ = benchmark.bench_train_step(config, batch, warmup=2, repeats=7,
-                                                      measure_peak=flops.measure_matmul_peak)
-    flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * 8 * 128
-    # pylint: disable-next=protected-access
-    benchmark._peak_and_mfu(config, figures, peaks, flops_per_step, flops.CPU_PEAK_SIZE)
-    ratio = float(np.median(live)) / figures.mfu
-    assert 0.75 < ratio < 1.33, (live, figures.mfu)
+    assert sizes == [flops.CPU_PEAK_SIZE]  # Once at the start; again only after a minute.
+    per_token = flops.flops_per_token(ThinkerConfig.from_config(config))['total']
+    for record in _mfu_records(tmp_path / 'run'):
+        assert record['mfu'] == pytest.approx(record['tokens_per_s'] * per_token / 3e9, rel=1e-9)
+    flag_default = next(line for line in open(os.path.join(REPO, 'launch', 'bench.py'))
+                        if "'peak_size'" in line)
+    assert f', {flops.CPU_PEAK_SIZE}, ' in flag_default
+    assert inspect.signature(benchmark.run_benchmark).parameters['peak_size'].default == \
+        flops.CPU_PEAK_SIZE
 
 
+@pytest.mark.slow  # Every stage of the bench, each compiling its own steps.
+def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
+    """launch.bench's figures, each from a known time: every timed stretch takes 0.5 s on the
+    fake clock, and the peak measured before each timed step is 3 GFLOP/s."""
+    clock = _Clock(step=0.5)
+    monkeypatch.setattr(benchmark, 'time', clock)
+    sizes = []
+    monkeypatch.setattr(flops, 'measure_matmul_peak',
+                        lambda size=flops.CPU_PEAK_SIZE, *a, **k: sizes.append(size) or 3e9)
+    config = small_config(tmp_path / 'run', corpus_sample, n_layers=1, d_model=32, d_ff=64,
+                          ctx_len=16, batch_size=8, peak_flops_per_device=0.0)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = benchmark.run_benchmark(config, warmup=0, repeats=1, pipeline_batches=3,
+                                     checkpoint_repeats=2, decode_tokens=2, peak_size=128,
+                                     log=lambda line: None)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens_per_step = 8 * 16
+    flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * \
+        tokens_per_step
+    train_figures, pipeline = result.train, result.input_pipeline
+    assert result.model.flops_per_step == flops_per_step
+    assert (train_figures.first_step_s, train_figures.step_s_all) == (0.5, [0.5])
+    assert train_figures.tokens_per_s == tokens_per_step / 0.5
+    assert train_figures.flops_per_s == flops_per_step / 0.5
+    assert sizes == [128]  # One timed step, one peak right before it.
+    assert (result.peak.flops_per_s, result.peak.all) == (3e9, [3e9])
+    assert train_figures.mfu == pytest.approx(flops_per_step / 0.5 / 3e9, rel=1e-12)
+    assert (pipeline.cache_build_s, pipeline.cache_open_s) == (0.5, 0.5)
+    assert pipeline.cache_build_tokens_per_s == pipeline.corpus_tokens / 0.5
+    # Three batches: the first pays the epoch's permutation and is left out.
+    assert pipeline.batches_measured == 2
+    assert pipeline.batch_tokens_per_s == 2 * tokens_per_step / 0.5
+    assert pipeline.ratio_to_training == 2.0
+    # save() returns after one tick, the write is done after two.
+    assert result.checkpoint.save_blocking_s_all == [0.5, 0.5]
+    assert (result.checkpoint.save_total_s, result.checkpoint.blocking_over_step) == (1.0, 1.0)
+    assert result.decode.tokens_per_s == {1: 1 * 2 / 0.5, 8: 8 * 2 / 0.5}
+    original = result.original
+    assert original.available and (original.step_s, original.ours_step_s) == ([0.5], [0.5])
+    assert original.speedup == 1.0
+    assert rss_before <= result.peak_host_memory_mb <= rss_after  # Megabytes, this process's.
+
+
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, corpus_sample):
+    """launch.bench's CLI smoke run on one device, as a user has: the table and a JSON with
+    every section. The figures themselves are checked on a fake clock above."""
     output = tmp_path / 'bench.json'
-    env = one_device_env()  # One device, as a user has.
     args = ['--config.vocab_size=256', '--config.n_layers=1', '--config.d_model=32',
             '--config.n_heads=4', '--config.d_ff=64', '--config.ctx_len=16',
             '--config.batch_size=4', '--config.tokenizer_sample_size=20000',
             f'--config.data_path={corpus_sample}', f'--config.save_dir={tmp_path / "run"}',
             '--repeats=1', '--warmup=0', '--pipeline_batches=3', '--decode_tokens=2',
             '--peak_size=128', f'--output={output}']
-    run = subprocess.run(
-        [sys.executable, '-m', 'launch.bench', f'--config={os.path.join(REPO, "configs/tiny.py")}',
-         *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = run_module('launch.bench', f'--config={os.path.join(REPO, "configs/tiny.py")}', *args,
+                     cwd=str(tmp_path), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'MFU' in run.stdout and 'tokens/s' in run.stdout
+    assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
+    assert 'original (PyTorch) step' in run.stdout
+    assert f'Wrote {output}' in run.stdout
     result = json.loads(output.read_text())
+    assert set(result) == {'conditions', 'model', 'input_pipeline', 'train', 'peak',
+                           'checkpoint', 'decode', 'original', 'peak_host_memory_mb'}
+    assert result['conditions']['num_devices'] == 1
     cfg = ThinkerConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, d_ff=64, ctx_len=16)
     assert result['model']['flops_per_token'] == flops.flops_per_token(cfg)
     # Embedding and lm_head, q/o 32 wide and k/v (two kv groups of 8) 16 wide, SwiGLU, norms.
     assert result['model']['params'] == 2 * 256 * 32 + 3 * 32 * 32 + 3 * 32 * 64 + 3 * 32
-    train_figures = result['train']
-    assert train_figures['step_s'] > 0 and train_figures['first_step_s'] > 0
-    # One repeat: the MFU is that step's FLOP/s over the peak measured just before it.
-    assert train_figures['mfu'] == pytest.approx(
-        train_figures['flops_per_s'] / result['peak']['flops_per_s'])
-    assert len(result['peak']['all']) == 1
+    assert len(result['train']['step_s_all']) == 1 and len(result['peak']['all']) == 1
+    assert result['peak']['source'] == 'best float32 128^2 matmul before each step'
     pipeline = result['input_pipeline']
-    assert pipeline['ratio_to_training'] > 0 and pipeline['cache_build_tokens_per_s'] > 0
-    assert pipeline['cache_open_s'] > 0 and pipeline['batches_measured'] == 2
+    assert pipeline['batches_measured'] == 2
     # uint16 ids plus an int64 offset per document (a few dozen tokens each).
     assert 2.0 < pipeline['cache_bytes_per_token'] < 3.0
-    assert 'token cache build' in run.stdout and 'batches from cache' in run.stdout
-    assert result['checkpoint']['save_blocking_s'] > 0
-    assert result['peak_host_memory_mb'] > 0
     # torch is in requirements-test.txt: the original's step ran beside ours, interleaved.
     original = result['original']
     assert original['available'] is True and len(original['step_s']) == 1
-    assert original['speedup'] == pytest.approx(
-        original['ours_tokens_per_s'] / original['tokens_per_s'])
-    assert 'original (PyTorch) step' in run.stdout
     # Two new tokens fit the 16-token context: decoding is measured at both batch sizes.
     assert result['decode']['available'] is True
     assert set(result['decode']['tokens_per_s']) == {'1', '8'}
-    assert all(rate > 0 for rate in result['decode']['tokens_per_s'].values())

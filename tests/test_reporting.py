@@ -1,11 +1,11 @@
 """TensorBoard events, console progress, profiling and plots: what a person watching a run sees."""
 
+import contextlib
 import io
 import json
 import os
 import struct
-import subprocess
-import sys
+import types
 
 import jax
 import numpy as np
@@ -16,8 +16,8 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import plotting
 from muomni_jax.training import config_checks
 from muomni_jax.training import reporting
-from tests.conftest import REPO, one_device_env, small_config
-from tests.test_launch import SMALL, run_stage_a
+from muomni_jax.training import train
+from tests.conftest import run_module, small_config
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
 
@@ -51,13 +51,16 @@ def png_size(path):
 
 @pytest.fixture(scope='module')
 def profiled_run(tmp_path_factory, corpus_sample):
-    """One launcher run as CI or nohup sees it (stdout not a terminal), profiling steps 2-3."""
+    """One run whose output is not a terminal (as under CI or nohup), profiling steps 2-3, with
+    the default sample_prompts. In process; the launcher's own output, in a subprocess, is
+    checked the same way by test_launch.test_trains_saves_and_resumes."""
     save_dir = tmp_path_factory.mktemp('reporting') / 'run'
-    result = run_stage_a(*SMALL, f'--config.data_path={corpus_sample}',
-                         f'--config.save_dir={save_dir}', '--config.max_steps=6',
-                         '--config.profile_steps=2,3')
-    assert result.returncode == 0, result.stderr[-3000:]
-    return save_dir, result
+    config = small_config(save_dir, corpus_sample, profile_steps='2,3',
+                          sample_prompts='The cat sat on the|Python is a')
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        train.train_and_evaluate(config)
+    return save_dir, types.SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_plain_lines_without_control_characters_when_not_a_terminal(profiled_run):
@@ -107,21 +110,17 @@ def test_profile_steps_write_a_trace_under_save_dir(profiled_run):
     assert f'Profile of steps 2-3 written to {profile_dir / traces[0]}' in result.stdout
 
 
+@pytest.mark.slow
 def test_plot_command_writes_png_comparing_runs(profiled_run, tmp_path):
     save_dir, _ = profiled_run
     output = tmp_path / 'curves.png'
-    env = one_device_env()
-    result = subprocess.run(
-        [sys.executable, '-m', 'launch.plot', f'--checkpoint_dir={save_dir}',
-         f'--checkpoint_dir={save_dir}', f'--output={output}'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = run_module('launch.plot', f'--checkpoint_dir={save_dir}',
+                        f'--checkpoint_dir={save_dir}', f'--output={output}', timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Wrote {output}' in result.stdout
     assert png_size(output) == (1200, 800)
 
-    missing = subprocess.run(
-        [sys.executable, '-m', 'launch.plot', f'--checkpoint_dir={tmp_path / "nope"}'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    missing = run_module('launch.plot', f'--checkpoint_dir={tmp_path / "nope"}', timeout=120)
     assert missing.returncode == 2
     assert f'error: {tmp_path / "nope" / "training_log.json"} does not exist' in missing.stderr
     assert 'Traceback' not in missing.stderr

@@ -5,6 +5,7 @@ float64, explicit per-head / per-position loops, weights read from the nnx state
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from tests.conftest import perturbed_model
 from muomni_jax.model.thinker import (
     MODEL_FIELDS, ORIGINAL_FIELDS, SHAPE_FIELDS, Attention, Thinker, ThinkerConfig, apply_rope,
     attention_mask, count_params, rope_cos_sin)
@@ -22,21 +24,21 @@ TINY = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, 
 
 
 def make_model(cfg, seed=0):
-    """Builds a model and replaces every param with O(1)-scale random values, so
-    the comparisons below are not dominated by the init's scales or ones/zeros."""
-    model = Thinker(cfg, rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    rng = np.random.default_rng(seed)
+    """conftest.perturbed_model: every param O(1)-scale random, so the comparisons below are not
+    dominated by the init's scales or ones/zeros."""
+    return perturbed_model(cfg, seed)
 
-    def perturb(path, x):
-        name = path[-1].key
-        if name == "weight":  # RMSNorm gains
-            return jnp.asarray(1.0 + 0.2 * rng.standard_normal(x.shape), jnp.float32)
-        scale = 1.0 if name == "embedding" else (0.1 if name == "bias" else 1 / math.sqrt(x.shape[0]))
-        return jnp.asarray(scale * rng.standard_normal(x.shape), jnp.float32)
 
-    set_params(model, jax.tree_util.tree_map_with_path(perturb, nnx.to_pure_dict(state)))
-    return model
+@functools.partial(jax.jit, static_argnames=('deterministic',))
+def _jit_forward(model, tokens, segment_ids, positions, deterministic, rngs):
+    return model(tokens, segment_ids=segment_ids, positions=positions,
+                 deterministic=deterministic, rngs=rngs)
+
+
+def forward(model, tokens, segment_ids=None, positions=None, deterministic=True, rngs=None):
+    """model(tokens, ...) as a numpy array, compiled once per model shape: run op by op, the
+    forward passes of this file took a minute."""
+    return np.asarray(_jit_forward(model, tokens, segment_ids, positions, deterministic, rngs))
 
 
 def set_params(model, pure):
@@ -162,7 +164,7 @@ def test_causality():
     model = make_model(TINY)
     tokens = random_tokens((2, 10), TINY.vocab_size)
     changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % TINY.vocab_size)
-    a, b = np.asarray(model(tokens)), np.asarray(model(changed))
+    a, b = forward(model, tokens), forward(model, changed)
     np.testing.assert_array_equal(a[:, :6], b[:, :6])
     assert np.abs(a[:, 6:] - b[:, 6:]).max(axis=-1).min() > 1e-4
 
@@ -173,14 +175,14 @@ def test_packed_segments_are_isolated_and_position_restarted():
     packed = jnp.concatenate([doc1, doc2], axis=1)
     seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
     pos = jnp.asarray([list(range(5)) + list(range(7))], jnp.int32)
-    out = np.asarray(model(packed, segment_ids=seg, positions=pos))
+    out = forward(model, packed, segment_ids=seg, positions=pos)
 
     changed = packed.at[0, 2].set((packed[0, 2] + 1) % 64)
-    out2 = np.asarray(model(changed, segment_ids=seg, positions=pos))
+    out2 = forward(model, changed, segment_ids=seg, positions=pos)
     np.testing.assert_array_equal(out[:, 5:], out2[:, 5:])
     assert np.abs(out[:, 2:5] - out2[:, 2:5]).max() > 1e-4
 
-    alone = np.asarray(model(doc2))
+    alone = forward(model, doc2)
     np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -189,9 +191,9 @@ def test_padding_segment_zero_does_not_leak():
     tokens = random_tokens((1, 8), 64)
     seg = jnp.asarray([[1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
     pos = jnp.asarray([[0, 1, 2, 3, 4, 0, 0, 0]], jnp.int32)
-    out = np.asarray(model(tokens, segment_ids=seg, positions=pos))
+    out = forward(model, tokens, segment_ids=seg, positions=pos)
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[:, :5], np.asarray(model(tokens[:, :5])), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, :5], forward(model, tokens[:, :5]), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_matches_explicit_rotation():
@@ -222,7 +224,7 @@ def test_gqa_with_one_group_per_head_equals_mha():
     m.update({k: g[k] for k in ("tok_emb", "norm", "lm_head")})
     set_params(mha, m)
     tokens = random_tokens((2, 9), 64)
-    np.testing.assert_allclose(np.asarray(mha(tokens)), np.asarray(gqa(tokens)),
+    np.testing.assert_allclose(forward(mha, tokens), forward(gqa, tokens),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -259,7 +261,7 @@ def test_forward_matches_numpy_reference(variant):
     tokens = random_tokens((2, 8), cfg.vocab_size, seed=6)
     seg = np.array([[1] * 8, [1, 1, 1, 2, 2, 2, 2, 0]])
     pos = np.array([list(range(8)), [0, 1, 2, 0, 1, 2, 3, 0]])
-    got = np.asarray(model(tokens, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)))
+    got = forward(model, tokens, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos))
     want = ref_forward(params_np(model), cfg, np.asarray(tokens), seg, pos)
     assert np.abs(want).max() > 0.5  # the comparison is not between near-zero numbers
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -270,9 +272,11 @@ def test_hidden_states_and_lm_head_compose_to_logits():
     tokens = random_tokens((1, 5), 64)
     h = model.hidden_states(tokens)
     assert h.shape == (1, 5, TINY.d_model)
+    # Both op by op: a compiled forward may fuse the two and round differently.
     np.testing.assert_array_equal(np.asarray(model.lm_head(h)), np.asarray(model(tokens)))
 
 
+@pytest.mark.slow  # Five compiled forward and backward passes per case.
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
 def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
     """Query blocks that skip the masked upper keys compute the one-block function: logits and
@@ -291,7 +295,7 @@ def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
             logits = nnx.merge(graphdef, params)(tokens[:, :t], segment_ids=seg[:, :t],
                                                  positions=pos[:, :t])
             return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * (seg[:, :t] > 0)), logits
-        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return np.asarray(logits), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
     one_logits, one_grads = loss_and_grads(0)
@@ -304,17 +308,20 @@ def test_attention_blocks_give_the_same_logits_and_gradients(scan_layers):
                                atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block", [0, 4], ids=["one-block", "blocks-of-4"])
+@pytest.mark.parametrize("block", [0, pytest.param(4, marks=pytest.mark.slow)],
+                         ids=["one-block", "blocks-of-4"])
 def test_dropout(block):
     cfg = dataclasses.replace(TINY, dropout=0.1, attention_block=block)
     model = make_model(cfg)
     tokens = random_tokens((2, 8), 64)
-    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens)))
-    run = lambda seed: np.asarray(model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=seed)))
+    # Deterministic calls ignore the rate: the same params without dropout give the same logits.
+    clean = forward(make_model(dataclasses.replace(cfg, dropout=0.0)), tokens)
+    np.testing.assert_array_equal(forward(model, tokens), clean)
+    run = lambda seed: forward(model, tokens, deterministic=False, rngs=nnx.Rngs(dropout=seed))
     a, a2, b = run(0), run(0), run(1)
     np.testing.assert_array_equal(a, a2)
     assert np.abs(a - b).max() > 1e-3
-    assert np.abs(a - np.asarray(model(tokens))).max() > 1e-3
+    assert np.abs(a - clean).max() > 1e-3
     with pytest.raises(ValueError, match="rngs"):
         model(tokens, deterministic=False)
 
@@ -324,7 +331,7 @@ def test_bfloat16_compute():
     model16 = make_model(dataclasses.replace(TINY, dtype="bfloat16"), seed=7)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model16, nnx.Param)))
     tokens = random_tokens((2, 8), 64)
-    out16, out32 = model16(tokens), model32(tokens)
+    out16, out32 = forward(model16, tokens), forward(model32, tokens)
     assert out16.dtype == jnp.float32 and model16.hidden_states(tokens).dtype == jnp.bfloat16
     err = np.abs(np.asarray(out16) - np.asarray(out32)).max()
     assert 0 < err < 0.1 * np.abs(np.asarray(out32)).max()

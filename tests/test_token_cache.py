@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +13,7 @@ from muomni_jax.data import token_cache
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from tests import legacy_input_pipeline as legacy
-from tests.conftest import REPO, one_device_env, run_module
+from tests.conftest import launched, module_command, one_device_env, run_module
 
 WORDS = 'the of and a to in is you that it he was for on are as with his they at be this'.split()
 
@@ -252,26 +248,19 @@ def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
     assert streams['train', 0].num_tokens == expected.num_tokens
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
                                                                         corpus_sample):
-    """SIGKILL while the cache is half written (paused there by the test hook, not a timer)."""
+    """SIGKILL while the cache is half written (paused there by the test hook, not a timer);
+    launch.prepare_data's CLI smoke run."""
     cache, paused = tmp_path / 'cache', tmp_path / 'paused'
     args = ['--config=configs/tiny.py', f'--config.data_path={corpus_sample}',
             f'--config.cache_dir={cache}', f'--config.save_dir={tmp_path / "run"}',
             '--config.vocab_size=256', '--config.tokenizer_sample_size=20000']
     env = one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
-    process = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    try:
-        deadline = time.time() + 240
-        while not paused.exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert paused.exists(), process.communicate()[0][-2000:] if process.poll() else 'hung'
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
+    with launched(module_command('launch.prepare_data', *args), env=env) as process:
+        process.wait_until(paused.exists, 'the paused build')
         process.kill()
-        process.communicate()
     directory = next(cache.iterdir())
     assert any('.partial-' in p.name for p in directory.iterdir())
     assert not list(directory.glob('train-*.json')), 'a half-built shard must have no header'

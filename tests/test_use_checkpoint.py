@@ -6,8 +6,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,38 +15,21 @@ import pytest
 import muomni_jax
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.inference import evaluation
 from muomni_jax.inference import loading
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.interop import original_format
 from muomni_jax.training import train
-from tests.conftest import REPO, one_device_env, small_config
+from tests.conftest import REPO, assert_trees_equal, run_code, run_module, small_config
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, corpus_sample):
-    """(save_dir, console output) of 6 steps on a mesh that shards the params 8 ways."""
-    save_dir = tmp_path_factory.mktemp('use') / 'run'
-    config = small_config(save_dir, corpus_sample, sample_prompts='The cat sat on the|Python is',
-                          sample_max_new_tokens=5)
-    config.mesh.data, config.mesh.fsdp = 1, 8
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        train.train_and_evaluate(config)
-    return str(save_dir), out.getvalue()
-
-
-def _run(module, *args, timeout=300):
-    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=one_device_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _saved_params(save_dir, step):
-    """The params exactly as saved (on the 8-device mesh), read without any target tree."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        raw = checkpointer.restore(os.path.join(save_dir, str(step), 'state'))
-    return raw['params']
+def trained(trained_run):
+    """conftest.trained_run: (save_dir, console output) of 6 steps on a mesh that shards the
+    params 8 ways, with samples after each validation."""
+    return trained_run
 
 
 def test_training_prints_samples_under_each_validation_line(trained):
@@ -60,6 +41,14 @@ def test_training_prints_samples_under_each_validation_line(trained):
         assert lines[i + 2].startswith("  Sample: 'Python is' → '")
 
 
+def _saved_params(save_dir, step):
+    """The params exactly as saved (on the 8-device mesh), read without any target tree."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        raw = checkpointer.restore(os.path.join(save_dir, str(step), 'state'))
+    return raw['params']
+
+
+@pytest.mark.slow
 def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
     save_dir = trained[0]
     saved = _saved_params(save_dir, 6)
@@ -78,8 +67,7 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         '    np.testing.assert_array_equal(np.asarray(x), expected[f"a{i}"])\n'
         'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
     expected_path = str(tmp_path / 'expected.npz')
-    result = subprocess.run([sys.executable, '-c', script, save_dir, expected_path], cwd=REPO,
-                            env=one_device_env(), capture_output=True, text=True, timeout=300)
+    result = run_code(script, save_dir, expected_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'restored {len(expected)} 64 256' in result.stdout
 
@@ -96,66 +84,117 @@ def test_load_names_the_available_steps(trained, tmp_path):
         muomni_jax.load(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_launch_sample_and_evaluate(trained, corpus_sample):
+    """The CLI smoke runs of launch.sample and launch.evaluate."""
     save_dir = trained[0]
     relative = os.path.relpath(save_dir, REPO)  # As users pass it: checkpoints/cpu_demo.
-    sample = _run('launch.sample', f'--checkpoint_dir={relative}', '--prompt=The cat',
-                  '--prompt=Python is a', '--max_new_tokens=8', '--seed=1', '--show_next=3')
+    sample = run_module('launch.sample', f'--checkpoint_dir={relative}', '--prompt=The cat',
+                        '--prompt=Python is a', '--max_new_tokens=8', '--seed=1',
+                        '--show_next=3')
     assert sample.returncode == 0, sample.stderr[-3000:]
     out = sample.stdout
     assert out.count('Generated: ') == 2 and "Context: 'The cat'" in out
     assert out.count('Next token: ') == 2 and '%' in out
 
-    evaluate = _run('launch.evaluate', f'--checkpoint_dir={save_dir}', '--step=6',
-                    f'--data_path={corpus_sample}', '--batch_size=8')
+    evaluate = run_module('launch.evaluate', f'--checkpoint_dir={save_dir}', '--step=6',
+                          f'--data_path={corpus_sample}', '--batch_size=8')
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     fields = dict(line.split(': ', 1) for line in evaluate.stdout.splitlines() if ': ' in line)
-    loss, ppl = float(fields['Loss']), float(fields['Perplexity'])
-    assert 0 < loss < np.log(256) + 1 and abs(ppl - np.exp(loss)) < 0.01 * ppl
-    assert int(fields['Tokens'].replace(',', '')) > 1000
+    # What the library gives for step 6 (test_evaluate_scores_the_step_it_is_given checks that).
+    expected = evaluation.evaluate_text(muomni_jax.load(save_dir, 6).model(),
+                                        muomni_jax.load(save_dir, 6).tokenizer,
+                                        str(corpus_sample), 8)
+    assert float(fields['Loss']) == pytest.approx(expected['loss'], abs=1e-4)
+    assert float(fields['Perplexity']) == pytest.approx(expected['perplexity'], abs=0.01)
+    assert int(fields['Tokens'].replace(',', '')) == expected['tokens']
 
-    bad = _run('launch.sample', f'--checkpoint_dir={save_dir}', '--step=5', '--prompt=x')
+    bad = run_module('launch.sample', f'--checkpoint_dir={save_dir}', '--step=5', '--prompt=x')
     assert bad.returncode == 2
     assert 'error: step 5 is not in' in bad.stderr and 'available steps are [3, 6]' in bad.stderr
     assert 'Traceback' not in bad.stderr
 
 
-def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_path,
-                                                                corpus_sample):
+def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
+    """Each step scores its own params: step 6, three more steps of training, is below step 3
+    (an untrained or wrong checkpoint would not be), and the counts are the text's."""
+    save_dir = trained[0]
+    scores = {}
+    for step in (3, 6):
+        checkpoint = muomni_jax.load(save_dir, step)
+        scores[step] = evaluation.evaluate_text(checkpoint.model(), checkpoint.tokenizer,
+                                                str(corpus_sample), 8)
+    assert scores[6]['loss'] < scores[3]['loss']
+    for score in scores.values():
+        assert score['perplexity'] == pytest.approx(np.exp(score['loss']), rel=1e-6)
+        assert score['documents'] == 600
+    lines = corpus_sample.read_text(encoding='utf-8').splitlines()
+    tokenizer = muomni_jax.load(save_dir).tokenizer
+    # Every token of every document after its BOS is predicted once: EOS included.
+    assert scores[6]['tokens'] == sum(len(tokenizer.encode(line)) + 1 for line in lines)
+
+
+@pytest.mark.slow
+def test_convert_round_trips_a_pt(trained, tmp_path):
+    """launch.convert's CLI smoke run: export to the original's .pt, import it back."""
     pytest.importorskip('torch')
     save_dir = trained[0]
     pt = tmp_path / 'export' / 'thinker.pt'
-    export = _run('launch.convert', f'--checkpoint_dir={save_dir}', f'--output={pt}')
+    export = run_module('launch.convert', f'--checkpoint_dir={save_dir}', f'--output={pt}')
     assert export.returncode == 0, export.stderr[-3000:]
+    assert f'Wrote {pt}' in export.stdout
     imported_dir = tmp_path / 'imported'
-    imported = _run('launch.convert', f'--input={pt}', f'--save_dir={imported_dir}',
-                    f'--tokenizer={save_dir}/tokenizer.model', '--config=configs/tiny.py',
-                    '--config.ctx_len=32')
+    imported = run_module('launch.convert', f'--input={pt}', f'--save_dir={imported_dir}',
+                          f'--tokenizer={save_dir}/tokenizer.model', '--config=configs/tiny.py',
+                          '--config.ctx_len=32')
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert 'Imported a Thinker with n_layers=2 d_model=64 n_heads=4 kv_groups=2' in imported.stdout
-
     original, restored = muomni_jax.load(save_dir), muomni_jax.load(str(imported_dir))
     assert restored.config.ctx_len == 32 and restored.config.vocab_size == 256
-    for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(restored.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(original.params, restored.params)
 
-    # safetensors too, in-process: no torch needed on this path.
+
+def test_export_import_round_trips(trained, tmp_path, corpus_sample):
+    """In process, what launch.convert calls: .pt and safetensors out and back in."""
+    pytest.importorskip('torch')
+    save_dir = trained[0]
+    original = muomni_jax.load(save_dir)
+    pt = tmp_path / 'export' / 'thinker.pt'
+    assert original_checkpoints.export_checkpoint(save_dir, str(pt))[0] == str(pt)
+    imported_dir = tmp_path / 'imported'
+    base = small_config(imported_dir, corpus_sample)
+    model_config = original_checkpoints.import_weights(
+        str(pt), str(imported_dir), f'{save_dir}/tokenizer.model', base)
+    assert (model_config.n_layers, model_config.d_model, model_config.kv_groups) == (2, 64, 2)
+    restored = muomni_jax.load(str(imported_dir))
+    assert restored.config.ctx_len == 32 and restored.config.vocab_size == 256
+    assert_trees_equal(original.params, restored.params)
+
+    # safetensors too: no torch needed on this path.
     files = original_checkpoints.export_checkpoint(save_dir,
                                                    str(tmp_path / 'st' / 't.safetensors'))
     assert json.load(open(files[1]))['thinker']['d_model'] == 64
     _, params = original_format.read_weights(files[0])
-    for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(original.params, params)
 
     # Importing into a folder that holds anything is refused, and leaves it as it was.
     before = sorted(os.listdir(imported_dir))
     with pytest.raises(UserError, match='is not empty'):
         original_checkpoints.import_weights(str(pt), str(imported_dir),
-                                       f'{save_dir}/tokenizer.model', original.config)
+                                            f'{save_dir}/tokenizer.model', original.config)
     assert sorted(os.listdir(imported_dir)) == before
 
-    config = small_config(imported_dir, corpus_sample, max_steps=2, eval_every=2, save_every=2,
-                          sample_prompts='')
+
+@pytest.mark.slow  # A training.
+def test_an_import_trains_further(trained, tmp_path, corpus_sample):
+    save_dir = trained[0]
+    imported_dir = tmp_path / 'imported'
+    files = original_checkpoints.export_checkpoint(save_dir,
+                                                   str(tmp_path / 'st' / 't.safetensors'))
+    original_checkpoints.import_weights(files[0], str(imported_dir),
+                                        f'{save_dir}/tokenizer.model',
+                                        small_config(imported_dir, corpus_sample))
+    config = small_config(imported_dir, corpus_sample, max_steps=2, eval_every=2, save_every=2)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         summary = train.train_and_evaluate(config)
@@ -167,6 +206,7 @@ def test_convert_round_trips_a_pt_and_the_import_trains_further(trained, tmp_pat
     assert loading.available_steps(str(imported_dir)) == [0, 2]
 
 
+@pytest.mark.slow
 def test_notebook_runs(trained, monkeypatch):
     nbformat = pytest.importorskip('nbformat')
     nbclient = pytest.importorskip('nbclient')
@@ -185,12 +225,13 @@ def test_notebook_runs(trained, monkeypatch):
     assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
 
 
+@pytest.mark.slow  # Two trainings.
 def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trained, tmp_path,
                                                                              corpus_sample):
     tokenizer = os.path.join(trained[0], 'tokenizer.model')
     save_dir = tmp_path / 'with_tokenizer_path'
     config = small_config(save_dir, corpus_sample, tokenizer_path=tokenizer, max_steps=1,
-                          save_every=1, eval_every=1, log_every=1, sample_prompts='')
+                          save_every=1, eval_every=1, log_every=1)
     with contextlib.redirect_stdout(io.StringIO()):
         train.train_and_evaluate(config)
     with open(tokenizer, 'rb') as f:

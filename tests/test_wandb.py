@@ -4,15 +4,13 @@ never imported."""
 import glob
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.training import reporting
 from muomni_jax.training import train
-from tests.conftest import REPO, one_device_env, small_config
+from tests.conftest import run_code, small_config
 from tests.test_reporting import read_events
 
 
@@ -54,6 +52,7 @@ def _wandb_history(wandb_dir):
     return history
 
 
+@pytest.mark.slow  # wandb starts its own service process, even offline.
 def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp_path,
                                                                 corpus_sample):
     monkeypatch.setenv('WANDB_MODE', 'offline')
@@ -61,6 +60,7 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
     monkeypatch.setenv('WANDB_SILENT', 'true')
     save_dir = tmp_path / 'run'
     train.train_and_evaluate(small_config(save_dir, corpus_sample, wandb_project='muomni-test',
+                                          sample_prompts='The cat sat on the|Python is a',
                                           sample_max_new_tokens=4))
     history = _wandb_history(tmp_path)
     events = read_events(save_dir)  # {tag: [(step, value or text)]}
@@ -80,6 +80,7 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
             assert history[record['step']]['train/loss'] == pytest.approx(record['loss'])
 
 
+@pytest.mark.slow  # A fresh process: only there is sys.modules free of earlier tests' imports.
 def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
     code = (
         'import sys\n'
@@ -89,8 +90,7 @@ def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
         f'{str(corpus_sample)!r}, max_steps=2, eval_every=2, save_every=2))\n'
         'assert "wandb" not in sys.modules, "wandb was imported"\n'
         'print("wandb not imported")\n')
-    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=one_device_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = run_code(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'wandb not imported' in result.stdout
 

@@ -99,17 +99,19 @@ class TimeBudget:
     the decision is allgathered after each step.
     """
 
-    def __init__(self, seconds: float, wait_for: Callable[[], Any]):
+    def __init__(self, seconds: float, wait_for: Callable[[], Any],
+                 clock: Callable[[], float] = time.monotonic):
         self.seconds = seconds
         self._wait_for = wait_for  # () -> device values the last step produced.
-        self._start = self._last = time.monotonic()
+        self._clock = clock  # Seconds; tests pass a fake one.
+        self._start = self._last = clock()
 
     def should_stop(self, step: int) -> bool:
         del step
         if not self.seconds:
             return False
         jax.block_until_ready(self._wait_for())
-        now = time.monotonic()
+        now = self._clock()
         last_step, self._last = now - self._last, now
         stop = now - self._start + last_step > self.seconds
         if jax.process_count() > 1:

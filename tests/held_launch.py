@@ -1,0 +1,50 @@
+"""launch.stage_a, held before one step until it has handled some signals; driven by
+test_resume.py.
+
+  python tests/held_launch.py STEP SIGNALS [launch.stage_a flags...]
+
+Before the batch of step STEP reaches the train step, the run prints `Holding before step STEP`
+and waits, polling every 50 ms, until its own signal handler (preemption.StopSignals) has run
+SIGNALS times; then it goes on as launch.stage_a does. A test can so signal the run at a known
+step however fast or loaded the machine is, instead of racing the steps that are left. With
+more SIGNALS than the test sends, the run holds there until it is killed.
+"""
+
+import os
+import runpy
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from muomni_jax.training import periodic_actions  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
+
+HOLD_STEP, SIGNALS = int(sys.argv[1]), int(sys.argv[2])
+_handled = []
+
+_real_handle = preemption.StopSignals._handle  # pylint: disable=protected-access
+_real_train_loop = periodic_actions.train_loop
+
+
+def _handle(self, signum, frame):
+    _handled.append(signum)  # Before the real handler, which raises on a second signal.
+    _real_handle(self, signum, frame)
+
+
+def _train_loop(state, step_numbers, batches, *args, **kwargs):
+    def held_batches():
+        for step, batch in zip(step_numbers, batches):
+            if step == HOLD_STEP:
+                print(f'Holding before step {step}', flush=True)
+                while len(_handled) < SIGNALS:
+                    time.sleep(0.05)
+            yield batch
+
+    return _real_train_loop(state, step_numbers, held_batches(), *args, **kwargs)
+
+
+preemption.StopSignals._handle = _handle  # pylint: disable=protected-access
+periodic_actions.train_loop = _train_loop
+sys.argv = ['launch.stage_a', *sys.argv[3:]]
+runpy.run_module('launch.stage_a', run_name='__main__', alter_sys=True)
