@@ -67,16 +67,19 @@ GQA = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, k
                     dropout=0.0, attention_block=16)
 
 
+@pytest.mark.slow  # The kernel interpreted: tens of seconds.
 @pytest.mark.parametrize('base', [GQA, dataclasses.replace(GQA, use_gqa=False)],
                          ids=['gqa', 'mha'])
 def test_pallas_computes_the_xla_function(base):
     assert_same_function(base, 'pallas', 64)
 
 
+@pytest.mark.slow
 def test_splash_computes_the_xla_function():
     assert_same_function(dataclasses.replace(GQA, n_layers=1), 'splash', 128)
 
 
+@pytest.mark.slow
 def test_attention_dropout_defaults_to_dropout_and_at_0_the_kernels_train():
     cfg = dataclasses.replace(GQA, ctx_len=32, dropout=0.3, attention_impl='xla')
     assert cfg.attention_dropout_rate == 0.3  # -1: the same as dropout, the original's function.

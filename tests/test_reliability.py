@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,9 +22,8 @@ from muomni_jax.io import atomic_write
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
-from tests.conftest import REPO, one_device_env, restore_state, small_config
+from tests.conftest import SMALL, REPO, one_device_env, restore_state, small_config
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
-from tests.test_launch import SMALL
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
 TIMING = ('tokens_per_s', 'mfu', 'elapsed_s')
@@ -54,6 +52,7 @@ def _largest_file(folder):
 # Checkpoints
 
 
+@pytest.mark.slow  # Trains in process.
 def test_a_step_with_flipped_bytes_is_named_and_the_rerun_resumes_bitwise_from_the_one_before(
         tmp_path, corpus_sample, capsys):
     reference_dir, save_dir = tmp_path / 'reference', tmp_path / 'run'
@@ -258,6 +257,7 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
 # Side files
 
 
+@pytest.mark.slow  # Trains in process.
 def test_an_emptied_training_log_is_set_aside_and_the_run_continues(tmp_path, corpus_sample,
                                                                     capsys):
     save_dir = tmp_path / 'run'
@@ -274,6 +274,7 @@ def test_an_emptied_training_log_is_set_aside_and_the_run_continues(tmp_path, co
     assert [r['step'] for r in _log(save_dir)] == [4, 6]  # The log starts again at the resume.
 
 
+@pytest.mark.slow  # Trains in process.
 def test_a_damaged_config_json_is_one_line(tmp_path, corpus_sample):
     save_dir = tmp_path / 'run'
     config = small_config(save_dir, corpus_sample, max_steps=3, save_every=3, sample_prompts='')
@@ -311,6 +312,7 @@ def test_any_error_on_one_process_stops_all_with_one_line(monkeypatch):
     assert first_line(KeyError()) == 'KeyError'
 
 
+@pytest.mark.slow  # Trains in process.
 def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, monkeypatch):
     monkeypatch.delenv(test_hooks.ENABLE_ENV, raising=False)
     monkeypatch.setenv(checkpointing.PAUSE_IN_SAVE_ENV, '2')  # Would hang the save of step 2.

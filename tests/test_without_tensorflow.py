@@ -4,8 +4,7 @@ from a text file, resumes, samples, evaluates and exports (as on an accelerator 
 
 import pytest
 
-from tests.conftest import one_device_env, run_module
-from tests.test_launch import SMALL
+from tests.conftest import SMALL, one_device_env, run_module
 
 pytestmark = pytest.mark.slow
 
