@@ -142,7 +142,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     restored, meta = ckpt.restore_latest(abstract)
     ckpt.close()
-    assert meta == {'step': 1, 'epoch': 0}
+    # The saved meta, and the checksum of every array, which the restore verified.
+    assert meta == {'step': 1, 'epoch': 0, 'checksums': checkpointing.tree_checksums(state)}
+    assert len(meta['checksums']) == len(jax.tree.leaves(state))
     assert_trees_equal(state, restored, check_sharding=True)
 
 
