@@ -65,9 +65,13 @@ def test_a_step_with_flipped_bytes_is_named_and_the_rerun_resumes_bitwise_from_t
 
     train.train_and_evaluate(config(save_dir))
     captured = capsys.readouterr()
-    assert f'Warning: checkpoint step 6 in {save_dir} is unreadable (DamagedCheckpoint: step 6:' \
-        in captured.err, captured.err
-    assert 'differ from the checksums of their save' in captured.err
+    # Where the bytes land decides who sees them: tensorstore, when they hit a structure it
+    # checks, or else our checksums (OCDBT lays its files out in the order of async writes), as
+    # test_restore_checks_the_checksums_and_finiteness_of_every_array shows alone. Either way
+    # the step is named and skipped.
+    assert f'Warning: checkpoint step 6 in {save_dir} is unreadable (' in captured.err
+    assert ('differ from the checksums of their save' in captured.err
+            or 'Encountered error while reading' in captured.err), captured.err
     assert 'Resuming from checkpoint step 3' in captured.out
     assert _log(save_dir) == _log(reference_dir)
     for a, b in zip(jax.tree.leaves(restore_state(config(reference_dir), reference_dir, 6)),

@@ -11,7 +11,8 @@ free; the file still names the dead holder, and the run that takes it over says 
 gs://: objects have no locks, so the lock is a lease object, save_dir/run.lock.json, created
 only if absent and refreshed (a heartbeat every HEARTBEAT_S) only if unchanged since this run
 wrote it: google-cloud-storage's generation preconditions make each of those an atomic
-compare-and-set. A lease not refreshed for LEASE_S belongs to a dead run and is taken over. A
+compare-and-set. A lease not refreshed for LEASE_S belongs to a dead run and is taken over, at
+once when its holder was on this host and its process is gone (a rerun after kill -9). A
 run that finds its lease taken (it stalled past LEASE_S) warns; the newer run then holds it.
 """
 
@@ -108,6 +109,19 @@ def _read(fd: int) -> dict:
         return {}
 
 
+def _dead_here(holder: dict) -> bool:
+    """A holder on this host whose process is gone (kill -9): no need to wait out its lease."""
+    if holder.get('host') != socket.gethostname() or not isinstance(holder.get('pid'), int):
+        return False
+    try:
+        os.kill(holder['pid'], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class _Lease:
     """The gs:// lease: an object created if absent and refreshed if unchanged."""
 
@@ -142,13 +156,15 @@ class _Lease:
                 # A fresh handle: its download reads the holder and that version's generation.
                 current = self._bucket.blob(self._name)
                 holder = json.loads(current.download_as_bytes())
-                if time.time() - holder.get('heartbeat', 0) < LEASE_S:
+                if time.time() - holder.get('heartbeat', 0) < LEASE_S and not _dead_here(holder):
                     raise _in_use(self.save_dir, holder)
                 if not self._write(if_generation_match=current.generation):
                     raise _in_use(self.save_dir, holder)  # Another run took it first.
+                why = ('which is no longer running' if _dead_here(holder) else
+                       f'whose heartbeat stopped {time.time() - holder.get("heartbeat", 0):.0f} '
+                       's ago')
                 self._log(f'Took over the lease of save_dir {self.save_dir} from '
-                          f'{_describe(holder)}, whose heartbeat stopped '
-                          f'{time.time() - holder.get("heartbeat", 0):.0f} s ago.')
+                          f'{_describe(holder)}, {why}.')
         except exceptions.GoogleAPIError as e:
             raise UserError(f'cannot take the lease {LEASE_FILE} of save_dir {self.save_dir} '
                             f'({first_line(e, 200)}): check access to the bucket') from None
