@@ -360,19 +360,20 @@ def corpus_tokenizer(tmp_path_factory, corpus_sample) -> str:
 
 @pytest.fixture(scope='session')
 def trained_run(tmp_path_factory, corpus_sample):
-    """(save_dir, console output) of one small run, trained once per session: 6 steps on a mesh
-    that shards the params 8 ways, checkpoints and validations at steps 3 and 6, each
-    validation followed by the greedy samples of two prompts. Read-only: a test that changes a
-    save_dir copies it first (shutil.copytree)."""
+    """(save_dir, stdout, stderr) of one small run, trained once per session: 6 steps on a mesh
+    that shards the params 8 ways, logs at steps 2, 4 and 6, checkpoints and validations at
+    steps 3 and 6, each validation followed by the greedy samples of the default two prompts,
+    and a profile of steps 2-3. Its output is not a terminal, as under CI or nohup. Read-only:
+    a test that changes a save_dir copies it first (shutil.copytree)."""
     import io  # pylint: disable=import-outside-toplevel
     save_dir = tmp_path_factory.mktemp('trained') / 'run'
-    config = small_config(save_dir, corpus_sample, sample_prompts='The cat sat on the|Python is',
-                          sample_max_new_tokens=5)
+    config = small_config(save_dir, corpus_sample, sample_prompts='The cat sat on the|Python is a',
+                          sample_max_new_tokens=5, profile_steps='2,3')
     config.mesh.data, config.mesh.fsdp = 1, 8
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         train.train_and_evaluate(config)
-    return str(save_dir), out.getvalue()
+    return str(save_dir), out.getvalue(), err.getvalue()
 
 
 def mixture_spec(folder, prose_weight=0.7, code_weight=0.3) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.training import periodic_actions
+from muomni_jax.training import preemption
 from muomni_jax.training import steps
 from muomni_jax.training import train
 from tests.conftest import (assert_trees_equal, free_port, launched, log_without_timing,
@@ -58,6 +59,7 @@ def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path,
     assert signal.getsignal(signal.SIGINT) is handler  # The run's handlers are gone.
 
 
+@pytest.mark.slow  # A training.
 def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sample):
     _signal_before_step(monkeypatch, 4, times=2)
     save_dir = tmp_path / 'run'
@@ -67,6 +69,25 @@ def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sampl
                                               eval_every=100))
     assert _steps(save_dir) == []
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_stop_signals_ask_to_stop_once_then_abort_on_the_second(signum, capsys):
+    """StopSignals alone, on this process: the first signal only asks the loop to stop, the
+    second raises at once, and the handlers before it are back afterwards. The runs above and
+    test_resume.py's launcher runs go through the same handler."""
+    before = signal.getsignal(signum)
+    name = signal.Signals(signum).name
+    with preemption.StopSignals(sync_every=4) as stop:
+        assert not stop.should_stop(1) and stop.received is None
+        os.kill(os.getpid(), signum)  # Python runs the handler before os.kill returns.
+        assert f'{name} received: finishing this step and saving a checkpoint' in \
+            capsys.readouterr().out
+        assert stop.should_stop(2) and stop.received == name
+        with pytest.raises(KeyboardInterrupt, match=rf'second signal \({name}\)'):
+            os.kill(os.getpid(), signum)
+        assert signal.getsignal(signum) is before  # Restored by the second signal already.
+    assert signal.getsignal(signum) is before
 
 
 def _nan_on_steps(monkeypatch, bad_steps):

@@ -445,6 +445,7 @@ def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
         results['results']['muomni_tiny_choice']['acc,none']
 
 
+@pytest.mark.slow  # Compiles its scoring and greedy decoding; the lm-eval test above is fast.
 def test_the_jax_lm_scores_long_texts_and_generates_as_we_do(exports, sp_tokenizer, corpus_lines):
     lm_eval_model = pytest.importorskip('muomni_jax.interop.lm_eval_model')
     from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel

@@ -153,6 +153,7 @@ def test_mixture_batches_follow_the_weights_and_repeat_a_source_only_after_its_e
             np.testing.assert_array_equal(resumed[key], expected[key])
 
 
+@pytest.mark.slow  # Two trainings.
 def test_a_mixture_of_one_source_trains_exactly_like_data_path(tmp_path, corpus_sample):
     train.train_and_evaluate(small_config(tmp_path / 'plain', corpus_sample))
     train.train_and_evaluate(small_config(tmp_path / 'mixture', '',

@@ -45,6 +45,7 @@ def _one_update(config, params, grads):
     return jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)
 
 
+@pytest.mark.slow  # Compiles both optimizers' updates.
 def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
     model_config = ThinkerConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=64,
                                  ctx_len=16)

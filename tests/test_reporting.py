@@ -1,9 +1,9 @@
 """TensorBoard events, console progress, profiling and plots: what a person watching a run sees."""
 
-import contextlib
 import io
 import json
 import os
+import pathlib
 import struct
 import types
 
@@ -16,7 +16,6 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import plotting
 from muomni_jax.training import config_checks
 from muomni_jax.training import reporting
-from muomni_jax.training import train
 from tests.conftest import run_module, small_config
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
@@ -50,17 +49,12 @@ def png_size(path):
 
 
 @pytest.fixture(scope='module')
-def profiled_run(tmp_path_factory, corpus_sample):
-    """One run whose output is not a terminal (as under CI or nohup), profiling steps 2-3, with
-    the default sample_prompts. In process; the launcher's own output, in a subprocess, is
-    checked the same way by test_launch.test_trains_saves_and_resumes."""
-    save_dir = tmp_path_factory.mktemp('reporting') / 'run'
-    config = small_config(save_dir, corpus_sample, profile_steps='2,3',
-                          sample_prompts='The cat sat on the|Python is a')
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        train.train_and_evaluate(config)
-    return save_dir, types.SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
+def profiled_run(trained_run):
+    """conftest.trained_run: one run whose output is not a terminal (as under CI or nohup),
+    profiling steps 2-3, with the default sample_prompts. In process; the launcher's own
+    output, in a subprocess, is checked the same way by test_launch's CLI smoke run."""
+    save_dir, stdout, stderr = trained_run
+    return pathlib.Path(save_dir), types.SimpleNamespace(stdout=stdout, stderr=stderr)
 
 
 def test_plain_lines_without_control_characters_when_not_a_terminal(profiled_run):

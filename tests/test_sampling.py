@@ -58,6 +58,7 @@ def test_cached_decode_equals_full_forward(name):
     assert float(jnp.max(jnp.abs(full))) > 1.0  # The comparison is not between tiny numbers.
 
 
+@pytest.mark.slow  # Compiles decode steps of its own shapes, like the three below.
 def test_left_padded_rows_match_their_unpadded_forward():
     model = _model(VARIANTS['gqa_swiglu'])
     rng = np.random.default_rng(1)
@@ -100,6 +101,7 @@ def test_sampling_is_deterministic_under_a_seed():
     assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos():
     model = _model(VARIANTS['gqa_swiglu'])
     greedy = sampling.generate_ids(model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0,
@@ -137,6 +139,7 @@ def test_top_k_and_top_p_never_leave_their_set(top_k, top_p):
     assert set(np.flatnonzero(np.isfinite(filtered[0])).tolist()) == allowed
 
 
+@pytest.mark.slow
 def test_generation_respects_top_k_end_to_end():
     model = _model(VARIANTS['gqa_swiglu'])
     out = sampling.generate_ids(model, [[1, 5]] * 4, max_new_tokens=8, temperature=1.0,

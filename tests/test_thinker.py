@@ -326,6 +326,7 @@ def test_dropout(block):
         model(tokens, deterministic=False)
 
 
+@pytest.mark.slow  # Compiles a bfloat16 model of its own.
 def test_bfloat16_compute():
     model32 = make_model(TINY, seed=7)
     model16 = make_model(dataclasses.replace(TINY, dtype="bfloat16"), seed=7)

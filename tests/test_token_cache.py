@@ -74,7 +74,7 @@ def _assert_same_batches(expected, actual, rows_that_exist=None):
             rows_that_exist - len(a['weights']), 0)
 
 
-@pytest.mark.parametrize('num_shards', [1, 3])
+@pytest.mark.parametrize('num_shards', [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, num_shards):
     config = _config(corpus, tmp_path / 'cache')
     streams = _open(config, tokenizer, num_shards, range(num_shards))

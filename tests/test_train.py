@@ -77,6 +77,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert flat['lm_head/kernel/value'] and flat['blocks/0/attn/q/kernel/value']
 
 
+@pytest.mark.slow  # Two compiles of the step.
 def test_gradient_accumulation_equals_one_big_batch():
     config = small_config('/tmp/unused', '/tmp/unused')
     state, graphdef, tx = _state(config, model=ONE_LAYER)

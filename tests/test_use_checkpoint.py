@@ -27,7 +27,7 @@ NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
 @pytest.fixture(scope='module')
 def trained(trained_run):
-    """conftest.trained_run: (save_dir, console output) of 6 steps on a mesh that shards the
+    """conftest.trained_run: (save_dir, stdout, stderr) of 6 steps on a mesh that shards the
     params 8 ways, with samples after each validation."""
     return trained_run
 
@@ -38,7 +38,7 @@ def test_training_prints_samples_under_each_validation_line(trained):
     assert len(validations) == 2  # Steps 3 and 6.
     for i in validations:
         assert lines[i + 1].startswith("  Sample: 'The cat sat on the' → '")
-        assert lines[i + 2].startswith("  Sample: 'Python is' → '")
+        assert lines[i + 2].startswith("  Sample: 'Python is a' → '")
 
 
 def _saved_params(save_dir, step):
