@@ -19,12 +19,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.update(dataclasses.asdict(ThinkerConfig()))
 
     # --- Data ---
-    config.data_path = 'data/text/corpus.txt'  # Text file, directory or glob; one document per line.
+    # File, directory, glob or hf:NAME/CONFIG/SPLIT: text (one document per line), JSON Lines
+    # (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, or a datasets save_to_disk folder.
+    config.data_path = 'data/text/corpus.txt'
+    config.text_key = 'text'  # Field (JSON) or column (Parquet, Arrow) that holds each document.
     config.tfds_name = ''  # TFDS dataset name; when set it replaces data_path (e.g. 'lm1b').
     config.tfds_split = 'train'  # TFDS split to read documents from.
     config.tfds_text_key = 'text'  # Feature of each TFDS example that holds the text.
     config.tfds_data_dir = ''  # TFDS data_dir (may be gs://...); empty uses the TFDS default.
-    # Weighted sources, 'name=path_or_tfds:DATASET/SPLIT/TEXT_KEY:weight,...'; replaces data_path.
+    # Weighted sources, 'name=SOURCE:WEIGHT[:TEXT_KEY],...' (SOURCE as data_path, or
+    # tfds:DATASET/SPLIT/TEXT_KEY); replaces data_path. See muomni_jax/data/mixture.py.
     config.mixture = ''
     config.val_split = 0.1  # Fraction of documents held out for validation (by a stable content hash).
     config.tokenizer_path = ''  # Existing SentencePiece model to use; empty trains one into save_dir.

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from muomni_jax.data import document_files
 from muomni_jax.errors import UserError
 from muomni_jax.training import train
 from tests.conftest import SMALL, run_stage_a, small_config
@@ -49,10 +50,10 @@ def _write(path, data: bytes):
 # save_dir is a copy of the trained run unless the case names its own.
 CASES = {
     'missing_data_path': (lambda t, run, data: dict(data_path=str(t / 'nope.txt')),
-                          'does not exist: point --config.data_path at a text file'),
+                          'does not exist: point --config.data_path at a data file, directory or glob'),
     'directory_without_text': (
         lambda t, run, data: dict(data_path=str(_write(t / 'docs' / 'a.md', b'text\n').parent)),
-        'is a directory with no .txt/.text files'),
+        'is a directory with no data files (.txt, .text, .jsonl'),
     'empty_file': (lambda t, run, data: dict(data_path=str(_write(t / 'empty.txt', b''))),
                    'holds no training text'),
     'blank_lines_only': (
@@ -111,10 +112,10 @@ CASES = {
     'mixture_duplicate_names': (lambda t, run, data: dict(mixture=f'a={data}:1,a={data}:2'),
                                 "mixture source name 'a' appears twice"),
     'mixture_does_not_parse': (lambda t, run, data: dict(mixture=f'a={data}'),
-                               'does not parse: write NAME=SOURCE:WEIGHT entries'),
+                               'does not parse: write NAME=SOURCE:WEIGHT[:TEXT_KEY] entries'),
     'mixture_missing_path': (
         lambda t, run, data: dict(mixture=f'a={data}:1,b={t / "nope.txt"}:1'),
-        "mixture source 'b' " + '{tmp}/nope.txt does not exist: point it at a text file'),
+        "mixture source 'b' " + '{tmp}/nope.txt does not exist: point it at a data file'),
     'mixture_source_without_text': (
         lambda t, run, data: dict(mixture=f'a={data}:1,b={_write(t / "e.txt", b"")}:1'),
         "mixture source 'b' ({tmp}/e.txt) holds no training text"),
@@ -186,8 +187,8 @@ def test_launcher_data_error_is_one_line_and_save_dir_untouched(tmp_path, traine
     result = run_stage_a(*SMALL, f'--config.data_path={empty}', f'--config.save_dir={save_dir}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f'error: {empty} holds no training text (empty, blank lines only, or all in validation): '
-        'point data_path at a text file with one document per line')
+        f'error: {empty} holds no training text (empty, blank documents only, or all in '
+        f'validation): point data_path at {document_files.FORMATS_HELP}')
     assert 'Traceback' not in result.stderr
     assert tree_digest(save_dir) == before
     assert json.load(open(save_dir / 'config.json'))['batch_size'] == 8

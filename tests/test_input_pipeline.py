@@ -141,7 +141,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
 
 @pytest.mark.parametrize('make, message', [
     (lambda d: str(d / 'missing.txt'), 'does not exist'),
-    (lambda d: str(d), 'no .txt/.text files'),
+    (lambda d: str(d), r'a directory with no data files \(\.txt'),
     (lambda d: str(d / '*.nothing'), 'matches no files'),
 ])
 def test_bad_data_paths_are_named(tmp_path, make, message):

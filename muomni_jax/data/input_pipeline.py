@@ -1,7 +1,8 @@
 """Text to packed next-token batches, on the host. Knows nothing of the model.
 
 Data flow:
-  documents: the non-empty stripped lines of text files, or TFDS examples, read once, in order
+  documents: the non-empty stripped lines of text files, the text fields of JSON Lines, Parquet
+     and Arrow records (document_files.py), or TFDS examples, read once, in order
   -> split by a stable hash of each document's text (validation never trains)
   -> data shard by position in the split: document i of a split goes to shard i % num_shards
   -> SentencePiece: [BOS] + ids + [EOS] per document, appended to one token stream per
@@ -20,27 +21,21 @@ the RoPE positions at every document, as in Flax's lm1b example.
 import dataclasses
 import difflib
 import functools
-import glob
 import os
 from typing import Iterator, Sequence
 
 import numpy as np
 from etils import epath
 
+from muomni_jax.data import document_files
 from muomni_jax.data import fingerprint
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import storage
 
 SPLITS = ('train', 'validation')
 _HASH_BUCKETS = 1_000_000
 # SentencePiece's memory grows with the input; longer documents are encoded piecewise.
 _MAX_ENCODE_CHARS = 100_000
-_TEXT_SUFFIXES = ('.txt', '.text')
-# One line is one document and is held in memory whole: longer lines are refused.
-MAX_LINE_BYTES = 10 * 2**20
-_SNIFF_BYTES = 64 * 2**10  # How much of each file is checked for binary content.
-_READ_CHUNK_BYTES = 2**20  # Text is read, split into documents and hashed in chunks this size.
 _TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
 
@@ -57,79 +52,6 @@ def _tensorflow():
     # Host-side work here: it must never take accelerator memory that JAX needs.
     tf.config.set_visible_devices([], 'GPU')
     return tf
-
-
-def _glob(pattern: str) -> list[str]:
-    """The files a glob matches, locally or on gs:// (where epath's client expands it)."""
-    if not storage.is_url(pattern):
-        return [p for p in glob.glob(pattern) if os.path.isfile(p)]
-    wild = min(pattern.find(c) for c in '*?[' if c in pattern)
-    root = pattern[:pattern.rfind('/', 0, wild)]
-    return [str(p) for p in epath.Path(root).glob(pattern[len(root) + 1:])]
-
-
-def text_files(data_path: str, label: str = 'data_path') -> list[str]:
-    """Expands a file, a directory (its text files, recursively) or a glob into sorted paths.
-
-    label names the path in errors: 'data_path', or a mixture's "mixture source 'wiki'".
-    """
-    if not data_path:
-        raise UserError(
-            'data_path is empty: set --config.data_path to a text file, directory or glob, '
-            'or set --config.tfds_name')
-    path = epath.Path(data_path)
-    if path.is_dir():
-        paths = [str(root / name) for root, _, names in path.walk()
-                 for name in names if name.endswith(_TEXT_SUFFIXES)]
-        if not paths:
-            raise UserError(
-                f'{label} {data_path} is a directory with no {"/".join(_TEXT_SUFFIXES)} '
-                'files: point it at a text file or a glob such as "dir/*.md"')
-    elif any(c in data_path for c in '*?['):
-        paths = _glob(data_path)
-        if not paths:
-            raise UserError(f'{label} glob {data_path} matches no files: check the pattern')
-    elif path.exists():
-        paths = [data_path]
-    else:
-        flag = '--config.data_path' if label == 'data_path' else 'it'
-        raise UserError(f'{label} {data_path} does not exist: point {flag} at a text file')
-    return sorted(paths)
-
-
-def _check_not_binary(path: str, head: bytes, label: str) -> None:
-    """Refuses a file whose first 64 KB hold a NUL byte or are >10% undecodable.
-
-    Text with a few invalid UTF-8 bytes is accepted: tokenize() replaces them by U+FFFD and
-    counts the documents so changed.
-    """
-    # A multi-byte character cut at the end of the sniffed block is not an error.
-    replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
-    if b'\0' in head or replaced > 0.1 * len(head):
-        raise UserError(f'{label} file {path} looks binary, not UTF-8 text: point {label} at '
-                        'text files with one document per line')
-
-
-def _text_file_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]]:
-    """(whole lines, bytes read) per chunk of a text file, refusing binary files and huge lines."""
-    with epath.Path(path).open('rb') as f:
-        chunk = f.read(_SNIFF_BYTES)
-        if chunk:
-            _check_not_binary(path, chunk, label)
-        offset, pending = 0, b''  # pending: the start of a line not yet ended.
-        while chunk:
-            offset += len(chunk)
-            lines = (pending + chunk).split(b'\n')
-            pending = lines.pop()
-            if max([len(pending), *map(len, lines)]) > MAX_LINE_BYTES:
-                raise UserError(
-                    f'{label} file {path} has a line of over {MAX_LINE_BYTES // 2**20} MB '
-                    f'(before byte {offset:,}); each line is one document: split the text into '
-                    'lines')
-            yield lines, len(chunk)
-            chunk = f.read(_READ_CHUNK_BYTES)
-        if pending:
-            yield [pending], 0
 
 
 def _tfds_dataset(config, builder):
@@ -183,7 +105,8 @@ class RoutedChunk:
 
 
 class DocumentSource:
-    """The documents of config's text files or TFDS split, read once, in order, by chunk.
+    """The documents of config's files (document_files.py) or TFDS split, read once, in order,
+    by chunk.
 
     Construction checks the source (files exist, TFDS dataset and feature), so a bad path fails
     before anything is built.
@@ -200,7 +123,9 @@ class DocumentSource:
             self.paths = []
         else:
             self.tfds_builder = None
-            self.paths = text_files(config.data_path, self.label)
+            self.paths = document_files.expand(config.data_path, self.label)
+        # The field or column of JSON, Parquet and Arrow records that holds the text.
+        self.text_key = config.get('text_key', 'text')
         self._threshold = int(round(config.val_split * _HASH_BUCKETS))
 
     @property
@@ -225,8 +150,7 @@ class DocumentSource:
                 yield [doc for doc in (raw.strip() for raw in batch) if doc], len(batch)
         else:
             for path in self.paths:
-                for lines, read in _text_file_chunks(path, self.label):
-                    yield [doc for doc in (line.strip() for line in lines) if doc], read
+                yield from document_files.chunks(path, self.text_key, self.label)
 
     def routed(self, num_shards: int) -> Iterator[RoutedChunk]:
         """Every document with its split (by a stable hash of its text) and data shard."""

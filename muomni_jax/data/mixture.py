@@ -5,9 +5,14 @@ easily as in a config file, where a list of dicts cannot be):
 
   --config.mixture='wiki=data/wiki/*.txt:0.7,books=tfds:pg19/train/book_text:0.3'
 
-Each comma-separated entry is NAME=SOURCE:WEIGHT. SOURCE is a text file, directory or glob
-(as data_path), or tfds:DATASET/SPLIT/TEXT_KEY (DATASET may hold a config, e.g.
-wiki40b/en). Weights are positive and need not sum to 1. An empty mixture is the single source
+Each comma-separated entry is NAME=SOURCE:WEIGHT, or NAME=SOURCE:WEIGHT:TEXT_KEY. SOURCE is
+a file, directory, glob or hf:NAME/CONFIG/SPLIT (as data_path: text, JSON Lines, Parquet or a
+save_to_disk folder), or tfds:DATASET/SPLIT/TEXT_KEY (DATASET may hold a config, e.g.
+wiki40b/en). TEXT_KEY names the field or column of JSON, Parquet and Arrow records that holds
+the text; without it the entry uses config.text_key:
+
+  --config.mixture='web=data/web/*.parquet:0.8,books=data/books.jsonl.zst:0.2:body'
+ Weights are positive and need not sum to 1. An empty mixture is the single source
 of data_path (or tfds_name): a mixture of one, which trains on exactly the batches it always did.
 
 Rows are given to sources in blocks of BLOCK_ROWS rows, as in Levanter's MixtureDataset: each
@@ -29,14 +34,15 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from muomni_jax.data import document_files
 from muomni_jax.data import input_pipeline
 from muomni_jax.errors import UserError
 
 BLOCK_ROWS = 4096
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
-_SYNTAX = ('write NAME=SOURCE:WEIGHT entries separated by commas, with SOURCE a text path or '
-           'glob or tfds:DATASET/SPLIT/TEXT_KEY, e.g. '
-           "--config.mixture='wiki=data/wiki/*.txt:0.7,books=tfds:pg19/train/book_text:0.3'")
+_SYNTAX = ('write NAME=SOURCE:WEIGHT[:TEXT_KEY] entries separated by commas, with SOURCE a '
+           'file, directory, glob, hf:NAME/CONFIG/SPLIT or tfds:DATASET/SPLIT/TEXT_KEY, e.g. '
+           "--config.mixture='wiki=data/wiki/*.txt:0.7,books=data/books.jsonl:0.3:body'")
 # Seeds the block shuffles apart from the epoch orders of input_pipeline.epoch_order.
 _BLOCK_SEED_TAG = 0x6D6978
 
@@ -46,15 +52,17 @@ class Source:
     """One corpus of a mixture."""
     name: str  # Short name: in metric keys (val/<name>/loss), TensorBoard tags and log lines.
     weight: float  # Share of the training rows; the weights of a mixture sum to 1.
-    data_path: str = ''  # Text file, directory or glob; '' for TFDS.
+    data_path: str = ''  # File, directory, glob or hf:NAME/CONFIG/SPLIT; '' for TFDS.
     tfds_name: str = ''
     tfds_split: str = 'train'
     tfds_text_key: str = 'text'
+    text_key: str = ''  # The entry's :TEXT_KEY; '' uses config.text_key.
 
     def describe(self) -> str:
         if self.tfds_name:
             return f'TFDS {self.tfds_name}/{self.tfds_split}'
-        return self.data_path
+        # Without a key the description is as before, so checkpoints' mixtures still match.
+        return f'{self.data_path}:{self.text_key}' if self.text_key else self.data_path
 
 
 def parse(spec: str) -> list[Source]:
@@ -66,6 +74,12 @@ def parse(spec: str) -> list[Source]:
     for entry in entries:
         name, equals, rest = entry.partition('=')
         where, colon, weight_text = rest.rpartition(':')
+        text_key = ''
+        if colon and not _is_number(weight_text):
+            # NAME=SOURCE:WEIGHT:TEXT_KEY
+            candidate, colon2, weight2 = where.rpartition(':')
+            if colon2 and _is_number(weight2):
+                where, weight_text, text_key = candidate, weight2, weight_text.strip()
         name = name.strip()
         if not equals or not colon or not where.strip():
             raise UserError(f'mixture entry {entry!r} does not parse: {_SYNTAX}')
@@ -83,11 +97,25 @@ def parse(spec: str) -> list[Source]:
         if name in [s.name for s in sources]:
             raise UserError(f'mixture source name {name!r} appears twice: give each source its '
                             'own name')
-        sources.append(_source(name, weight, where.strip(), entry))
+        source = _source(name, weight, where.strip(), entry)
+        if text_key:
+            if source.tfds_name:
+                raise UserError(f'mixture entry {entry!r}: a TFDS source names its text feature '
+                                'in tfds:DATASET/SPLIT/TEXT_KEY, not after its weight')
+            source = dataclasses.replace(source, text_key=text_key)
+        sources.append(source)
     total = sum(s.weight for s in sources)
     sources = [dataclasses.replace(s, weight=s.weight / total) for s in sources]
     block_rows(sources)  # Checks that every source gets rows.
     return sources
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _source(name: str, weight: float, where: str, entry: str) -> Source:
@@ -121,17 +149,19 @@ def source_config(config, source: Source) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         data_path=source.data_path, tfds_name=source.tfds_name, tfds_split=source.tfds_split,
         tfds_text_key=source.tfds_text_key, tfds_data_dir=config.tfds_data_dir,
+        text_key=source.text_key or config.get('text_key', 'text'),
         val_split=config.val_split, cache_dir=config.cache_dir,
         source_label=f'mixture source {source.name!r}' if config.mixture else 'data_path'))
 
 
 def no_text_message(config, source: Source) -> str:
+    """Also for an empty dataset or records whose text is all blank."""
     if config.mixture:
         return (f'mixture source {source.name!r} ({source.describe()}) holds no training text '
-                '(empty, blank lines only, or all in validation): point it at text with one '
-                'document per line, or drop it from --config.mixture')
-    return (f'{source.describe()} holds no training text (empty, blank lines only, or all in '
-            'validation): point data_path at a text file with one document per line')
+                '(empty, blank documents only, or all in validation): point it at '
+                f'{document_files.FORMATS_HELP}, or drop it from --config.mixture')
+    return (f'{source.describe()} holds no training text (empty, blank documents only, or all '
+            f'in validation): point data_path at {document_files.FORMATS_HELP}')
 
 
 def tokenizer_documents(config) -> Iterator[str]:

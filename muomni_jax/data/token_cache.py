@@ -9,8 +9,9 @@ Layout, one directory per cache key under config.cache_dir:
   <cache_dir>/<key>/train-00000-of-00004.json      header: format, key, dtype and counts
   ... the same for every data shard, and for the validation split.
 
-The key hashes everything the streams depend on: the source (each text file's path, size and
-modification time, or the TFDS dataset's full name, split and text feature), the tokenizer
+The key hashes everything the streams depend on: the source (each file's path, size and
+modification time, and text_key where records are read; or the TFDS dataset's full name, split
+and text feature), the tokenizer
 model's bytes, val_split, the number of data shards and FORMAT_VERSION. Anything else (ctx_len,
 batch_size, seed) is applied when batches are read, so changing it reuses the cache.
 
@@ -40,6 +41,7 @@ import tqdm
 from etils import epath
 
 from muomni_jax import test_hooks
+from muomni_jax.data import document_files
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
@@ -72,6 +74,9 @@ def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenize
         stats = [epath.Path(path).stat() for path in source.paths]
         described = {'files': [[path, stat.length, int(stat.mtime) * 10**9]
                                for path, stat in zip(source.paths, stats)]}
+        if document_files.has_records(source.paths):
+            # Only where records are read, so the keys of text caches built before stay.
+            described['text_key'] = source.text_key
     material = {'format': FORMAT_VERSION, 'source': described,
                 'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),
                 'val_split': config.val_split, 'num_shards': num_shards}
