@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from tests.conftest import CORPUS, REPO, log_without_timing, small_config
+from tests.conftest import CORPUS, REPO, log_without_timing, run_module, small_config
 from configs import tiny
 from muomni_jax.data import document_files
 from muomni_jax.data import input_pipeline
@@ -338,3 +338,24 @@ def test_the_format_bench_builds_the_same_tokens_from_every_format(tmp_path, for
     assert len({f['tokens'] for f in figures.values()}) == 1 and figures['.txt']['tokens'] > 0
     assert figures['.txt']['ratio_to_first'] == 1.0
     assert all(f['tokens_per_s'] == f['tokens'] / f['seconds'] for f in figures.values())
+
+
+@pytest.mark.slow  # A launcher subprocess.
+def test_bench_formats_cli_prints_every_format_and_refuses_a_missing_folder(tmp_path, formats,
+                                                                           corpus_tokenizer):
+    folder = os.path.dirname(formats['.parquet'])
+    args = [f'--config={os.path.join(REPO, "configs", "tiny.py")}',
+            f'--config.data_path={formats[".txt"]}', f'--config.tokenizer_path={corpus_tokenizer}',
+            '--config.vocab_size=256', f'--config.save_dir={tmp_path / "run"}', '--repeats=1']
+    result = run_module('launch.bench_formats', *args, f'--folder={folder}')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:6]] == [
+        'text', 'jsonl', 'jsonl.gz', 'jsonl.zst', 'parquet', 'saved']
+    figures = json.loads(lines[-1])['figures']
+    assert len({f['tokens'] for f in figures.values()}) == 1
+    result = run_module('launch.bench_formats', *args, f'--folder={tmp_path / "none"}')
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f'error: {tmp_path / "none"}/corpus.jsonl does not exist: run python '
+        'data/text/write_formats.py')

@@ -213,8 +213,10 @@ def _zstd_blocks(raw, zstandard) -> Iterator[tuple[bytes, int]]:
             block = decompressor.unused_data if ended else b''
             if ended:
                 decompressor = zstandard.ZstdDecompressor().decompressobj()
-            if out:
-                yield out, raw.tell()
+            # Text comes out several times the size that went in: blocks of the usual size
+            # keep the tokenizer threads as busy as for plain text.
+            for start in range(0, len(out), _READ_CHUNK_BYTES):
+                yield out[start:start + _READ_CHUNK_BYTES], raw.tell()
     if not ended:
         raise EOFError('the zstd stream ends before its last frame does')
 
