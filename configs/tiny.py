@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 10  # Passes over the training windows.
     config.max_steps = 0  # Stop after this many optimizer steps if earlier than num_epochs; 0: no limit.
     config.max_train_seconds = 0  # Save and stop before this many seconds of training (per launch); 0: none.
+    # Total training time the schedule is fitted to: after a few timed steps the run's length is
+    # fixed (and kept in its checkpoints) so the decay ends at this budget; 0: off (max_steps).
+    config.schedule_seconds = 0
     config.optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the block matrices, AdamW for the rest.
     config.muon_momentum = 0.95  # Muon's Nesterov momentum (optimizer='muon' only).
     config.learning_rate = 3e-4  # Peak learning rate (Muon's updates are scaled to share it).
@@ -56,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_consecutive_nonfinite = 20  # Stop the run after this many NaN/Inf steps in a row.
     config.seed = 0  # Seeds parameter init, dropout and the data shuffle.
     config.loss_chunk_tokens = 1024  # Fuse lm_head and loss over chunks of ~N tokens; 0: plain path.
+    config.z_loss_weight = 0.0  # Adds this x logsumexp^2 per token (z-loss; e.g. 1e-4); 0: off.
+    config.ema_decay = 0.0  # Keep an average of the params, e.g. 0.999 (validated beside them); 0: off.
 
     # --- Logging, evaluation and checkpoints ---
     config.log_every = 100  # Print and record metrics every N steps.

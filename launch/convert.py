@@ -29,6 +29,9 @@ from muomni_jax.errors import UserError
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'Export: save_dir of a run.')
 _STEP = flags.DEFINE_integer('step', None, 'Export: checkpoint step; default: the newest.')
+_WEIGHTS = flags.DEFINE_enum(
+    'weights', 'auto', ['auto', 'params', 'ema'],
+    'Export: auto is the moving average of the params where the run kept one (ema_decay).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Export: a .pt or .safetensors file to write, or '
                               'a folder with --format=hf.')
 _FORMAT = flags.DEFINE_enum('format', None, ['original', 'hf'], 'Export: original (the default '
@@ -49,7 +52,8 @@ def _export():
         raise UserError('exporting needs --output=FILE.pt, FILE.safetensors or, with --format=hf, '
                         'a folder')
     for path in original_checkpoints.export_checkpoint(_CHECKPOINT_DIR.value, _OUTPUT.value,
-                                                       _STEP.value, _FORMAT.value):
+                                                       _STEP.value, _FORMAT.value,
+                                                       _WEIGHTS.value):
         print(f'Wrote {path}')
 
 

@@ -22,6 +22,9 @@ from muomni_jax.errors import UserError
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'save_dir of a training run.')
 _DATA_PATH = flags.DEFINE_string('data_path', None, 'Text file, directory or glob to score.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+_WEIGHTS = flags.DEFINE_enum(
+    'weights', 'auto', ['auto', 'params', 'ema'],
+    "auto: the moving average of the params where the run kept one (ema_decay), else the params.")
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Windows (or lm-eval requests) per batch.')
 _LM_EVAL_TASKS = flags.DEFINE_list('lm_eval_tasks', [], 'lm-eval-harness tasks to run instead '
                                    'of scoring --data_path.')
@@ -39,7 +42,7 @@ def main(argv):
     with cli.one_line_errors():
         if bool(_DATA_PATH.value) == bool(_LM_EVAL_TASKS.value):
             raise UserError('give either --data_path (a text to score) or --lm_eval_tasks')
-        ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
+        ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value, weights=_WEIGHTS.value)
         if _LM_EVAL_TASKS.value:
             from muomni_jax.interop import lm_eval_model  # pylint: disable=import-outside-toplevel
             results = lm_eval_model.evaluate_tasks(

@@ -14,6 +14,9 @@ from launch import cli
 
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'save_dir of a training run.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+_WEIGHTS = flags.DEFINE_enum(
+    'weights', 'auto', ['auto', 'params', 'ema'],
+    "auto: the moving average of the params where the run kept one (ema_decay), else the params.")
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Text to continue; repeat for a batch.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 50, 'Tokens to generate at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
@@ -30,7 +33,7 @@ def main(argv):
     import muomni_jax  # pylint: disable=import-outside-toplevel
     from muomni_jax.inference import sampling  # pylint: disable=import-outside-toplevel
     with cli.one_line_errors():
-        ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value)
+        ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value, weights=_WEIGHTS.value)
         model = ckpt.model()
         prompts = _PROMPT.value
         texts = sampling.generate(

@@ -144,7 +144,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     restored, meta = ckpt.restore_latest(abstract)
     ckpt.close()
     # The saved meta, and the checksum of every array, which the restore verified.
-    assert meta == {'step': 1, 'epoch': 0, 'checksums': checkpointing.tree_checksums(state)}
+    assert meta == {'step': 1, 'epoch': 0, 'checksums': checkpointing.tree_checksums(state),
+                    'ema': False}
     assert len(meta['checksums']) == len(jax.tree.leaves(state))
     assert_trees_equal(state, restored, check_sharding=True)
 

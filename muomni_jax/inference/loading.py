@@ -77,9 +77,22 @@ def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+WEIGHTS = ('auto', 'params', 'ema')
+
+
+def has_average(checkpoint_dir: str, step: int) -> bool:
+    """Whether the step holds the moving average of its params (a run with ema_decay > 0)."""
+    path = epath.Path(checkpoint_dir) / str(step) / 'meta' / 'metadata'
+    try:
+        return bool(json.loads(path.read_text()).get('ema'))
+    except (OSError, ValueError, AttributeError):
+        return False  # Steps saved before the average existed have no such meta.
+
+
 def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
-                   sharding: jax.sharding.Sharding) -> nnx.State:
-    """Reads only `params` from save_dir/<step>/state onto `sharding` (every leaf the same)."""
+                   sharding: jax.sharding.Sharding, subtree: str = 'params') -> nnx.State:
+    """Reads only `subtree` ('params', or 'ema_params': their average) from
+    save_dir/<step>/state onto `sharding` (every leaf the same)."""
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
@@ -87,19 +100,26 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-                item={'params': target}, restore_args={'params': restore_args},
+                item={subtree: target}, restore_args={subtree: restore_args},
                 partial_restore=True))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(f'cannot restore the params of {path} ({first_line(e)}): is config.json '
                         'the config it was trained with?') from None
-    return restored['params']
+    return restored[subtree]
 
 
-def load(checkpoint_dir: str, step: int | None = None, *,
-         need_tokenizer: bool = True) -> Checkpoint:
+def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool = True,
+         weights: str = 'auto') -> Checkpoint:
     """Restores the params of `step` (default: the newest) of a save_dir, with its config and
     tokenizer, onto this process's first device. Exporting weights needs no tokenizer: with
-    need_tokenizer=False a save_dir without one loads too."""
+    need_tokenizer=False a save_dir without one loads too.
+
+    weights: 'auto' (the default) gives the moving average of the params where the run kept
+    one (ema_decay > 0: the user asked for it as the model; the run logged both validation
+    losses), else the params; 'params' the trained params; 'ema' the average, or an error.
+    """
+    if weights not in WEIGHTS:
+        raise UserError(f'weights={weights!r} is not one of {WEIGHTS}')
     steps = available_steps(checkpoint_dir)
     if not steps:
         raise UserError(f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
@@ -118,5 +138,10 @@ def load(checkpoint_dir: str, step: int | None = None, *,
                         'with there')
     _, abstract_params = abstract_model(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = restore_params(checkpoint_dir, step, abstract_params, sharding)
+    average = has_average(checkpoint_dir, step)
+    if weights == 'ema' and not average:
+        raise UserError(f'step {step} of {checkpoint_dir} holds no moving average of its params '
+                        '(train with --config.ema_decay > 0): use weights=params or auto')
+    subtree = 'ema_params' if average and weights != 'params' else 'params'
+    params = restore_params(checkpoint_dir, step, abstract_params, sharding, subtree)
     return Checkpoint(config=config, params=params, tokenizer=tokenizer)

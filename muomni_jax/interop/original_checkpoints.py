@@ -28,16 +28,17 @@ _NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weight
 
 
 def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None,
-                      output_format: str | None = None) -> list[str]:
+                      output_format: str | None = None, weights: str = 'auto') -> list[str]:
     """One step of a save_dir (default: the newest) -> `output`: the original's format (a .pt or
     .safetensors file) or a Hugging Face folder (output_format='hf'). Without output_format, an
-    output that ends in / or is an existing folder is a Hugging Face one."""
+    output that ends in / or is an existing folder is a Hugging Face one. weights: as
+    loading.load's (auto: the moving average where the run kept one)."""
     if output_format is None:
         output_format = 'hf' if output.endswith('/') or os.path.isdir(output) else 'original'
     if output_format not in FORMATS:
         raise UserError(f'unknown format {output_format!r}: choose one of {", ".join(FORMATS)}')
     hf = output_format == 'hf'
-    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=hf)
+    ckpt = loading.load(checkpoint_dir, step, need_tokenizer=hf, weights=weights)
     config = ThinkerConfig.from_config(ckpt.config)
     if hf:
         return hf_format.write_hf(output, ckpt.params, config, ckpt.tokenizer)

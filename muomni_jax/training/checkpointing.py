@@ -25,6 +25,7 @@ from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import storage
 from muomni_jax.io.atomic_write import write_atomically
 from muomni_jax.parallel import distributed
+from muomni_jax.training import steps
 
 
 # Tests only (muomni_jax.test_hooks): with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N
@@ -129,7 +130,8 @@ class Checkpointer:
         the checksum of every array of state, which restore verifies."""
         if not self._writing:
             raise RuntimeError('call start_writing before saving')
-        meta = {**meta, 'checksums': tree_checksums(state)}
+        meta = {**meta, 'checksums': tree_checksums(state),
+                'ema': isinstance(state, steps.AveragedTrainState)}
         self._manager.save(step,
                            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=self._meta_save(meta)),
@@ -143,13 +145,21 @@ class Checkpointer:
         """
         state, meta = self._read(step, abstract_state)
         verify(state, meta, f'step {step}')
-        return state, meta
+        return _ema_as_wanted(state, abstract_state), meta
 
     def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        restored = self._manager.restore(step,
-                                         args=ocp.args.Composite(
-                                             state=ocp.args.StandardRestore(abstract_state),
-                                             meta=ocp.args.JsonRestore()))
+        """The state as it was saved (with or without its average of the params, whatever
+        abstract_state holds) and its meta."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        target = abstract_state
+        if isinstance(abstract_state, steps.TrainState):
+            saved_ema = isinstance(meta, dict) and bool(meta.get('ema'))
+            # The average has the params' shapes and shardings.
+            target = (steps.with_average(abstract_state, abstract_state.params) if saved_ema
+                      else steps.without_average(abstract_state))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
     def restore_latest(self,
@@ -201,7 +211,7 @@ class Checkpointer:
             verify(*restored, f'step {step}')
         except DamagedCheckpoint as e:
             return None, first_line(e, 200)
-        return restored, ''
+        return (_ema_as_wanted(restored[0], abstract_state), restored[1]), ''
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -209,6 +219,21 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _ema_as_wanted(state: Any, abstract_state: Any) -> Any:
+    """The restored state with an average of the params exactly when abstract_state has one: a
+    run that turns ema_decay on over a checkpoint without it starts the average at the
+    restored params; one that turns it off drops it."""
+    if not isinstance(state, steps.TrainState):
+        return state
+    wanted = isinstance(abstract_state, steps.AveragedTrainState)
+    has = isinstance(state, steps.AveragedTrainState)
+    if wanted and not has:
+        return steps.with_average(state, steps.copy_tree(state.params))
+    if has and not wanted:
+        return steps.without_average(state)
+    return state
 
 
 class DamagedCheckpoint(ValueError):

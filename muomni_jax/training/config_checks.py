@@ -47,6 +47,20 @@ def validate_config(config) -> ThinkerConfig:
     if config.max_train_seconds < 0:
         raise UserError(f'max_train_seconds ({config.max_train_seconds}) must be >= 0 (0: no '
                         'time budget)')
+    schedule_seconds = config.get('schedule_seconds', 0)
+    if schedule_seconds < 0:
+        raise UserError(f'schedule_seconds ({schedule_seconds}) must be >= 0 (0: the schedule '
+                        'follows max_steps or num_epochs)')
+    if schedule_seconds and config.lr_schedule == 'cosine' and config.warmup_steps < 3:
+        raise UserError(f'schedule_seconds times steps during warmup, so that a cosine schedule '
+                        f'fitted afterwards gives exactly the rates those steps used: set '
+                        f'warmup_steps >= 3 (it is {config.warmup_steps}), or '
+                        "lr_schedule='wsd'")
+    if not 0 <= config.get('ema_decay', 0.0) < 1:
+        raise UserError(f'ema_decay ({config.ema_decay}) must be in [0, 1), e.g. 0.999 (0: no '
+                        'average)')
+    if config.get('z_loss_weight', 0.0) < 0:
+        raise UserError(f'z_loss_weight ({config.z_loss_weight}) must be >= 0, e.g. 1e-4')
     if config.max_grad_norm <= 0:
         raise UserError(f'max_grad_norm ({config.max_grad_norm}) must be > 0')
     if reporting.parse_profile_steps(config.profile_steps) and storage.is_url(config.save_dir):

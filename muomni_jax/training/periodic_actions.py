@@ -70,17 +70,19 @@ class Interval:
 
 def train_loop(state: steps_lib.TrainState, steps: range, batches: Iterable[Any],
                train_step: Callable, interval: Interval, actions: list[PeriodicAction],
-               should_stop: Callable[[int], bool] = lambda step: False
-               ) -> tuple[steps_lib.TrainState, bool]:
+               should_stop: Callable[[int], bool] = lambda step: False,
+               last_step: Callable[[], int] | None = None) -> tuple[steps_lib.TrainState, bool]:
     """Runs train_step on each batch for the given step numbers (each the step count after it).
 
+    last_step() is the run's final step (default: the last of `steps`): asked after each step,
+    since an action may fix the run's length (schedule_fit) and a loop may be one phase of a run.
     Returns the last state and whether should_stop ended the run early.
     """
     for step, batch in zip(steps, batches):
         state, metrics = train_step(state, batch)
         interval.add(metrics)
         stop = should_stop(step)
-        final = step == steps[-1]
+        final = step == (steps[-1] if last_step is None else last_step())
         for action in actions:
             if step % action.every == 0 or final or (stop and action.on_stop):
                 action(step, state, final or stop)
@@ -210,9 +212,12 @@ def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: f
     """A training_log record from the summed metrics of one log interval (host values)."""
     loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
     finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
-    return dict(epoch=epoch + 1, loss=loss, ppl=lm_loss.perplexity(loss), lr=lr,
-                grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
-                elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
+    record = dict(epoch=epoch + 1, loss=loss, ppl=lm_loss.perplexity(loss), lr=lr,
+                  grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
+                  elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
+    if 'z_sum' in m:  # z_loss_weight > 0: the mean logsumexp^2 (its loss is weight x this).
+        record['z_loss'] = float(m['z_sum']) / max(float(m['weight_sum']), 1.0)
+    return record
 
 
 @dataclasses.dataclass
@@ -233,6 +238,11 @@ class Evaluate:
         del last
         eval_start = time.time()
         val = self.evaluate(state.params)
+        average = getattr(state, 'ema_params', None)
+        if val and average is not None:
+            # The raw params keep val_loss, comparable with runs without an average.
+            ema = self.evaluate(average)
+            val.update(val_ema_loss=ema['val_loss'], val_ema_ppl=ema['val_ppl'])
         if val:
             self.summary.update(val)
             self.history.add(step, **val)
@@ -242,10 +252,13 @@ class Evaluate:
                      if key.startswith('val/') and key.endswith('/loss')]
             per_source = ''.join(f' | {name} loss={val[f"val/{name}/loss"]:.3f} '
                                  f'ppl={val[f"val/{name}/ppl"]:.1f}' for name in names)
+            ema_line = (f' | EMA loss={val["val_ema_loss"]:.3f} ppl={val["val_ema_ppl"]:.1f}'
+                        if 'val_ema_loss' in val else '')
             self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}'
-                              f'{" (weighted)" if names else ""}{per_source}')
+                              f'{" (weighted)" if names else ""}{per_source}{ema_line}')
         if self.sampler:  # Every process joins: the params may span them all.
-            samples = self.sampler(state.params)
+            # The samples are of the model load() gives: the average where there is one.
+            samples = self.sampler(state.params if average is None else average)
             for line in samples:
                 self.reporter.log(line)
             self.reporter.write_texts(step, {f'samples/{i}': line.strip()
@@ -282,6 +295,7 @@ class SaveCheckpoint:
     reporter: reporting.Reporter
     last_saved: int = 0
     mixture: str | None = None  # mixture.canonical: a resume with another mixture is refused.
+    schedule_steps: int | None = None  # The length fitted to schedule_seconds, once fixed.
     on_stop: bool = True
 
     def __call__(self, step, state, last):
@@ -296,6 +310,7 @@ class SaveCheckpoint:
             'step': step, 'epoch': step // self.steps_per_epoch,
             'step_in_epoch': step % self.steps_per_epoch,
             'steps_per_epoch': self.steps_per_epoch, 'mixture': self.mixture,
+            'schedule_steps': self.schedule_steps,
             'interval_metrics': None if interval is None else {
                 k: v.item() for k, v in interval.items()}})
         self.last_saved = step

@@ -99,6 +99,12 @@ class Reporter:
         # A resumed run may start inside the profiled range: trace from its first step.
         self._maybe_start_profile(start_step + 1, None)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length changed (fitted to schedule_seconds): the bar's 100% follows."""
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     @property
     def profile_dir(self) -> str:
         """Where jax.profiler puts each trace (one <time>/ folder per trace)."""

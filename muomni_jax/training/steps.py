@@ -35,6 +35,25 @@ class TrainState:
     rng: jax.Array  # (2,) uint32 dropout key; each step folds in its step number.
 
 
+@flax.struct.dataclass
+class AveragedTrainState(TrainState):
+    """The state of a run with ema_decay > 0. A class of its own, so the tree of a run without
+    the average is exactly the tree every earlier checkpoint holds."""
+    # The exponential moving average of params after each finite update (the initial params
+    # at step 0); float32, laid out like params.
+    ema_params: nnx.State
+
+
+def with_average(state: TrainState, ema_params: Any) -> AveragedTrainState:
+    return AveragedTrainState(step=state.step, params=state.params, opt_state=state.opt_state,
+                              rng=state.rng, ema_params=ema_params)
+
+
+def without_average(state: TrainState) -> TrainState:
+    return TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
+                      rng=state.rng)
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer. A new optimizer goes in make_optimizer: the state tree follows from it.
 
@@ -107,24 +126,32 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 # Pure steps
 
 
-def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTransformation
-               ) -> TrainState:
+def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTransformation,
+               ema: bool = False) -> TrainState:
     params_rng, dropout_rng = jax.random.split(rng)
     _, params = nnx.split(Thinker(model_config, rngs=nnx.Rngs(params=params_rng)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=dropout_rng)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=dropout_rng)
+    return with_average(state, copy_tree(params)) if ema else state
 
 
-def state_from_params(params: nnx.State, tx: optax.GradientTransformation, seed: int = 0
-                      ) -> TrainState:
+def copy_tree(tree):
+    """A copy with buffers of its own (the train step donates the state's)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def state_from_params(params: nnx.State, tx: optax.GradientTransformation, seed: int = 0,
+                      ema: bool = False) -> TrainState:
     """Step 0 of a run that starts from given params (an import) with a fresh optimizer."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(seed))
+    return with_average(state, copy_tree(params)) if ema else state
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
-               max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0
+               max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0,
+               z_loss_weight: float = 0.0, ema_decay: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
 
@@ -143,14 +170,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
     def accumulate(carry, xs):
         index, micro_batch = xs
-        (loss_sum, weight_sum), grads = grad_fn(
+        (_, sums), grads = grad_fn(
             state.params, micro_batch, jax.random.fold_in(step_key, index), graphdef,
-            deterministic, loss_chunk_tokens)
-        return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
+            deterministic, loss_chunk_tokens, z_loss_weight)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-        accumulate, zeros, (jnp.arange(accumulation_steps), micro))
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),
+             {k: jnp.zeros(()) for k in ('loss_sum', 'weight_sum', 'z_sum')})
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation_steps), micro))
+    loss_sum, weight_sum = sums['loss_sum'], sums['weight_sum']
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -165,7 +193,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         'nonfinite_limit_step': jnp.where(streak_done, state.step + 1, NO_STEP),
         'steps': jnp.ones((), jnp.int32),
     }
+    if z_loss_weight:  # The mean logsumexp^2 that the z-loss pulls toward 0.
+        metrics['z_sum'] = jnp.where(finite, sums['z_sum'], 0.0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay:
+        # A skipped (non-finite) step leaves params, hence the average, as they were.
+        new_state = new_state.replace(ema_params=jax.tree.map(
+            lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
+            state.ema_params, params))
     return new_state, metrics
 
 
@@ -173,8 +208,9 @@ def add_metrics(total, metrics):
     """Sums metrics over steps; nonfinite_limit_step keeps the earliest step instead."""
     if total is None:
         return metrics
+    # A key the total lacks (z_sum, after a resume that turned z-loss on) starts at this step.
     return {k: (jnp.minimum if k == 'nonfinite_limit_step' else jnp.add)(total[k], v)
-            for k, v in metrics.items()}
+            if k in total else v for k, v in metrics.items()}
 
 
 @jax.jit
@@ -209,7 +245,8 @@ def create_train_state(config, mesh, total_steps: int = 1, *, initialize: bool =
     """
     model_config = ThinkerConfig.from_config(config)
     tx = make_optimizer(config, total_steps)
-    init = functools.partial(init_state, model_config=model_config, tx=tx)
+    init = functools.partial(init_state, model_config=model_config, tx=tx,
+                             ema=bool(config.get('ema_decay', 0.0)))
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = partitioning.state_shardings(mesh, abstract)
     graphdef, _ = abstract_model(model_config)
@@ -234,7 +271,9 @@ def _jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef
                           accumulation_steps=config.gradient_accumulation_steps,
                           deterministic=model_config.dropout == 0,
                           max_consecutive_nonfinite=config.max_consecutive_nonfinite,
-                          loss_chunk_tokens=config.loss_chunk_tokens),
+                          loss_chunk_tokens=config.loss_chunk_tokens,
+                          z_loss_weight=config.get('z_loss_weight', 0.0),
+                          ema_decay=config.get('ema_decay', 0.0)),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=0)

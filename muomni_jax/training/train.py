@@ -36,6 +36,7 @@ from muomni_jax.training import periodic_actions
 from muomni_jax.training import preemption
 from muomni_jax.training import reporting
 from muomni_jax.training import run_lock
+from muomni_jax.training import schedule_fit
 from muomni_jax.training import steps
 from muomni_jax.training import training_log
 
@@ -110,6 +111,8 @@ class _Run:
     sampler: Any  # params -> sample lines to print after validation, or None.
     is_main: bool
     log: Any  # print on process 0, nothing elsewhere.
+    # schedule_seconds: the fitted length, once fixed (recorded in checkpoints); else None.
+    schedule_steps: int | None = None
 
 
 def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[str, float]:
@@ -213,6 +216,10 @@ def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
         return run.setup.init(jax.random.PRNGKey(run.config.seed)), 0, None
     state, meta = restored
     start_step = int(meta['step'])
+    recorded = meta.get('schedule_steps')
+    if recorded and run.config.get('schedule_seconds', 0):
+        _set_length(run, int(recorded))
+        run.log(f'Schedule: {recorded} steps, as fitted to schedule_seconds when this run began.')
     # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
     if start_step and meta.get('mixture') != mixture.canonical(run.config):
         raise UserError(f'the checkpoint in {checkpointer.directory} was trained on '
@@ -227,6 +234,21 @@ def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
                         'per process), or use a new save_dir')
     run.log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     return state, start_step, meta.get('interval_metrics')
+
+
+def _set_length(run: _Run, total_steps: int) -> None:
+    """Fixes the run's length to a fitted one: the steps are jitted again for its schedule (the
+    state's tree does not change)."""
+    run.schedule_steps = run.total_steps = total_steps
+    run.setup = steps.create_train_state(run.config, run.mesh, total_steps, initialize=False)
+
+
+def _validation_batches(run: _Run) -> int:
+    """Eval batches per validation, over every source (for the schedule fit)."""
+    config = run.config
+    if config.eval_batches:
+        return config.eval_batches * len(run.data.sources)
+    return sum(sum(1 for _ in run.data.validation_batches(i)) for i in range(len(run.data.sources)))
 
 
 def _model_flops(run: _Run) -> tuple[float, float | None, Callable[[], float] | None]:
@@ -280,11 +302,21 @@ def _train_with(run: _Run, state: steps.TrainState, start_step: int, interval: d
                        periodic_actions.Interval.resumed(interval, run.mesh), *model_flops)
     budget = preemption.TimeBudget(config.max_train_seconds,
                                    wait_for=lambda: actions.interval.sums)
+    fit = _schedule_fit(run, actions, reporter, start_step)
+    phases = [fit.fit_at] if fit else []
+    batches = _batches(run, start_step, reporter.log)
     with preemption.StopSignals(sync_every=config.log_every) as signals:
-        _, stopped = periodic_actions.train_loop(
-            state, range(start_step + 1, run.total_steps + 1),
-            _batches(run, start_step, reporter.log), run.setup.train_step, actions.interval,
-            actions.in_order, lambda step: signals.should_stop(step) or budget.should_stop(step))
+        first, stopped = start_step + 1, False
+        for last in phases + [None]:
+            # run.total_steps (and the jitted step) may change at the fit, between phases.
+            last = run.total_steps if last is None else min(last, run.total_steps)
+            state, stopped = periodic_actions.train_loop(
+                state, range(first, last + 1), batches, run.setup.train_step, actions.interval,
+                actions.in_order, lambda step: signals.should_stop(step) or budget.should_stop(step),
+                last_step=lambda: run.total_steps)
+            if stopped or last == run.total_steps:
+                break
+            first = last + 1
     if not stopped:
         return summary, None
     reason = signals.received or f'the time budget (max_train_seconds={config.max_train_seconds:g})'
@@ -293,10 +325,39 @@ def _train_with(run: _Run, state: steps.TrainState, start_step: int, interval: d
     return summary, reason
 
 
+def _schedule_fit(run: _Run, actions, reporter, start_step: int
+                  ) -> schedule_fit.ScheduleFit | None:
+    """The action that fixes the run's length (schedule_seconds), first in the step's order; None
+    when the length is already fixed, or not fitted to time."""
+    config = run.config
+    if not config.get('schedule_seconds', 0) or run.schedule_steps is not None:
+        return None
+    if start_step >= run.total_steps:
+        return None
+
+    def on_fit(total: int, line: str) -> None:
+        _set_length(run, total)
+        actions.log_metrics.total_steps = actions.evaluate.total_steps = total
+        actions.log_metrics.schedule = steps.learning_rate_schedule(config, total)
+        actions.save.schedule_steps = total
+        reporter.set_total_steps(total)
+        reporter.log(line)
+
+    fit = schedule_fit.ScheduleFit(
+        budget_s=config.schedule_seconds, start_step=start_step,
+        fit_at=schedule_fit.fit_step(config, start_step, run.total_steps),
+        upper_steps=run.total_steps, eval_every=config.eval_every,
+        eval_batches=_validation_batches(run), on_fit=on_fit)
+    actions.in_order.insert(0, fit)
+    return fit
+
+
 @dataclasses.dataclass
 class _Actions:
     interval: periodic_actions.Interval
     save: periodic_actions.SaveCheckpoint
+    log_metrics: periodic_actions.LogMetrics
+    evaluate: periodic_actions.Evaluate
     in_order: list[periodic_actions.PeriodicAction]
 
 
@@ -310,7 +371,8 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         every=config.save_every, checkpointer=checkpointer, save_dir=config.save_dir,
         steps_per_epoch=run.steps_per_epoch, interval=interval,
         max_consecutive_nonfinite=config.max_consecutive_nonfinite, reporter=reporter,
-        last_saved=start_step, mixture=mixture.canonical(config))
+        last_saved=start_step, mixture=mixture.canonical(config),
+        schedule_steps=run.schedule_steps)
     log_metrics = periodic_actions.LogMetrics(
         every=config.log_every, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
         tokens_per_step=config.batch_size * config.ctx_len,
@@ -325,7 +387,8 @@ def _actions(run: _Run, checkpointer, reporter, summary, start_step, interval, f
         every=config.eval_every, total_steps=run.total_steps,
         evaluate=lambda params: evaluate(run, params), sampler=run.sampler, interval=interval,
         history=history, reporter=reporter, summary=summary)
-    return _Actions(interval=interval, save=save, in_order=[
+    return _Actions(interval=interval, save=save, log_metrics=log_metrics,
+                    evaluate=evaluate_action, in_order=[
         periodic_actions.FirstStepTime(reporter), periodic_actions.Progress(reporter),
         log_metrics, evaluate_action,
         periodic_actions.WriteHistory(history, enabled=run.is_main), save])

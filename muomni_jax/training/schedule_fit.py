@@ -1,0 +1,110 @@
+"""schedule_seconds: the run's length fitted to a time budget, so its schedule decays in time.
+
+A run given only a time budget would otherwise never decay: its cosine or WSD is laid over the
+steps of max_steps or num_epochs, which it never reaches. Here the first launch times
+MEASURED_STEPS steps after its first (which compiles), then fixes the run's total steps so the
+whole run, validations included, ends at schedule_seconds of training time:
+
+  total = fit_step + floor((schedule_seconds - elapsed - compile) / (step_s * (1 + validation)))
+
+where elapsed is the training time so far, compile the first step's time (the step is compiled
+again for the fitted schedule) and validation the share of eval batches, each a forward pass
+(a third of a training step), in the steps. The total never exceeds the steps of max_steps or
+num_epochs. It is recorded in every checkpoint after the fit, and a resumed run takes it from
+there: a length that depends on timing is never measured again, so resume stays bitwise.
+
+The steps before the fit ran with the provisional schedule. They lie within warmup (cosine;
+config_checks asks for warmup_steps >= 3) or before the decay (WSD), where both schedules give
+the same rates, so the run is exactly the run that knew its length from the start.
+max_train_seconds stays the limit of one launch (a SLURM-style chunk): a run of
+schedule_seconds=3600 launched with max_train_seconds=1200 saves and stops three times, and the
+third launch ends at the fitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+
+from muomni_jax.parallel import distributed
+
+MEASURED_STEPS = 10  # Steps timed after a launch's first, before the length is fixed.
+# A validation batch is a forward pass: about a third of a training step's FLOPs.
+EVAL_BATCH_PER_STEP = 1 / 3
+
+
+def now() -> float:
+    """The fit's clock, in seconds."""
+    return time.monotonic()
+
+
+def fit_step(config, start_step: int, upper_steps: int) -> int:
+    """The step after which the length is fixed: MEASURED_STEPS timed steps after this launch's
+    first; for cosine at most the last warmup step (past it the rate depends on the length)."""
+    step = start_step + 1 + MEASURED_STEPS
+    if config.lr_schedule == 'cosine':
+        step = min(step, max(config.warmup_steps, start_step + 2))
+    return min(step, upper_steps)
+
+
+def fitted_total_steps(*, budget_s: float, elapsed_s: float, compile_s: float, step_s: float,
+                       done_steps: int, upper_steps: int, eval_every: int,
+                       eval_batches: int) -> int:
+    """The run's total steps: as many as fit in what is left of budget_s, validations included,
+    between done_steps and upper_steps."""
+    validation = eval_batches * EVAL_BATCH_PER_STEP / eval_every
+    left = budget_s - elapsed_s - compile_s
+    more = math.floor(left / (step_s * (1 + validation))) if step_s > 0 else upper_steps
+    return int(min(upper_steps, done_steps + max(more, 0)))
+
+
+@dataclasses.dataclass
+class ScheduleFit:
+    """A periodic action: times this launch's steps up to fit_at, then fixes the run's length
+    (every process takes process 0's) and hands it to on_fit before the other actions of that
+    step run. Its clock is injectable, so tests fit on a fake one."""
+    budget_s: float
+    start_step: int  # The step this launch started from (earlier launches' steps count too).
+    fit_at: int
+    upper_steps: int
+    eval_every: int
+    eval_batches: int  # Validation batches per validation, over every source.
+    on_fit: Callable[[int, str], None]  # (total steps, the line that says so).
+    clock: Callable[[], float] | None = None  # Default: now() (tests patch it).
+    every: int = 1
+    on_stop: bool = False
+    fitted: int | None = None
+
+    def __post_init__(self):
+        self.clock = self.clock or now
+        self._loop_start = self.clock()
+        self._first_done = None
+
+    def __call__(self, step: int, state: Any, last: bool) -> None:
+        del last
+        if self.fitted is not None or step not in (self.start_step + 1, self.fit_at):
+            return
+        jax.block_until_ready(state.step)  # The device's time, not the host's dispatch.
+        now = self.clock()
+        if step == self.start_step + 1:
+            self._first_done = now
+            if step != self.fit_at:
+                return
+        timed = self.fit_at - self.start_step - 1
+        compile_s = self._first_done - self._loop_start
+        step_s = (now - self._first_done) / timed if timed else compile_s
+        total = fitted_total_steps(
+            budget_s=self.budget_s, elapsed_s=now - self._loop_start + self.start_step * step_s,
+            compile_s=compile_s, step_s=step_s, done_steps=step, upper_steps=self.upper_steps,
+            eval_every=self.eval_every, eval_batches=self.eval_batches)
+        total = distributed.allgather_json(total)[0]  # Every process ends at the same step.
+        self.fitted = total
+        end = ('the data or max_steps ends first' if total == self.upper_steps
+               else 'the decay ends at the budget')
+        self.on_fit(total, f'Schedule fitted to schedule_seconds={self.budget_s:g}: '
+                           f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
+                           f'{compile_s:.1f} s to compile -> {total} steps ({end}).')
