@@ -223,12 +223,16 @@ def launched(command: list[str], env: dict[str, str] | None = None, cwd: str = R
     env = dict(env or one_device_env(), PYTHONUNBUFFERED='1')
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE if stderr else subprocess.STDOUT, text=True)
+    started = None
     try:
-        yield Launched(process)
+        started = Launched(process)
+        yield started
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
+        for reader in started._readers if started else []:  # pylint: disable=protected-access
+            reader.join(timeout=30)  # The pipes end with the process; then close them.
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()

@@ -63,7 +63,9 @@ def assert_same_function(base, impl, t):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
-GQA = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, kv_groups=2,
+# One layer: a kernel replaces each layer's attention alone, so more layers only add compile and
+# interpreter time.
+GQA = ThinkerConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=48, kv_groups=2,
                     dropout=0.0, attention_block=16)
 
 
@@ -71,12 +73,14 @@ GQA = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, k
 @pytest.mark.parametrize('base', [GQA, dataclasses.replace(GQA, use_gqa=False)],
                          ids=['gqa', 'mha'])
 def test_pallas_computes_the_xla_function(base):
-    assert_same_function(base, 'pallas', 64)
+    # 32 tokens, as 64 did, are one kernel block (attention_kernels takes the largest of
+    # 128/64/32/16 that divides t), holding three documents and padding.
+    assert_same_function(base, 'pallas', 32)
 
 
 @pytest.mark.slow
 def test_splash_computes_the_xla_function():
-    assert_same_function(dataclasses.replace(GQA, n_layers=1), 'splash', 128)
+    assert_same_function(GQA, 'splash', 128)
 
 
 @pytest.mark.slow

@@ -29,13 +29,12 @@ def _args(save_dir, data_path):
     return [*RESUME_ARGS, f'--config.data_path={data_path}', f'--config.save_dir={save_dir}']
 
 
-def _env(compilation_cache, pause_in_save_of=None):
-    env = one_device_env()
+def _env(pause_in_save_of=None):
+    # Reruns, and the other test's runs of the same config, load every compiled step from the
+    # session's persistent cache instead of compiling again.
+    env = one_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     if pause_in_save_of is not None:
         env[checkpointing.PAUSE_IN_SAVE_ENV] = str(pause_in_save_of)
-    # Reruns load the compiled steps from JAX's persistent cache instead of compiling again.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     return env
 
 
@@ -52,13 +51,12 @@ def _names(save_dir):
 @pytest.mark.slow
 def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     reference_dir, resumed_dir = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
-    cache = tmp_path / 'jax_cache'
     with launched(stage_a_command(*_args(reference_dir, corpus_sample)),
-                  env=_env(cache)) as reference:
+                  env=_env()) as reference:
         # 1. SIGKILL while step 4 is being written (step 2 is complete): the run pauses inside
         #    that save, after its files went into Orbax's temporary folder and before the commit.
         with launched(stage_a_command(*_args(resumed_dir, corpus_sample)),
-                      env=_env(cache, pause_in_save_of=4)) as run:
+                      env=_env(pause_in_save_of=4)) as run:
             run.wait_for_line('Paused in the save of step 4')
             names = _names(resumed_dir)
             assert any(n.startswith('4.orbax-checkpoint-tmp') for n in names), names
@@ -69,14 +67,14 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
 
         # 2. The rerun resumes from step 2, never from the incomplete step 4; SIGKILL it as soon
         #    as step 6 is complete, wherever it then is (it holds before step 8 at the latest).
-        with launched(_held(8, 99, *_args(resumed_dir, corpus_sample)), env=_env(cache)) as run:
+        with launched(_held(8, 99, *_args(resumed_dir, corpus_sample)), env=_env()) as run:
             run.wait_until(lambda: '6' in _names(resumed_dir), 'step 6')
             run.kill()
             assert 'Resuming from checkpoint step 2 ' in run.stdout, run.output_tail()
 
         # 3. SIGTERM, here before step 9: the run finishes that step, saves it, says where, and
         #    exits 0.
-        with launched(_held(9, 1, *_args(resumed_dir, corpus_sample)), env=_env(cache)) as run:
+        with launched(_held(9, 1, *_args(resumed_dir, corpus_sample)), env=_env()) as run:
             run.wait_for_line('Holding before step 9')
             run.send_signal(signal.SIGTERM)
             assert run.wait(timeout=120) == 0, run.output_tail()
@@ -91,7 +89,7 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
 
         # 4. The last rerun completes.
         with launched(stage_a_command(*_args(resumed_dir, corpus_sample)),
-                      env=_env(cache)) as run:
+                      env=_env()) as run:
             assert run.wait(timeout=240) == 0, run.output_tail()
             assert 'Resuming from checkpoint step 9' in run.stdout
             assert 'Training complete' in run.stdout
@@ -107,7 +105,7 @@ def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
     save_dir = str(tmp_path / 'run')
     # Held before step 3 until it handled two signals: the second Ctrl-C finds it still there.
     with launched(_held(3, 2, *_args(save_dir, corpus_sample)),
-                  env=_env(tmp_path / 'jax_cache')) as run:
+                  env=_env()) as run:
         run.wait_for_line('Holding before step 3')
         run.send_signal(signal.SIGINT)
         # Python runs a handler once for signals that arrive together: send the second after

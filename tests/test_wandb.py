@@ -82,15 +82,19 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
 
 @pytest.mark.slow  # A fresh process: only there is sys.modules free of earlier tests' imports.
 def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
+    # small_config's values on one device, without importing tests.conftest (its 8 devices and
+    # fresh caches): test_launch's CLI run compiled the same steps into the session's cache.
+    config = small_config(tmp_path / 'run', corpus_sample).to_json()
     code = (
-        'import sys\n'
+        'import json, sys\n'
+        'from configs import tiny\n'
         'from muomni_jax.training import train\n'
-        'from tests.conftest import small_config\n'
-        f'train.train_and_evaluate(small_config({str(tmp_path / "run")!r}, '
-        f'{str(corpus_sample)!r}, max_steps=2, eval_every=2, save_every=2))\n'
+        'config = tiny.get_config()\n'
+        'config.update(json.loads(sys.argv[1]))\n'
+        'train.train_and_evaluate(config)\n'
         'assert "wandb" not in sys.modules, "wandb was imported"\n'
         'print("wandb not imported")\n')
-    result = run_code(code)
+    result = run_code(code, config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'wandb not imported' in result.stdout
 
