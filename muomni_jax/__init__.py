@@ -1,7 +1,9 @@
 """muomni-jax: Stage A of μOmni (the Thinker) in JAX.
 
 The public face, for notebooks and later μOmni stages:
-  muomni_jax.load(checkpoint_dir, step=None) -> Checkpoint (config, params, tokenizer; .model())
+  muomni_jax.load(checkpoint_dir, step=None, weights='auto') -> Checkpoint (config, params,
+      tokenizer; .model()); weights='auto' gives the params' moving average where the run kept
+      one (ema_decay), 'params' the trained params
   muomni_jax.generate(model, tokenizer, prompts, ...) -> continuations (KV-cache sampling)
   muomni_jax.next_token_distribution(model, tokenizer, prompt, k=5) -> most likely next tokens
   muomni_jax.plot_runs(checkpoint_dirs, output_path=None) -> matplotlib Figure of the curves
