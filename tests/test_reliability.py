@@ -22,7 +22,8 @@ from muomni_jax.io import atomic_write
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
-from tests.conftest import SMALL, REPO, one_device_env, restore_state, small_config
+from tests.conftest import (SMALL, REPO, launched, one_device_env, restore_state,
+                            small_config)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
@@ -227,34 +228,24 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
                    cwd=REPO, env=one_device_env(), check=True, capture_output=True, timeout=300)
     for name in os.listdir(tmp_path / 'cache'):  # Built; now a rebuild of the same key.
         shutil.rmtree(tmp_path / 'cache' / name)
-    env = one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
-    first = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args,
-                              '--config.vocab_size=80'], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second = None
-    try:
-        for _ in range(1200):  # Paused inside its build, holding the build lock.
-            if paused.exists() or first.poll() is not None:
-                break
-            threading.Event().wait(0.1)
-        assert paused.exists(), first.stdout.read()[-3000:]
-        second = subprocess.Popen([sys.executable, '-m', 'launch.prepare_data', *args,
-                                   '--config.vocab_size=80'], cwd=REPO, env=one_device_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        with pytest.raises(subprocess.TimeoutExpired):
-            second.wait(timeout=15)  # It waits its turn: it neither builds nor deletes.
-        directory = next((tmp_path / 'cache').iterdir())
-        assert any('.partial-' in n for n in os.listdir(directory))
-        first.kill()
-        first.wait(timeout=60)
-        out, _ = second.communicate(timeout=300)
-        assert second.returncode == 0, out[-3000:]
-        assert 'an earlier build of' in out and 'was interrupted; rebuilding it' in out, out
-    finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=60)
+    prepare = [sys.executable, '-m', 'launch.prepare_data', *args, '--config.vocab_size=80']
+    with launched(prepare, env=one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
+                  ) as first:
+        # Paused inside its build, holding the build lock.
+        first.wait_until(paused.exists, 'the first build pausing mid-build', timeout=120)
+        with launched(prepare) as second:
+            # It waits its turn (it says so, then blocks on the lock): it neither builds nor
+            # deletes.
+            waiting = second.wait_for_line('Token cache: waiting for another run building ',
+                                           timeout=120)
+            directory = next((tmp_path / 'cache').iterdir())
+            assert str(directory) in waiting and second.process.poll() is None
+            assert any('.partial-' in n for n in os.listdir(directory))
+            assert 'Token cache: building' not in second.stdout
+            first.kill()
+            assert second.wait(timeout=300) == 0, second.output_tail()
+            out = second.stdout
+            assert 'an earlier build of' in out and 'was interrupted; rebuilding it' in out, out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def open_or_build(config, source: input_pipeline.DocumentSource,
     _make_writable(directory)
     # Two runs that build the same shards (a sweep on the default cache) take turns; the second
     # then finds them built.
-    with _build_lock(directory, names.values()):
+    with _build_lock(directory, names.values(), log):
         streams, damaged = _open_all(directory, names, key, tokenizer.vocab_size)
         if streams is not None:
             log(f'Token cache: {directory} was built by another run meanwhile; using it.')
@@ -202,14 +202,21 @@ def _open_all(directory: str, names: dict, key: str, vocab_size: int
 
 
 @contextlib.contextmanager
-def _build_lock(directory: str, names) -> Iterator[None]:
+def _build_lock(directory: str, names, log: Callable[[str], None] = print) -> Iterator[None]:
     """An exclusive lock (fcntl.lockf, which NFS carries) on building these shards; waits for a
-    builder that holds it. The kernel frees it if its holder dies."""
+    builder that holds it, saying so first (a run that seems stuck says why). The kernel frees
+    it if its holder dies."""
     names = sorted(names)
     path = os.path.join(directory, f'.build-lock-{names[0]}-{len(names)}')
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # EACCES or EAGAIN: another process holds it.
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            log(f'Token cache: waiting for another run building {directory}...')
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
