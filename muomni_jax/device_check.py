@@ -41,15 +41,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # interpreted on a CPU, which times nothing useful but proves the path in --quick).
 IMPLEMENTATIONS = {'gpu': ('xla', 'cudnn', 'pallas'), 'tpu': ('xla', 'splash'),
                    'cpu': ('xla', 'pallas')}
-# The quick run's shape: seconds per step on a CPU.
-_QUICK_MODEL = dict(vocab_size=256, n_layers=2, d_model=64, n_heads=4, d_ff=128, ctx_len=32,
+# The quick run's shape: one layer (the path is the same at any depth), a fraction of a second
+# per step on a CPU.
+_QUICK_MODEL = dict(vocab_size=256, n_layers=1, d_model=64, n_heads=4, d_ff=128, ctx_len=32,
                     tokenizer_sample_size=20000, peak_flops_per_device=1e11)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     batch_sizes: tuple[int, ...]
-    launcher_steps: int  # Per launcher run; log intervals of launcher_steps // 5.
+    launcher_steps: int  # Per launcher run; five log intervals (every launcher_steps // 5).
     warmup: int
     repeats: int
     compile_original: bool
@@ -58,7 +59,7 @@ class Plan:
     @classmethod
     def of(cls, quick: bool) -> 'Plan':
         if quick:
-            return cls(batch_sizes=(4,), launcher_steps=10, warmup=1, repeats=2,
+            return cls(batch_sizes=(4,), launcher_steps=5, warmup=1, repeats=2,
                        compile_original=False, overrides=dict(_QUICK_MODEL, dtype='float32'))
         return cls(batch_sizes=(16, 128), launcher_steps=300, warmup=3, repeats=20,
                    compile_original=True, overrides={})
