@@ -6,6 +6,10 @@ init and AdamW betas, this reaches cpu_demo's old step-600 validation loss (4.70
 and ends at 4.63. Muon (optimizer='muon') reaches 4.70 in fewer steps (about 250) and ends lower
 (4.52), but each of its steps costs about 1.45x an AdamW step on a 2-core CPU, so it is slower
 to that loss here; on an accelerator, where its cost is small, prefer it.
+
+Measured again on 2026-12-02 against today's cpu_demo (BUILD_NOTES "cpu_fast: not yet
+re-chosen"): cpu_fast ends at 4.631, lower than cpu_demo at the same step (4.774 at 300), but
+cpu_demo now ends at 4.456 after its 600 steps, which this recipe does not reach.
 """
 
 import ml_collections
