@@ -145,10 +145,11 @@ def test_a_directory_or_glob_mixes_formats_and_finds_a_saved_dataset(tmp_path, f
     write_formats.write_parquet(docs[30:40], str(folder / 'c.parquet'))
     write_formats.write_saved_dataset(docs[40:60], str(folder / 'sub' / 'saved'))
     (folder / 'README.md').write_text('# not a document\n', encoding='utf-8')
+    (folder / 'config.json').write_text('{"vocab": 3}\n', encoding='utf-8')  # Metadata.
     got = _documents(folder, val_split=0.0)
     assert sorted(got) == sorted(d.encode() for d in docs)
     files = document_files.expand(str(folder))
-    assert not any(f.endswith(('README.md', 'state.json', 'dataset_info.json')) for f in files)
+    assert not any(f.endswith(('README.md', '.json')) for f in files)
     assert _documents(f'{folder}/*.parquet', val_split=0.0) == [d.encode() for d in docs[30:40]]
 
 

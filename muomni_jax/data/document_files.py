@@ -34,10 +34,12 @@ from muomni_jax.io import storage
 TEXT, JSONL, PARQUET, ARROW = 'text', 'jsonl', 'parquet', 'arrow'
 _COMPRESSED = ('.gz', '.zst')
 _JSON_SUFFIXES = ('.jsonl', '.json')
-# What a directory source takes (other files there, such as a README, are left out).
+# What a directory source takes (other files there, such as a README, are left out). A plain
+# .json beside the data is more often metadata (a config, a dataset card) than JSON Lines, so a
+# directory leaves it out; named as a file or by a glob it is read as JSON Lines.
 _DIRECTORY_SUFFIXES = tuple(
-    base + c for base in ('.txt', '.text', *_JSON_SUFFIXES) for c in ('', *_COMPRESSED)
-) + ('.parquet', '.arrow')
+    base + c for base in ('.txt', '.text', '.jsonl') for c in ('', *_COMPRESSED)
+) + ('.json.gz', '.json.zst', '.parquet', '.arrow')
 # A folder that Dataset.save_to_disk wrote holds both.
 _SAVED_DATASET_FILES = ('state.json', 'dataset_info.json')
 HF_PREFIX = 'hf:'
@@ -146,8 +148,8 @@ def expand(data_path: str, label: str = 'data_path') -> list[str]:
         if not paths:
             raise UserError(
                 f'{label} {data_path} is a directory with no data files (.txt, .text, .jsonl, '
-                '.json, maybe .gz or .zst; .parquet, .arrow; or a save_to_disk folder): point '
-                'it at a data file, or a glob such as "dir/*.md"')
+                'maybe .gz or .zst; .parquet, .arrow; or a save_to_disk folder): point it at a '
+                'data file, or a glob such as "dir/*.json"')
         return sorted(paths)
     if any(c in data_path for c in '*?['):
         paths = _glob(data_path)
