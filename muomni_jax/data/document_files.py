@@ -19,7 +19,6 @@ easy to miss in a long log.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import json
@@ -390,8 +389,7 @@ def _arrow_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[b
     """An Arrow IPC file: the stream format datasets writes, or the random-access file format."""
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     local = not storage.is_url(path)
-    with (contextlib.nullcontext(pa.memory_map(path)) if local
-          else epath.Path(path).open('rb')) as f:
+    with pa.memory_map(path) if local else epath.Path(path).open('rb') as f:
         try:
             try:
                 reader = pa.ipc.open_stream(f)
