@@ -11,8 +11,8 @@ Layout, one directory per cache key under config.cache_dir:
 
 The key hashes everything the streams depend on: the source (each file's path, size and
 modification time, and text_key where records are read; or the TFDS dataset's full name, split
-and text feature), the tokenizer
-model's bytes, val_split, the number of data shards and FORMAT_VERSION. Anything else (ctx_len,
+and text feature), the tokenizer model's bytes, val_split, the number of data shards and
+FORMAT_VERSION. Anything else (ctx_len,
 batch_size, seed) is applied when batches are read, so changing it reuses the cache.
 
 Crash safety: a build writes `*.partial-<host>-<pid>` files and renames them into place, and
