@@ -243,14 +243,6 @@ def _set_length(run: _Run, total_steps: int) -> None:
     run.setup = steps.create_train_state(run.config, run.mesh, total_steps, initialize=False)
 
 
-def _validation_batches(run: _Run) -> int:
-    """Eval batches per validation, over every source (for the schedule fit)."""
-    config = run.config
-    if config.eval_batches:
-        return config.eval_batches * len(run.data.sources)
-    return sum(sum(1 for _ in run.data.validation_batches(i)) for i in range(len(run.data.sources)))
-
-
 def _model_flops(run: _Run) -> tuple[float, float | None, Callable[[], float] | None]:
     """(model FLOPs of one optimizer step, peak FLOP/s of all devices or None: no MFU, and on CPU
     the function that measures the peak again)."""
@@ -347,7 +339,8 @@ def _schedule_fit(run: _Run, actions, reporter, start_step: int
         budget_s=config.schedule_seconds, start_step=start_step,
         fit_at=schedule_fit.fit_step(config, start_step, run.total_steps),
         upper_steps=run.total_steps, eval_every=config.eval_every,
-        eval_batches=_validation_batches(run), on_fit=on_fit)
+        # Each validation reads every source's eval_batches (host_data agreed on them).
+        eval_batches=sum(source.eval_batches for source in run.data.sources), on_fit=on_fit)
     actions.in_order.insert(0, fit)
     return fit
 
