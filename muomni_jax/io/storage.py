@@ -6,7 +6,8 @@ serves both. On gs:// three clients do the work (BUILD_NOTES "Checkpoints on gs:
   - Orbax's metadata and our own files (config.json, training_log.json, tokenizer.model, the
     TensorBoard event files, gs:// text data): epath, which uses tf.io.gfile when TensorFlow is
     installed, as it is with us (so only runs that touch gs:// import TensorFlow);
-  - the bucket's metadata, which Orbax reads with google-cloud-storage.
+  - the bucket's metadata, which Orbax reads with google-cloud-storage; and with it too, the
+    copies that set checkpoint steps aside (move_folder).
 Other URL schemes are refused: only gs:// is tested.
 """
 
@@ -46,18 +47,27 @@ def check_supported(path: str, field: str) -> None:
 
 
 def move_folder(source: str, target: str) -> None:
-    """Renames a folder; on gs://, where folders are name prefixes and TensorFlow's client fails to
-    rename one, copies each file and then deletes the source."""
-    source_path, target_path = epath.Path(source), epath.Path(target)
+    """Renames a folder. On gs://, where a folder is a name prefix and TensorFlow's client fails
+    to rename one, each object is copied inside the bucket by GCS itself (a rewrite: no bytes
+    pass through this machine) and then deleted."""
     if not is_url(source):
-        source_path.rename(target_path)
+        epath.Path(source).rename(target)
         return
-    for folder, _, files in source_path.walk():
-        relative = folder.relative_to(source_path)
-        (target_path / relative).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            (folder / name).copy(target_path / relative / name)
-    source_path.rmtree()
+    from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+    bucket_name, _, source_prefix = source[len('gs://'):].rstrip('/').partition('/')
+    target_prefix = target[len('gs://'):].rstrip('/').partition('/')[2]
+    bucket = gcs.Client().bucket(bucket_name)
+    # Orbax's commit file last: a copy cut short lacks it, so Orbax's clean-up removes the copy,
+    # while the source stays whole until every object has been copied.
+    blobs = sorted(bucket.list_blobs(prefix=source_prefix + '/'),
+                   key=lambda blob: blob.name.endswith('/commit_success.txt'))
+    for blob in blobs:
+        copy = bucket.blob(target_prefix + blob.name[len(source_prefix):])
+        token, _, _ = copy.rewrite(blob)
+        while token is not None:  # Large objects are copied in several calls.
+            token, _, _ = copy.rewrite(blob, token=token)
+    for blob in blobs:
+        blob.delete()
 
 
 def check_writable(path: str, field: str = 'save_dir') -> None:
