@@ -3,11 +3,8 @@ caches that prove themselves, damaged side files, failures forwarded to every pr
 that are inert outside the tests, durable whole-file writes."""
 
 import errno
-import json
 import os
-import queue
 import shutil
-import subprocess
 import sys
 import threading
 
@@ -22,17 +19,11 @@ from muomni_jax.io import atomic_write
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
-from tests.conftest import (SMALL, REPO, launched, one_device_env, restore_state,
-                            small_config)
+from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
+                            one_device_env, restore_state, run_module, run_stage_a, small_config,
+                            stage_a_command)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
-
-TIMING = ('tokens_per_s', 'mfu', 'elapsed_s')
-
-
-def _log(save_dir):
-    with open(os.path.join(save_dir, 'training_log.json')) as f:
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in json.load(f)]
 
 
 def _flip_bytes(path, count=64):
@@ -57,8 +48,7 @@ def _largest_file(folder):
 def test_a_step_with_flipped_bytes_is_named_and_the_rerun_resumes_bitwise_from_the_one_before(
         tmp_path, corpus_sample, capsys):
     reference_dir, save_dir = tmp_path / 'reference', tmp_path / 'run'
-    config = lambda d: small_config(d, corpus_sample, max_steps=6, save_every=3, log_every=1,
-                                    sample_prompts='', peak_flops_per_device=1e11)
+    config = lambda d: small_config(d, corpus_sample, max_steps=6, save_every=3, log_every=1)
     train.train_and_evaluate(config(reference_dir))
     train.train_and_evaluate(config(save_dir))
     _flip_bytes(_largest_file(save_dir / '6' / 'state'))
@@ -74,10 +64,9 @@ def test_a_step_with_flipped_bytes_is_named_and_the_rerun_resumes_bitwise_from_t
     assert ('differ from the checksums of their save' in captured.err
             or 'Encountered error while reading' in captured.err), captured.err
     assert 'Resuming from checkpoint step 3' in captured.out
-    assert _log(save_dir) == _log(reference_dir)
-    for a, b in zip(jax.tree.leaves(restore_state(config(reference_dir), reference_dir, 6)),
-                    jax.tree.leaves(restore_state(config(save_dir), save_dir, 6))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert log_without_timing(save_dir) == log_without_timing(reference_dir)
+    assert_trees_equal(restore_state(config(reference_dir), reference_dir, 6),
+                       restore_state(config(save_dir), save_dir, 6))
 
 
 def test_restore_checks_the_checksums_and_finiteness_of_every_array(tmp_path):
@@ -117,48 +106,22 @@ def test_checksums_do_not_depend_on_the_mesh():
 # One run per save_dir
 
 
-def _reader(proc):
-    """A queue of proc's output lines, filled by a thread: readline with a timeout."""
-    lines = queue.Queue()
-    thread = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
-                              daemon=True)
-    thread.start()
-    return lines
-
-
-def _wait_for_line(lines, prefix, timeout=240):
-    seen = []
-    while True:
-        line = lines.get(timeout=timeout)  # queue.Empty fails the test instead of hanging it.
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-
-
 @pytest.mark.slow
 def test_a_second_run_on_a_live_save_dir_stops_at_once_and_a_dead_holder_is_taken_over(
         tmp_path, corpus_sample):
     save_dir = tmp_path / 'run'
-    command = [sys.executable, '-m', 'launch.stage_a', '--config=configs/tiny.py', *SMALL,
-               f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}',
-               '--config.sample_prompts=', '--config.peak_flops_per_device=1e11']
-    first = subprocess.Popen([*command, '--config.max_steps=100000', '--config.save_every=2'],
-                             cwd=REPO, env=one_device_env(PYTHONUNBUFFERED='1'),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_line(_reader(first), '✓ Saved checkpoint: step 2')  # Between steps.
-        second = subprocess.run([*command, '--config.max_steps=4'], cwd=REPO,
-                                env=one_device_env(), capture_output=True, text=True, timeout=300)
+    args = [*SMALL, f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}']
+    with launched(stage_a_command(*args, '--config.max_steps=100000', '--config.save_every=2')
+                  ) as first:
+        first.wait_for_line('✓ Saved checkpoint: step 2')  # Between steps.
+        second = run_stage_a(*args, '--config.max_steps=4')
         assert second.returncode == 2, second.stderr[-3000:]
         assert (f'error: save_dir {save_dir} is in use by another run: pid {first.pid} on '
                 'host ') in second.stderr
         assert 'Starting training' not in second.stdout
-        assert first.poll() is None  # The first run trains on, untouched.
-    finally:
+        assert first.process.poll() is None  # The first run trains on, untouched.
         first.kill()
-        first.wait(timeout=60)
-    third = subprocess.run([*command, '--config.max_steps=6'], cwd=REPO, env=one_device_env(),
-                           capture_output=True, text=True, timeout=300)
+    third = run_stage_a(*args, '--config.max_steps=6')
     assert third.returncode == 0, third.stderr[-3000:]
     assert (f'Took over the lock of save_dir {save_dir} from pid {first.pid} on host '
             in third.stdout), third.stdout[-3000:]
@@ -224,8 +187,8 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
     paused = tmp_path / 'paused'
     args = ['--config=configs/tiny.py', *SMALL, f'--config.data_path={corpus}',
             f'--config.save_dir={tmp_path / "run"}', f'--config.cache_dir={tmp_path / "cache"}']
-    subprocess.run([sys.executable, '-m', 'launch.prepare_data', *args, '--config.vocab_size=80'],
-                   cwd=REPO, env=one_device_env(), check=True, capture_output=True, timeout=300)
+    built = run_module('launch.prepare_data', *args, '--config.vocab_size=80')
+    assert built.returncode == 0, built.stderr[-3000:]
     for name in os.listdir(tmp_path / 'cache'):  # Built; now a rebuild of the same key.
         shutil.rmtree(tmp_path / 'cache' / name)
     prepare = [sys.executable, '-m', 'launch.prepare_data', *args, '--config.vocab_size=80']
@@ -256,23 +219,22 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
 def test_an_emptied_training_log_is_set_aside_and_the_run_continues(tmp_path, corpus_sample,
                                                                     capsys):
     save_dir = tmp_path / 'run'
-    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=3, save_every=3,
-                                          sample_prompts=''))
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=3, save_every=3))
     (save_dir / 'training_log.json').write_text('')
     capsys.readouterr()
-    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=6, save_every=3,
-                                          sample_prompts=''))
+    train.train_and_evaluate(small_config(save_dir, corpus_sample, max_steps=6, save_every=3))
     err = capsys.readouterr().err
     damaged = [n for n in os.listdir(save_dir) if n.startswith('training_log.json.damaged-')]
     assert len(damaged) == 1 and (save_dir / damaged[0]).read_text() == ''
     assert f'{save_dir}/training_log.json is damaged (JSONDecodeError: ' in err
-    assert [r['step'] for r in _log(save_dir)] == [4, 6]  # The log starts again at the resume.
+    # The log starts again at the resume.
+    assert [r['step'] for r in log_without_timing(save_dir)] == [4, 6]
 
 
 @pytest.mark.slow  # Trains in process.
 def test_a_damaged_config_json_is_one_line(tmp_path, corpus_sample):
     save_dir = tmp_path / 'run'
-    config = small_config(save_dir, corpus_sample, max_steps=3, save_every=3, sample_prompts='')
+    config = small_config(save_dir, corpus_sample, max_steps=3, save_every=3)
     train.train_and_evaluate(config)
     (save_dir / 'config.json').write_text('{"vocab_size": 25')
     with pytest.raises(UserError, match=r'config.json is damaged \(JSONDecodeError: .*\), so '
@@ -315,8 +277,7 @@ def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, 
     (tmp_path / 'mine.txt').write_text('a file of the user')
     assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) is None
     train.train_and_evaluate(small_config(tmp_path / 'run', corpus_sample, max_steps=3,
-                                          save_every=2, sample_prompts='',
-                                          cache_dir=str(tmp_path / 'cache')))
+                                          save_every=2, cache_dir=str(tmp_path / 'cache')))
     assert sorted(n for n in os.listdir(tmp_path / 'run') if n.isdigit()) == ['2', '3']
     assert (tmp_path / 'mine.txt').read_text() == 'a file of the user'
     monkeypatch.setenv(test_hooks.ENABLE_ENV, '1')
