@@ -356,7 +356,7 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
     The original is torch_reference.ThinkerLM with torch's AdamW (foreach) and gradient
     clipping, with the config's dropout, trained as `recipe` says (by default float32 on one
     process using every core, as its train_text.py trains on a CPU). Interleaving A B A B lets
-    a shared machine's load fall on both alike. One idea, kept whole (64 lines): the original's
+    a shared machine's load fall on both alike. One idea, kept whole (65 lines): the original's
     step is built here so its closure is timed against ours in the same loop.
     """
     try:

@@ -5,7 +5,6 @@ that are inert outside the tests, durable whole-file writes."""
 import errno
 import os
 import shutil
-import sys
 import threading
 
 import jax
@@ -20,8 +19,8 @@ from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
 from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
-                            one_device_env, restore_state, run_module, run_stage_a, small_config,
-                            stage_a_command)
+                            module_command, one_device_env, restore_state, run_module,
+                            run_stage_a, small_config, stage_a_command)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
@@ -191,7 +190,7 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     for name in os.listdir(tmp_path / 'cache'):  # Built; now a rebuild of the same key.
         shutil.rmtree(tmp_path / 'cache' / name)
-    prepare = [sys.executable, '-m', 'launch.prepare_data', *args, '--config.vocab_size=80']
+    prepare = module_command('launch.prepare_data', *args, '--config.vocab_size=80')
     with launched(prepare, env=one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
                   ) as first:
         # Paused inside its build, holding the build lock.
