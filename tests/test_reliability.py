@@ -5,6 +5,8 @@ that are inert outside the tests, durable whole-file writes."""
 import errno
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import jax
@@ -117,7 +119,9 @@ def test_a_second_run_on_a_live_save_dir_stops_at_once_and_a_dead_holder_is_take
         assert second.returncode == 2, second.stderr[-3000:]
         assert (f'error: save_dir {save_dir} is in use by another run: pid {first.pid} on '
                 'host ') in second.stderr
-        assert 'Starting training' not in second.stdout
+        # Refused before it reads a checkpoint, loads data or compiles.
+        assert 'Loading data' not in second.stdout, second.stdout
+        assert 'Resuming' not in second.stdout and 'Initializing' not in second.stdout
         assert first.process.poll() is None  # The first run trains on, untouched.
         first.kill()
     third = run_stage_a(*args, '--config.max_steps=6')
@@ -125,6 +129,53 @@ def test_a_second_run_on_a_live_save_dir_stops_at_once_and_a_dead_holder_is_take
     assert (f'Took over the lock of save_dir {save_dir} from pid {first.pid} on host '
             in third.stdout), third.stdout[-3000:]
     assert 'Resuming from checkpoint step ' in third.stdout
+
+
+def _locked_for_another_process(save_dir) -> bool:
+    """POSIX locks belong to a process (it may lock its own file again): ask another one."""
+    probe = subprocess.run(
+        [sys.executable, '-c', 'import sys; from muomni_jax.training import run_lock; '
+         'run_lock.RunLock(sys.argv[1]).acquire()', str(save_dir)],
+        capture_output=True, text=True, timeout=120, check=False)
+    if probe.returncode == 0:
+        return False
+    assert 'is in use by another run' in probe.stderr, probe.stderr
+    return True
+
+
+def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, monkeypatch):
+    from muomni_jax.training import run_lock  # pylint: disable=import-outside-toplevel
+    save_dir = tmp_path / 'new' / 'run'
+    lock = run_lock.RunLock(str(save_dir))
+    lock.acquire()
+    assert (save_dir / run_lock.LOCK_FILE).exists()
+    assert _locked_for_another_process(save_dir)
+    lock.release()
+    assert not save_dir.exists()  # It made save_dir, and nothing else was written there.
+    assert (tmp_path / 'new').exists()
+
+    # A holder that ends between a run's open and its lockf removes the file that run opened:
+    # the run must lock the new file, or two runs would hold two files.
+    save_dir.mkdir()
+    (save_dir / 'kept').write_text('x')
+    real_lockf = run_lock.fcntl.lockf
+    calls = []
+
+    def holder_ends_first(fd, flags):
+        if not calls:
+            os.remove(save_dir / run_lock.LOCK_FILE)
+            (save_dir / run_lock.LOCK_FILE).write_text('')  # The next run's file.
+        calls.append(fd)
+        return real_lockf(fd, flags)
+
+    monkeypatch.setattr(run_lock.fcntl, 'lockf', holder_ends_first)
+    lock = run_lock.RunLock(str(save_dir))
+    lock.acquire()
+    monkeypatch.setattr(run_lock.fcntl, 'lockf', real_lockf)
+    assert len(calls) == 2
+    assert _locked_for_another_process(save_dir)
+    lock.release()
+    assert sorted(p.name for p in save_dir.iterdir()) == ['kept']  # An existing save_dir stays.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@ and deleting each other's steps.
 Local folders and NFS: save_dir/run.lock, locked with fcntl.lockf (POSIX record locks, which NFS
 carries to the server). The kernel (or the NFS server, once a lost client's lease expires) frees
 the lock when its process dies however it dies, so a lock left by kill -9 or a lost VM is simply
-free; the file still names the dead holder, and the run that takes it over says so.
+free; the file still names the dead holder, and the run that takes it over says so. A run that
+ends removes the file (and save_dir, if the lock created it and nothing else was written), so a
+run refused by a later check leaves no trace; a run that locked a file just removed locks again.
+
+The lock is taken before anything reads or writes save_dir's checkpoints, tokenizer, config or
+log. Readers (launch.sample, launch.evaluate, checkpointing.load) take no lock: they read only
+committed steps, and skip a step that is deleted under them.
 
 gs://: objects have no locks, so the lock is a lease object, save_dir/run.lock.json, created
 only if absent and refreshed (a heartbeat every HEARTBEAT_S) only if unchanged since this run
@@ -58,21 +64,27 @@ class RunLock:
         self._log = log
         self._fd = None
         self._lease = None
+        self._created_dir = False
 
     def acquire(self) -> None:
         if storage.is_url(self.save_dir):
             self._lease = _Lease(self.save_dir, self._log)
             self._lease.acquire()
             return
+        self._created_dir = not os.path.isdir(self.save_dir)
         os.makedirs(self.save_dir, exist_ok=True)
         path = os.path.join(self.save_dir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read(fd)
-            os.close(fd)
-            raise _in_use(self.save_dir, holder) from None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read(fd)
+                os.close(fd)
+                raise _in_use(self.save_dir, holder) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # The holder ended and removed the file we locked: lock the new one.
         previous = _read(fd)
         if previous.get('pid'):
             self._log(f'Took over the lock of save_dir {self.save_dir} from '
@@ -83,14 +95,20 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Frees the lock and clears its holder, so the next run takes it without a word."""
+        """Frees the lock and removes its file, so the next run takes it without a word."""
         if self._lease is not None:
             self._lease.release()
             self._lease = None
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            # Removed while still locked: a run that opened the old file sees it is gone.
+            _remove(os.path.join(self.save_dir, LOCK_FILE))
             os.close(self._fd)  # Closing the file frees its POSIX lock.
             self._fd = None
+            if self._created_dir:
+                try:
+                    os.rmdir(self.save_dir)  # Only if empty: a run that wrote nothing.
+                except OSError:
+                    pass
 
     def __enter__(self) -> 'RunLock':
         self.acquire()
@@ -107,6 +125,20 @@ def _read(fd: int) -> dict:
         return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
     except (OSError, ValueError):
         return {}
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _dead_here(holder: dict) -> bool:

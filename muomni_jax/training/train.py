@@ -9,6 +9,7 @@ actions. The launcher and a notebook call the same function.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import time
@@ -46,15 +47,30 @@ from muomni_jax.training import training_log
 
 
 def _check_inputs(config, devices) -> tuple[ThinkerConfig, jax.sharding.Mesh]:
-    """Every check of the config, save_dir and devices; returns the model config and the mesh."""
+    """Every check of the config and devices (none reads save_dir, whose lock is not yet held);
+    returns the model config and the mesh."""
     model_config = config_checks.validate_config(config)
     storage.check_writable(config.save_dir)
-    config_checks.check_same_model(config, config.save_dir)
     mesh = partitioning.make_mesh(config.mesh, devices)
     config_checks.check_platform(model_config, mesh.devices.flat[0].platform)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
     host_data.num_shards(config)
     return model_config, mesh
+
+
+@contextlib.contextmanager
+def _save_dir_locked(save_dir: str, is_main: bool, log) -> Iterator[None]:
+    """Holds save_dir's run lock (taken by process 0) for the block, on every process: a second
+    run on a live save_dir stops here, before it reads a checkpoint or loads data."""
+    lock = run_lock.RunLock(save_dir, log=log) if is_main else None
+    with distributed.fail_together():
+        if lock is not None:
+            lock.acquire()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _describe_sources(config) -> str:
@@ -127,11 +143,26 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     start_time = time.time()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    # Every check that can reject the input runs before save_dir is touched, and a check that
-    # fails on one host stops them all.
+    # The checks that need only the config run before save_dir's lock is taken, and a check
+    # that fails on one host stops them all.
     with distributed.fail_together():
         model_config, mesh = _check_inputs(config, devices)
+    with _save_dir_locked(config.save_dir, is_main, log):
+        summary, stopped_by = _set_up_and_train(config, model_config, mesh, is_main, log)
+    if stopped_by:
+        return summary
+    log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
+    if 'val_ppl' in summary:
+        log(f'Final validation PPL: {summary["val_ppl"]:.2f}')
+    return summary
+
+
+def _set_up_and_train(config, model_config: ThinkerConfig, mesh, is_main: bool, log
+                      ) -> tuple[dict[str, float], str | None]:
+    """Everything that reads or writes save_dir, under its lock: (summary, stopped_by)."""
     save_dir = config.save_dir
+    with distributed.fail_together():
+        config_checks.check_same_model(config, save_dir)
     compile_cache = compilation_cache.enable(config)  # Before the first compilation.
 
     log(f'Loading data from {_describe_sources(config)}...')
@@ -154,27 +185,12 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     log(f'Compilation cache: {compile_cache or "off"}')
     checkpointer = checkpointing.Checkpointer(save_dir, max_to_keep=config.max_to_keep)
     state, start_step, interval = _restore_or_init(run, checkpointer)
-    # Before the first write: a second run on this save_dir stops here, on every process.
-    lock = run_lock.RunLock(save_dir, log=log) if is_main else None
-    with distributed.fail_together():
-        if lock is not None:
-            lock.acquire()
-    try:
-        if is_main:
-            tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
-            write_atomically(os.path.join(save_dir, 'config.json'),
-                             config.to_json_best_effort(indent=1, sort_keys=True))
-        checkpointer.start_writing(start_step)
-        summary, stopped_by = _train(run, state, start_step, interval, checkpointer)
-    finally:
-        if lock is not None:
-            lock.release()
-    if stopped_by:
-        return summary
-    log(f'Training complete! Time: {_format_duration(time.time() - start_time)}')
-    if 'val_ppl' in summary:
-        log(f'Final validation PPL: {summary["val_ppl"]:.2f}')
-    return summary
+    if is_main:
+        tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
+        write_atomically(os.path.join(save_dir, 'config.json'),
+                         config.to_json_best_effort(indent=1, sort_keys=True))
+    checkpointer.start_writing(start_step)
+    return _train(run, state, start_step, interval, checkpointer)
 
 
 def prepare_data(config) -> dict[str, int]:
@@ -189,10 +205,11 @@ def prepare_data(config) -> dict[str, int]:
         num_shards = host_data.num_shards(config)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    tokenizer = tokenizer_setup.shared_tokenizer(config)
-    data = host_data.load(config, tokenizer, log)
-    if is_main:  # Last, so a bad input leaves save_dir untouched.
-        tokenizer_setup.keep_in_save_dir(config.save_dir, tokenizer)
+    with _save_dir_locked(config.save_dir, is_main, log):
+        tokenizer = tokenizer_setup.shared_tokenizer(config)
+        data = host_data.load(config, tokenizer, log)
+        if is_main:  # Last, so a bad input leaves save_dir untouched.
+            tokenizer_setup.keep_in_save_dir(config.save_dir, tokenizer)
     totals = data.totals
     log(f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
         f'validation tokens in {num_shards} data shard(s); the tokenizer is in '
