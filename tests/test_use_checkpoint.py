@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -255,3 +256,54 @@ def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trai
     config.tokenizer_path, config.max_steps = str(other), 2
     with pytest.raises(UserError, match='holds a run with another tokenizer than tokenizer_path'):
         train.train_and_evaluate(config)
+
+
+def _delete_step_before_first_call(monkeypatch, owner, name, step_dir, path_arg):
+    """Wraps owner.name so that its first call on a path in step_dir (its argument path_arg)
+    first deletes step_dir, as a live run's max_to_keep does: the deletion lands at a known
+    point of the read, not by a timer."""
+    original = getattr(owner, name)
+    calls = []
+
+    def deleting_first(*args, **kwargs):
+        if not calls and str(args[path_arg]).startswith(str(step_dir)):
+            shutil.rmtree(step_dir)
+            calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, deleting_first)
+    return calls
+
+
+@pytest.mark.parametrize('deleted_during', ['scan', 'restore'])
+def test_a_reader_skips_a_step_deleted_under_it(trained, tmp_path, monkeypatch, capsys,
+                                                deleted_during):
+    save_dir = tmp_path / 'run'
+    shutil.copytree(trained[0], save_dir)
+    step_3 = muomni_jax.load(str(save_dir), 3)
+    capsys.readouterr()
+    if deleted_during == 'scan':  # Gone as the scan checks it: skipped without a word.
+        calls = _delete_step_before_first_call(monkeypatch, loading.ocp.utils,
+                                               'is_checkpoint_finalized', save_dir / '6', 0)
+    else:  # Gone as the read of its arrays begins.
+        calls = _delete_step_before_first_call(monkeypatch, loading.ocp.PyTreeCheckpointer,
+                                               'restore', save_dir / '6', 1)
+    newest = muomni_jax.load(str(save_dir))
+    assert calls  # The deletion happened inside the read.
+    assert_trees_equal(step_3.params, newest.params)
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = [] if deleted_during == 'scan' else [
+        f'Checkpoint step 6 of {save_dir} was deleted while it was read (a live run keeps its '
+        'newest max_to_keep steps); reading step 3.']
+    assert err == expected
+
+
+def test_a_named_step_deleted_under_its_read_is_one_error(trained, tmp_path, monkeypatch):
+    save_dir = tmp_path / 'run'
+    shutil.copytree(trained[0], save_dir)
+    calls = _delete_step_before_first_call(monkeypatch, loading.ocp.PyTreeCheckpointer,
+                                           'restore', save_dir / '6', 1)
+    with pytest.raises(UserError, match=r'^step 6 of .* was deleted while it was read .*'
+                       r'available steps are now \[3\]$'):
+        muomni_jax.load(str(save_dir), 6)
+    assert calls

@@ -9,6 +9,7 @@ on one CPU in a notebook. Needs no training data.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -89,6 +90,10 @@ def has_average(checkpoint_dir: str, step: int) -> bool:
         return False  # Steps saved before the average existed have no such meta.
 
 
+class StepDeleted(Exception):
+    """The step was deleted while it was read (a live run keeps only max_to_keep steps)."""
+
+
 def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
                    sharding: jax.sharding.Sharding, subtree: str = 'params') -> nnx.State:
     """Reads only `subtree` ('params', or 'ema_params': their average) from
@@ -102,7 +107,9 @@ def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
                 item={subtree: target}, restore_args={subtree: restore_args},
                 partial_restore=True))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, OSError) as e:
+        if not path.exists():
+            raise StepDeleted(step) from None
         raise UserError(f'cannot restore the params of {path} ({first_line(e)}): is config.json '
                         'the config it was trained with?') from None
     return restored[subtree]
@@ -124,6 +131,7 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
     if not steps:
         raise UserError(f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
                         'launch.stage_a first, or check the path')
+    asked_newest = step is None
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -137,11 +145,35 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
         raise UserError(f'{tokenizer_path} is missing: copy the tokenizer the model was trained '
                         'with there')
     _, abstract_params = abstract_model(config)
+    # No lock: a live run may delete a step under this read (max_to_keep). The newest step is
+    # then read again from a fresh listing; a named step is gone for good.
+    while True:
+        try:
+            params = _read_weights(checkpoint_dir, step, abstract_params, weights)
+            break
+        except StepDeleted:
+            now = available_steps(checkpoint_dir)
+            if not asked_newest or not now:
+                raise UserError(f'step {step} of {checkpoint_dir} was deleted while it was read '
+                                '(a live run keeps only its newest max_to_keep steps): available '
+                                f'steps are now {now or "none"}') from None
+            print(f'Checkpoint step {step} of {checkpoint_dir} was deleted while it was read (a '
+                  f'live run keeps its newest max_to_keep steps); reading step {now[-1]}.',
+                  file=sys.stderr)
+            step = now[-1]
+    return Checkpoint(config=config, params=params, tokenizer=tokenizer)
+
+
+def _read_weights(checkpoint_dir: str, step: int, abstract_params: nnx.State,
+                  weights: str) -> nnx.State:
+    """The params (or their average, as `weights` asks; see load) of one step, on this
+    process's first device. Raises StepDeleted if the step is gone."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     average = has_average(checkpoint_dir, step)
     if weights == 'ema' and not average:
+        if not (epath.Path(checkpoint_dir) / str(step)).exists():
+            raise StepDeleted(step)
         raise UserError(f'step {step} of {checkpoint_dir} holds no moving average of its params '
                         '(train with --config.ema_decay > 0): use weights=params or auto')
     subtree = 'ema_params' if average and weights != 'params' else 'params'
-    params = restore_params(checkpoint_dir, step, abstract_params, sharding, subtree)
-    return Checkpoint(config=config, params=params, tokenizer=tokenizer)
+    return restore_params(checkpoint_dir, step, abstract_params, sharding, subtree)
