@@ -3,6 +3,7 @@ caches that prove themselves, damaged side files, failures forwarded to every pr
 that are inert outside the tests, durable whole-file writes."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from muomni_jax.training import checkpointing
 from muomni_jax.training import train
 from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
                             module_command, one_device_env, restore_state, run_module,
-                            run_stage_a, small_config, stage_a_command)
+                            run_code, run_stage_a, small_config, stage_a_command)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
@@ -179,6 +180,115 @@ def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
+# A save that fails
+
+
+HELD_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'held_launch.py')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs of the test's own (needs root, as in this project's CI container)."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f'cannot mount a tmpfs here ({mounted.stderr.strip()[:200]}); '
+                    'test_a_save_that_fails_in_orbax_is_one_line covers a failed save')
+    try:
+        yield disk
+    finally:
+        subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+def _fill(disk, leave: int):
+    """Fills the filesystem of `disk`, then frees `leave` bytes; returns the filler's path."""
+    filler = disk / 'filler'
+    chunk = b'\0' * 65536
+    with open(filler, 'wb') as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    return filler
+
+
+def _committed(step_dir) -> bool:
+    metadata = step_dir / '_CHECKPOINT_METADATA'
+    try:
+        return json.loads(metadata.read_text()).get('commit_timestamp_nsecs') is not None
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_save_in_one_line_and_the_rerun_resumes(small_disk, tmp_path,
+                                                                       corpus_sample):
+    save_dir = small_disk / 'run'
+    release = tmp_path / 'release'
+    args = [*SMALL, f'--config.data_path={corpus_sample}', '--config.save_every=2',
+            '--config.max_steps=8']
+    held = [sys.executable, HELD_LAUNCH, '3', f'until={release}', '--config=configs/tiny.py',
+            *args, f'--config.save_dir={save_dir}']
+    with launched(held, stderr=True) as run:
+        run.wait_for_line('Holding before step 3')
+        run.wait_until(lambda: _committed(save_dir / '2'), 'step 2 to be committed')
+        filler = _fill(small_disk, leave=64 * 1024)  # The log fits; a checkpoint does not.
+        release.touch()
+        assert run.wait() == 2, run.output_tail()
+    assert run.stderr.strip().splitlines() == [
+        'error: the checkpoint of step 4 could not be written (No space left on device); the '
+        f'newest intact checkpoint is step 2: free space in {save_dir}; rerun to continue from '
+        'step 2'], run.stderr[-3000:]
+    assert '4' not in os.listdir(save_dir)  # Half-written: never listed, never resumed.
+    assert not (save_dir / 'run.lock').exists()
+
+    filler.unlink()
+    rerun = run_stage_a(*args, f'--config.save_dir={save_dir}')
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert 'Resuming from checkpoint step 2 ' in rerun.stdout
+    reference_dir = tmp_path / 'reference'
+    reference = run_stage_a(*args, f'--config.save_dir={reference_dir}')
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert log_without_timing(save_dir) == log_without_timing(reference_dir)
+
+
+# launch.stage_a with Orbax's commit of step 4 (the rename of its temporary folder) failing as
+# on a mount that went away: a genuine failure inside Orbax's background save, with no mount.
+_LOST_MOUNT_AT_STEP_4 = """
+import errno, os, runpy, sys
+from orbax.checkpoint._src.path import async_path
+real_rename = async_path.rename
+async def rename(src, dst):
+    if os.path.basename(str(dst)) == '4':
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN), str(dst))
+    return await real_rename(src, dst)
+async_path.rename = rename
+sys.argv = ['launch.stage_a', *sys.argv[1:]]
+runpy.run_module('launch.stage_a', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_a_save_that_fails_in_orbax_is_one_line(tmp_path, corpus_sample):
+    save_dir = tmp_path / 'run'
+    result = run_code(_LOST_MOUNT_AT_STEP_4, '--config=configs/tiny.py', *SMALL,
+                      f'--config.data_path={corpus_sample}', f'--config.save_dir={save_dir}',
+                      '--config.save_every=2')
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        'error: the checkpoint of step 4 could not be written (Transport endpoint is not '
+        f'connected); the newest intact checkpoint is step 2: check that {save_dir} is still '
+        'mounted and writable; rerun to continue from step 2'], result.stderr[-3000:]
+    assert '4' not in os.listdir(save_dir) and '2' in os.listdir(save_dir)
+    assert not (save_dir / 'run.lock').exists()
+
+
+# ----------------------------------------------------------------------------------------------
 # Token caches
 
 
@@ -236,17 +346,20 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
     corpus.write_text('\n'.join(_documents(3000)) + '\n')
     paused = tmp_path / 'paused'
     args = ['--config=configs/tiny.py', *SMALL, f'--config.data_path={corpus}',
-            f'--config.save_dir={tmp_path / "run"}', f'--config.cache_dir={tmp_path / "cache"}']
-    built = run_module('launch.prepare_data', *args, '--config.vocab_size=80')
+            f'--config.cache_dir={tmp_path / "cache"}', '--config.vocab_size=80']
+    built = run_module('launch.prepare_data', *args, f'--config.save_dir={tmp_path / "run"}')
     assert built.returncode == 0, built.stderr[-3000:]
     for name in os.listdir(tmp_path / 'cache'):  # Built; now a rebuild of the same key.
         shutil.rmtree(tmp_path / 'cache' / name)
-    prepare = module_command('launch.prepare_data', *args, '--config.vocab_size=80')
+    # Two runs (two save_dirs: one save_dir has one run) with the same tokenizer and data.
+    shutil.copytree(tmp_path / 'run', tmp_path / 'other_run')
+    prepare = module_command('launch.prepare_data', *args, f'--config.save_dir={tmp_path / "run"}')
     with launched(prepare, env=one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
                   ) as first:
         # Paused inside its build, holding the build lock.
         first.wait_until(paused.exists, 'the first build pausing mid-build', timeout=120)
-        with launched(prepare) as second:
+        with launched(module_command('launch.prepare_data', *args,
+                                     f'--config.save_dir={tmp_path / "other_run"}')) as second:
             # It waits its turn (it says so, then blocks on the lock): it neither builds nor
             # deletes.
             waiting = second.wait_for_line('Token cache: waiting for another run building ',

@@ -9,7 +9,9 @@ commits by writing `<step>/commit_success.txt` last: a folder without it is an u
 """
 
 import dataclasses
+import errno
 import os
+import re
 import sys
 import threading
 import time
@@ -77,6 +79,9 @@ class Checkpointer:
         self._max_to_keep = max_to_keep
         self._may_write = not read_only
         self._writing = False
+        self._pending = None  # The step whose asynchronous save may still be writing.
+        self._newest_intact = None  # The newest committed step of this run, once writing.
+        self._failed = False
         self._manager = self._open(read_only=True)
 
     def _open(self, read_only: bool) -> ocp.CheckpointManager:
@@ -118,9 +123,15 @@ class Checkpointer:
                 file=sys.stderr)
         if newer:  # Every process restored the same step (restore_latest), so has the same newer.
             distributed.barrier('checkpoints set aside')
+        self._newest_intact = start_step if start_step in self.steps() else None
         self._manager.close()
         self._manager = self._open(read_only=False)
         self._writing = True
+
+    @property
+    def newest_intact(self) -> int | None:
+        """The newest step known to be committed (None: no checkpoint yet)."""
+        return self._newest_intact
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -132,10 +143,33 @@ class Checkpointer:
             raise RuntimeError('call start_writing before saving')
         meta = {**meta, 'checksums': tree_checksums(state),
                 'ema': isinstance(state, steps.AveragedTrainState)}
-        self._manager.save(step,
-                           args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=self._meta_save(meta)),
-                           force=True)
+        # Orbax waits for the previous save before it starts this one: done here, a failure of
+        # that save is reported as its own.
+        self._finish_pending()
+        try:
+            self._manager.save(step,
+                               args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=self._meta_save(meta)),
+                               force=True)
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(step, e) from e
+        self._pending = step
+
+    def _finish_pending(self) -> None:
+        """Waits for the asynchronous save in flight, if any; raises SaveFailed if it failed."""
+        if self._pending is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(self._pending, e) from e
+        self._newest_intact, self._pending = self._pending, None
+
+    def _save_failed(self, step: int, error: Exception) -> 'SaveFailed':
+        self._failed = True
+        self._pending = None
+        return write_failed(f'the checkpoint of step {step}', self.directory, error,
+                            self._newest_intact)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves).
@@ -214,11 +248,58 @@ class Checkpointer:
         return (_ema_as_wanted(restored[0], abstract_state), restored[1]), ''
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the save in flight and closes the manager. After a failed save (already
+        raised) it closes without raising again."""
+        try:
+            if not self._failed:
+                self._finish_pending()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except
+                if not self._failed:
+                    raise
+
+
+class SaveFailed(UserError):
+    """A write to save_dir failed (a full disk, a lost mount, a refused gs:// write)."""
+
+
+def write_failed(what: str, directory: str, error: BaseException,
+                 newest_intact: int | None) -> SaveFailed:
+    """The one line for a write of a run that failed: what, the cause, the newest intact
+    checkpoint and what to do."""
+    code, cause = io_error_cause(error)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = f'free space in {directory}'
+    elif storage.is_url(directory):
+        fix = f'check that this machine may write to {directory}'
+    else:
+        fix = f'check that {directory} is still mounted and writable'
+    if newest_intact is None:
+        then = f'no checkpoint of this run is intact yet: {fix}; rerun to start again'
+    else:
+        then = (f'the newest intact checkpoint is step {newest_intact}: {fix}; rerun to '
+                f'continue from step {newest_intact}')
+    return SaveFailed(f'{what} could not be written ({cause}); {then}')
+
+
+def io_error_cause(error: BaseException) -> tuple[int | None, str]:
+    """(errno or None, the cause in words) of an I/O failure: the OS error wherever it sits in
+    the exception chain, or as TensorStore quotes it (os_error_code='28'), else the error's
+    first line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno, os.strerror(seen.errno)
+        match = re.search(r"os_error_code='?(\d+)", str(seen))
+        if match:
+            return int(match.group(1)), os.strerror(int(match.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    return None, first_line(error, 200)
 
 
 def _ema_as_wanted(state: Any, abstract_state: Any) -> Any:

@@ -293,6 +293,14 @@ def _train(run: _Run, state: steps.TrainState, start_step: int, interval: dict |
         wandb_project=run.config.wandb_project, run_config=run.config.to_dict())
     try:
         return _train_with(run, state, start_step, interval, checkpointer, reporter, model_flops)
+    except OSError as e:
+        # A write of save_dir's log or history (a failed checkpoint raises its own line).
+        if storage.is_url(run.config.save_dir) or not (e.filename and os.path.abspath(
+                e.filename).startswith(os.path.abspath(run.config.save_dir))):
+            raise
+        checkpointer.wait()  # A save that failed before it (a full disk) is the news.
+        raise checkpointing.write_failed(e.filename, run.config.save_dir, e,
+                                         checkpointer.newest_intact) from e
     finally:
         reporter.close()
         checkpointer.close()
