@@ -23,8 +23,6 @@ tf.config.set_visible_devices([], 'GPU')
 
 _HASH_BUCKETS = 1_000_000
 _DOCS_PER_TOKENIZE_CALL = 256
-# SentencePiece's memory grows with the input; longer documents are encoded piecewise.
-_MAX_ENCODE_CHARS = 100_000
 _TEXT_SUFFIXES = ('.txt', '.text')
 # One line is one document and tf.data holds a whole line in memory: longer lines are refused.
 MAX_LINE_BYTES = 10 * 2**20
@@ -179,10 +177,8 @@ def _tokenize_fn(tokenizer: tokenizer_lib.Tokenizer):
             except UnicodeDecodeError:
                 text = raw.decode('utf-8', errors='replace')
                 invalid += 1
-            doc = [tokenizer_lib.BOS_ID]
-            for start in range(0, len(text), _MAX_ENCODE_CHARS):
-                doc.extend(tokenizer.encode(text[start:start + _MAX_ENCODE_CHARS]))
-            doc.append(tokenizer_lib.EOS_ID)
+            # The whole document in one call: the ids the library's piecewise encoding must give.
+            doc = [tokenizer_lib.BOS_ID, *tokenizer.encode(text), tokenizer_lib.EOS_ID]
             ids.append(np.asarray(doc, np.int32))
             flags = np.zeros(len(doc), np.bool_)
             flags[0] = True

@@ -7,6 +7,7 @@ from configs import tiny
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from tests.conftest import CORPUS
 
 DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
 
@@ -201,3 +202,56 @@ def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
 def test_unknown_tfds_dataset_is_named():
     with pytest.raises(UserError, match="TFDS dataset 'no_such_dataset_xyz' does not exist"):
         input_pipeline.documents(_config('', tfds_name='no_such_dataset_xyz'), 'train')
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents longer than one encode call (input_pipeline._MAX_ENCODE_CHARS, cut by
+# Tokenizer.pieces): their ids must be exactly those of the whole document.
+
+def _tokenizer_with(add_dummy_prefix: bool, remove_extra_whitespaces: bool):
+    """A BPE model on the bundled corpus with the given normalizer (our own trainer keeps
+    SentencePiece's defaults, True and True; Llama's tokenizer, loaded with tokenizer_path, has
+    True and False)."""
+    import io  # pylint: disable=import-outside-toplevel
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    with open(CORPUS, encoding='utf-8') as f:
+        lines = [next(f) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type='bpe', vocab_size=400,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces)
+    return tokenizer_lib.Tokenizer(model.getvalue())
+
+
+def _long_documents() -> dict[str, str]:
+    """Documents of 100k-1M characters whose fixed 100k-character cuts would fall inside a
+    word, on a space, after a multi-byte character, in a run of spaces or in a space-free run."""
+    with open(CORPUS, encoding='utf-8') as f:
+        prose = ' '.join(line.strip() for line in f)
+    limit = input_pipeline._MAX_ENCODE_CHARS  # pylint: disable=protected-access
+    return {
+        'a word across the cut': 'x' * (limit - 2) + ' method defined here',
+        'a space at the cut': 'y' * limit + ' after the space',
+        'prose, 150k': prose[:150_000],
+        'prose, 1M': prose[17:1_000_017],
+        'multi-byte characters': ('héllo wörld 日本語のテキスト 🙂 ' * 40_000)[:300_001],
+        'a space-free run past the limit': 'ab ' + 'é' * (limit + 5_000) + ' tail words',
+        'runs of spaces and tabs': ('word  \t two   three\tfour \n' * 20_000)[:250_000],
+        'spaces at both ends': '  ' + prose[:120_000] + '   ',
+    }
+
+
+@pytest.mark.parametrize('add_dummy_prefix,remove_extra_whitespaces',
+                         [(True, True), (True, False), (False, False), (False, True)])
+def test_long_documents_encode_exactly_as_a_whole(add_dummy_prefix, remove_extra_whitespaces):
+    tokenizer = _tokenizer_with(add_dummy_prefix, remove_extra_whitespaces)
+    docs = _long_documents()
+    tokens, lengths, _ = input_pipeline.tokenize([d.encode() for d in docs.values()], tokenizer)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for i, (name, doc) in enumerate(docs.items()):
+        expected = [tokenizer_lib.BOS_ID, *tokenizer.encode(doc), tokenizer_lib.EOS_ID]
+        assert tokens[starts[i]:starts[i + 1]].tolist() == expected, name
+    if add_dummy_prefix or not remove_extra_whitespaces:  # Cut into pieces near the limit.
+        pieces = tokenizer.pieces(docs['prose, 1M'], 100_000)
+        assert len(pieces) >= 10 and max(map(len, pieces)) <= 100_000

@@ -149,6 +149,33 @@ def test_the_key_changes_with_the_files_tokenizer_val_split_and_shards(corpus, t
     assert key(config) != base
 
 
+def test_a_cache_of_the_old_format_is_built_again_with_exact_long_documents(
+        corpus, tmp_path, tokenizer, monkeypatch):
+    """Version 1 cut long documents at fixed offsets: its caches hold wrong ids and must never
+    be read again."""
+    config = _config(corpus, tmp_path / 'cache', val_split=0.0)
+    limit = input_pipeline._MAX_ENCODE_CHARS  # pylint: disable=protected-access
+    with monkeypatch.context() as old:
+        old.setattr(token_cache, 'FORMAT_VERSION', 1)
+        old.setattr(tokenizer, 'pieces', lambda text, n: [text[i:i + limit] for i in
+                                                          range(0, len(text), limit)])
+        stale = _open(config, tokenizer)['train', 0]
+    lines = []
+    fresh = _open(config, tokenizer, lines=lines)['train', 0]
+    assert any('building' in line for line in lines), lines
+    assert len(list((tmp_path / 'cache').iterdir())) == 2
+    long_doc = (corpus / 'a.txt').read_bytes().splitlines()[-1].decode()
+    expected = [tokenizer_lib.BOS_ID, *tokenizer.encode(long_doc), tokenizer_lib.EOS_ID]
+
+    def longest_document(stream):
+        ends = np.append(stream.doc_starts[1:], len(stream.tokens))
+        i = int(np.argmax(ends - stream.doc_starts))
+        return stream.tokens[stream.doc_starts[i]:ends[i]].tolist()
+
+    assert longest_document(fresh) == expected
+    assert longest_document(stale) != expected  # What the old cache held.
+
+
 def test_a_changed_file_builds_a_new_cache(corpus, tmp_path, tokenizer):
     config = _config(corpus, tmp_path / 'cache')
     before = _open(config, tokenizer)

@@ -34,7 +34,8 @@ from muomni_jax.errors import UserError, first_line
 
 SPLITS = ('train', 'validation')
 _HASH_BUCKETS = 1_000_000
-# SentencePiece's memory grows with the input; longer documents are encoded piecewise.
+# SentencePiece's memory grows with the input; longer documents are encoded piecewise, cut
+# between words so that the ids are those of the whole (Tokenizer.pieces).
 _MAX_ENCODE_CHARS = 100_000
 _TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
@@ -210,7 +211,7 @@ def tokenize(docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer,
         except UnicodeDecodeError:
             text = raw.decode('utf-8', errors='replace')
             invalid += 1
-        chunks = [text[i:i + _MAX_ENCODE_CHARS] for i in range(0, len(text), _MAX_ENCODE_CHARS)]
+        chunks = tokenizer.pieces(text, _MAX_ENCODE_CHARS)
         pieces.extend(chunks)
         counts.append(len(chunks))
     encoded = iter(tokenizer.encode_batch(pieces))

@@ -6,6 +6,7 @@ Packed batches never need a pad token: the few filler slots at the very end of t
 filled with PAD_ID (= 0, the unknown piece) and masked by position, never by id.
 """
 
+import functools
 import io
 import os
 import re
@@ -13,6 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 from etils import epath
+from sentencepiece import sentencepiece_model_pb2
 
 from muomni_jax.errors import UserError
 from muomni_jax.io.atomic_write import write_atomically
@@ -24,6 +26,8 @@ PAD_ID = 0  # Filler only; the loss mask is positional, so this id is never trai
 
 # SentencePiece skips longer sentences when training, so long documents are cut to this size.
 _MAX_SENTENCE_CHARS = 4096
+# A space between two non-space characters: where a word of SentencePiece's starts.
+_WORD_BOUNDARY = re.compile(r'(?<=\S) (?=\S)')
 
 
 class Tokenizer:
@@ -59,6 +63,49 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
+
+    def pieces(self, text: str, max_chars: int) -> list[str]:
+        """text cut into pieces of about max_chars (SentencePiece's memory grows with its input)
+        whose encodings, end to end, are exactly encode(text).
+
+        SentencePiece encodes each whitespace-separated word on its own, after a normalizer that
+        may prepend a space (the dummy prefix) and drop spaces at the ends (remove extra
+        whitespace). A cut at a space between two words is therefore exact: with the dummy
+        prefix the space is dropped and the next piece's prefix stands for it; without one the
+        next piece keeps it. A piece runs past max_chars to the next such space; a model where
+        no cut is exact (no word split, or stripped spaces without a prefix) gets one piece.
+        """
+        if len(text) <= max_chars or self._seam is None:
+            return [text]
+        skip = 1 if self._seam == 'drop' else 0
+        pieces, start = [], 0
+        while len(text) - start > max_chars:
+            cut = None
+            for match in _WORD_BOUNDARY.finditer(text, start + 1, start + max_chars + 1):
+                cut = match.start()  # The last boundary within max_chars.
+            if cut is None:
+                match = _WORD_BOUNDARY.search(text, start + max_chars)
+                if match is None:
+                    break
+                cut = match.start()
+            pieces.append(text[start:cut])
+            start = cut + skip
+        pieces.append(text[start:])
+        return pieces
+
+    @functools.cached_property
+    def _seam(self) -> str | None:
+        """How a text is cut at a word boundary (see pieces): 'drop' the space, 'keep' it in
+        the next piece, or None: no cut is exact."""
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(self.model_proto)
+        normalizer, trainer = model.normalizer_spec, model.trainer_spec
+        if (not trainer.split_by_whitespace or trainer.treat_whitespace_as_suffix
+                or not normalizer.escape_whitespaces):
+            return None
+        if normalizer.add_dummy_prefix:
+            return 'drop'
+        return None if normalizer.remove_extra_whitespaces else 'keep'
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
