@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_schedule = 'cosine'  # 'cosine' (warmup, cosine decay) or 'wsd' (warmup-stable-decay).
     config.decay_fraction = 0.2  # WSD: the last fraction of the steps that decays linearly.
     config.warmup_steps = 1000  # Linear warmup from 0 to learning_rate.
-    config.min_lr_ratio = 0.1  # Decay floor at the last step, as a fraction of learning_rate.
+    config.min_lr_ratio = 0.1  # Decay floor, a fraction of learning_rate (wsd: the last step's).
     config.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms, biases or embeddings).
     config.adam_b1 = 0.9  # AdamW beta1.
     config.adam_b2 = 0.999  # AdamW beta2: the original's (PyTorch's default); 0.95 trained worse here.

@@ -2,10 +2,10 @@
 
 import importlib
 import json
+import math
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from configs import tiny
@@ -14,7 +14,7 @@ from muomni_jax.model.thinker import ThinkerConfig, abstract_model
 from muomni_jax.training import config_checks
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import small_config
+from tests.conftest import log_without_timing, small_config
 
 
 def _config(**overrides):
@@ -24,19 +24,61 @@ def _config(**overrides):
     return config
 
 
-def test_the_default_schedule_is_the_seed_warmup_cosine():
-    schedule = steps.learning_rate_schedule(_config(), 100)
-    expected = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 100, 0.1)
-    for step in range(101):
-        assert float(schedule(step)) == pytest.approx(float(expected(step)))
+def test_cosine_and_wsd_rates_worked_out_by_hand():
+    """schedule(c) is the rate of update c + 1 (learning_rate 1, warmup 10, floor 0.1)."""
+    cosine = steps.learning_rate_schedule(_config(), 100)
+    assert float(cosine(0)) == 0.0
+    assert float(cosine(5)) == pytest.approx(0.5)  # Halfway up the warmup.
+    assert float(cosine(10)) == pytest.approx(1.0)  # The peak, right after warmup.
+    # Halfway through the cosine's 90 counts: 0.1 + 0.9 * (1 + cos(pi / 2)) / 2.
+    assert float(cosine(55)) == pytest.approx(0.55)
+    # The last update (count 99): 0.1 + 0.9 * (1 + cos(89 pi / 90)) / 2, just above the floor,
+    # which count 100 reaches: the original's LambdaLR has the same offset.
+    assert float(cosine(99)) == pytest.approx(0.1002741, abs=1e-6)
+    assert float(cosine(100)) == pytest.approx(0.1)
 
-
-def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_the_floor():
-    schedule = steps.learning_rate_schedule(_config(lr_schedule='wsd', decay_fraction=0.2), 100)
-    lr = np.array([float(schedule(step)) for step in range(101)])
+    wsd = steps.learning_rate_schedule(_config(lr_schedule='wsd', decay_fraction=0.2), 100)
+    lr = np.array([float(wsd(count)) for count in range(100)])
     np.testing.assert_allclose(lr[:11], np.linspace(0, 1, 11), atol=1e-6)
-    np.testing.assert_allclose(lr[10:81], 1.0)  # Stable until the last 20% of the steps.
-    np.testing.assert_allclose(lr[80:], np.linspace(1, 0.1, 21), atol=1e-6)
+    np.testing.assert_allclose(lr[10:81], 1.0)  # Stable until the last 20 updates.
+    # Then down by 0.9 / 19 per update: the last update (count 99) is exactly at the floor.
+    np.testing.assert_allclose(lr[80:], np.linspace(1, 0.1, 20), atol=1e-6)
+
+
+def test_wsd_without_room_to_decay_holds_the_peak():
+    # 12 updates, warmup 10, decay_fraction 0.1: the decay would start at count 11, the last.
+    wsd = steps.learning_rate_schedule(_config(lr_schedule='wsd', decay_fraction=0.1), 12)
+    assert [round(float(wsd(c)), 6) for c in range(9, 12)] == [0.9, 1.0, 1.0]
+
+
+LOGGED_RATES = {  # (lr_schedule, warmup_steps, max_steps): {step: the rate its log line shows}
+    # learning_rate 1e-2, min_lr_ratio 0.1. Step k logs the rate of update k, which is
+    # 1e-2 * (k - 1) / warmup during warmup (the original's LambdaLR).
+    ('cosine', 4, 12): {1: 0.0, 4: 7.5e-3, 5: 1e-2,
+                        12: 1e-2 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))},
+    ('cosine', 20, 12): {1: 0.0, 12: 1e-2 * 11 / 20},  # Still warming up at its end.
+    # Warmup 4, stable to count 16 (the last 20% of 20 steps decays), then 3 linear updates.
+    ('wsd', 4, 20): {1: 0.0, 4: 7.5e-3, 5: 1e-2, 17: 1e-2, 18: 7e-3, 19: 4e-3, 20: 1e-3},
+    ('wsd', 20, 12): {1: 0.0, 12: 1e-2 * 11 / 20},
+}
+
+
+@pytest.mark.slow  # Four short trainings.
+@pytest.mark.parametrize('lr_schedule,warmup_steps,max_steps', list(LOGGED_RATES))
+def test_the_logged_rate_at_the_edges_of_the_schedule(tmp_path, corpus_sample, capsys,
+                                                       lr_schedule, warmup_steps, max_steps):
+    config = small_config(tmp_path / 'run', corpus_sample, lr_schedule=lr_schedule,
+                          warmup_steps=warmup_steps, max_steps=max_steps, learning_rate=1e-2,
+                          min_lr_ratio=0.1, decay_fraction=0.2, log_every=1, eval_every=100,
+                          save_every=100)
+    train.train_and_evaluate(config)
+    logged = {r['step']: r['lr'] for r in log_without_timing(tmp_path / 'run') if 'lr' in r}
+    expected = LOGGED_RATES[lr_schedule, warmup_steps, max_steps]
+    assert {step: logged[step] for step in expected} == pytest.approx(expected, abs=1e-9)
+    note = ('Schedule: warmup_steps=20 fills this run\'s 12 steps, so the rate rises to 0.0055 '
+            '(learning_rate 0.01) and never decays; for a warmup and a decay, lower '
+            '--config.warmup_steps (e.g. 1).')
+    assert (note in capsys.readouterr().out) == (warmup_steps >= max_steps)
 
 
 def _one_update(config, params, grads):

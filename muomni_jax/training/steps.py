@@ -63,25 +63,46 @@ OPTIMIZERS = ('adamw', 'muon')
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-    """Linear warmup to learning_rate, then down to min_lr_ratio * learning_rate at the last step.
+    """The rate of each update, as a function of the updates before it (optax's count): update k
+    of k = 1..total_steps uses schedule(k - 1), and the log shows that rate at step k.
 
-    'cosine': a cosine decay over all the steps after warmup. 'wsd' (warmup-stable-decay): the
-    peak rate until the last decay_fraction of the steps, then a linear decay; a run can be
-    extended or cut without changing its stable phase, and the decay can start from any step.
+    A linear warmup from 0 over warmup_steps (update k: learning_rate * (k - 1) / warmup_steps,
+    as the original's LambdaLR), then a decay towards min_lr_ratio * learning_rate:
+    - 'cosine': a cosine over the updates after warmup that reaches the floor at count
+      total_steps, one past the last update (the original's offset, kept so that the same steps
+      give the same rates; the last update is slightly above the floor).
+    - 'wsd' (warmup-stable-decay): the peak rate until the last decay_fraction of the steps,
+      then a linear decay whose last update is exactly at the floor. A run can be extended or
+      cut without changing its stable phase, and the decay can start from any step.
+    A run no longer than warmup_steps + 1 ends in (or at the end of) its warmup and never
+    decays, as the original's does; `short_run_note` says so at start-up.
     """
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    end = config.learning_rate * config.min_lr_ratio
+    warmup = config.warmup_steps
+    peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
     # Configs saved before these fields existed (an old save_dir's config.json) mean cosine.
     if config.get('lr_schedule', 'cosine') == 'cosine':
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=end)
     decay_start = max(warmup, total_steps - round(config.get('decay_fraction', 0.2) * total_steps))
-    return optax.join_schedules([
-        optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
-        optax.constant_schedule(config.learning_rate),
-        optax.linear_schedule(config.learning_rate, end, max(total_steps - decay_start, 1)),
-    ], boundaries=[warmup, decay_start])
+    decay_updates = total_steps - 1 - decay_start  # Counts decay_start+1 .. total_steps-1.
+    phases = [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)]
+    boundaries = [warmup]
+    if decay_updates > 0:
+        phases.append(optax.linear_schedule(peak, end, decay_updates))
+        boundaries.append(decay_start)
+    return optax.join_schedules(phases, boundaries=boundaries)
+
+
+def short_run_note(config, total_steps: int) -> str | None:
+    """One line for a run too short to decay (total_steps <= warmup_steps + 1), else None."""
+    if not config.warmup_steps or total_steps > config.warmup_steps + 1:
+        return None
+    last = float(learning_rate_schedule(config, total_steps)(total_steps - 1))
+    return (f'Schedule: warmup_steps={config.warmup_steps} fills this run\'s {total_steps} '
+            f'steps, so the rate rises to {last:.3g} (learning_rate {config.learning_rate:g}) '
+            'and never decays; for a warmup and a decay, lower --config.warmup_steps (e.g. '
+            f'{max(total_steps // 10, 1)}).')
 
 
 def weight_decay_mask(params: nnx.State) -> Any:

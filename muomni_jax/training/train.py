@@ -221,6 +221,9 @@ def _log_layout(run: _Run) -> None:
     run.log(f'Initializing Thinker ({count_params(run.setup.abstract_state.params) / 1e6:.1f}M '
             'parameters)...')
     run.log(_devices_line(run.mesh))
+    note = steps.short_run_note(run.config, run.total_steps)
+    if note:
+        run.log(note)
     if jax.process_count() > 1:
         print(distributed.describe(run.mesh), flush=True)
 
