@@ -288,6 +288,23 @@ def test_a_save_that_fails_in_orbax_is_one_line(tmp_path, corpus_sample):
     assert not (save_dir / 'run.lock').exists()
 
 
+def test_a_bug_in_a_save_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only storage failures become SaveFailed's one line; a bug must not read as a full disk."""
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / 'run'), max_to_keep=2)
+    checkpointer.start_writing(0)
+
+    def broken(*args, **kwargs):
+        raise TypeError('a bug in the save')
+
+    monkeypatch.setattr(checkpointer._manager, 'save', broken)  # pylint: disable=protected-access
+    with pytest.raises(TypeError, match='a bug in the save'):
+        checkpointer.save(1, {'w': np.ones(3, np.float32)}, {'step': 1})
+    checkpointer.close()  # Closes without raising again.
+    assert checkpointing.is_io_error(ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "rng/0" [os_error_code=28]'))
+    assert checkpointing.is_io_error(RuntimeError('wrapped')) is False
+
+
 # ----------------------------------------------------------------------------------------------
 # Token caches
 

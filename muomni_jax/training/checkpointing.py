@@ -152,7 +152,7 @@ class Checkpointer:
                                                        meta=self._meta_save(meta)),
                                force=True)
         except Exception as e:  # pylint: disable=broad-except
-            raise self._save_failed(step, e) from e
+            self._raise_failed(step, e)
         self._pending = step
 
     def _finish_pending(self) -> None:
@@ -162,14 +162,16 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # pylint: disable=broad-except
-            raise self._save_failed(self._pending, e) from e
+            self._raise_failed(self._pending, e)
         self._newest_intact, self._pending = self._pending, None
 
-    def _save_failed(self, step: int, error: Exception) -> 'SaveFailed':
-        self._failed = True
-        self._pending = None
-        return write_failed(f'the checkpoint of step {step}', self.directory, error,
-                            self._newest_intact)
+    def _raise_failed(self, step: int, error: Exception) -> None:
+        """An I/O error as SaveFailed's one line; anything else (a bug) as it is."""
+        self._failed, self._pending = True, None
+        if not is_io_error(error):
+            raise error
+        raise write_failed(f'the checkpoint of step {step}', self.directory, error,
+                           self._newest_intact) from error
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves).
@@ -285,6 +287,24 @@ def write_failed(what: str, directory: str, error: BaseException,
         then = (f'the newest intact checkpoint is step {newest_intact}: {fix}; rerun to '
                 f'continue from step {newest_intact}')
     return SaveFailed(f'{what} could not be written ({cause}); {then}')
+
+
+# TensorStore's status codes for a failed read or write (its errors are ValueErrors).
+_STORAGE_STATUS = re.compile(r'^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|NOT_FOUND|'
+                             r'DEADLINE_EXCEEDED|ABORTED|DATA_LOSS|UNAUTHENTICATED|'
+                             r'FAILED_PRECONDITION|UNKNOWN): ')
+
+
+def is_io_error(error: BaseException) -> bool:
+    """Whether the exception chain holds a storage failure (OSError, a TensorStore status, a
+    Google Cloud API error) rather than a bug."""
+    seen = error
+    while seen is not None:
+        if (isinstance(seen, OSError) or _STORAGE_STATUS.match(str(seen))
+                or type(seen).__module__.startswith('google.')):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def io_error_cause(error: BaseException) -> tuple[int | None, str]:
