@@ -93,7 +93,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path, corpus
     events = [f for f in os.listdir(two_dir) if f.startswith('events.out.tfevents')]
     assert len(events) == 1  # TensorBoard events from process 0 only.
     assert sorted(set(os.listdir(two_dir)) - set(events)) == [
-        '3', 'config.json', 'run.lock', 'tokenizer.model', 'training_log.json']
+        '3', 'config.json', 'tokenizer.model', 'training_log.json']
 
     shard_files = lambda cache: sorted(p.name for p in cache.glob('*/*-of-*.tokens'))
     # A cache per source; each process builds its own shard of each.
