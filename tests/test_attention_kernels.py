@@ -83,6 +83,60 @@ def test_splash_computes_the_xla_function():
     assert_same_function(GQA, 'splash', 128)
 
 
+@pytest.mark.slow  # Both kernels interpreted, on 8 devices.
+@pytest.mark.parametrize('impl,t', [('pallas', 32), ('splash', 128)])
+def test_kernels_split_the_rows_over_a_mesh_and_compute_the_xla_function(impl, t):
+    """Under on_mesh the kernel runs in shard_map, one block of rows per device (here a
+    data=2 x fsdp=4 mesh of CPU devices, each interpreting its own rows)."""
+    mesh = jax.make_mesh((2, 4), ('data', 'fsdp'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+    cfg = dataclasses.replace(GQA, ctx_len=t, attention_impl='xla')
+    params = nnx.state(Thinker(cfg, rngs=nnx.Rngs(1)))
+    batch = packed_batch(t, cfg.vocab_size, rows=8)
+    value, logits, grads = loss_and_grads(cfg, params, *batch)
+    kernel_cfg = dataclasses.replace(cfg, attention_impl=impl)
+    sharded = jax.jit(attention_kernels.on_mesh(
+        mesh, lambda p, *b: loss_and_grads(kernel_cfg, p, *b)),
+        in_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                      rows, rows, rows))
+    lowered = sharded.lower(params, *batch)
+    assert 'shard_map' in lowered.as_text() or 'sdy.manual_computation' in lowered.as_text()
+    k_value, k_logits, k_grads = lowered.compile()(params, *batch)
+    real = np.asarray(batch[1]) > 0
+    np.testing.assert_allclose(np.asarray(k_logits)[real], np.asarray(logits)[real],
+                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(k_value, value, rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(k_grads)):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_interpreter_is_used_only_when_compiling_for_a_cpu():
+    cpu_mesh = jax.make_mesh((1,), ('data',))
+    with attention_kernels._placed_on(cpu_mesh):  # pylint: disable=protected-access
+        assert attention_kernels._interpret()  # pylint: disable=protected-access
+
+    class FakeDevice:  # A compile target's device, as a topology description gives it.
+        def __init__(self, platform):
+            self.platform = platform
+
+    class FakeMesh:
+        def __init__(self, platform):
+            self.devices = np.array([FakeDevice(platform)])
+
+    for platform in ('tpu', 'cuda', 'gpu'):
+        with attention_kernels._placed_on(FakeMesh(platform)):  # pylint: disable=protected-access
+            assert not attention_kernels._interpret()  # pylint: disable=protected-access
+            assert attention_kernels.resolve('auto', ctx_len=512, head_dim=64,
+                                             matmul_dtype=jnp.bfloat16) == (
+                'splash' if platform == 'tpu' else 'cudnn')
+    # auto falls back to xla where its kernel cannot compute the shape, dtype or dropout.
+    assert attention_kernels.resolve('auto', 'tpu', ctx_len=96) == 'xla'
+    assert attention_kernels.resolve('auto', 'gpu', matmul_dtype=jnp.float32) == 'xla'
+    assert attention_kernels.resolve('auto', 'gpu', dropout=0.1) == 'xla'
+
+
 @pytest.mark.slow
 def test_attention_dropout_defaults_to_dropout_and_at_0_the_kernels_train():
     cfg = dataclasses.replace(GQA, ctx_len=32, dropout=0.3, attention_impl='xla')

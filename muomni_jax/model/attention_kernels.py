@@ -15,23 +15,35 @@ has it; its outputs are never trained on.
   splash  the TPU splash attention with SegmentIds and a causal mask (GQA native), per example
           under vmap; the window must be a multiple of 128. Skips the tiles above the diagonal.
 
-pallas and splash run on a CPU in Pallas's interpreter (slow; what the tests check them with).
+Where a kernel runs is the platform of the devices the step is compiled for: the mesh that
+`on_mesh` places the traced function on (a pre-flight compiles for TPUs or GPUs on a CPU host),
+else the default device, where an unplaced jit runs. pallas and splash run on a CPU in Pallas's
+interpreter (slow; what the tests check them with). On a mesh of several devices they run under
+jax.shard_map, one block of rows per device (the mesh's every axis splits the batch, as
+parallel.partitioning lays batches out): Mosaic cannot be partitioned automatically, and
+Triton's call would otherwise be fed the whole batch, gathered onto every device. cuDNN's call
+has XLA's own partitioning rule.
 Shapes: B batch, T window, H query heads, G kv groups, K head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
-# What 'auto' runs on each platform. Only 'xla' has been timed beside the others on each of
-# them so far (BUILD_NOTES "Attention kernels"), so it stays the choice until the device check
-# (scripts/device_check.py) measures a faster one that computes the same function.
-AUTO = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
+# What 'auto' runs on each platform, where the shape and dtype allow it (else xla). On GPUs
+# cuDNN: it partitions under a sharded batch and needs less memory than xla (launch.preflight);
+# whether pallas is faster stays open until a device times both (launch.device_check). On TPUs
+# splash: it partitions (under shard_map) and skips the tiles above the diagonal.
+AUTO = {'cpu': 'xla', 'gpu': 'cudnn', 'tpu': 'splash'}
 # Where each kernel compiles; pallas and splash also run on a CPU, interpreted.
 PLATFORMS = {'xla': ('cpu', 'gpu', 'tpu'), 'cudnn': ('gpu',), 'pallas': ('gpu', 'cpu'),
              'splash': ('tpu', 'cpu')}
@@ -41,11 +53,55 @@ SPLASH_BLOCK = 128
 PALLAS_MIN_BLOCK = 16
 
 
-def resolve(implementation: str, platform: str | None = None) -> str:
-    """'auto' -> the platform's choice (AUTO); any other name as it is."""
+_MESH: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar(
+    'attention_kernels_mesh', default=None)
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+    """fn, whose kernels are traced for `mesh`'s devices and partitioned over its batch."""
+
+    @functools.wraps(fn)
+    def placed(*args, **kwargs):
+        with _placed_on(mesh):
+            return fn(*args, **kwargs)
+
+    return placed
+
+
+@contextlib.contextmanager
+def _placed_on(mesh: jax.sharding.Mesh) -> Iterator[None]:
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def platform_of(device) -> str:
+    """'cpu', 'gpu' or 'tpu' ('cuda' and 'rocm' devices are GPUs)."""
+    return 'gpu' if device.platform in ('cuda', 'rocm', 'gpu') else device.platform
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the placed mesh's, else the default device's."""
+    mesh = _MESH.get()
+    return platform_of(mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+
+
+def resolve(implementation: str, platform: str | None = None, *, ctx_len: int | None = None,
+            head_dim: int | None = None, matmul_dtype=None, dropout: float = 0.0) -> str:
+    """'auto' -> the platform's choice (AUTO), or xla where that kernel cannot compute this
+    shape, dtype or attention dropout; any other name as it is."""
     if implementation != 'auto':
         return implementation
-    return AUTO.get(platform or jax.default_backend(), 'xla')
+    choice = AUTO.get(platform or target_platform(), 'xla')
+    if choice == 'xla' or dropout > 0:
+        return 'xla'
+    try:
+        check(choice, ctx_len or SPLASH_BLOCK, head_dim or 64, matmul_dtype or jnp.bfloat16)
+    except ValueError:
+        return 'xla'
+    return choice
 
 
 def check(implementation: str, ctx_len: int, head_dim: int, matmul_dtype) -> None:
@@ -70,6 +126,7 @@ def check(implementation: str, ctx_len: int, head_dim: int, matmul_dtype) -> Non
 
 def check_platform(implementation: str, platform: str) -> None:
     """Raises ValueError when the kernel does not run on this platform at all."""
+    platform = 'gpu' if platform in ('cuda', 'rocm') else platform
     if platform not in PLATFORMS[resolve(implementation, platform)]:
         where = ' or '.join(p.upper() for p in PLATFORMS[implementation])
         raise ValueError(f'attention_impl {implementation} runs on {where}, not on '
@@ -77,25 +134,31 @@ def check_platform(implementation: str, platform: str) -> None:
 
 
 def _interpret() -> bool:
-    """Pallas kernels run interpreted where they cannot compile (a CPU)."""
-    return jax.default_backend() == 'cpu'
+    """Pallas kernels run interpreted where they cannot compile: when compiling for a CPU."""
+    return target_platform() == 'cpu'
 
 
 def attend(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            segment_ids: jax.Array) -> jax.Array:
     """q (B, T, H, K), k/v (B, T, G, K), mask (B, 1, T, T) bool, segment_ids (B, T) int
-    -> (B, T, H, K) in q's dtype. q, k and v are already in the matmul dtype."""
+    -> (B, T, H, K) in q's dtype. q, k and v are already in the matmul dtype; implementation
+    is resolved (not 'auto')."""
     scale = 1 / math.sqrt(q.shape[-1])
-    implementation = resolve(implementation)
     if implementation in ('xla', 'cudnn'):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                             implementation=implementation)
-    if implementation == 'pallas':
-        return _pallas(q, k, v, segment_ids, scale)
-    return _splash(q, k, v, segment_ids, scale)
+    kernel = functools.partial(_pallas if implementation == 'pallas' else _splash,
+                               scale=scale, interpret=_interpret())
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    # One block of rows per device, every mesh axis named (Mosaic refuses automatic axes).
+    rows = P(tuple(mesh.axis_names))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
-def _pallas(q, k, v, segment_ids, scale):
+def _pallas(q, k, v, segment_ids, scale, interpret):
     from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=import-outside-toplevel
     t, heads, groups = q.shape[1], q.shape[2], k.shape[2]
     # The kernel reads kv head h for query head h: repeat each group (repeat_interleave), whose
@@ -107,7 +170,7 @@ def _pallas(q, k, v, segment_ids, scale):
                                  block_kv_dkv=backward, block_q_dq=backward,
                                  block_kv_dq=backward)
     return attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=True,
-                         block_sizes=sizes, interpret=_interpret())
+                         block_sizes=sizes, interpret=interpret)
 
 
 @functools.cache
@@ -122,10 +185,10 @@ def _splash_kernel(t: int, heads: int, interpret: bool):
                                   interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, scale):
+def _splash(q, k, v, segment_ids, scale, interpret):
     # pylint: disable-next=import-outside-toplevel
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
-    kernel = _splash_kernel(q.shape[1], q.shape[2], _interpret())
+    kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
     # Per example, heads first; splash takes no scale, so q carries it.
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     segment_ids = segment_ids.astype(jnp.int32)

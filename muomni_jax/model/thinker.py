@@ -314,11 +314,13 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
         fused = cache is None and (deterministic or self.attn_dropout.rate == 0)
-        if (fused and isinstance(mask, PackedMask)
-                and attention_kernels.resolve(self.impl) != "xla"):
+        impl = attention_kernels.resolve(self.impl, ctx_len=t, head_dim=self.head_dim,
+                                         matmul_dtype=self.matmul_dtype,
+                                         dropout=self.attn_dropout.rate)
+        if fused and isinstance(mask, PackedMask) and impl != "xla":
             # The kernels skip the tiles above the diagonal themselves.
             md = self.matmul_dtype
-            out = attention_kernels.attend(self.impl, q.astype(md), k.astype(md), v.astype(md),
+            out = attention_kernels.attend(impl, q.astype(md), k.astype(md), v.astype(md),
                                            mask.dense, mask.segment_ids).astype(q.dtype)
             return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
         if isinstance(mask, PackedMask):

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from muomni_jax.model import attention_kernels
 from muomni_jax.model import lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
 from muomni_jax.parallel import partitioning
@@ -287,19 +288,22 @@ def _jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef
     every device, metrics replicated."""
     batch_sharding = partitioning.batch_sharding(mesh)
     metrics_sharding = partitioning.replicated(mesh)
+    # on_mesh: the attention kernels are compiled for the mesh's devices and split its rows.
     p_train_step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
+        attention_kernels.on_mesh(mesh, functools.partial(
+                          train_step, graphdef=graphdef, tx=tx,
                           accumulation_steps=config.gradient_accumulation_steps,
                           deterministic=model_config.dropout == 0,
                           max_consecutive_nonfinite=config.max_consecutive_nonfinite,
                           loss_chunk_tokens=config.loss_chunk_tokens,
                           z_loss_weight=config.get('z_loss_weight', 0.0),
-                          ema_decay=config.get('ema_decay', 0.0)),
+                          ema_decay=config.get('ema_decay', 0.0))),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(lm_loss.eval_step, graphdef=graphdef,
-                                            loss_chunk_tokens=config.loss_chunk_tokens),
+    p_eval_step = jax.jit(attention_kernels.on_mesh(mesh, functools.partial(
+                              lm_loss.eval_step, graphdef=graphdef,
+                              loss_chunk_tokens=config.loss_chunk_tokens)),
                           in_shardings=(state_sharding.params, batch_sharding),
                           out_shardings=metrics_sharding)
     return p_train_step, p_eval_step
