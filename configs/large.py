@@ -1,8 +1,8 @@
 """The Thinker at about 1B parameters.
 
-Fits, by launch.preflight, on: v5p-64, v6e-64, h100x8 (BUILD_NOTES "The size ladder").
+Fits, by launch.preflight, on: v5p-64, h100x8 (BUILD_NOTES "The size ladder").
 
-  python -m launch.preflight --config=configs/large.py --target=v5p-64,v6e-64,h100x8
+  python -m launch.preflight --config=configs/large.py --target=v5p-64,h100x8
   python -m launch.stage_a --config=configs/large.py --config.data_path=YOUR_CORPUS
 """
 

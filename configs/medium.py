@@ -1,8 +1,8 @@
 """The Thinker at about 350M parameters.
 
-Fits, by launch.preflight, on: v5e-32, h100x8, v5p-32 (BUILD_NOTES "The size ladder").
+Fits, by launch.preflight, on: v5e-32, h100x8 (BUILD_NOTES "The size ladder").
 
-  python -m launch.preflight --config=configs/medium.py --target=v5e-32,h100x8,v5p-32
+  python -m launch.preflight --config=configs/medium.py --target=v5e-32,h100x8
   python -m launch.stage_a --config=configs/medium.py --config.data_path=YOUR_CORPUS
 """
 

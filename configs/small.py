@@ -1,8 +1,8 @@
 """The Thinker at about 125M parameters.
 
-Fits, by launch.preflight, on: v5e-16, h100x1, h100x8 (BUILD_NOTES "The size ladder").
+Fits, by launch.preflight, on: v5e-16, h100x8 (BUILD_NOTES "The size ladder").
 
-  python -m launch.preflight --config=configs/small.py --target=v5e-16,h100x1,h100x8
+  python -m launch.preflight --config=configs/small.py --target=v5e-16,h100x8
   python -m launch.stage_a --config=configs/small.py --config.data_path=YOUR_CORPUS
 """
 

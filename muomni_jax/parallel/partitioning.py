@@ -76,11 +76,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, accumulation_steps: int) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, accumulation_steps: int,
+                     this_process_feeds: bool = True) -> None:
     """Every micro-batch must split evenly over the devices, hence over the processes too.
 
     Process p feeds the rows of its own devices, batch_size * local devices / devices of them,
     so a batch that divides over the devices also divides over the processes.
+    this_process_feeds=False: a compile for another machine's devices (launch.preflight),
+    which this process does not feed.
     """
     shards = mesh.shape['data'] * mesh.shape['fsdp']
     if batch_size % accumulation_steps:
@@ -95,7 +98,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, accumulation_steps: int) -> No
                         f'must split evenly over the mesh\'s {where}: use a batch_size of '
                         f'{accumulation_steps} x a multiple of {shards}')
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    if local_devices * jax.process_count() != shards:
+    if this_process_feeds and local_devices * jax.process_count() != shards:
         raise UserError(f'the mesh gives this process {local_devices} of its {shards} devices; '
                         'every process must own the same number: build the mesh over all '
                         'devices')

@@ -106,7 +106,8 @@ def compile_steps(config, devices: list) -> Compiled:
     mesh = partitioning.make_mesh(config.mesh, devices)
     model_config = config_checks.validate_config(config)
     config_checks.check_platform(model_config, mesh.devices.flat[0].platform)
-    partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
+    partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps,
+                                  this_process_feeds=False)
     setup = steps.create_train_state(config, mesh, total_steps=10_000, initialize=False)
     batch = abstract_batch(config, mesh)
     state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(setup.abstract_state))
