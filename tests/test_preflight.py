@@ -90,6 +90,16 @@ def test_an_unknown_target_is_one_line(tmp_path):
         f'GPUs (a100xN, h100xN, h200xN), e.g. {compile_targets.EXAMPLES}']
 
 
+@pytest.mark.parametrize('target,what', [('v5e-4', 'libtpu'), ('h100x8', 'the CUDA plugin')])
+def test_a_missing_compiler_is_one_line_naming_what_to_install(tmp_path, target, what):
+    result = run_module('launch.preflight', *TINY, f'--target={target}',
+                        f'--compilers={tmp_path / "none"}')
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot describe {target}'s devices")
+    assert f'is {what}' in lines[0] and 'requirements-preflight.txt' in lines[0]
+
+
 def test_cloud_names_map_to_chips_topologies_and_hosts():
     cases = {'v5e-256': (256, 32, 'v5e:16x16'), 'v4-32': (16, 4, 'v4:2x2x4'),
              'v5p-128': (64, 16, 'v5p:4x4x4'), 'v6e-8': (8, 1, 'v6e:2x4'),

@@ -140,7 +140,7 @@ def devices(target: Target) -> list:
                 topology=target.topology)
     except (RuntimeError, ValueError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fix = (missing_compiler(target) if re.search(r'backend|plugin|not found|libtpu|cuda',
+        fix = (missing_compiler(target) if re.search(r'backend|plugin|install|not found|not implemented|libtpu|cuda',
                                                      message, re.IGNORECASE)
                else 'please report it with this line')
         raise UserError(f'cannot describe {target.name}\'s devices ({message[:300]}): {fix}'
@@ -151,5 +151,5 @@ def devices(target: Target) -> list:
 def missing_compiler(target: Target) -> str:
     what = ('libtpu' if target.platform == 'tpu' else
             'the CUDA plugin, nvcc, nvjitlink and cuDNN')
-    return (f'is {what} installed? pip install --target .compilers -r '
+    return (f'is {what} installed? pip install --no-deps --target .compilers -r '
             'requirements-preflight.txt (launch.preflight reads .compilers, or --compilers)')
