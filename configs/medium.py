@@ -8,32 +8,16 @@ Fits, by launch.preflight, on: v5e-32, h100x8 (BUILD_NOTES "The size ladder").
 
 import ml_collections
 
-from configs import accelerator
+from configs import small
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = accelerator.get_config()
-    # --- Model: the Thinker's architecture (GQA, SwiGLU, RoPE), grown ---
-    config.vocab_size = 32000  # SentencePiece BPE pieces, as tiny.
+    config = small.get_config()  # small's fields and comments; only what grows differs.
     config.n_layers = 24  # Transformer blocks.
     config.d_model = 1024  # Residual stream width.
     config.n_heads = 16  # Attention heads (head dim 64).
-    config.kv_groups = 4  # Key/value groups (GQA).
     config.d_ff = 2816  # SwiGLU hidden width (about 8/3 of d_model).
-    config.ctx_len = 1024  # Tokens per packed window.
-    config.dropout = 0.0  # Pretraining on far more tokens than parameters needs none.
     config.remat = True  # Recompute each block in the backward pass: kept on for headroom (see BUILD_NOTES).
-    config.scan_layers = True  # One lax.scan over the blocks: compile time flat in n_layers.
-    # --- Training: batch 256 x 1024 = 262,144 tokens a step ---
-    config.batch_size = 256  # Global windows per optimizer step.
     config.learning_rate = 0.0003  # Peak rate; smaller for wider models.
-    config.warmup_steps = 2000  # Linear warmup.
-    config.lr_schedule = 'wsd'  # Warmup-stable-decay: extend or cut a long run freely.
-    config.num_epochs = 1  # One pass over a large corpus.
-    config.save_every = 2000  # Checkpoint every N steps.
-    config.eval_every = 2000  # Validate every N steps.
-    config.log_every = 50  # Print and record metrics every N steps.
-    config.mesh.data = 1  # Every device shards the params and Adam moments (FSDP) ...
-    config.mesh.fsdp = -1  # ... and takes its own rows of the batch.
     config.save_dir = 'checkpoints/thinker_medium'  # Kept apart from the other sizes.
     return config

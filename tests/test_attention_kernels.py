@@ -47,6 +47,18 @@ def loss_and_grads(cfg, params, tokens, segment_ids, positions, deterministic=Tr
     return value, logits, grads
 
 
+def assert_same_outputs(reference, kernel, segment_ids):
+    """(loss, logits, grads) of a kernel against the XLA path's, padding's logits left out."""
+    (value, logits, grads), (k_value, k_logits, k_grads) = reference, kernel
+    real = np.asarray(segment_ids) > 0
+    np.testing.assert_allclose(np.asarray(k_logits)[real], np.asarray(logits)[real],
+                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(k_value, value, rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(k_grads)):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
 def assert_same_function(base, impl, t):
     cfg = dataclasses.replace(base, ctx_len=t, attention_impl='xla')
     params = nnx.state(Thinker(cfg, rngs=nnx.Rngs(1)))
@@ -54,13 +66,7 @@ def assert_same_function(base, impl, t):
     value, logits, grads = loss_and_grads(cfg, params, *batch)
     k_value, k_logits, k_grads = loss_and_grads(dataclasses.replace(cfg, attention_impl=impl),
                                                 params, *batch)
-    real = np.asarray(batch[1]) > 0
-    np.testing.assert_allclose(np.asarray(k_logits)[real], np.asarray(logits)[real],
-                               atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(k_value, value, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                            jax.tree.leaves(k_grads)):
-        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    assert_same_outputs((value, logits, grads), (k_value, k_logits, k_grads), batch[1])
 
 
 # One layer: a kernel replaces each layer's attention alone, so more layers only add compile and
@@ -103,13 +109,7 @@ def test_kernels_split_the_rows_over_a_mesh_and_compute_the_xla_function(impl, t
     lowered = sharded.lower(params, *batch)
     assert 'shard_map' in lowered.as_text() or 'sdy.manual_computation' in lowered.as_text()
     k_value, k_logits, k_grads = lowered.compile()(params, *batch)
-    real = np.asarray(batch[1]) > 0
-    np.testing.assert_allclose(np.asarray(k_logits)[real], np.asarray(logits)[real],
-                               atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(k_value, value, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                            jax.tree.leaves(k_grads)):
-        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    assert_same_outputs((value, logits, grads), (k_value, k_logits, k_grads), batch[1])
 
 
 def test_the_interpreter_is_used_only_when_compiling_for_a_cpu():
