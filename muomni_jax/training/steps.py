@@ -248,7 +248,7 @@ def all_finite(tree) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """What make_train_setup returns: the state and everything that runs it on the mesh."""
-    state: TrainState | None  # Initialised from the plan's seed; None when asked for the shape only.
+    state: TrainState | None  # Initialised from the plan's seed; None: asked for the shape only.
     abstract_state: TrainState  # ShapeDtypeStructs carrying state_shardings: restore onto it.
     state_shardings: TrainState  # NamedSharding per leaf (partitioning.state_shardings).
     graphdef: nnx.GraphDef
