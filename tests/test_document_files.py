@@ -58,15 +58,18 @@ def _config(data_path, **overrides):
     return config
 
 
-def _source(config) -> input_pipeline.DocumentSource:
-    """The documents of the config's one source, as a run reads them."""
+def _corpus(config) -> input_pipeline.CorpusSpec:
+    """How a run with this config reads its one source."""
     data = run_plan.resolve(config).data
-    return input_pipeline.DocumentSource(data.corpus(data.sources[0]))
+    return data.corpus(data.sources[0])
+
+
+def _source(config) -> input_pipeline.DocumentSource:
+    return input_pipeline.DocumentSource(_corpus(config))
 
 
 def _documents(data_path, split='train', **overrides):
-    return list(input_pipeline.document_bytes(_source(_config(data_path, **overrides)).spec,
-                                              split))
+    return list(input_pipeline.document_bytes(_corpus(_config(data_path, **overrides)), split))
 
 
 def test_every_format_gives_the_same_documents_and_split(formats):
@@ -343,7 +346,7 @@ def test_the_format_bench_builds_the_same_tokens_from_every_format(tmp_path, for
     assert list(figures) == list(FORMATS)
     tokens = input_pipeline.in_memory_stream(
         (d.encode() for split in input_pipeline.SPLITS
-         for d in input_pipeline.documents(_source(config).spec, split)),
+         for d in input_pipeline.documents(_corpus(config), split)),
         tokenizer_lib.Tokenizer.load(corpus_tokenizer))[0].num_tokens
     assert {f['tokens'] for f in figures.values()} == {tokens}
 

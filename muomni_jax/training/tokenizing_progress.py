@@ -60,3 +60,8 @@ class TokenizingProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def on_main(is_main: bool) -> TokenizingProgress | None:
+    """The progress of a build, shown by process 0 only."""
+    return TokenizingProgress() if is_main else None

@@ -9,11 +9,10 @@ notebook call the same function.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 
@@ -33,8 +32,8 @@ from muomni_jax.training import device_batches
 from muomni_jax.training import periodic_actions
 from muomni_jax.training import preemption
 from muomni_jax.training import reporting
-from muomni_jax.training import run_lock
 from muomni_jax.training import run_plan
+from muomni_jax.training import save_dir_lock
 from muomni_jax.training import schedule_fit
 from muomni_jax.training import steps
 from muomni_jax.training import tokenizing_progress
@@ -58,7 +57,7 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     with distributed.fail_together():
         plan = run_plan.resolve(config)
         mesh = _checked_mesh(plan, devices)
-    with _save_dir_locked(plan.output.save_dir, is_main, log):
+    with save_dir_lock.locked(plan.output.save_dir, is_main, log):
         summary, stopped_by = _set_up_and_train(plan, mesh, is_main, log)
     if stopped_by:
         return summary
@@ -80,9 +79,9 @@ def prepare_data(config) -> dict[str, int]:
     save_dir = plan.output.save_dir
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    with _save_dir_locked(save_dir, is_main, log):
+    with save_dir_lock.locked(save_dir, is_main, log):
         tokenizer = tokenizer_setup.shared_tokenizer(plan.data, save_dir)
-        data = host_data.load(plan.data, tokenizer, log, _build_progress(is_main))
+        data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
         if is_main:  # Last, so a bad input leaves save_dir untouched.
             tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
     totals = data.totals
@@ -105,25 +104,6 @@ def _checked_mesh(plan: run_plan.RunPlan, devices) -> jax.sharding.Mesh:
     partitioning.check_batch_size(plan.step.batch_size, mesh,
                                   plan.step.gradient_accumulation_steps)
     return mesh
-
-
-@contextlib.contextmanager
-def _save_dir_locked(save_dir: str, is_main: bool, log) -> Iterator[None]:
-    """Holds save_dir's run lock (taken by process 0) for the block, on every process: a second
-    run on a live save_dir stops here, before it reads a checkpoint or loads data."""
-    lock = run_lock.RunLock(save_dir, log=log) if is_main else None
-    with distributed.fail_together():
-        if lock is not None:
-            lock.acquire()
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _build_progress(is_main: bool) -> tokenizing_progress.TokenizingProgress | None:
-    return tokenizing_progress.TokenizingProgress() if is_main else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +131,7 @@ def _set_up_and_train(plan: run_plan.RunPlan, mesh, is_main: bool, log
     sampler = sampling.training_sampler(
         {'sample_prompts': plan.output.sample_prompts,
          'sample_max_new_tokens': plan.output.sample_max_new_tokens}, plan.model, tokenizer)
-    data = host_data.load(plan.data, tokenizer, log, _build_progress(is_main))
+    data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
     console.log_totals(data, log)
     plan = run_plan.with_steps_per_epoch(plan, data.steps_per_epoch)
 
