@@ -266,6 +266,34 @@ def test_build_progress_and_invalid_utf8_are_reported(corpus, tmp_path, tokenize
     assert '1 documents had invalid UTF-8' in err
 
 
+class _RecordedProgress:
+    """A token_cache.BuildProgress that keeps what it was told."""
+
+    def __init__(self):
+        self.started, self.done, self.tokens, self.closed = None, 0, 0, False
+
+    def start(self, total, unit):
+        self.started = (total, unit)
+
+    def update(self, done, tokens):
+        self.done += done
+        self.tokens += tokens
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_build_tells_the_caller_its_progress(corpus, tmp_path, tokenizer):
+    progress = _RecordedProgress()
+    config = _config(corpus, tmp_path / 'cache')
+    streams = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 2, [0, 1],
+                                        log=lambda line: None, progress=progress)
+    text_bytes = sum(path.stat().st_size for path in corpus.iterdir())
+    assert progress.started == (text_bytes, 'B') and progress.done == text_bytes
+    assert progress.tokens == sum(stream.num_tokens for stream in streams.values()) > 0
+    assert progress.closed
+
+
 def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
     import tensorflow_datasets as tfds
     config = _config('', tmp_path / 'cache', tfds_name='lm1b', tfds_split='train',
