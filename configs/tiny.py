@@ -4,19 +4,34 @@ Every field is overridable on the command line, e.g.
 `python -m launch.stage_a --config=configs/tiny.py --config.batch_size=8`.
 """
 
-import dataclasses
-
 import ml_collections
-
-from muomni_jax.model.thinker import ThinkerConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # --- Model: every ThinkerConfig field at its default, the original μOmni thinker_tiny.json ---
-    # (muomni_jax/model/thinker.py says what each field means; override them here or on the command line).
-    config.update(dataclasses.asdict(ThinkerConfig()))
+    # --- Model: ThinkerConfig (muomni_jax/model/thinker.py) at the original thinker_tiny.json ---
+    config.vocab_size = 32000  # Vocabulary; also the embedding and lm_head rows.
+    config.n_layers = 4  # Number of transformer blocks.
+    config.d_model = 256  # Residual stream width.
+    config.n_heads = 4  # Attention heads; head dim is d_model // n_heads.
+    config.d_ff = 1024  # Hidden width of each MLP (SwiGLU gate/up or GELU fc1).
+    config.dropout = 0.1  # On both residual branches, and attention probabilities too.
+    config.rope_theta = 10000.0  # RoPE frequency base.
+    config.ctx_len = 512  # Tokens per packed training window (the model's context).
+    config.use_gqa = True  # Grouped-query attention (q, k, v), else fused qkv.
+    config.kv_groups = 2  # Key/value groups under GQA; divides n_heads.
+    config.use_swiglu = True  # SwiGLU MLP; False: GELU MLP with biases.
+    config.use_moe = False  # Replace each MLP by a top-k mixture of experts.
+    config.num_experts = 8  # Experts per MoE layer (only with use_moe).
+    config.num_experts_per_tok = 2  # Experts each token is routed to (only with use_moe).
+    config.dtype = 'float32'  # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU; params float32.
+    config.matmul_dtype = 'float32'  # 'bfloat16': cast every matmul's operands (float32 sums).
+    config.remat = False  # Recompute each block's activations in the backward pass (memory).
+    config.scan_layers = False  # Run the blocks as one lax.scan: compile time flat in n_layers.
+    config.attention_block = 128  # Causal attention in query blocks of N tokens; 0 or ctx_len: one.
+    config.attention_dropout = -1.0  # Dropout on attention probabilities; -1: the same as dropout.
+    config.attention_impl = 'auto'  # 'auto', 'xla', 'cudnn', 'pallas', 'splash' (attention_kernels).
 
     # --- Data ---
     # File, directory, glob or hf:NAME/CONFIG/SPLIT: text (one document per line), JSON Lines

@@ -49,6 +49,7 @@ from muomni_jax.model.thinker import abstract_model  # pylint: disable=g-import-
 from muomni_jax.parallel import partitioning  # pylint: disable=g-import-not-at-top
 from muomni_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
 from muomni_jax.training import steps  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import run_plan  # pylint: disable=g-import-not-at-top
 from muomni_jax.training import train  # pylint: disable=g-import-not-at-top
 
 
@@ -321,7 +322,8 @@ def saved_state(save_dir, step):
 
 def restore_state(config, save_dir, step, mesh=None):
     """The whole train state of save_dir/<step>, on `mesh` (default one device)."""
-    setup = steps.create_train_state(config, mesh or one_device_mesh(), initialize=False)
+    setup = steps.make_train_setup(run_plan.resolve(config), mesh or one_device_mesh(), 1,
+                                   initialize=False)
     checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
     state, _ = checkpointer.restore(step, setup.abstract_state)
     checkpointer.close()

@@ -19,6 +19,7 @@ from muomni_jax.data import mixture
 from muomni_jax.data import token_cache
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.training import run_plan
 from muomni_jax.training import train
 
 _spec = importlib.util.spec_from_file_location(
@@ -57,8 +58,18 @@ def _config(data_path, **overrides):
     return config
 
 
+def _corpus(config) -> input_pipeline.CorpusSpec:
+    """How a run with this config reads its one source."""
+    data = run_plan.resolve(config).data
+    return data.corpus(data.sources[0])
+
+
+def _source(config) -> input_pipeline.DocumentSource:
+    return input_pipeline.DocumentSource(_corpus(config))
+
+
 def _documents(data_path, split='train', **overrides):
-    return list(input_pipeline.document_bytes(_config(data_path, **overrides), split))
+    return list(input_pipeline.document_bytes(_corpus(_config(data_path, **overrides)), split))
 
 
 def test_every_format_gives_the_same_documents_and_split(formats):
@@ -73,9 +84,8 @@ def test_every_format_builds_the_same_token_cache(tmp_path, formats, tokenizer):
     built = {}
     for name in FORMATS:
         config = _config(formats[name], cache_dir=str(tmp_path / name))
-        source = input_pipeline.DocumentSource(config)
-        built[name] = token_cache.open_or_build(config, source, tokenizer, 2, [0, 1],
-                                                log=lambda _: None, verbose=False)
+        built[name] = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 2,
+                                                [0, 1], log=lambda _: None)
     for name in FORMATS[1:]:
         assert built[name].keys() == built['.txt'].keys()
         for where, stream in built['.txt'].items():
@@ -106,8 +116,8 @@ def test_a_record_with_newlines_stays_one_document(tmp_path, tokenizer):
     docs = _documents(path, val_split=0.0)
     assert docs == [text.encode(), b'Another one.']
     config = _config(path, val_split=0.0, cache_dir=str(tmp_path / 'cache'))
-    streams = token_cache.open_or_build(config, input_pipeline.DocumentSource(config), tokenizer,
-                                        1, [0], log=lambda _: None, verbose=False)
+    streams = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 1, [0],
+                                        log=lambda _: None)
     stream = streams['train', 0]
     assert stream.num_documents == 2
     expected = [tokenizer_lib.BOS_ID, *tokenizer.encode(text), tokenizer_lib.EOS_ID]
@@ -124,15 +134,13 @@ def test_text_key_chooses_the_field_and_keys_the_cache(tmp_path, tokenizer):
     keys = []
     for text_key in ('body', 'title'):
         config = _config(path, text_key=text_key)
-        keys.append(token_cache.cache_key(config, input_pipeline.DocumentSource(config),
-                                          tokenizer, 1)[0])
+        keys.append(token_cache.cache_key(_source(config), tokenizer, 1)[0])
     assert keys[0] != keys[1]
     # A text source's key is what it was before text_key existed: old caches are still found.
     text = tmp_path / 'plain.txt'
     text.write_text('one\ntwo\n', encoding='utf-8')
     config = _config(text, text_key='body')
-    _, material = token_cache.cache_key(config, input_pipeline.DocumentSource(config),
-                                        tokenizer, 1)
+    _, material = token_cache.cache_key(_source(config), tokenizer, 1)
     assert set(material['source']) == {'files'}
 
 
@@ -161,10 +169,10 @@ def test_a_mixture_of_parquet_and_jsonl_names_a_text_key_per_entry():
     # Without a key an entry is described as before, so a checkpoint's mixture still matches.
     config = tiny.get_config()
     config.mixture = 'a=x.txt:1,b=y.jsonl:1:body'
-    assert mixture.canonical(config) == 'a=x.txt:0.5,b=y.jsonl:body:0.5'
+    assert run_plan.resolve(config).data.mixture_record == 'a=x.txt:0.5,b=y.jsonl:body:0.5'
     config.text_key = 'content'
-    assert [mixture.source_config(config, s).text_key for s in mixture.sources(config)] == [
-        'content', 'body']
+    data = run_plan.resolve(config).data
+    assert [data.corpus(s).text_key for s in data.sources] == ['content', 'body']
     with pytest.raises(UserError, match='a TFDS source names its text feature'):
         mixture.parse('a=tfds:lm1b/train/text:1:body')
 
@@ -276,7 +284,7 @@ def test_parquet_memory_stays_bounded_by_the_batch_not_the_file(tmp_path):
             writer.write_table(pa.table({'text': docs}), row_group_size=1024)
     text_bytes = 40 * sum(len(d) + 1 for d in docs)
     assert text_bytes > 32 * 2**20
-    source = input_pipeline.DocumentSource(_config(path))
+    source = _source(_config(path))
     arrow_peak, count = 0, 0
     tracemalloc.start()
     try:
@@ -338,7 +346,7 @@ def test_the_format_bench_builds_the_same_tokens_from_every_format(tmp_path, for
     assert list(figures) == list(FORMATS)
     tokens = input_pipeline.in_memory_stream(
         (d.encode() for split in input_pipeline.SPLITS
-         for d in input_pipeline.documents(config, split)),
+         for d in input_pipeline.documents(_corpus(config), split)),
         tokenizer_lib.Tokenizer.load(corpus_tokenizer))[0].num_tokens
     assert {f['tokens'] for f in figures.values()} == {tokens}
 

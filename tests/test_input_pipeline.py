@@ -3,10 +3,10 @@ import collections
 import numpy as np
 import pytest
 
-from configs import tiny
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from tests import stream_batches
 from tests.conftest import CORPUS
 
 DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
@@ -17,12 +17,8 @@ def tokenizer():
     return tokenizer_lib.train_tokenizer(DOCS, vocab_size=64, sample_size=1000)
 
 
-def _config(data_path, **overrides):
-    config = tiny.get_config()
-    config.data_path = str(data_path)
-    config.val_split = 0.2
-    config.update(overrides)
-    return config
+def _corpus(data_path, **fields) -> input_pipeline.CorpusSpec:
+    return input_pipeline.CorpusSpec(**{'data_path': str(data_path), 'val_split': 0.2, **fields})
 
 
 @pytest.fixture
@@ -36,8 +32,8 @@ def _texts(docs):
     return list(docs)
 
 
-def _stream(config, tokenizer, split='train'):
-    docs = (d.encode('utf-8') for d in input_pipeline.documents(config, split))
+def _stream(corpus, tokenizer, split='train'):
+    docs = (d.encode('utf-8') for d in input_pipeline.documents(corpus, split))
     return input_pipeline.in_memory_stream(docs, tokenizer)[0]
 
 
@@ -46,27 +42,27 @@ def _all_windows(stream, ctx):
 
 
 def test_train_and_validation_partition_the_documents(corpus_file):
-    config = _config(corpus_file)
-    train = _texts(input_pipeline.documents(config, 'train'))
-    val = _texts(input_pipeline.documents(config, 'validation'))
+    corpus = _corpus(corpus_file)
+    train = _texts(input_pipeline.documents(corpus, 'train'))
+    val = _texts(input_pipeline.documents(corpus, 'validation'))
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(DOCS)
     assert 0.1 < len(val) / len(DOCS) < 0.3  # val_split 0.2, by hash.
     # Deterministic: the same split on every call.
-    assert _texts(input_pipeline.documents(config, 'validation')) == val
+    assert _texts(input_pipeline.documents(corpus, 'validation')) == val
 
 
 def test_process_shards_partition_the_split(corpus_file):
-    config = _config(corpus_file)
-    shards = [_texts(input_pipeline.documents(config, 'train', i, 3)) for i in range(3)]
-    assert sorted(sum(shards, [])) == sorted(_texts(input_pipeline.documents(config, 'train')))
+    corpus = _corpus(corpus_file)
+    shards = [_texts(input_pipeline.documents(corpus, 'train', i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(_texts(input_pipeline.documents(corpus, 'train')))
     assert all(shards)
 
 
 def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_file, tokenizer):
     ctx = 16
-    config = _config(corpus_file, val_split=0.0)
-    split = _stream(config, tokenizer)
+    corpus = _corpus(corpus_file, val_split=0.0)
+    split = _stream(corpus, tokenizer)
     assert split.num_documents == len(DOCS)
     tokens, segment_ids = _all_windows(split, ctx)
     # Reassemble the stream: window k covers stream[k*ctx : k*ctx + ctx + 1].
@@ -83,8 +79,8 @@ def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_fi
 
 
 def test_features_mask_document_boundaries_and_restart_positions(corpus_file, tokenizer):
-    config = _config(corpus_file, val_split=0.0)
-    split = _stream(config, tokenizer)
+    corpus = _corpus(corpus_file, val_split=0.0)
+    split = _stream(corpus, tokenizer)
     f = input_pipeline.features(*_all_windows(split, 16))
     assert f['inputs'].shape == f['weights'].shape == (split.num_windows(16), 16)
     # No loss across a boundary: EOS is never asked to predict the next document's BOS.
@@ -101,13 +97,13 @@ def test_features_mask_document_boundaries_and_restart_positions(corpus_file, to
 
 
 def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokenizer):
-    config = _config(corpus_file, val_split=0.0)
-    split = _stream(config, tokenizer)
-    full = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0))
-    assert len(full) == input_pipeline.steps_per_epoch(split, 8, 4) > 3
-    again = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0))
-    resumed = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0, start_step=3))
-    next_epoch = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=1))
+    corpus = _corpus(corpus_file, val_split=0.0)
+    split = _stream(corpus, tokenizer)
+    full = list(stream_batches.train_batches(split, 8, 4, seed=3, epoch=0))
+    assert len(full) == split.num_windows(8) // 4 > 3
+    again = list(stream_batches.train_batches(split, 8, 4, seed=3, epoch=0))
+    resumed = list(stream_batches.train_batches(split, 8, 4, seed=3, epoch=0, start_step=3))
+    next_epoch = list(stream_batches.train_batches(split, 8, 4, seed=3, epoch=1))
     for a, b in zip(full, again):
         np.testing.assert_array_equal(a['inputs'], b['inputs'])
     assert len(resumed) == len(full) - 3
@@ -121,8 +117,8 @@ def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokeniz
 
 
 def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenizer):
-    config = _config(corpus_file)
-    split = _stream(config, tokenizer, 'validation')
+    corpus = _corpus(corpus_file)
+    split = _stream(corpus, tokenizer, 'validation')
     batches = list(input_pipeline.eval_batches(split, 8, 4, -(-split.num_windows(8) // 4)))
     weights = np.concatenate([b['weights'] for b in batches])
     full = input_pipeline.features(*_all_windows(split, 8))['weights']
@@ -134,7 +130,7 @@ def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenize
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
     path = tmp_path / 'bad.txt'
     path.write_bytes(b'good line of text here\nbad \xff\xfe bytes here\n')
-    docs = [d.encode() for d in input_pipeline.documents(_config(path, val_split=0.0), 'train')]
+    docs = [d.encode() for d in input_pipeline.documents(_corpus(path, val_split=0.0), 'train')]
     assert docs[1] == 'bad \ufffd\ufffd bytes here'.encode()
     split, invalid = input_pipeline.in_memory_stream(iter([b'good', b'bad \xff\xfe']), tokenizer)
     assert split.num_documents == 2 and invalid == 1
@@ -147,7 +143,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
 ])
 def test_bad_data_paths_are_named(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
-        input_pipeline.documents(_config(make(tmp_path)), 'train')
+        input_pipeline.documents(_corpus(make(tmp_path)), 'train')
 
 
 def test_directory_and_glob_sources(tmp_path):
@@ -155,17 +151,17 @@ def test_directory_and_glob_sources(tmp_path):
     (tmp_path / 'sub').mkdir()
     (tmp_path / 'sub' / 'b.txt').write_text('beta one\n')
     (tmp_path / 'c.md').write_text('gamma one\n')
-    docs = lambda path: sorted(_texts(input_pipeline.documents(_config(path, val_split=0.0), 'train')))
+    docs = lambda path: sorted(_texts(input_pipeline.documents(_corpus(path, val_split=0.0), 'train')))
     assert docs(tmp_path) == ['alpha one', 'alpha two', 'beta one']
     assert docs(str(tmp_path / '*.md')) == ['gamma one']
 
 
 def test_tfds_source_offline_with_mock_data(tokenizer):
     import tensorflow_datasets as tfds
-    config = _config('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
+    corpus = _corpus('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
     with tfds.testing.mock_data(num_examples=12):
-        docs = _texts(input_pipeline.documents(config, 'train'))
-        split = _stream(config, tokenizer)
+        docs = _texts(input_pipeline.documents(corpus, 'train'))
+        split = _stream(corpus, tokenizer)
     assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
     assert split.num_documents == 12
 
@@ -191,17 +187,17 @@ def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
                 yield i, {'body': doc}
 
     MuomniTinyText(data_dir=str(tmp_path)).download_and_prepare()
-    config = _config('', tfds_name='muomni_tiny_text', tfds_text_key='body',
+    corpus = _corpus('', tfds_name='muomni_tiny_text', tfds_text_key='body',
                      tfds_data_dir=str(tmp_path), val_split=0.0)
-    assert sorted(_texts(input_pipeline.documents(config, 'train'))) == sorted(DOCS[:30])
+    assert sorted(_texts(input_pipeline.documents(corpus, 'train'))) == sorted(DOCS[:30])
     with pytest.raises(UserError, match="no feature 'text'"):
-        input_pipeline.documents(_config('', tfds_name='muomni_tiny_text', tfds_text_key='text',
+        input_pipeline.documents(_corpus('', tfds_name='muomni_tiny_text', tfds_text_key='text',
                                          tfds_data_dir=str(tmp_path)), 'train')
 
 
 def test_unknown_tfds_dataset_is_named():
     with pytest.raises(UserError, match="TFDS dataset 'no_such_dataset_xyz' does not exist"):
-        input_pipeline.documents(_config('', tfds_name='no_such_dataset_xyz'), 'train')
+        input_pipeline.documents(_corpus('', tfds_name='no_such_dataset_xyz'), 'train')
 
 
 # ----------------------------------------------------------------------------------------------

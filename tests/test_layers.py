@@ -85,3 +85,17 @@ def test_the_check_finds_an_upward_or_forbidden_import(tmp_path, source, expecte
     path.write_text(source)
     found = violations([path], ['muomni_jax.data.probe'])
     assert len(found) == 1 and expected in found[0], found
+
+
+def test_the_model_and_data_layers_never_see_the_config_dict():
+    """They take ThinkerConfig, the plan's DataPlan or plain values: training/run_plan.py is the
+    one reader of the ConfigDict, so neither layer imports ml_collections."""
+    readers = []
+    for layer in ('model', 'data'):
+        for path in sorted((PACKAGE / layer).glob('*.py')):
+            for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+                if any(name.split('.')[0] == 'ml_collections' for name in names):
+                    readers.append(f'{layer}/{path.name}:{node.lineno}')
+    assert readers == []

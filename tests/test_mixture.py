@@ -15,9 +15,11 @@ from muomni_jax.data import host_data
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import mixture
 from muomni_jax.data import tokenizer as tokenizer_lib
+from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
 from muomni_jax.inference import evaluation
 from muomni_jax.inference import plotting
+from muomni_jax.training import run_plan
 from muomni_jax.training import train
 from tests.conftest import (assert_trees_equal, log_without_timing, mixture_spec, restore_state,
                             small_config)
@@ -90,10 +92,9 @@ def test_row_assignment_follows_the_weights_draws_each_position_once_and_resumes
 
 def test_the_tokenizer_learns_from_documents_drawn_by_the_weights(tmp_path, two_sources):
     config = small_config(tmp_path / 'run', '', mixture=mixture_spec(two_sources, 0.5, 0.5))
-    sources = mixture.sources(config)
-    train_docs = [list(input_pipeline.documents(mixture.source_config(config, s), 'train'))
-                  for s in sources]
-    drawn = list(mixture.tokenizer_documents(config))
+    data = run_plan.resolve(config).data
+    train_docs = [list(input_pipeline.documents(data.corpus(s), 'train')) for s in data.sources]
+    drawn = list(tokenizer_setup.tokenizer_documents(data))
     # As many documents as the sources hold, half from each: code's repeated, prose's thinned.
     assert abs(len(drawn) - sum(map(len, train_docs))) < 0.05 * len(drawn)
     code = set(train_docs[1])
@@ -103,7 +104,7 @@ def test_the_tokenizer_learns_from_documents_drawn_by_the_weights(tmp_path, two_
     # A single source is every training document, in order, once.
     config.mixture = ''
     config.data_path = str(two_sources / 'code.txt')
-    assert list(mixture.tokenizer_documents(config)) == train_docs[1]
+    assert list(tokenizer_setup.tokenizer_documents(run_plan.resolve(config).data)) == train_docs[1]
 
 
 def _window_counts(stream, ctx_len) -> collections.Counter:
@@ -116,8 +117,10 @@ def test_mixture_batches_follow_the_weights_and_repeat_a_source_only_after_its_e
         tmp_path, two_sources):
     config = small_config(tmp_path / 'run', '', mixture=mixture_spec(two_sources, 0.3, 0.7),
                           batch_size=16, data_shards=2, cache_dir=str(tmp_path / 'cache'))
-    tokenizer = tokenizer_lib.train_tokenizer(mixture.tokenizer_documents(config), 256, 20000)
-    data = host_data.load(config, tokenizer, log=lambda line: None)
+    plan = run_plan.resolve(config)
+    tokenizer = tokenizer_lib.train_tokenizer(tokenizer_setup.tokenizer_documents(plan.data), 256,
+                                              20000)
+    data = host_data.load(plan.data, tokenizer, log=lambda line: None)
     windows = [[_window_counts(stream, config.ctx_len) for stream in s.train]
                for s in data.sources]
     steps = data.steps_per_epoch
@@ -186,9 +189,10 @@ def test_validation_per_source_equals_evaluate_on_its_held_out_text(tmp_path, tw
     checkpoint = muomni_jax.load(str(save_dir))
     for name in ('prose', 'code'):
         held_out = tmp_path / f'{name}_validation.txt'
-        source = next(s for s in mixture.sources(config) if s.name == name)
+        data = run_plan.resolve(config).data
+        source = next(s for s in data.sources if s.name == name)
         held_out.write_text('\n'.join(input_pipeline.documents(
-            mixture.source_config(config, source), 'validation')) + '\n', encoding='utf-8')
+            data.corpus(source), 'validation')) + '\n', encoding='utf-8')
         # launch.evaluate's default batch_size.
         loss = evaluation.evaluate_text(checkpoint.model(), checkpoint.tokenizer, str(held_out),
                                         16)['loss']

@@ -11,7 +11,7 @@ import pytest
 from configs import tiny
 from muomni_jax.errors import UserError
 from muomni_jax.model.thinker import ThinkerConfig, abstract_model
-from muomni_jax.training import config_checks
+from muomni_jax.training import run_plan
 from muomni_jax.training import steps
 from muomni_jax.training import train
 from tests.conftest import log_without_timing, small_config
@@ -24,9 +24,13 @@ def _config(**overrides):
     return config
 
 
+def _optimizer(**overrides) -> run_plan.OptimizerPlan:
+    return run_plan.resolve(_config(**overrides)).optimizer
+
+
 def test_cosine_and_wsd_rates_worked_out_by_hand():
     """schedule(c) is the rate of update c + 1 (learning_rate 1, warmup 10, floor 0.1)."""
-    cosine = steps.learning_rate_schedule(_config(), 100)
+    cosine = steps.learning_rate_schedule(_optimizer(), 100)
     assert float(cosine(0)) == 0.0
     assert float(cosine(5)) == pytest.approx(0.5)  # Halfway up the warmup.
     assert float(cosine(10)) == pytest.approx(1.0)  # The peak, right after warmup.
@@ -37,7 +41,7 @@ def test_cosine_and_wsd_rates_worked_out_by_hand():
     assert float(cosine(99)) == pytest.approx(0.1002741, abs=1e-6)
     assert float(cosine(100)) == pytest.approx(0.1)
 
-    wsd = steps.learning_rate_schedule(_config(lr_schedule='wsd', decay_fraction=0.2), 100)
+    wsd = steps.learning_rate_schedule(_optimizer(lr_schedule='wsd', decay_fraction=0.2), 100)
     lr = np.array([float(wsd(count)) for count in range(100)])
     np.testing.assert_allclose(lr[:11], np.linspace(0, 1, 11), atol=1e-6)
     np.testing.assert_allclose(lr[10:81], 1.0)  # Stable until the last 20 updates.
@@ -47,7 +51,7 @@ def test_cosine_and_wsd_rates_worked_out_by_hand():
 
 def test_wsd_without_room_to_decay_holds_the_peak():
     # 12 updates, warmup 10, decay_fraction 0.1: the decay would start at count 11, the last.
-    wsd = steps.learning_rate_schedule(_config(lr_schedule='wsd', decay_fraction=0.1), 12)
+    wsd = steps.learning_rate_schedule(_optimizer(lr_schedule='wsd', decay_fraction=0.1), 12)
     assert [round(float(wsd(c)), 6) for c in range(9, 12)] == [0.9, 1.0, 1.0]
 
 
@@ -81,8 +85,8 @@ def test_the_logged_rate_at_the_edges_of_the_schedule(tmp_path, corpus_sample, c
     assert (note in capsys.readouterr().out) == (warmup_steps >= max_steps)
 
 
-def _one_update(config, params, grads):
-    tx = steps.make_optimizer(config, total_steps=10)
+def _one_update(optimizer, params, grads):
+    tx = steps.make_optimizer(optimizer, total_steps=10)
     # Compiled: Newton-Schulz op by op took seconds.
     return jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)
 
@@ -95,9 +99,9 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 100))
     params = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
     grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
-    config = _config(optimizer='muon', warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9)
-    muon = _one_update(config, params, grads)
-    adamw = _one_update(_config(warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9), params,
+    optimizer = _optimizer(optimizer='muon', warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9)
+    muon = _one_update(optimizer, params, grads)
+    adamw = _one_update(_optimizer(warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9), params,
                         grads)
     leaves = jax.tree_util.tree_flatten_with_path(muon)[0]
     checked = set()
@@ -145,14 +149,14 @@ def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, co
 ])
 def test_bad_recipe_fields_are_one_line(field, value, expected):
     with pytest.raises(UserError) as error:
-        config_checks.validate_config(_config(**{field: value}))
+        run_plan.resolve(_config(**{field: value}))
     assert expected in str(error.value)
 
 
 @pytest.mark.parametrize('name', ['tiny', 'cpu_demo', 'cpu_fast'])
 def test_every_shipped_config_is_valid(name):
     config = importlib.import_module(f'configs.{name}').get_config()
-    config_checks.validate_config(config)
+    run_plan.resolve(config)
     if name == 'cpu_fast':  # cpu_demo's model and batches; only the recipe differs.
         demo = importlib.import_module('configs.cpu_demo').get_config()
         differ = {k for k in config.keys() if config[k] != demo[k]}

@@ -5,8 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from configs import tiny
 from muomni_jax.errors import UserError
 from muomni_jax.training import periodic_actions
+from muomni_jax.training import run_plan
 from muomni_jax.training import steps
 
 
@@ -80,19 +82,47 @@ class _Reporter:
         self.lines.append(line)
 
 
+def _context(total_steps=2):
+    """A run of total_steps steps of one epoch, logged after every step."""
+    config = tiny.get_config()
+    config.update(dict(max_steps=total_steps, num_epochs=1, log_every=1))
+    plan = run_plan.with_steps_per_epoch(run_plan.resolve(config), total_steps)
+    return periodic_actions.RunContext(
+        plan=plan, schedule=lambda step: 0.0, interval=periodic_actions.Interval(),
+        history=_History(), reporter=_Reporter(), summary={},
+        last_saved=periodic_actions.LastSaved())
+
+
 @pytest.mark.parametrize('every_s, expected', [(3600.0, [100.0, 100.0]), (0.0, [1.0, 2.0])])
 def test_the_cpu_peak_is_measured_again_once_it_is_old(monkeypatch, every_s, expected):
     """A shared host's speed changes with its load: an old peak is measured again, so the MFU
     of a line compares the steps with what the machine could do then."""
     monkeypatch.setattr(periodic_actions, 'PEAK_EVERY_S', every_s)
     measured = iter([1.0, 2.0])
-    interval, history, reporter = periodic_actions.Interval(), _History(), _Reporter()
-    log = periodic_actions.LogMetrics(
-        every=1, total_steps=2, steps_per_epoch=2, tokens_per_step=1,
-        schedule=lambda step: 0.0, interval=interval, history=history, reporter=reporter,
-        summary={}, max_consecutive_nonfinite=5, last_saved=lambda: 0, flops_per_step=1.0,
-        peak_flops=100.0, measure_peak=lambda: next(measured))
-    periodic_actions.train_loop(0, range(1, 3), iter([1, 2]), _fake_step, interval, [log])
-    peaks = [r['tokens_per_s'] / r['mfu'] for r in history.records]
+    context = _context()
+    # FLOPs per step equal to its tokens: tokens/s over MFU is then the peak.
+    tokens_per_step = context.plan.step.batch_size * context.plan.data.ctx_len
+    log = periodic_actions.LogMetrics(context, flops_per_step=tokens_per_step, peak_flops=100.0,
+                                      measure_peak=lambda: next(measured))
+    periodic_actions.train_loop(0, range(1, 3), iter([1, 2]), _fake_step, context.interval, [log])
+    peaks = [r['tokens_per_s'] / r['mfu'] for r in context.history.records]
     np.testing.assert_allclose(peaks, expected)
-    assert f'of {expected[-1] / 1e9:.3g} GFLOP/s' in reporter.lines[-1]  # The line names it.
+    # The line names it.
+    assert f'of {expected[-1] / 1e9:.3g} GFLOP/s' in context.reporter.lines[-1]
+
+
+def test_actions_held_after_the_last_step_run_with_a_new_context_and_keep_their_state():
+    """The fitted-length path (schedule_fit): the loop stops before the actions of its last
+    step; they then run against a plan with another length, their own state carried over."""
+    context = _context(total_steps=8)
+    log = periodic_actions.LogMetrics(context)
+    state, stopped = periodic_actions.train_loop(
+        0, range(1, 3), iter([1, 2]), _fake_step, context.interval, [log],
+        final_step=context.total_steps, hold_last_actions=True)
+    assert (state, stopped) == (3, False)
+    assert [line.split(']')[0] for line in context.reporter.lines] == ['[Step 1/8']
+    fitted = dataclasses.replace(context, plan=run_plan.with_total_steps(context.plan, 2))
+    [log_again] = periodic_actions.with_context([log], fitted)
+    assert log_again.run_start == log.run_start and log_again.context is fitted
+    periodic_actions.run_actions([log_again], 2, state, final=True, stop=False)
+    assert context.reporter.lines[-1].startswith('[Step 2/2] loss=2.000')

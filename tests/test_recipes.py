@@ -13,6 +13,7 @@ import pytest
 import muomni_jax
 from muomni_jax.errors import UserError
 from muomni_jax.model import lm_loss
+from muomni_jax.training import run_plan
 from muomni_jax.training import schedule_fit
 from muomni_jax.training import steps
 from muomni_jax.training import train
@@ -61,7 +62,7 @@ def test_the_batch_loss_reports_cross_entropy_and_the_z_sum_apart_from_its_objec
     """Metrics stay the cross-entropy (the loss and perplexity mean what they did); the
     objective the gradients follow adds z_loss_weight * z_sum. Both paths agree."""
     config = small_config('unused', 'unused', z_loss_weight=0.01)
-    setup = steps.create_train_state(config, one_device_mesh())
+    setup = steps.make_train_setup(run_plan.resolve(config), one_device_mesh(), 1)
     rng = np.random.default_rng(0)
     batch = {'inputs': rng.integers(0, 256, (4, 32)), 'targets': rng.integers(0, 256, (4, 32)),
              'segment_ids': np.ones((4, 32), np.int32), 'positions': np.tile(np.arange(32), (4, 1)),
@@ -90,7 +91,7 @@ def test_the_average_equals_a_numpy_recurrence_over_the_same_updates():
     decay = 0.8
     config = small_config('unused', 'unused', ema_decay=decay, learning_rate=1e-2,
                           warmup_steps=0)
-    setup = steps.create_train_state(config, one_device_mesh())
+    setup = steps.make_train_setup(run_plan.resolve(config), one_device_mesh(), 1)
     state = setup.state
     assert isinstance(state, steps.AveragedTrainState)
     average = jax.tree.map(np.asarray, jax.device_get(state.params))
@@ -202,7 +203,7 @@ def test_a_time_budgeted_run_decays_by_its_last_step_and_resumes_bitwise(
     assert '[Step 18/18]' in out and '→ Final validation' in out
     log = log_without_timing(fitted_dir)
     assert max(r['step'] for r in log) == 18
-    schedule = steps.learning_rate_schedule(config, 18)
+    schedule = steps.learning_rate_schedule(run_plan.resolve(config).optimizer, 18)
     # Each step logs the rate of its update; the last update's is the schedule's one before
     # its end, which is min_lr_ratio of the peak.
     assert [r['lr'] for r in log if 'lr' in r] == [float(schedule(s - 1)) for s in range(1, 19)]
@@ -231,11 +232,13 @@ def test_a_time_budgeted_run_decays_by_its_last_step_and_resumes_bitwise(
 
 
 def test_the_fit_step_stays_within_cosine_warmup():
-    config = small_config('unused', 'unused', warmup_steps=5, lr_schedule='cosine')
-    assert schedule_fit.fit_step(config, 0, 1000) == 5
-    config.warmup_steps = 100
-    assert schedule_fit.fit_step(config, 0, 1000) == 1 + schedule_fit.MEASURED_STEPS
-    config.lr_schedule = 'wsd'
-    config.warmup_steps = 2
-    assert schedule_fit.fit_step(config, 40, 1000) == 41 + schedule_fit.MEASURED_STEPS
-    assert schedule_fit.fit_step(config, 0, 4) == 4
+    def optimizer(**fields):
+        return run_plan.resolve(small_config('unused', 'unused', **fields)).optimizer
+
+    cosine = optimizer(warmup_steps=5, lr_schedule='cosine')
+    assert schedule_fit.fit_step(cosine, 0, 1000) == 5
+    long_warmup = optimizer(warmup_steps=100, lr_schedule='cosine')
+    assert schedule_fit.fit_step(long_warmup, 0, 1000) == 1 + schedule_fit.MEASURED_STEPS
+    wsd = optimizer(warmup_steps=2, lr_schedule='wsd')
+    assert schedule_fit.fit_step(wsd, 40, 1000) == 41 + schedule_fit.MEASURED_STEPS
+    assert schedule_fit.fit_step(wsd, 0, 4) == 4

@@ -21,7 +21,7 @@ from muomni_jax.io import atomic_write
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
-from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
+from tests.conftest import (REPO, SMALL, assert_trees_equal, launched, log_without_timing,
                             module_command, one_device_env, restore_state, run_module,
                             run_code, run_stage_a, small_config, stage_a_command)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
@@ -370,9 +370,9 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
         shutil.rmtree(tmp_path / 'cache' / name)
     # Two runs (two save_dirs: one save_dir has one run) with the same tokenizer and data.
     shutil.copytree(tmp_path / 'run', tmp_path / 'other_run')
-    prepare = module_command('launch.prepare_data', *args, f'--config.save_dir={tmp_path / "run"}')
-    with launched(prepare, env=one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
-                  ) as first:
+    prepare = [sys.executable, os.path.join(REPO, 'tests', 'paused_cache_build.py'), str(paused),
+               'launch.prepare_data', *args, f'--config.save_dir={tmp_path / "run"}']
+    with launched(prepare, env=one_device_env()) as first:
         # Paused inside its build, holding the build lock.
         first.wait_until(paused.exists, 'the first build pausing mid-build', timeout=120)
         with launched(module_command('launch.prepare_data', *args,
@@ -453,13 +453,10 @@ def test_any_error_on_one_process_stops_all_with_one_line(monkeypatch):
 def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, monkeypatch):
     monkeypatch.delenv(test_hooks.ENABLE_ENV, raising=False)
     monkeypatch.setenv(checkpointing.PAUSE_IN_SAVE_ENV, '2')  # Would hang the save of step 2.
-    monkeypatch.setenv(token_cache.PAUSE_FOR_TESTS_ENV, str(tmp_path / 'mine.txt'))
-    (tmp_path / 'mine.txt').write_text('a file of the user')
     assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) is None
     train.train_and_evaluate(small_config(tmp_path / 'run', corpus_sample, max_steps=3,
                                           save_every=2, cache_dir=str(tmp_path / 'cache')))
     assert sorted(n for n in os.listdir(tmp_path / 'run') if n.isdigit()) == ['2', '3']
-    assert (tmp_path / 'mine.txt').read_text() == 'a file of the user'
     monkeypatch.setenv(test_hooks.ENABLE_ENV, '1')
     assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) == '2'
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ from muomni_jax.data import input_pipeline
 from muomni_jax.data import token_cache
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
+from muomni_jax.training import run_plan
+from muomni_jax.training import tokenizing_progress
 from tests import legacy_input_pipeline as legacy
-from tests.conftest import launched, module_command, one_device_env, run_module
+from tests import stream_batches
+from tests.conftest import REPO, launched, one_device_env, run_module
 
 WORDS = 'the of and a to in is you that it he was for on are as with his they at be this'.split()
 
@@ -51,11 +55,16 @@ def _config(data_path, cache_dir, **overrides):
     return config
 
 
+def _source(config):
+    """The documents of the config's one source, as a run reads them."""
+    data = run_plan.resolve(config).data
+    return input_pipeline.DocumentSource(data.corpus(data.sources[0]))
+
+
 def _open(config, tokenizer, num_shards=1, shards=(0,), lines=None):
-    source = input_pipeline.DocumentSource(config)
     log = (lines.append if lines is not None else lambda line: None)
-    return token_cache.open_or_build(config, source, tokenizer, num_shards, list(shards), log=log,
-                                     verbose=False)
+    return token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, num_shards,
+                                     list(shards), log=log)
 
 
 def _assert_same_batches(expected, actual, rows_that_exist=None):
@@ -87,7 +96,7 @@ def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, nu
         for epoch, start in ((0, 0), (1, 5)):
             _assert_same_batches(
                 legacy.train_batches(train, rows, seed=7, epoch=epoch, start_step=start),
-                input_pipeline.train_batches(cached, ctx, rows, seed=7, epoch=epoch,
+                stream_batches.train_batches(cached, ctx, rows, seed=7, epoch=epoch,
                                              start_step=start))
         validation = legacy.pack(legacy.documents(config, 'validation', shard, num_shards),
                                  tokenizer, ctx)
@@ -102,7 +111,7 @@ def test_training_batches_of_a_single_source_equal_the_in_memory_path(corpus, tm
                                                                       tokenizer):
     """host_data reads a data_path as a mixture of one source: the batches must not change."""
     config = _config(corpus, tmp_path / 'cache', ctx_len=16, batch_size=4, data_shards=1, seed=7)
-    data = host_data.load(config, tokenizer, log=lambda line: None)
+    data = host_data.load(run_plan.resolve(config).data, tokenizer, log=lambda line: None)
     train = legacy.pack(legacy.documents(config, 'train'), tokenizer, 16)
     assert data.steps_per_epoch == train.num_windows // 4
     for epoch, start in ((0, 0), (1, 5)):
@@ -135,8 +144,7 @@ def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, toke
 def test_the_key_changes_with_the_files_tokenizer_val_split_and_shards(corpus, tmp_path,
                                                                         tokenizer):
     config = _config(corpus, tmp_path / 'cache')
-    key = lambda cfg, tok=tokenizer, shards=1: token_cache.cache_key(
-        cfg, input_pipeline.DocumentSource(cfg), tok, shards)[0]
+    key = lambda cfg, tok=tokenizer, shards=1: token_cache.cache_key(_source(cfg), tok, shards)[0]
     base = key(config)
     assert key(config) == base
     assert key(_config(corpus, tmp_path / 'cache', ctx_len=64, batch_size=3, seed=9)) == base
@@ -248,14 +256,42 @@ def test_a_vocab_over_65536_is_stored_as_uint32(corpus, tmp_path, tokenizer):
 
 def test_build_progress_and_invalid_utf8_are_reported(corpus, tmp_path, tokenizer, monkeypatch,
                                                       capsys):
-    monkeypatch.setattr(token_cache, '_PROGRESS_EVERY_S', 0.0)
+    monkeypatch.setattr(tokenizing_progress, '_LINE_EVERY_S', 0.0)
     config = _config(corpus, tmp_path / 'cache')
-    token_cache.open_or_build(config, input_pipeline.DocumentSource(config), tokenizer, 1, [0],
-                              log=print, verbose=True)
+    token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 1, [0], log=print,
+                              progress=tokenizing_progress.TokenizingProgress())
     out, err = capsys.readouterr()
     progress = [line for line in out.splitlines() if line.startswith('Tokenizing:')]
     assert progress and 'MB of' in progress[-1] and 'tokens/s' in progress[-1]
     assert '1 documents had invalid UTF-8' in err
+
+
+class _RecordedProgress:
+    """A token_cache.BuildProgress that keeps what it was told."""
+
+    def __init__(self):
+        self.started, self.done, self.tokens, self.closed = None, 0, 0, False
+
+    def start(self, total, unit):
+        self.started = (total, unit)
+
+    def update(self, done, tokens):
+        self.done += done
+        self.tokens += tokens
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_build_tells_the_caller_its_progress(corpus, tmp_path, tokenizer):
+    progress = _RecordedProgress()
+    config = _config(corpus, tmp_path / 'cache')
+    streams = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 2, [0, 1],
+                                        log=lambda line: None, progress=progress)
+    text_bytes = sum(path.stat().st_size for path in corpus.iterdir())
+    assert progress.started == (text_bytes, 'B') and progress.done == text_bytes
+    assert progress.tokens == sum(stream.num_tokens for stream in streams.values()) > 0
+    assert progress.closed
 
 
 def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
@@ -278,14 +314,15 @@ def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
                                                                         corpus_sample):
-    """SIGKILL while the cache is half written (paused there by the test hook, not a timer);
-    launch.prepare_data's CLI smoke run."""
+    """SIGKILL while the cache is half written (paused there by tests/paused_cache_build.py,
+    not a timer); launch.prepare_data's CLI smoke run."""
     cache, paused = tmp_path / 'cache', tmp_path / 'paused'
     args = ['--config=configs/tiny.py', f'--config.data_path={corpus_sample}',
             f'--config.cache_dir={cache}', f'--config.save_dir={tmp_path / "run"}',
             '--config.vocab_size=256', '--config.tokenizer_sample_size=20000']
-    env = one_device_env(**{token_cache.PAUSE_FOR_TESTS_ENV: str(paused)})
-    with launched(module_command('launch.prepare_data', *args), env=env) as process:
+    paused_build = [sys.executable, os.path.join(REPO, 'tests', 'paused_cache_build.py'),
+                    str(paused), 'launch.prepare_data', *args]
+    with launched(paused_build, env=one_device_env()) as process:
         process.wait_until(paused.exists, 'the paused build')
         process.kill()
     directory = next(cache.iterdir())

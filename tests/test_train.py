@@ -11,6 +11,7 @@ from muomni_jax.model import lm_loss
 from muomni_jax.model.thinker import ThinkerConfig, abstract_model
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import checkpointing
+from muomni_jax.training import run_plan
 from muomni_jax.training import steps
 from muomni_jax.training import train
 from tests.conftest import assert_trees_equal, small_config
@@ -40,7 +41,7 @@ ONE_LAYER = dataclasses.replace(MODEL, n_layers=1)
 
 
 def _state(config, total_steps=10, model=MODEL):
-    tx = steps.make_optimizer(config, total_steps)
+    tx = steps.make_optimizer(run_plan.resolve(config).optimizer, total_steps)
     state = _init_state(model, tx)
     graphdef, _ = abstract_model(model)
     return state, graphdef, tx
@@ -59,7 +60,8 @@ def test_cross_entropy_is_masked_mean_in_float32():
 def test_schedule_warms_up_then_decays_to_the_floor():
     config = small_config('/tmp/unused', '/tmp/unused', learning_rate=1e-3, warmup_steps=10,
                           min_lr_ratio=0.1)
-    schedule = steps.learning_rate_schedule(config, total_steps=100)
+    schedule = steps.learning_rate_schedule(run_plan.resolve(config).optimizer,
+                                            total_steps=100)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-5)
@@ -111,7 +113,7 @@ def test_dropout_depends_on_the_step_and_the_seed_only():
     between calls), another step or another seed a different one."""
     config = small_config('/tmp/unused', '/tmp/unused')
     model = dataclasses.replace(ONE_LAYER, dropout=0.5)
-    tx = steps.make_optimizer(config, 10)
+    tx = steps.make_optimizer(run_plan.resolve(config).optimizer, 10)
     graphdef, _ = abstract_model(model)
     new_step = lambda: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=1, deterministic=False))

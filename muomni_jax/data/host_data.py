@@ -5,7 +5,7 @@ document into `num_shards` shards (document i of a split goes to shard i % num_s
 each shard is tokenized into its own stream in that source's token cache. Process p of P reads
 shards p*k .. p*k + k - 1 (k = num_shards / P), and each shard fills batch_size / num_shards
 rows of every global batch, drawing each row's source from mixture.RowAssignment. So the batches
-depend on the number of shards, never on how many processes read them: with config.data_shards
+depend on the number of shards, never on how many processes read them: with the data shards
 fixed, one CPU and a pod slice train on the same batches, and a checkpoint resumes on either.
 
 Shards pack into different window counts, so the processes agree on each source's epoch length
@@ -15,11 +15,12 @@ The mixture's steps per epoch are the steps that draw as many windows as the sou
 """
 
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
+from muomni_jax.data import data_plan
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import mixture
 from muomni_jax.data import token_cache
@@ -45,7 +46,7 @@ class SourceData:
 class HostData:
     """The streams of this process's shards of every source, and how batches are cut from them."""
     sources: list[SourceData]
-    is_mixture: bool  # Set by config.mixture (even of one source): report each source apart.
+    is_mixture: bool  # A configured mixture (even of one source): report each source apart.
     ctx_len: int
     rows_per_shard: int  # Rows of each global batch that one shard fills.
     steps_per_epoch: int
@@ -99,54 +100,54 @@ def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def num_shards(config) -> int:
-    """config.data_shards, or one shard per process; checked against processes and batch."""
-    count = config.data_shards or jax.process_count()
+def num_shards(data_shards: int, batch_size: int) -> int:
+    """data_shards, or one shard per process (0); checked against processes and batch."""
+    count = data_shards or jax.process_count()
     if count < 1 or count % jax.process_count():
-        raise UserError(f'data_shards ({config.data_shards}) must be a positive multiple of the '
+        raise UserError(f'data_shards ({data_shards}) must be a positive multiple of the '
                         f'{jax.process_count()} processes (or 0 for one shard per process)')
-    if config.batch_size % count:
-        raise UserError(f'batch_size ({config.batch_size}) must be divisible by the {count} data '
+    if batch_size % count:
+        raise UserError(f'batch_size ({batch_size}) must be divisible by the {count} data '
                         'shards, which fill equal parts of each batch: change batch_size or '
                         '--config.data_shards')
     return count
 
 
-def load(config, tokenizer, log=print) -> HostData:
+def load(data: data_plan.DataPlan, tokenizer, log: Callable[[str], None] = print,
+         progress: token_cache.BuildProgress | None = None) -> HostData:
     """Opens (or first builds) this process's shards of every source in the token cache.
 
-    Every process must call it together; each builds and reads only its own shards.
+    Every process must call it together; each builds and reads only its own shards. `progress`
+    is told how a build advances (give it on one process only).
     """
-    count = num_shards(config)
+    count = data.num_shards
     per_process = count // jax.process_count()
     mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-    rows = config.batch_size // count
-    sources = mixture.sources(config)
+    rows = data.rows_per_shard
     loaded = []
-    for source in sources:
-        prefix = f'[{source.name}] ' if config.mixture else ''
-        source_config = mixture.source_config(config, source)
+    for source in data.sources:
+        prefix = f'[{source.name}] ' if data.is_mixture else ''
         with distributed.fail_together():
             streams = token_cache.open_or_build(
-                source_config, input_pipeline.DocumentSource(source_config), tokenizer, count,
-                mine, log=lambda line, prefix=prefix: log(prefix + line),
-                verbose=jax.process_index() == 0)
+                data.cache_dir, input_pipeline.DocumentSource(data.corpus(source)), tokenizer,
+                count, mine, log=lambda line, prefix=prefix: log(prefix + line),
+                progress=progress)
         loaded.append(([streams['train', k] for k in mine],
                        [streams['validation', k] for k in mine]))
     # Per source, per shard in shard order: [[train windows, documents, tokens], [validation]].
-    stats = distributed.allgather_json([[[_stats(t, config.ctx_len), _stats(v, config.ctx_len)]
+    stats = distributed.allgather_json([[[_stats(t, data.ctx_len), _stats(v, data.ctx_len)]
                                          for t, v in zip(train, validation)]
                                         for train, validation in loaded])
-    shard_stats = [[s for host in stats for s in host[i]] for i in range(len(sources))]
-    data = [_source_data(config, source, train, validation, shard_stats[i], rows)
-            for i, (source, (train, validation)) in enumerate(zip(sources, loaded))]
-    totals = {key: sum(s.totals[key] for s in data) for key in data[0].totals}
-    steps_per_epoch = sum(s.epoch_windows for s in data) // rows
+    shard_stats = [[s for host in stats for s in host[i]] for i in range(len(data.sources))]
+    sources = [_source_data(data, source, train, validation, shard_stats[i])
+               for i, (source, (train, validation)) in enumerate(zip(data.sources, loaded))]
+    totals = {key: sum(s.totals[key] for s in sources) for key in sources[0].totals}
+    steps_per_epoch = sum(s.epoch_windows for s in sources) // rows
     if steps_per_epoch == 0:
         raise UserError(f'the training splits pack into {totals["train_windows"]} windows of '
-                        f'{config.ctx_len} tokens, fewer than one batch of {rows} rows per data '
+                        f'{data.ctx_len} tokens, fewer than one batch of {rows} rows per data '
                         'shard: lower batch_size, ctx_len or data_shards, or add text')
-    return HostData(sources=data, is_mixture=bool(config.mixture), ctx_len=config.ctx_len,
+    return HostData(sources=sources, is_mixture=data.is_mixture, ctx_len=data.ctx_len,
                     rows_per_shard=rows, steps_per_epoch=steps_per_epoch, totals=totals)
 
 
@@ -154,28 +155,30 @@ def _stats(stream: input_pipeline.TokenStream, ctx_len: int) -> list[int]:
     return [stream.num_windows(ctx_len), stream.num_documents, stream.num_tokens]
 
 
-def _source_data(config, source, train, validation, shard_stats, rows) -> SourceData:
+def _source_data(data: data_plan.DataPlan, source: mixture.Source, train, validation,
+                 shard_stats) -> SourceData:
+    rows = data.rows_per_shard
     totals = {f'{split}_{name}': sum(s[i][j] for s in shard_stats)
               for i, split in enumerate(('train', 'validation')) for j, name in enumerate(_STATS)}
     if totals['train_documents'] == 0:
-        raise UserError(mixture.no_text_message(config, source))
+        raise UserError(data.no_text_message(source))
     smallest = min(s[0][0] for s in shard_stats)
     count = len(shard_stats)
-    if config.mixture and smallest == 0:
+    if data.is_mixture and smallest == 0:
         raise UserError(f'mixture source {source.name!r} has {totals["train_documents"]} '
                         f'training documents, too few to give each of the {count} data shards '
                         'one: lower data_shards, or add text to it')
-    if not config.mixture and smallest < rows:
+    if not data.is_mixture and smallest < rows:
         short = (f'fewer than one batch of {rows}' if count == 1 else
                  f'and its smallest of {count} data shards holds {smallest}, fewer than the '
                  f'{rows} rows each shard fills per batch')
         raise UserError(f'the training split packs into {totals["train_windows"]} windows of '
-                        f'{config.ctx_len} tokens, {short}: lower batch_size, ctx_len or '
+                        f'{data.ctx_len} tokens, {short}: lower batch_size, ctx_len or '
                         'data_shards, or add text')
     # Whole batches where the smallest shard holds one, so one source keeps its epochs whole.
     epoch_windows = smallest - smallest % rows if smallest >= rows else smallest
     eval_batches = max(-(-s[1][0] // rows) for s in shard_stats)
-    if config.eval_batches:
-        eval_batches = min(eval_batches, config.eval_batches)
+    if data.eval_batches:
+        eval_batches = min(eval_batches, data.eval_batches)
     return SourceData(source=source, train=train, validation=validation,
                       epoch_windows=epoch_windows, eval_batches=eval_batches, totals=totals)

@@ -40,6 +40,23 @@ _MAX_ENCODE_CHARS = 100_000
 _TFDS_BATCH = 1024  # TFDS examples read per chunk.
 
 
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+    """Where one corpus's documents are and how they are read and split.
+
+    The defaults are those of a corpus read on its own (launch.evaluate's text file); a training
+    run fills every field from its plan (data_plan.DataPlan.corpus).
+    """
+    data_path: str = ''  # File, directory, glob or hf:NAME/CONFIG/SPLIT; '' for TFDS.
+    tfds_name: str = ''  # When set, the corpus is this TFDS dataset's split.
+    tfds_split: str = 'train'
+    tfds_text_key: str = 'text'  # The TFDS feature that holds the text.
+    tfds_data_dir: str = ''  # '': the TFDS default.
+    text_key: str = 'text'  # The field or column of JSON, Parquet and Arrow records.
+    val_split: float = 0.0  # Fraction of documents held out for validation.
+    label: str = 'data_path'  # How errors name the corpus ("mixture source 'web'").
+
+
 @functools.cache
 def _tensorflow():
     """TensorFlow, for TFDS sources only: text files are read without it (it costs a text run
@@ -55,39 +72,39 @@ def _tensorflow():
     return tf
 
 
-def _tfds_dataset(config, builder):
-    """The tf.data.Dataset of the text feature of config's TFDS split."""
+def _tfds_dataset(spec: CorpusSpec, builder):
+    """The tf.data.Dataset of the text feature of the corpus's TFDS split."""
     tf = _tensorflow()
     features = builder.info.features
-    if config.tfds_text_key not in features:
+    if spec.tfds_text_key not in features:
         raise UserError(
-            f'TFDS dataset {config.tfds_name!r} has no feature {config.tfds_text_key!r}: '
-            f'set --config.tfds_text_key to one of {sorted(features.keys())}')
+            f'TFDS dataset {spec.tfds_name!r} has no feature {spec.tfds_text_key!r}: '
+            f'set --spec.tfds_text_key to one of {sorted(features.keys())}')
     try:
-        ds = builder.as_dataset(split=config.tfds_split, shuffle_files=False)
+        ds = builder.as_dataset(split=spec.tfds_split, shuffle_files=False)
     except ValueError as e:
-        raise UserError(f'TFDS split {config.tfds_split!r} of {config.tfds_name!r}: {e}') from None
-    return ds.map(lambda example: example[config.tfds_text_key],
+        raise UserError(f'TFDS split {spec.tfds_split!r} of {spec.tfds_name!r}: {e}') from None
+    return ds.map(lambda example: example[spec.tfds_text_key],
                   num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _tfds_builder(config):
-    """The prepared TFDS builder of config.tfds_name (downloading it if needed)."""
+def _tfds_builder(spec: CorpusSpec):
+    """The prepared TFDS builder of the corpus's tfds_name (downloading it if needed)."""
     _tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     try:
-        builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir or None)
+        builder = tfds.builder(spec.tfds_name, data_dir=spec.tfds_data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
-        close = difflib.get_close_matches(config.tfds_name, tfds.list_builders(), n=1)
+        close = difflib.get_close_matches(spec.tfds_name, tfds.list_builders(), n=1)
         hint = f'did you mean {close[0]!r}? ' if close else ''
-        raise UserError(f'TFDS dataset {config.tfds_name!r} does not exist: {hint}check '
-                        '--config.tfds_name (see tfds.list_builders())') from None
+        raise UserError(f'TFDS dataset {spec.tfds_name!r} does not exist: {hint}check '
+                        '--spec.tfds_name (see tfds.list_builders())') from None
     try:
         builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
-        raise UserError(f'cannot download or prepare TFDS dataset {config.tfds_name!r} '
+        raise UserError(f'cannot download or prepare TFDS dataset {spec.tfds_name!r} '
                         f'({first_line(e, 200)}): check the '
-                        'network, or set --config.tfds_data_dir to a prepared copy') from None
+                        'network, or set --spec.tfds_data_dir to a prepared copy') from None
     return builder
 
 
@@ -106,47 +123,46 @@ class RoutedChunk:
 
 
 class DocumentSource:
-    """The documents of config's files (document_files.py) or TFDS split, read once, in order,
+    """The documents of a corpus's files (document_files.py) or TFDS split, read once, in order,
     by chunk.
 
     Construction checks the source (files exist, TFDS dataset and feature), so a bad path fails
     before anything is built.
     """
 
-    def __init__(self, config):
-        self.config = config
-        # How errors name this source: a mixture's source configs set it (mixture.source_config).
-        self.label = config.get('source_label', 'data_path')
-        if config.tfds_name:
+    def __init__(self, spec: CorpusSpec):
+        self.spec = spec
+        self.label = spec.label  # How errors name this source.
+        if spec.tfds_name:
             # Prepared once: its info also keys the token cache and sizes the progress bar.
-            self.tfds_builder = _tfds_builder(config)
-            self._dataset = _tfds_dataset(config, self.tfds_builder)
+            self.tfds_builder = _tfds_builder(spec)
+            self._dataset = _tfds_dataset(spec, self.tfds_builder)
             self.paths = []
         else:
             self.tfds_builder = None
-            self.paths = document_files.expand(config.data_path, self.label)
+            self.paths = document_files.expand(spec.data_path, self.label)
         # The field or column of JSON, Parquet and Arrow records that holds the text.
-        self.text_key = config.get('text_key', 'text')
-        self._threshold = int(round(config.val_split * _HASH_BUCKETS))
+        self.text_key = spec.text_key
+        self._threshold = int(round(spec.val_split * _HASH_BUCKETS))
 
     @property
     def name(self) -> str:
-        config = self.config
-        return f'TFDS {config.tfds_name}/{config.tfds_split}' if config.tfds_name else config.data_path
+        spec = self.spec
+        return f'TFDS {spec.tfds_name}/{spec.tfds_split}' if spec.tfds_name else spec.data_path
 
     def size(self) -> tuple[int, str]:
         """(total, unit) of the progress that chunks report: bytes, or TFDS examples (0: unknown)."""
-        if not self.config.tfds_name:
+        if not self.spec.tfds_name:
             return sum(epath.Path(path).stat().length for path in self.paths), 'B'
         splits = self.tfds_builder.info.splits
         try:
-            return splits[self.config.tfds_split].num_examples, 'examples'
+            return splits[self.spec.tfds_split].num_examples, 'examples'
         except (KeyError, ValueError):
             return 0, 'examples'
 
     def _chunks(self) -> Iterator[tuple[list[bytes], int]]:
         """(stripped non-empty documents, progress) per chunk."""
-        if self.config.tfds_name:
+        if self.spec.tfds_name:
             for batch in self._dataset.batch(_TFDS_BATCH).prefetch(2).as_numpy_iterator():
                 yield [doc for doc in (raw.strip() for raw in batch) if doc], len(batch)
         else:
@@ -171,7 +187,8 @@ class DocumentSource:
             yield RoutedChunk(docs, split, position % num_shards, progress)
 
 
-def document_bytes(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[bytes]:
+def document_bytes(spec: CorpusSpec, split: str, shard: int = 0,
+                   num_shards: int = 1) -> Iterator[bytes]:
     """The documents of one split ('train' or 'validation') and data shard, as UTF-8 bytes (maybe
     invalid: tokenize() replaces and counts bad bytes).
 
@@ -179,7 +196,7 @@ def document_bytes(config, split: str, shard: int = 0, num_shards: int = 1) -> I
     """
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}')
-    source = DocumentSource(config)
+    source = DocumentSource(spec)
     split_index = SPLITS.index(split)
 
     def read():
@@ -191,10 +208,10 @@ def document_bytes(config, split: str, shard: int = 0, num_shards: int = 1) -> I
     return read()
 
 
-def documents(config, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
+def documents(spec: CorpusSpec, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
     """document_bytes as text (bad UTF-8 bytes become U+FFFD), e.g. to train the tokenizer."""
     return (doc.decode('utf-8', errors='replace')
-            for doc in document_bytes(config, split, shard, num_shards))
+            for doc in document_bytes(spec, split, shard, num_shards))
 
 
 def tokenize(docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer,
@@ -333,11 +350,6 @@ def features(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarra
     }
 
 
-def steps_per_epoch(stream: TokenStream, ctx_len: int, batch_size: int) -> int:
-    """Whole batches per epoch; the remainder windows wait for the next epoch's permutation."""
-    return stream.num_windows(ctx_len) // batch_size
-
-
 def epoch_order(num_windows: int, seed: int, epoch: int, source: int = 0) -> np.ndarray:
     """(num_windows,) int64: the order of epoch `epoch`, fixed by (seed, epoch, source).
 
@@ -379,23 +391,6 @@ class EpochOrder:
             mine = epochs == epoch
             windows[mine] = self._order(int(epoch))[index[mine]]
         return windows
-
-
-def train_batches(stream: TokenStream, ctx_len: int, batch_size: int, *, seed: int, epoch: int,
-                  start_step: int = 0,
-                  num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of epoch `epoch`, from `start_step` within it, in an order fixed by (seed, epoch).
-
-    Each epoch is a fresh permutation of all windows, so resuming at step s costs the same for
-    any s.
-    """
-    num_steps = steps_per_epoch(stream, ctx_len, batch_size) if num_steps is None else num_steps
-    if num_steps == 0:
-        return
-    order = EpochOrder(stream.num_windows(ctx_len), num_steps * batch_size, seed)
-    for step in range(epoch * num_steps + start_step, (epoch + 1) * num_steps):
-        yield features(*stream.windows(order(step * batch_size + np.arange(batch_size)),
-                                       ctx_len))
 
 
 def eval_batches(stream: TokenStream, ctx_len: int, batch_size: int,

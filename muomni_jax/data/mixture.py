@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from typing import Sequence
 
-import ml_collections
 import numpy as np
 
 from muomni_jax.data import document_files
-from muomni_jax.data import input_pipeline
 from muomni_jax.errors import UserError
 
 BLOCK_ROWS = 4096
@@ -56,7 +54,7 @@ class Source:
     tfds_name: str = ''
     tfds_split: str = 'train'
     tfds_text_key: str = 'text'
-    text_key: str = ''  # The entry's :TEXT_KEY; '' uses config.text_key.
+    text_key: str = ''  # The entry's :TEXT_KEY; '' uses the run's text_key.
 
     def describe(self) -> str:
         if self.tfds_name:
@@ -128,68 +126,20 @@ def _source(name: str, weight: float, where: str, entry: str) -> Source:
     return Source(name, weight, tfds_name=parts[0], tfds_split=parts[1], tfds_text_key=parts[2])
 
 
-def sources(config) -> list[Source]:
-    """config.mixture's sources, or the one source of data_path / tfds_name."""
-    if config.mixture:
-        return parse(config.mixture)
-    return [Source('data', 1.0, data_path=config.data_path, tfds_name=config.tfds_name,
-                   tfds_split=config.tfds_split, tfds_text_key=config.tfds_text_key)]
+def canonical(sources: Sequence[Source]) -> str:
+    """A mixture as a checkpoint records it: names, sources and normalized weights, so that a
+    resume with another mixture is refused."""
+    return ','.join(f'{s.name}={s.describe()}:{s.weight:.6g}' for s in sources)
 
 
-def canonical(config) -> str | None:
-    """The mixture as a checkpoint records it (None for a single source): names, sources and
-    normalized weights, so that a resume with another mixture is refused."""
-    if not config.mixture:
-        return None
-    return ','.join(f'{s.name}={s.describe()}:{s.weight:.6g}' for s in parse(config.mixture))
-
-
-def source_config(config, source: Source) -> ml_collections.ConfigDict:
-    """The fields the input pipeline and token cache read, for one source."""
-    return ml_collections.ConfigDict(dict(
-        data_path=source.data_path, tfds_name=source.tfds_name, tfds_split=source.tfds_split,
-        tfds_text_key=source.tfds_text_key, tfds_data_dir=config.tfds_data_dir,
-        text_key=source.text_key or config.get('text_key', 'text'),
-        val_split=config.val_split, cache_dir=config.cache_dir,
-        source_label=f'mixture source {source.name!r}' if config.mixture else 'data_path'))
-
-
-def no_text_message(config, source: Source) -> str:
+def no_text_message(source: Source, is_mixture: bool) -> str:
     """Also for an empty dataset or records whose text is all blank."""
-    if config.mixture:
+    if is_mixture:
         return (f'mixture source {source.name!r} ({source.describe()}) holds no training text '
                 '(empty, blank documents only, or all in validation): point it at '
                 f'{document_files.FORMATS_HELP}, or drop it from --config.mixture')
     return (f'{source.describe()} holds no training text (empty, blank documents only, or all '
             f'in validation): point data_path at {document_files.FORMATS_HELP}')
-
-
-def tokenizer_documents(config) -> Iterator[str]:
-    """The training documents the tokenizer learns from, drawn by the mixture's weights.
-
-    A single source gives all its documents, in order. In a mixture of D training documents,
-    source s gives about weight_s x D: each of its documents repeated or skipped at random
-    (seeded), so SentencePiece's own sample of tokenizer_sample_size sentences follows the
-    weights. Counting the documents costs one extra read of the text, on the first run only.
-    """
-    all_sources = sources(config)
-    configs = [source_config(config, s) for s in all_sources]
-    if len(all_sources) == 1:
-        return input_pipeline.documents(configs[0], 'train')
-    counts = [sum(1 for _ in input_pipeline.document_bytes(c, 'train')) for c in configs]
-    for source, count in zip(all_sources, counts):
-        if not count:
-            raise UserError(no_text_message(config, source))
-
-    def draw():
-        for i, (source, source_config_, count) in enumerate(zip(all_sources, configs, counts)):
-            whole, fraction = divmod(source.weight * sum(counts) / count, 1.0)
-            rng = np.random.default_rng([config.seed, i])
-            for doc in input_pipeline.documents(source_config_, 'train'):
-                for _ in range(int(whole) + int(rng.random() < fraction)):
-                    yield doc
-
-    return draw()
 
 
 def block_rows(sources: list[Source], size: int = BLOCK_ROWS) -> np.ndarray:

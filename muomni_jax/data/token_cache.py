@@ -1,6 +1,6 @@
 """The tokenized corpus on disk: tokenize once, then every run and every resume memory-maps it.
 
-Layout, one directory per cache key under config.cache_dir:
+Layout, one directory per cache key under the cache directory (cache_dir):
 
   <cache_dir>/<key>/cache.json                 what the key covers, for people (not read back)
   <cache_dir>/<key>/train-00000-of-00004.tokens    ids end to end: uint16 (vocab <= 65,536) or
@@ -34,13 +34,11 @@ import os
 import socket
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
-import tqdm
 from etils import epath
 
-from muomni_jax import test_hooks
 from muomni_jax.data import document_files
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
@@ -51,10 +49,19 @@ from muomni_jax.io.atomic_write import fsync_directory, write_atomically
 # offsets, inside words): every cache of version 1 is built again.
 FORMAT_VERSION = 2
 _PARTIAL = '.partial-'
-_PROGRESS_EVERY_S = 5.0  # Seconds between progress lines when stdout is not a terminal.
-# Tests only (muomni_jax.test_hooks): set to a file path, a build creates that file after
-# writing its first chunk and waits: the tests kill it there, mid-build, without racing a timer.
-PAUSE_FOR_TESTS_ENV = 'MUOMNI_TEST_PAUSE_CACHE_BUILD'
+
+
+class BuildProgress(Protocol):
+    """Told how a build advances (the caller shows it: training/tokenizing_progress.py)."""
+
+    def start(self, total: int, unit: str) -> None:
+        """The source's size in `unit` ('B' of text, or TFDS 'examples'; 0: unknown)."""
+
+    def update(self, done: int, tokens: int) -> None:
+        """One more chunk written: `done` units of the source read, `tokens` tokens made."""
+
+    def close(self) -> None:
+        """The build ended (also when it failed)."""
 
 
 def default_dir() -> str:
@@ -63,13 +70,14 @@ def default_dir() -> str:
     return os.path.join(base, 'muomni_jax', 'token_cache')
 
 
-def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
+def cache_key(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
               num_shards: int) -> tuple[str, dict]:
     """(key, what it covers): equal keys mean equal token streams."""
-    if config.tfds_name:
+    spec = source.spec
+    if spec.tfds_name:
         info = source.tfds_builder.info
-        described = {'tfds': info.full_name, 'split': config.tfds_split,
-                     'text_key': config.tfds_text_key}
+        described = {'tfds': info.full_name, 'split': spec.tfds_split,
+                     'text_key': spec.tfds_text_key}
     else:
         # Modification times in whole seconds, as nanoseconds: the key TensorFlow's stat gave,
         # so caches built before TensorFlow left this path are still found.
@@ -81,7 +89,7 @@ def cache_key(config, source: input_pipeline.DocumentSource, tokenizer: tokenize
             described['text_key'] = source.text_key
     material = {'format': FORMAT_VERSION, 'source': described,
                 'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),
-                'val_split': config.val_split, 'num_shards': num_shards}
+                'val_split': spec.val_split, 'num_shards': num_shards}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return digest[:20], material
 
@@ -148,17 +156,17 @@ def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
             if _PARTIAL in entry and entry.startswith(tuple(n + '.' for n in names))]
 
 
-def open_or_build(config, source: input_pipeline.DocumentSource,
+def open_or_build(cache_dir: str, source: input_pipeline.DocumentSource,
                   tokenizer: tokenizer_lib.Tokenizer, num_shards: int, shards: Sequence[int],
-                  log: Callable[[str], None] = print, verbose: bool = True
+                  log: Callable[[str], None] = print, progress: BuildProgress | None = None
                   ) -> dict[tuple[str, int], input_pipeline.TokenStream]:
     """The (split, shard) -> stream of every split of `shards`, building them if needed.
 
-    `log` prints one line of what happened (opened, built, or rebuilt and why); `verbose` also
-    shows build progress.
+    cache_dir: the cache's root; '' for default_dir(). `log` prints one line of what happened
+    (opened, built, or rebuilt and why); `progress`, when given, is told how a build advances.
     """
-    root = config.cache_dir or default_dir()
-    key, material = cache_key(config, source, tokenizer, num_shards)
+    root = cache_dir or default_dir()
+    key, material = cache_key(source, tokenizer, num_shards)
     directory = os.path.join(root, key)
     names = {(split, shard): shard_name(split, shard, num_shards)
              for shard in shards for split in input_pipeline.SPLITS}
@@ -184,7 +192,7 @@ def open_or_build(config, source: input_pipeline.DocumentSource,
         else:
             log(f'Token cache: building {directory} (tokenized once; later runs reuse it).')
         _build(source, tokenizer, directory, key, material, num_shards, list(shards), stale,
-               verbose=verbose, log=log)
+               progress=progress, log=log)
     return {where: _open_stream(directory, name, key, tokenizer.vocab_size)
             for where, name in names.items()}
 
@@ -281,7 +289,8 @@ def _tokenize_groups(groups: dict, tokenizer, dtype) -> dict:
 
 def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
            directory: str, key: str, material: dict, num_shards: int, shards: list[int],
-           stale: list[str], *, verbose: bool, log: Callable[[str], None]) -> None:
+           stale: list[str], *, progress: BuildProgress | None,
+           log: Callable[[str], None]) -> None:
     """Tokenizes the source once, streaming: memory holds a few chunks in flight, never the corpus.
 
     The main thread reads and routes chunks; a thread pool with one worker per core tokenizes
@@ -296,7 +305,9 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
             os.remove(os.path.join(directory, name + '.json'))
     dtype = np.dtype('<u2' if tokenizer.vocab_size <= 2**16 else '<u4')
     workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    progress = _Progress(*source.size(), enabled=verbose)
+    start = time.time()
+    if progress is not None:
+        progress.start(*source.size())
     mine = set(shards)
     writers = {}
     try:
@@ -325,10 +336,11 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
         _raise_if_disk_full(e, directory)
         raise
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     fsync_directory(directory)  # The renamed data files survive a power loss.
     try:
-        _finish(directory, key, dtype, names, writers, progress.elapsed(), log)
+        _finish(directory, key, dtype, names, writers, time.time() - start, log)
     except OSError as e:
         _raise_if_disk_full(e, directory)
         raise
@@ -360,59 +372,10 @@ def _finish(directory: str, key: str, dtype: np.dtype, names: dict, writers: dic
         f'tokens/s), {size:,} bytes on disk.')
 
 
-def _write(writers, progress, future, done: int) -> None:
+def _write(writers, progress: BuildProgress | None, future, done: int) -> None:
     tokens = 0
     for where, (ids, lengths, invalid) in future.result().items():
         writers[where].append(ids, lengths, invalid)
         tokens += len(ids)
-    progress.update(done, tokens)
-    pause = test_hooks.value(PAUSE_FOR_TESTS_ENV)
-    if pause and tokens:
-        with open(pause, 'a', encoding='utf-8'):  # Made if missing; never truncated.
-            pass
-        while True:
-            time.sleep(60)
-
-
-class _Progress:
-    """A bar with an ETA on a terminal; elsewhere a plain line every few seconds."""
-
-    def __init__(self, total: int, unit: str, enabled: bool):
-        self.total, self.unit, self.enabled = total, unit, enabled
-        self.done = self.tokens = 0
-        self.start = self.last_line = time.time()
-        self.bar = (tqdm.tqdm(total=total or None, unit=unit, unit_scale=True, desc='Tokenizing',
-                              dynamic_ncols=True)
-                    if enabled and sys.stdout.isatty() else None)
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def update(self, done: int, tokens: int) -> None:
-        self.done += done
-        self.tokens += tokens
-        rate = self.tokens / max(self.elapsed(), 1e-9)
-        if self.bar is not None:
-            self.bar.update(done)
-            self.bar.set_postfix_str(f'{self.tokens:,} tokens, {rate:,.0f} tokens/s',
-                                     refresh=False)
-        elif self.enabled and time.time() - self.last_line >= _PROGRESS_EVERY_S:
-            self.last_line = time.time()
-            print(f'Tokenizing: {self._amount()}, {self.tokens:,} tokens, {rate:,.0f} tokens/s'
-                  f'{self._eta()}', flush=True)
-
-    def _amount(self) -> str:
-        scale = (lambda n: f'{n / 1e6:,.1f} MB') if self.unit == 'B' else (lambda n: f'{n:,}')
-        if not self.total:
-            return f'{scale(self.done)} {"" if self.unit == "B" else self.unit}'.strip()
-        return f'{scale(self.done)} of {scale(self.total)} ({100 * self.done / self.total:.0f}%)'
-
-    def _eta(self) -> str:
-        if not self.total or not self.done:
-            return ''
-        left = self.elapsed() * max(self.total - self.done, 0) / self.done
-        return f', ETA {int(left) // 60}m {int(left) % 60:02d}s'
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    if progress is not None:
+        progress.update(done, tokens)

@@ -2,9 +2,9 @@
 
 On a preemptible VM every restart would otherwise pay the full compile of the train and eval
 steps again. The cache lives beside the token cache, in $XDG_CACHE_HOME/muomni_jax/
-jax_compilation_cache (~/.cache/...), unless config.compilation_cache_dir or the
-JAX_COMPILATION_CACHE_DIR environment variable names another place; config.compilation_cache
-= False turns it off. JAX keys each entry by the computation, the devices and the JAX version,
+jax_compilation_cache (~/.cache/...), unless the run's compilation_cache_dir or the
+JAX_COMPILATION_CACHE_DIR environment variable names another place; compilation_cache = False
+turns it off. JAX keys each entry by the computation, the devices and the JAX version,
 so a stale entry is never used.
 """
 
@@ -18,17 +18,17 @@ def default_dir() -> str:
     return os.path.join(base, 'muomni_jax', 'jax_compilation_cache')
 
 
-def enable(config) -> str | None:
-    """Points JAX's persistent cache at the configured directory; returns it (None: off).
+def enable(enabled: bool, directory: str = '') -> str | None:
+    """Points JAX's persistent cache at `directory` ('': JAX's setting, else default_dir());
+    returns it (None: off).
 
     Must run before the first compilation of the process.
     """
-    if not config.compilation_cache:
+    if not enabled:
         jax.config.update('jax_enable_compilation_cache', False)
         return None
     # JAX_COMPILATION_CACHE_DIR in the environment sets jax_compilation_cache_dir at import.
-    path = (config.compilation_cache_dir or jax.config.jax_compilation_cache_dir
-            or default_dir())
+    path = directory or jax.config.jax_compilation_cache_dir or default_dir()
     jax.config.update('jax_enable_compilation_cache', True)
     jax.config.update('jax_compilation_cache_dir', path)
     return path

@@ -4,9 +4,10 @@ Levanter's `add_hook(every=N)`).
 `train_loop` runs the step, adds its metrics to the `Interval`, then calls each action whose
 `every` divides the step, every action after the final step, and those with `on_stop` after the
 step a signal stops the run at. Each action is a small object with its own state and can be
-tested alone. To add one: write a class with `every`, `on_stop` and `__call__(step, state, last)`,
-and put it in the list `train._actions` builds; the order of that list is the order actions run
-in within a step.
+tested alone; what the actions of a run share (its plan, reporter, history, interval ...) is one
+`RunContext`. To add one: write a class with `every`, `on_stop` and `__call__(step, state, last)`,
+and put it in the list `train_actions.make_actions` builds; the order of that list is the order
+actions run in within a step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from muomni_jax.errors import UserError
 from muomni_jax.model import lm_loss
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import reporting
+from muomni_jax.training import run_plan
 from muomni_jax.training import steps as steps_lib
 from muomni_jax.training import training_log
 
@@ -68,27 +70,67 @@ class Interval:
         self.sums, self.steps, self.start = None, 0, time.time()
 
 
+@dataclasses.dataclass
+class LastSaved:
+    """The step of the newest checkpoint this run saved (or resumed from)."""
+    step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What the periodic actions of one run share. A length fitted mid-run gives a new plan and
+    so a new context (with_context); the parts that change as the run goes (interval, history,
+    summary, last_saved) are shared objects that carry over."""
+    plan: run_plan.RunPlan
+    schedule: Callable[[int], Any]  # The learning rate of each update (the plan's schedule).
+    interval: Interval
+    history: training_log.TrainingLog
+    reporter: reporting.Reporter
+    summary: dict[str, float]  # What train_and_evaluate returns: the last metrics.
+    last_saved: LastSaved
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.length.total_steps
+
+
+def with_context(actions: list[PeriodicAction], context: RunContext) -> list[PeriodicAction]:
+    """The same actions, each with its own state kept, reading a new context."""
+    return [dataclasses.replace(action, context=context) if hasattr(action, 'context') else action
+            for action in actions]
+
+
 def train_loop(state: steps_lib.TrainState, steps: range, batches: Iterable[Any],
                train_step: Callable, interval: Interval, actions: list[PeriodicAction],
                should_stop: Callable[[int], bool] = lambda step: False,
-               last_step: Callable[[], int] | None = None) -> tuple[steps_lib.TrainState, bool]:
+               final_step: int | None = None, hold_last_actions: bool = False
+               ) -> tuple[steps_lib.TrainState, bool]:
     """Runs train_step on each batch for the given step numbers (each the step count after it).
 
-    last_step() is the run's final step (default: the last of `steps`): asked after each step,
-    since an action may fix the run's length (schedule_fit) and a loop may be one phase of a run.
-    Returns the last state and whether should_stop ended the run early.
+    final_step is the run's final step (default: the last of `steps`; a loop may be one phase of
+    a run). hold_last_actions: the actions of the last of `steps` are left to the caller
+    (run_actions), which measures something first (schedule_fit). Returns the last state and
+    whether should_stop asked to end the run.
     """
+    final_step = steps[-1] if final_step is None and len(steps) else final_step
     for step, batch in zip(steps, batches):
         state, metrics = train_step(state, batch)
         interval.add(metrics)
         stop = should_stop(step)
-        final = step == (steps[-1] if last_step is None else last_step())
-        for action in actions:
-            if step % action.every == 0 or final or (stop and action.on_stop):
-                action(step, state, final or stop)
+        if hold_last_actions and step == steps[-1]:
+            return state, stop
+        run_actions(actions, step, state, final=step == final_step, stop=stop)
         if stop:
             return state, True
     return state, False
+
+
+def run_actions(actions: list[PeriodicAction], step: int, state: steps_lib.TrainState, *,
+                final: bool, stop: bool) -> None:
+    """The actions due after `step`, in order."""
+    for action in actions:
+        if step % action.every == 0 or final or (stop and action.on_stop):
+            action(step, state, final or stop)
 
 
 def check_nonfinite_limit(m: Mapping[str, Any], max_consecutive_nonfinite: int,
@@ -107,13 +149,13 @@ def check_nonfinite_limit(m: Mapping[str, Any], max_consecutive_nonfinite: int,
 @dataclasses.dataclass
 class Progress:
     """Advances the progress bar and starts or stops the profile (reporting.Reporter)."""
-    reporter: reporting.Reporter
+    context: RunContext
     every: int = 1
     on_stop: bool = False
 
     def __call__(self, step, state, last):
         del last
-        self.reporter.advance(step, state)
+        self.context.reporter.advance(step, state)
 
 
 @dataclasses.dataclass
@@ -121,7 +163,7 @@ class FirstStepTime:
     """After the first step of a launch: one line with its time from the loop's start, the
     batch, the compilation (or the compilation cache's load) and the step itself. It waits for
     that one step; later steps pass straight through."""
-    reporter: reporting.Reporter
+    context: RunContext
     start: float = dataclasses.field(default_factory=time.time)
     every: int = 1
     on_stop: bool = False
@@ -133,7 +175,8 @@ class FirstStepTime:
             return
         self.done = True
         jax.block_until_ready(state.step)
-        self.reporter.log(f'First step: {time.time() - self.start:.1f} s (compilation included)')
+        self.context.reporter.log(
+            f'First step: {time.time() - self.start:.1f} s (compilation included)')
 
 
 # A host shared with other work changes speed with its load; a CPU peak older than this is
@@ -144,17 +187,7 @@ PEAK_EVERY_S = 60.0
 @dataclasses.dataclass
 class LogMetrics:
     """Every log_every steps: one console line, a training_log record and TensorBoard scalars."""
-    every: int
-    total_steps: int
-    steps_per_epoch: int
-    tokens_per_step: int
-    schedule: Callable[[int], Any]  # The learning-rate schedule, for the lr column.
-    interval: Interval
-    history: training_log.TrainingLog
-    reporter: reporting.Reporter
-    summary: dict[str, float]  # Shared with Evaluate: what train_and_evaluate returns.
-    max_consecutive_nonfinite: int
-    last_saved: Callable[[], int]
+    context: RunContext
     flops_per_step: float = 0.0
     peak_flops: float | None = None  # None: MFU not logged.
     # Measures peak_flops again (CPU), at a log line at most every PEAK_EVERY_S seconds; its
@@ -166,18 +199,24 @@ class LogMetrics:
     run_start: float = dataclasses.field(default_factory=time.time)
     on_stop: bool = False
 
+    @property
+    def every(self) -> int:
+        return self.context.plan.output.log_every
+
     def __call__(self, step, state, last):
         del state, last
-        m = self.interval.host_sums()
-        check_nonfinite_limit(m, self.max_consecutive_nonfinite, self.last_saved())
-        elapsed = time.time() - self.interval.start
-        steps = self.interval.steps
-        record = interval_record(m, (step - 1) // self.steps_per_epoch,
-                                 self.tokens_per_step * steps / elapsed,
-                                 float(self.schedule(step - 1)), time.time() - self.run_start)
-        record['tokens'] = step * self.tokens_per_step  # Seen so far: plots against data.
-        self.summary.clear()
-        self.summary.update(loss=record['loss'], ppl=record['ppl'])
+        context, plan = self.context, self.context.plan
+        m = context.interval.host_sums()
+        check_nonfinite_limit(m, plan.step.max_consecutive_nonfinite, context.last_saved.step)
+        elapsed = time.time() - context.interval.start
+        steps = context.interval.steps
+        tokens_per_step = plan.step.batch_size * plan.data.ctx_len
+        record = interval_record(m, (step - 1) // plan.length.steps_per_epoch,
+                                 tokens_per_step * steps / elapsed,
+                                 float(context.schedule(step - 1)), time.time() - self.run_start)
+        record['tokens'] = step * tokens_per_step  # Seen so far: plots against data.
+        context.summary.clear()
+        context.summary.update(loss=record['loss'], ppl=record['ppl'])
         mfu = ''
         if self.measure_peak is not None and time.time() - self.peak_measured_at >= PEAK_EVERY_S:
             self.peak_flops, self.peak_measured_at = self.measure_peak(), time.time()
@@ -189,15 +228,15 @@ class LogMetrics:
             drawn = self.source_epochs(step)
             record.update({f'epochs/{name}': value for name, value in drawn.items()})
             epochs = ' | epochs ' + ' '.join(f'{name} {n:.3g}' for name, n in drawn.items())
-        self.history.add(step, **record)
-        self.reporter.write_scalars(step, record)
+        context.history.add(step, **record)
+        context.reporter.write_scalars(step, record)
         skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
                    if record['nonfinite_steps'] else '')
-        self.reporter.log(f'[Step {step}/{self.total_steps}] loss={record["loss"]:.3f} '
-                          f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
-                          f'{elapsed / steps:.2f}s/step | '
-                          f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}')
-        self.interval.restart()
+        context.reporter.log(f'[Step {step}/{context.total_steps}] loss={record["loss"]:.3f} '
+                             f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
+                             f'{elapsed / steps:.2f}s/step | '
+                             f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}')
+        context.interval.restart()
 
 
 def _flops(per_second: float) -> str:
@@ -223,19 +262,19 @@ def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: f
 @dataclasses.dataclass
 class Evaluate:
     """Every eval_every steps: validation loss, then sample lines; its time is not training time."""
-    every: int
-    total_steps: int
+    context: RunContext
     # params -> {'val_loss', 'val_ppl', and a mixture's 'val/<name>/loss' and /ppl} or {}.
     evaluate: Callable[[Any], dict[str, float]]
     sampler: Callable[[Any], list[str]] | None  # params -> lines, or None: no samples.
-    interval: Interval
-    history: training_log.TrainingLog
-    reporter: reporting.Reporter
-    summary: dict[str, float]
     on_stop: bool = False
+
+    @property
+    def every(self) -> int:
+        return self.context.plan.output.eval_every
 
     def __call__(self, step, state, last):
         del last
+        context = self.context
         eval_start = time.time()
         val = self.evaluate(state.params)
         average = getattr(state, 'ema_params', None)
@@ -244,77 +283,79 @@ class Evaluate:
             ema = self.evaluate(average)
             val.update(val_ema_loss=ema['val_loss'], val_ema_ppl=ema['val_ppl'])
         if val:
-            self.summary.update(val)
-            self.history.add(step, **val)
-            self.reporter.write_scalars(step, val)
-            prefix = 'Final validation' if step == self.total_steps else 'Validation'
+            context.summary.update(val)
+            context.history.add(step, **val)
+            context.reporter.write_scalars(step, val)
+            prefix = 'Final validation' if step == context.total_steps else 'Validation'
             names = [key.split('/')[1] for key in val
                      if key.startswith('val/') and key.endswith('/loss')]
             per_source = ''.join(f' | {name} loss={val[f"val/{name}/loss"]:.3f} '
                                  f'ppl={val[f"val/{name}/ppl"]:.1f}' for name in names)
             ema_line = (f' | EMA loss={val["val_ema_loss"]:.3f} ppl={val["val_ema_ppl"]:.1f}'
                         if 'val_ema_loss' in val else '')
-            self.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} ppl={val["val_ppl"]:.1f}'
-                              f'{" (weighted)" if names else ""}{per_source}{ema_line}')
+            context.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} '
+                                 f'ppl={val["val_ppl"]:.1f}'
+                                 f'{" (weighted)" if names else ""}{per_source}{ema_line}')
         if self.sampler:  # Every process joins: the params may span them all.
             # The samples are of the model load() gives: the average where there is one.
             samples = self.sampler(state.params if average is None else average)
             for line in samples:
-                self.reporter.log(line)
-            self.reporter.write_texts(step, {f'samples/{i}': line.strip()
-                                             for i, line in enumerate(samples)})
+                context.reporter.log(line)
+            context.reporter.write_texts(step, {f'samples/{i}': line.strip()
+                                                for i, line in enumerate(samples)})
         # Validation time is not training time: keep it out of s/step and tokens/s.
-        self.interval.start += time.time() - eval_start
+        context.interval.start += time.time() - eval_start
 
 
 @dataclasses.dataclass
 class WriteHistory:
     """Rewrites training_log.json when a record changed. Runs before SaveCheckpoint, so a
     checkpoint is never ahead of the log it resumes."""
-    history: training_log.TrainingLog
+    context: RunContext
     enabled: bool  # Process 0 only.
     every: int = 1
     on_stop: bool = True
 
     def __call__(self, step, state, last):
         del step, state, last
-        if self.enabled and self.history.unwritten:
-            self.history.write()
+        if self.enabled and self.context.history.unwritten:
+            self.context.history.write()
 
 
 @dataclasses.dataclass
 class SaveCheckpoint:
     """Every save_every steps (and on the last): the state, the data position and the metric sums
     of an interval the checkpoint cuts."""
-    every: int
+    context: RunContext
     checkpointer: Any  # checkpointing.Checkpointer, writable.
-    save_dir: str
-    steps_per_epoch: int
-    interval: Interval
-    max_consecutive_nonfinite: int
-    reporter: reporting.Reporter
-    last_saved: int = 0
-    mixture: str | None = None  # mixture.canonical: a resume with another mixture is refused.
-    schedule_steps: int | None = None  # The length fitted to schedule_seconds, once fixed.
     on_stop: bool = True
 
+    @property
+    def every(self) -> int:
+        return self.context.plan.output.save_every
+
     def __call__(self, step, state, last):
-        interval = self.interval.host_sums()
+        plan, last_saved = self.context.plan, self.context.last_saved
+        interval = self.context.interval.host_sums()
         if interval is not None:
-            check_nonfinite_limit(interval, self.max_consecutive_nonfinite, self.last_saved)
+            check_nonfinite_limit(interval, plan.step.max_consecutive_nonfinite, last_saved.step)
         if not bool(steps_lib.all_finite(state.params)):
             raise UserError(f'the params became NaN/Inf at step {step}, so it was not '
-                            f'saved (newest checkpoint: step {self.last_saved}): lower '
+                            f'saved (newest checkpoint: step {last_saved.step}): lower '
                             'learning_rate or max_grad_norm')
+        steps_per_epoch = plan.length.steps_per_epoch
         self.checkpointer.save(step, state, {
-            'step': step, 'epoch': step // self.steps_per_epoch,
-            'step_in_epoch': step % self.steps_per_epoch,
-            'steps_per_epoch': self.steps_per_epoch, 'mixture': self.mixture,
-            'schedule_steps': self.schedule_steps,
+            'step': step, 'epoch': step // steps_per_epoch,
+            'step_in_epoch': step % steps_per_epoch,
+            'steps_per_epoch': steps_per_epoch,
+            # A resume with another mixture is refused.
+            'mixture': plan.data.mixture_record,
+            # A length fitted to schedule_seconds is kept: a resume never measures it again.
+            'schedule_steps': plan.length.total_steps if plan.length.fitted else None,
             'interval_metrics': None if interval is None else {
                 k: v.item() for k, v in interval.items()}})
-        self.last_saved = step
+        last_saved.step = step
         if last:  # A stopped run must not exit before its save is on disk.
             self.checkpointer.wait()
-        self.reporter.log(f'✓ Saved checkpoint: step {step} '
-                          f'({os.path.join(self.save_dir, str(step))})')
+        self.context.reporter.log(f'✓ Saved checkpoint: step {step} '
+                                  f'({os.path.join(plan.output.save_dir, str(step))})')

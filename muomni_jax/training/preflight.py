@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding
 
 from muomni_jax.errors import UserError
 from muomni_jax.model import flops
-from muomni_jax.model.thinker import ThinkerConfig
 from muomni_jax.parallel import compile_targets
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import config_checks
+from muomni_jax.training import run_plan
 from muomni_jax.training import steps
 
 # A compiled step may use at most this share of the chip's memory: the runtime, the input
@@ -42,10 +42,10 @@ KERNEL_CALLS = {'tpu_custom_call': 'Mosaic (splash)', '__gpu$xla.gpu.triton': 'T
                 '__cudnn$fmha': 'cuDNN fused attention'}
 
 
-def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch a step takes, as ShapeDtypeStructs laid out as the run lays it."""
+def abstract_batch(plan: run_plan.RunPlan, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The (B, T) global batch a step takes, as ShapeDtypeStructs laid out as the run lays it."""
     sharding = partitioning.batch_sharding(mesh)
-    shape = (config.batch_size, config.ctx_len)
+    shape = (plan.step.batch_size, plan.model.ctx_len)
     batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
              for name in ('inputs', 'targets', 'segment_ids', 'positions')}
     batch['weights'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
@@ -101,15 +101,14 @@ class Compiled:
     refused: str = ''  # The compiler's out-of-memory message, when it would not compile.
 
 
-def compile_steps(config, devices: list) -> Compiled:
-    """Compiles config's train_step and eval_step over a mesh of `devices`."""
-    mesh = partitioning.make_mesh(config.mesh, devices)
-    model_config = config_checks.validate_config(config)
-    config_checks.check_platform(model_config, mesh.devices.flat[0].platform)
-    partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps,
-                                  this_process_feeds=False)
-    setup = steps.create_train_state(config, mesh, total_steps=10_000, initialize=False)
-    batch = abstract_batch(config, mesh)
+def compile_steps(plan: run_plan.RunPlan, devices: list) -> Compiled:
+    """Compiles the plan's train_step and eval_step over a mesh of `devices`."""
+    mesh = partitioning.make_mesh(plan.mesh, devices)
+    config_checks.check_platform(plan.model, mesh.devices.flat[0].platform)
+    partitioning.check_batch_size(plan.step.batch_size, mesh,
+                                  plan.step.gradient_accumulation_steps, this_process_feeds=False)
+    setup = steps.make_train_setup(plan, mesh, total_steps=10_000, initialize=False)
+    batch = abstract_batch(plan, mesh)
     state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(setup.abstract_state))
     batch_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(batch))
     start = time.perf_counter()
@@ -162,13 +161,14 @@ def kernels(custom_calls: list[str]) -> list[str]:
     return found or ['xla (no fused kernel)']
 
 
-def roofline(config, target: compile_targets.Target, compiled: Compiled) -> dict[str, Any]:
+def roofline(plan: run_plan.RunPlan, target: compile_targets.Target,
+             compiled: Compiled) -> dict[str, Any]:
     """A floor on the step time from the chip's published peaks: the model's FLOPs at peak,
     the bytes the compiler says a device touches at full HBM bandwidth, and the collectives'
     bytes at full interconnect bandwidth; the largest is the floor. A bound, not a forecast."""
     chip = target.chip
-    tokens = config.batch_size * config.ctx_len
-    model_flops = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * tokens
+    tokens = plan.step.batch_size * plan.model.ctx_len
+    model_flops = flops.flops_per_token(plan.model)['total'] * tokens
     floors = {'compute_s': model_flops / (target.chips * chip.peak_flops)}
     if compiled.bytes_accessed:
         floors['memory_s'] = compiled.bytes_accessed / chip.hbm_bandwidth
@@ -186,7 +186,8 @@ def _fits(memory: dict[str, int], chip: compile_targets.Chip) -> bool:
 
 
 def remedies(config, devices: list, chip: compile_targets.Chip) -> list[dict[str, Any]]:
-    """For a config that does not fit: each change on its own, compiled, with its memory."""
+    """For a config that does not fit: each change on its own (planned again), compiled, with
+    its memory."""
     tried = []
     mesh = partitioning.make_mesh(config.mesh, devices)
     if mesh.shape['fsdp'] < len(devices):
@@ -206,7 +207,7 @@ def remedies(config, devices: list, chip: compile_targets.Chip) -> list[dict[str
             node, _, leaf = key.rpartition('.')
             (changed[node] if node else changed)[leaf] = value
         try:
-            compiled = compile_steps(changed, devices)
+            compiled = compile_steps(run_plan.resolve(changed), devices)
             memory = compiled.memory
         except UserError as e:
             out.append({'change': change, 'error': str(e)})
@@ -220,25 +221,27 @@ def check(config, target_name: str) -> dict[str, Any]:
     """The pre-flight report of one target (JSON-ready)."""
     target = compile_targets.parse(target_name)
     devices = compile_targets.devices(target)
-    compiled = compile_steps(config, devices)
+    plan = run_plan.resolve(config)
+    compiled = compile_steps(plan, devices)
     fits = _fits(compiled.memory, target.chip) and not compiled.refused
+    step = plan.step
     gathers = attention_gathers(compiled.collectives,
-                                config.batch_size // config.gradient_accumulation_steps,
-                                config.ctx_len, ThinkerConfig.from_config(config).head_dim)
+                                step.batch_size // step.gradient_accumulation_steps,
+                                plan.model.ctx_len, plan.model.head_dim)
     report = {
         'target': target.name, 'device_kind': devices[0].device_kind, 'chips': target.chips,
         'hosts': target.hosts, 'topology': target.topology,
-        'mesh': dict(partitioning.make_mesh(config.mesh, devices).shape),
-        'batch_size': config.batch_size, 'ctx_len': config.ctx_len,
-        'gradient_accumulation_steps': config.gradient_accumulation_steps,
-        'attention_impl': config.attention_impl, 'memory_per_device': compiled.memory,
+        'mesh': dict(partitioning.make_mesh(plan.mesh, devices).shape),
+        'batch_size': step.batch_size, 'ctx_len': plan.model.ctx_len,
+        'gradient_accumulation_steps': step.gradient_accumulation_steps,
+        'attention_impl': plan.model.attention_impl, 'memory_per_device': compiled.memory,
         'device_memory': target.chip.hbm_bytes, 'fits': fits,
         'compiler_flops_per_device': compiled.compiler_flops,
         'kernels': kernels(compiled.custom_calls), 'custom_calls': compiled.custom_calls,
         'attention_gathers': gathers,
         'collectives': {op: {k: v for k, v in c.items() if k != 'shapes'}
                         for op, c in compiled.collectives.items()},
-        'roofline': roofline(config, target, compiled),
+        'roofline': roofline(plan, target, compiled),
         'compile_s': compiled.compile_s, 'eval_compile_s': compiled.eval_compile_s,
         'eval_temporaries': compiled.eval_temp_bytes, 'chip_source': target.chip.source,
         'compiler_refused': compiled.refused,

@@ -25,6 +25,7 @@ import jax
 import tqdm
 
 from muomni_jax.errors import UserError
+from muomni_jax.io import run_dir
 from muomni_jax.training import event_writer
 
 # Record fields that are bookkeeping (TensorBoard keeps wall time itself), not measurements.
@@ -108,7 +109,7 @@ class Reporter:
     @property
     def profile_dir(self) -> str:
         """Where jax.profiler puts each trace (one <time>/ folder per trace)."""
-        return os.path.join(self.save_dir, 'plugins', 'profile')
+        return run_dir.profile_dir(self.save_dir)
 
     def log(self, message: str) -> None:
         """Prints one line; on a terminal it goes above the progress bar."""

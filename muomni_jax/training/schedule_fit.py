@@ -14,8 +14,10 @@ num_epochs. It is recorded in every checkpoint after the fit, and a resumed run 
 there: a length that depends on timing is never measured again, so resume stays bitwise.
 
 The steps before the fit ran with the provisional schedule. They lie within warmup (cosine;
-config_checks asks for warmup_steps >= 3) or before the decay (WSD), where both schedules give
-the same rates, so the run is exactly the run that knew its length from the start.
+run_plan.resolve asks for warmup_steps >= 3) or before the decay (WSD), where both schedules give
+the same rates, so the run is exactly the run that knew its length from the start. The fit is a
+measurement between two phases of the loop (train.py): it gives a new plan (run_plan.
+with_total_steps), and the second phase runs with it.
 max_train_seconds stays the limit of one launch (a SLURM-style chunk): a run of
 schedule_seconds=3600 launched with max_train_seconds=1200 saves and stops three times, and the
 third launch ends at the fitted step.
@@ -31,6 +33,7 @@ from typing import Any, Callable
 import jax
 
 from muomni_jax.parallel import distributed
+from muomni_jax.training import run_plan
 
 MEASURED_STEPS = 10  # Steps timed after a launch's first, before the length is fixed.
 # A validation batch is a forward pass: about a third of a training step's FLOPs.
@@ -42,12 +45,12 @@ def now() -> float:
     return time.monotonic()
 
 
-def fit_step(config, start_step: int, upper_steps: int) -> int:
+def fit_step(optimizer: run_plan.OptimizerPlan, start_step: int, upper_steps: int) -> int:
     """The step after which the length is fixed: MEASURED_STEPS timed steps after this launch's
     first; for cosine at most the last warmup step (past it the rate depends on the length)."""
     step = start_step + 1 + MEASURED_STEPS
-    if config.lr_schedule == 'cosine':
-        step = min(step, max(config.warmup_steps, start_step + 2))
+    if optimizer.lr_schedule == 'cosine':
+        step = min(step, max(optimizer.warmup_steps, start_step + 2))
     return min(step, upper_steps)
 
 
@@ -64,20 +67,20 @@ def fitted_total_steps(*, budget_s: float, elapsed_s: float, compile_s: float, s
 
 @dataclasses.dataclass
 class ScheduleFit:
-    """A periodic action: times this launch's steps up to fit_at, then fixes the run's length
-    (every process takes process 0's) and hands it to on_fit before the other actions of that
-    step run. Its clock is injectable, so tests fit on a fake one."""
+    """Times this launch's steps up to fit_at, then fits the run's length (fitted_length).
+
+    As a periodic action, first in the step's order, it notes when the launch's first step
+    (which compiles) ends; the loop stops after fit_at, before that step's actions, and the
+    trainer calls fitted_length. Its clock is injectable, so tests fit on a fake one."""
     budget_s: float
     start_step: int  # The step this launch started from (earlier launches' steps count too).
     fit_at: int
     upper_steps: int
     eval_every: int
     eval_batches: int  # Validation batches per validation, over every source.
-    on_fit: Callable[[int, str], None]  # (total steps, the line that says so).
     clock: Callable[[], float] | None = None  # Default: now() (tests patch it).
     every: int = 1
     on_stop: bool = False
-    fitted: int | None = None
 
     def __post_init__(self):
         self.clock = self.clock or now
@@ -86,25 +89,28 @@ class ScheduleFit:
 
     def __call__(self, step: int, state: Any, last: bool) -> None:
         del last
-        if self.fitted is not None or step not in (self.start_step + 1, self.fit_at):
-            return
-        jax.block_until_ready(state.step)  # The device's time, not the host's dispatch.
-        now = self.clock()
-        if step == self.start_step + 1:
-            self._first_done = now
-            if step != self.fit_at:
-                return
-        timed = self.fit_at - self.start_step - 1
+        if self._first_done is None and step == self.start_step + 1:
+            jax.block_until_ready(state.step)  # The device's time, not the host's dispatch.
+            self._first_done = self.clock()
+
+    def fitted_length(self, state: Any) -> tuple[int, str]:
+        """After step fit_at: (the run's total steps, the line that says so). Every process
+        gets process 0's length."""
+        jax.block_until_ready(state.step)
+        now_s = self.clock()
+        if self._first_done is None:  # fit_at is the launch's first step.
+            self._first_done = now_s
+        step = self.fit_at
+        timed = step - self.start_step - 1
         compile_s = self._first_done - self._loop_start
-        step_s = (now - self._first_done) / timed if timed else compile_s
+        step_s = (now_s - self._first_done) / timed if timed else compile_s
         total = fitted_total_steps(
-            budget_s=self.budget_s, elapsed_s=now - self._loop_start + self.start_step * step_s,
+            budget_s=self.budget_s, elapsed_s=now_s - self._loop_start + self.start_step * step_s,
             compile_s=compile_s, step_s=step_s, done_steps=step, upper_steps=self.upper_steps,
             eval_every=self.eval_every, eval_batches=self.eval_batches)
         total = distributed.allgather_json(total)[0]  # Every process ends at the same step.
-        self.fitted = total
         end = ('the data or max_steps ends first' if total == self.upper_steps
                else 'the decay ends at the budget')
-        self.on_fit(total, f'Schedule fitted to schedule_seconds={self.budget_s:g}: '
-                           f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
-                           f'{compile_s:.1f} s to compile -> {total} steps ({end}).')
+        return total, (f'Schedule fitted to schedule_seconds={self.budget_s:g}: '
+                       f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
+                       f'{compile_s:.1f} s to compile -> {total} steps ({end}).')

@@ -1,6 +1,6 @@
 """The pure training computation: state, optimizer, steps, and their layout on a mesh.
 
-No I/O and no loop: `create_train_state(config, mesh, total_steps)` gives the state (or its
+No I/O and no loop: `make_train_setup(plan, mesh, total_steps)` gives the state (or only its
 abstract shape, to restore onto), its shardings and the jitted `train_step` / `eval_step`. The
 trainer, the benchmark, weight import and the tests build their steps here, so a change to the
 optimizer is made once; the loss itself is model/lm_loss.py's, which inference shares.
@@ -23,6 +23,7 @@ from muomni_jax.model import attention_kernels
 from muomni_jax.model import lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
 from muomni_jax.parallel import partitioning
+from muomni_jax.training import run_plan
 
 # metrics['nonfinite_limit_step'] when the non-finite limit was not reached.
 NO_STEP = np.iinfo(np.int32).max
@@ -59,11 +60,7 @@ def without_average(state: TrainState) -> TrainState:
 # Optimizer. A new optimizer goes in make_optimizer: the state tree follows from it.
 
 
-SCHEDULES = ('cosine', 'wsd')
-OPTIMIZERS = ('adamw', 'muon')
-
-
-def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(config: run_plan.OptimizerPlan, total_steps: int) -> optax.Schedule:
     """The rate of each update, as a function of the updates before it (optax's count): update k
     of k = 1..total_steps uses schedule(k - 1), and the log shows that rate at step k.
 
@@ -80,12 +77,11 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     """
     warmup = config.warmup_steps
     peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
-    # Configs saved before these fields existed (an old save_dir's config.json) mean cosine.
-    if config.get('lr_schedule', 'cosine') == 'cosine':
+    if config.lr_schedule == 'cosine':
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=end)
-    decay_start = max(warmup, total_steps - round(config.get('decay_fraction', 0.2) * total_steps))
+    decay_start = max(warmup, total_steps - round(config.decay_fraction * total_steps))
     decay_updates = total_steps - 1 - decay_start  # Counts decay_start+1 .. total_steps-1.
     phases = [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)]
     boundaries = [warmup]
@@ -95,7 +91,7 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules(phases, boundaries=boundaries)
 
 
-def short_run_note(config, total_steps: int) -> str | None:
+def short_run_note(config: run_plan.OptimizerPlan, total_steps: int) -> str | None:
     """One line for a run too short to decay (total_steps <= warmup_steps + 1), else None."""
     if not config.warmup_steps or total_steps > config.warmup_steps + 1:
         return None
@@ -122,20 +118,25 @@ def is_muon_matrix(path, x) -> bool:
     return 'blocks' in names and 'router' not in names and x.ndim == 2
 
 
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: run_plan.OptimizerPlan,
+                   total_steps: int) -> optax.GradientTransformation:
     """clip -> AdamW (or Muon for the block matrices, AdamW for the rest), wrapped so a step with
     NaN/Inf gradients leaves params and moments as they were.
 
     apply_if_finite would apply updates again after max_consecutive_errors bad steps; we set it
     out of reach and let the training loop stop the run instead.
     """
-    schedule = learning_rate_schedule(config, total_steps)
+    return _optimizer(config, learning_rate_schedule(config, total_steps))
+
+
+def _optimizer(config: run_plan.OptimizerPlan,
+               schedule: optax.Schedule) -> optax.GradientTransformation:
     adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
                         weight_decay=config.weight_decay, mask=weight_decay_mask)
-    if config.get('optimizer', 'adamw') == 'muon':
+    if config.optimizer == 'muon':
         # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Moonlight,
         # arXiv:2502.16982), so one learning rate and schedule serve both parts.
-        muon = optax.contrib.muon(schedule, beta=config.get('muon_momentum', 0.95),
+        muon = optax.contrib.muon(schedule, beta=config.muon_momentum,
                                   weight_decay=config.weight_decay, consistent_rms=0.2)
         labels = lambda params: jax.tree.map_with_path(
             lambda path, x: 'muon' if is_muon_matrix(path, x) else 'adamw', params)
@@ -246,11 +247,13 @@ def all_finite(tree) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-    """What create_train_state returns: the state and everything that runs it on the mesh."""
-    state: TrainState | None  # Initialised from config.seed; None when asked for the shape only.
+    """What make_train_setup returns: the state and everything that runs it on the mesh."""
+    state: TrainState | None  # Initialised from the plan's seed; None: asked for the shape only.
     abstract_state: TrainState  # ShapeDtypeStructs carrying state_shardings: restore onto it.
     state_shardings: TrainState  # NamedSharding per leaf (partitioning.state_shardings).
     graphdef: nnx.GraphDef
+    total_steps: int  # The schedule's length.
+    schedule: optax.Schedule  # The learning rate of update k + 1 at k (the log's lr column).
     tx: optax.GradientTransformation
     model_config: ThinkerConfig
     train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]  # (state, batch), jitted.
@@ -258,52 +261,68 @@ class TrainSetup:
     init: Callable[[jax.Array], TrainState]  # PRNG key -> state, jitted onto state_shardings.
 
 
-def create_train_state(config, mesh, total_steps: int = 1, *, initialize: bool = True
-                       ) -> TrainSetup:
-    """The Thinker's train state for a config, laid out on the mesh, with its jitted steps.
+def make_train_setup(plan: run_plan.RunPlan, mesh, total_steps: int | None = None, *,
+                     initialize: bool = True) -> TrainSetup:
+    """The Thinker's train state for a plan, laid out on the mesh, with its jitted steps.
 
-    total_steps sets the learning-rate schedule (the state's tree does not depend on it).
-    initialize=False skips making the state: a resumed run restores onto abstract_state instead.
+    total_steps sets the learning-rate schedule (default: the plan's; the state's tree does not
+    depend on it). initialize=False skips making the state: a resumed run restores onto
+    abstract_state instead.
     """
-    model_config = ThinkerConfig.from_config(config)
-    tx = make_optimizer(config, total_steps)
-    init = functools.partial(init_state, model_config=model_config, tx=tx,
-                             ema=bool(config.get('ema_decay', 0.0)))
+    total_steps = plan.length.total_steps if total_steps is None else total_steps
+    schedule = learning_rate_schedule(plan.optimizer, total_steps)
+    tx = _optimizer(plan.optimizer, schedule)
+    init = functools.partial(init_state, model_config=plan.model, tx=tx,
+                             ema=bool(plan.step.ema_decay))
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = partitioning.state_shardings(mesh, abstract)
-    graphdef, _ = abstract_model(model_config)
+    graphdef, _ = abstract_model(plan.model)
     jitted_init = jax.jit(init, out_shardings=shardings)
-    train, evaluate = _jit_steps(config, model_config, mesh, graphdef, tx, shardings)
+    train, evaluate = _jit_steps(plan, mesh, graphdef, tx, shardings)
     return TrainSetup(
-        state=jitted_init(jax.random.PRNGKey(config.seed)) if initialize else None,
+        state=jitted_init(jax.random.PRNGKey(plan.step.seed)) if initialize else None,
         abstract_state=jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings),
-        state_shardings=shardings, graphdef=graphdef, tx=tx, model_config=model_config,
-        train_step=train, eval_step=evaluate, init=jitted_init)
+        state_shardings=shardings, graphdef=graphdef, total_steps=total_steps,
+        schedule=schedule, tx=tx, model_config=plan.model, train_step=train, eval_step=evaluate,
+        init=jitted_init)
 
 
-def _jit_steps(config, model_config: ThinkerConfig, mesh, graphdef: nnx.GraphDef,
+def with_length(setup: TrainSetup, plan: run_plan.RunPlan, mesh) -> TrainSetup:
+    """The setup for a plan of another length (a fitted one): the train step jitted again with
+    its schedule. The state's shapes and shardings, eval_step and init are kept: none depends
+    on the length (the optimizer's state is the same tree at any length)."""
+    total_steps = plan.length.total_steps
+    schedule = learning_rate_schedule(plan.optimizer, total_steps)
+    tx = _optimizer(plan.optimizer, schedule)
+    train, _ = _jit_steps(plan, mesh, setup.graphdef, tx, setup.state_shardings)
+    return dataclasses.replace(setup, state=None, total_steps=total_steps, schedule=schedule,
+                               tx=tx, train_step=train)
+
+
+def _jit_steps(plan: run_plan.RunPlan, mesh, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, state_sharding: Any) -> tuple[Any, Any]:
     """train_step and eval_step jitted over the mesh: state as laid out, batch rows split over
     every device, metrics replicated."""
     batch_sharding = partitioning.batch_sharding(mesh)
     metrics_sharding = partitioning.replicated(mesh)
+    step = plan.step
     # on_mesh: the attention kernels are compiled for the mesh's devices and split its rows.
     p_train_step = jax.jit(
         attention_kernels.on_mesh(mesh, functools.partial(
                           train_step, graphdef=graphdef, tx=tx,
-                          accumulation_steps=config.gradient_accumulation_steps,
-                          deterministic=model_config.dropout == 0,
-                          max_consecutive_nonfinite=config.max_consecutive_nonfinite,
-                          loss_chunk_tokens=config.loss_chunk_tokens,
-                          z_loss_weight=config.get('z_loss_weight', 0.0),
-                          ema_decay=config.get('ema_decay', 0.0))),
+                          accumulation_steps=step.gradient_accumulation_steps,
+                          deterministic=plan.model.dropout == 0,
+                          max_consecutive_nonfinite=step.max_consecutive_nonfinite,
+                          loss_chunk_tokens=step.loss_chunk_tokens,
+                          z_loss_weight=step.z_loss_weight,
+                          ema_decay=step.ema_decay)),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=0)
     p_eval_step = jax.jit(attention_kernels.on_mesh(mesh, functools.partial(
                               lm_loss.eval_step, graphdef=graphdef,
-                              loss_chunk_tokens=config.loss_chunk_tokens)),
+                              loss_chunk_tokens=step.loss_chunk_tokens)),
                           in_shardings=(state_sharding.params, batch_sharding),
                           out_shardings=metrics_sharding)
     return p_train_step, p_eval_step
