@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from muomni_jax import test_hooks
 from muomni_jax.data import token_cache
 from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import atomic_write
+from muomni_jax.io import run_dir
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing
 from muomni_jax.training import train
@@ -149,7 +149,7 @@ def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, 
     save_dir = tmp_path / 'new' / 'run'
     lock = run_lock.RunLock(str(save_dir))
     lock.acquire()
-    assert (save_dir / run_lock.LOCK_FILE).exists()
+    assert (save_dir / run_dir.LOCK).exists()
     assert _locked_for_another_process(save_dir)
     lock.release()
     assert not save_dir.exists()  # It made save_dir, and nothing else was written there.
@@ -164,8 +164,8 @@ def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, 
 
     def holder_ends_first(fd, flags):
         if not calls:
-            os.remove(save_dir / run_lock.LOCK_FILE)
-            (save_dir / run_lock.LOCK_FILE).write_text('')  # The next run's file.
+            os.remove(save_dir / run_dir.LOCK)
+            (save_dir / run_dir.LOCK).write_text('')  # The next run's file.
         calls.append(fd)
         return real_lockf(fd, flags)
 
@@ -447,21 +447,6 @@ def test_any_error_on_one_process_stops_all_with_one_line(monkeypatch):
             pass
     assert first_line(MemoryError()) == 'MemoryError'  # An empty message cannot crash a line.
     assert first_line(KeyError()) == 'KeyError'
-
-
-@pytest.mark.slow  # Trains in process.
-def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, monkeypatch):
-    monkeypatch.delenv(test_hooks.ENABLE_ENV, raising=False)
-    monkeypatch.setenv(checkpointing.PAUSE_IN_SAVE_ENV, '2')  # Would hang the save of step 2.
-    monkeypatch.setenv(token_cache.PAUSE_FOR_TESTS_ENV, str(tmp_path / 'mine.txt'))
-    (tmp_path / 'mine.txt').write_text('a file of the user')
-    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) is None
-    train.train_and_evaluate(small_config(tmp_path / 'run', corpus_sample, max_steps=3,
-                                          save_every=2, cache_dir=str(tmp_path / 'cache')))
-    assert sorted(n for n in os.listdir(tmp_path / 'run') if n.isdigit()) == ['2', '3']
-    assert (tmp_path / 'mine.txt').read_text() == 'a file of the user'
-    monkeypatch.setenv(test_hooks.ENABLE_ENV, '1')
-    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) == '2'
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -32,6 +32,8 @@ COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes it
 # Model fields that no weight shape shows; an import takes them from the training config given.
 UNSEEN_FIELDS = ('n_heads', 'dropout', 'rope_theta', 'ctx_len', 'num_experts_per_tok')
 CONFIG_FIELDS = ORIGINAL_FIELDS  # The "thinker" object of the original's config.json.
+# The original's config, beside its weights file (not a save_dir's config.json).
+CONFIG_FILE = 'config.json'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: Th
     _check_config_json_is_free(path)
     save_file({SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()},
               path)
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     write_atomically(config_path, json.dumps(
         {'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, indent=1))
     return config_path
@@ -208,7 +210,7 @@ def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: Th
 def _check_config_json_is_free(path: str) -> None:
     """Refuses to replace a config.json beside `path` that is not an export's (a run's save_dir
     holds one: replacing it would leave loading.read_config reading the wrong fields)."""
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     if not os.path.exists(config_path):
         return
     try:
@@ -236,7 +238,7 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
     if any(k.startswith(SAFETENSORS_PREFIX) for k in tensors):
         tensors = {k[len(SAFETENSORS_PREFIX):]: v for k, v in tensors.items()
                    if k.startswith(SAFETENSORS_PREFIX)}
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     thinker_config = None
     if os.path.exists(config_path):
         try:

@@ -33,10 +33,9 @@ import threading
 import time
 
 from muomni_jax.errors import UserError, first_line
+from muomni_jax.io import run_dir
 from muomni_jax.io import storage
 
-LOCK_FILE = 'run.lock'
-LEASE_FILE = 'run.lock.json'
 HEARTBEAT_S = 30.0
 LEASE_S = 120.0  # Four heartbeats missed: the holder is gone.
 
@@ -73,7 +72,7 @@ class RunLock:
             return
         self._created_dir = not os.path.isdir(self.save_dir)
         os.makedirs(self.save_dir, exist_ok=True)
-        path = os.path.join(self.save_dir, LOCK_FILE)
+        path = run_dir.lock_path(self.save_dir)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -101,7 +100,7 @@ class RunLock:
             self._lease = None
         if self._fd is not None:
             # Removed while still locked: a run that opened the old file sees it is gone.
-            _remove(os.path.join(self.save_dir, LOCK_FILE))
+            _remove(run_dir.lock_path(self.save_dir))
             os.close(self._fd)  # Closing the file frees its POSIX lock.
             self._fd = None
             if self._created_dir:
@@ -160,7 +159,7 @@ class _Lease:
     def __init__(self, save_dir: str, log):
         from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
         bucket, _, prefix = save_dir[len('gs://'):].partition('/')
-        name = f'{prefix.rstrip("/")}/{LEASE_FILE}' if prefix.strip('/') else LEASE_FILE
+        name = f'{prefix.rstrip("/")}/{run_dir.LEASE}' if prefix.strip('/') else run_dir.LEASE
         self.save_dir = save_dir
         self._bucket = gcs.Client().bucket(bucket)
         self._name = name
@@ -198,7 +197,7 @@ class _Lease:
                 self._log(f'Took over the lease of save_dir {self.save_dir} from '
                           f'{_describe(holder)}, {why}.')
         except exceptions.GoogleAPIError as e:
-            raise UserError(f'cannot take the lease {LEASE_FILE} of save_dir {self.save_dir} '
+            raise UserError(f'cannot take the lease {run_dir.LEASE} of save_dir {self.save_dir} '
                             f'({first_line(e, 200)}): check access to the bucket') from None
         self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lease')
         self._thread.start()
