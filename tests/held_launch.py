@@ -17,10 +17,8 @@ import runpy
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from muomni_jax.training import periodic_actions  # pylint: disable=g-import-not-at-top
-from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import periodic_actions
+from muomni_jax.training import preemption
 
 HOLD_STEP = int(sys.argv[1])
 RELEASE_FILE = sys.argv[2][len('until='):] if sys.argv[2].startswith('until=') else None

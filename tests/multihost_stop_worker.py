@@ -10,14 +10,12 @@ import sys
 import time
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import preemption
 
 
 def main(port: str, process_id: str) -> None:
