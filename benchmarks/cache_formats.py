@@ -5,9 +5,7 @@ import time
 
 import numpy as np
 
-from muomni_jax.data import input_pipeline
-from muomni_jax.data import token_cache
-from muomni_jax.data import tokenizer_setup
+from muomni_jax.data import input_pipeline, token_cache, tokenizer_setup
 
 
 def bench_cache_build(config, data_paths: dict[str, str], repeats: int) -> dict[str, dict]:

@@ -25,18 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 import configs
-from benchmarks import measurements
-from benchmarks import original
+from benchmarks import measurements, original
 from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import run_dir
-from muomni_jax.model import attention_kernels
-from muomni_jax.model import flops
+from muomni_jax.model import attention_kernels, flops
 from muomni_jax.model.thinker import ThinkerConfig
 
 # The launcher's config file, wherever the configs package is installed.
@@ -62,7 +61,7 @@ class Plan:
     overrides: dict  # Config fields set on configs/accelerator.py.
 
     @classmethod
-    def of(cls, quick: bool) -> 'Plan':
+    def of(cls, quick: bool) -> Plan:
         if quick:
             return cls(batch_sizes=(4,), launcher_steps=5, warmup=1, repeats=2,
                        compile_original=False, overrides=dict(_QUICK_MODEL, dtype='float32'))
@@ -124,7 +123,7 @@ def run_launcher(plan: Plan, batch_size: int, save_dir: str, compilation_cache: 
     if done.returncode:
         log(done.stdout[-2000:] + done.stderr[-3000:])
         return {'batch_size': batch_size, 'error': (done.stderr.strip().splitlines() or
-                                                    ['exit %d' % done.returncode])[-1]}
+                                                    [f'exit {done.returncode}'])[-1]}
     with open(run_dir.training_log_path(save_dir)) as f:
         rates = [r['tokens_per_s'] for r in json.load(f) if 'tokens_per_s' in r]
     first = [line for line in done.stdout.splitlines() if line.startswith('First step: ')]
@@ -146,7 +145,7 @@ def step_only(base, plan: Plan, platform: str, log) -> list[dict[str, Any]]:
                 figures, _, _, _, _ = measurements.bench_train_step(
                     config, packed_batch(batch_size, config.ctx_len, config.vocab_size),
                     warmup=plan.warmup, repeats=plan.repeats)
-            except Exception as e:  # noqa: BLE001  (any failure is a row of the table)
+            except Exception as e:  # Any failure is a row of the table.
                 row['error'] = first_line(e)
                 log(f'  {impl} at batch {batch_size}: {row["error"]}')
                 rows.append(row)

@@ -18,25 +18,22 @@ import os
 import resource
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from benchmarks.original import OriginalFigures, compare_with_original
-from muomni_jax.data import host_data
+from muomni_jax.data import host_data, tokenizer_setup
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
 from muomni_jax.inference import sampling
 from muomni_jax.model import flops
 from muomni_jax.model.thinker import abstract_model, count_params
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing
-from muomni_jax.training import config_checks
-from muomni_jax.training import steps
-
+from muomni_jax.training import checkpointing, config_checks, steps
 
 # ----------------------------------------------------------------------------------------------
 # One dataclass per section; BenchResult.to_json() is what launch/bench.py writes.
@@ -274,8 +271,8 @@ def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_t
     for batch_size in batch_sizes:
         prompts = [[tokenizer_lib.BOS_ID]] * batch_size
         # eos_id -1 never matches, so every row decodes all new_tokens.
-        run = lambda: sampling.generate_ids(model, prompts, max_new_tokens=new_tokens,
-                                            temperature=0.0, eos_id=-1)
+        run = functools.partial(sampling.generate_ids, model, prompts,
+                                max_new_tokens=new_tokens, temperature=0.0, eos_id=-1)
         try:
             run()  # Compile.
         except UserError as e:  # e.g. decode_tokens longer than the model's context

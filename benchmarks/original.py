@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ class OriginalRecipe:
     compile: bool = False  # use_compile: torch.compile of the model.
 
     @classmethod
-    def gpu(cls) -> 'OriginalRecipe':
+    def gpu(cls) -> OriginalRecipe:
         return cls(device='cuda', autocast_bfloat16=True, sdpa=True, compile=True)
 
 
@@ -57,8 +58,9 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
     step is built here so its closure is timed against ours in the same loop.
     """
     try:
-        import torch  # pylint: disable=import-outside-toplevel
-        from muomni_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
+        import torch
+
+        from muomni_jax.interop import torch_reference
     except ImportError:
         return OriginalFigures(available=False, reason='torch is not installed'), state
     if recipe.device == 'cuda' and not torch.cuda.is_available():

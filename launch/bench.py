@@ -7,8 +7,7 @@ checkpoint blocking and decoding.
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli

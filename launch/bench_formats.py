@@ -9,8 +9,7 @@ Prints tokens/s per format and its ratio to plain text (the formats take turns i
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli

@@ -7,8 +7,7 @@ Writes OUTPUT_DIR/device_check.json and device_check.md.
 On a box without ml_collections, carry its wheel first; see README "GPU and TPU".
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from launch import cli
 

@@ -13,7 +13,8 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from muomni_jax.training import preemption
 
@@ -24,7 +25,8 @@ def main(port: str, process_id: str) -> None:
                                process_id=int(process_id))
     mesh = jax.make_mesh((2,), ('data',))
     sharding = NamedSharding(mesh, P('data'))
-    total = jax.jit(jnp.sum)  # A collective per step keeps the processes in lockstep, as in training.
+    # A collective per step keeps the processes in lockstep, as in training.
+    total = jax.jit(jnp.sum)
     with preemption.StopSignals(sync_every=4) as stop:
         for step in range(1, 2000):
             x = jax.make_array_from_process_local_data(sharding, np.ones([1], np.float32))

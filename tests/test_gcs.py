@@ -10,15 +10,21 @@ import tensorstore
 from etils import epath
 
 from muomni_jax.errors import UserError
-from muomni_jax.inference import loading
-from muomni_jax.inference import plotting
+from muomni_jax.inference import loading, plotting
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.io import storage
-from muomni_jax.training import checkpointing
-from muomni_jax.training import train
+from muomni_jax.training import checkpointing, train
 from tests import paused_save_launch
-from tests.conftest import (assert_trees_equal, launched, log_without_timing, one_device_env,
-                            run_stage_a, saved_state, small_config, stage_a_command)
+from tests.conftest import (
+    assert_trees_equal,
+    launched,
+    log_without_timing,
+    one_device_env,
+    run_stage_a,
+    saved_state,
+    small_config,
+    stage_a_command,
+)
 from tests.gcs_emulator import LocalGcs
 from tests.test_resume import RESUME_ARGS
 

@@ -18,12 +18,9 @@ from flax import nnx
 
 from benchmarks import measurements
 from benchmarks import original as original_bench
-from muomni_jax.model import flops
-from muomni_jax.model import lm_loss
+from muomni_jax.model import flops, lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
-from muomni_jax.training import periodic_actions
-from muomni_jax.training import steps
-from muomni_jax.training import train
+from muomni_jax.training import periodic_actions, steps, train
 from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
 from tests.test_train import ONE_LAYER, _batch, _state
 
@@ -133,6 +130,12 @@ def test_train_step_with_fused_loss_equals_plain():
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
 
 
+def _first_of_batch_loss(params, *, batch, graphdef, deterministic, loss_chunk_tokens):
+    """lm_loss.batch_loss's loss, for jax.value_and_grad."""
+    return lm_loss.batch_loss(params, batch, jax.random.PRNGKey(1), graphdef,
+                              deterministic=deterministic, loss_chunk_tokens=loss_chunk_tokens)[0]
+
+
 # The plain path without dropout (fused attention), and the fused loss with dropout (manual).
 @pytest.mark.slow
 @pytest.mark.parametrize('loss_chunk_tokens, dropout', [(0, 0.0), (32, 0.1)])
@@ -150,9 +153,8 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
         hidden = model.hidden_states(batch['inputs'], segment_ids=batch['segment_ids'],
                                      positions=batch['positions'])
         assert hidden.dtype == jnp.float32
-        loss = lambda p: lm_loss.batch_loss(
-            p, batch, jax.random.PRNGKey(1), graphdef, deterministic=dropout == 0,
-            loss_chunk_tokens=loss_chunk_tokens)[0]
+        loss = functools.partial(_first_of_batch_loss, batch=batch, graphdef=graphdef,
+                                 deterministic=dropout == 0, loss_chunk_tokens=loss_chunk_tokens)
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
         results[matmul_dtype] = value, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])

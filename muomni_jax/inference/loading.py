@@ -20,8 +20,7 @@ from flax import nnx
 
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 from muomni_jax.model.thinker import Thinker, ThinkerConfig
 from muomni_jax.model.thinker import abstract_model as thinker_abstract_model
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from etils import epath
 from matplotlib import ticker
@@ -17,8 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from muomni_jax.errors import UserError
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 from muomni_jax.io.atomic_write import write_atomically
 
 FIGURE_SIZE_INCHES = (12.0, 8.0)

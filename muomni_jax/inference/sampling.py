@@ -13,7 +13,8 @@ a document. Shapes: B prompts, P padded prompt length, N max_new_tokens, V vocab
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -255,7 +256,7 @@ def thinker_config_from_hf(hf: Mapping[str, Any], base: Mapping[str, Any] | None
 
 def _transformers():
     try:
-        import transformers  # pylint: disable=import-outside-toplevel
+        import transformers
     except ImportError:
         raise UserError('the Hugging Face format needs transformers: '
                         'pip install transformers==5.24.0') from None
@@ -266,7 +267,6 @@ def hf_tokenizer(tokenizer: tokenizer_lib.Tokenizer):
     """A transformers fast tokenizer that encodes and decodes as our SentencePiece model does,
     with its ids (unk 0, bos 1, eos 2); encoding prepends BOS, as our training data does."""
     _transformers()
-    # pylint: disable=import-outside-toplevel
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
@@ -323,7 +323,7 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
     It is built beside `output` and renamed into place, so a failed export leaves no half folder
     and an earlier export stays whole until the new one is complete. Returns the files written.
     """
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
     fields = hf_config(config)  # Refuses the GELU MLP before anything is written.
     _transformers()
     _check_output_is_free(output)
@@ -380,7 +380,6 @@ def _shard_files(index_path: str) -> list[str]:
 
 def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
     """Every tensor of model.safetensors, or of the shards its index names, as float32."""
-    # pylint: disable=import-outside-toplevel
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     index_path = os.path.join(directory, WEIGHTS_INDEX)

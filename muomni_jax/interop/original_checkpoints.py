@@ -15,13 +15,10 @@ from typing import Any
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.inference import loading
-from muomni_jax.interop import hf_format
-from muomni_jax.interop import original_format
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
+from muomni_jax.interop import hf_format, original_format
+from muomni_jax.io import run_dir, storage
 from muomni_jax.model.thinker import ThinkerConfig
-from muomni_jax.training import checkpointing
-from muomni_jax.training import steps
+from muomni_jax.training import checkpointing, steps
 
 FORMATS = ('original', 'hf')
 _NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '

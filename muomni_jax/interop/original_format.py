@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +162,7 @@ def original_compatibility_warning(config: ThinkerConfig) -> str | None:
 
 def _torch():
     try:
-        import torch  # pylint: disable=import-outside-toplevel
+        import torch
     except ImportError:
         raise UserError('.pt files need PyTorch: pip install torch==2.13.0 (CPU), or use the '
                         '.safetensors format, which does not') from None
@@ -179,7 +180,7 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
     torch = _torch()
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         # A file that is not a torch.save archive fails in many ways (UnpicklingError, KeyError,
         # RuntimeError, ...): each is the same answer to the user.
         raise UserError(f'cannot read {path} as a PyTorch checkpoint ({first_line(e, 200)}): '
@@ -197,7 +198,7 @@ def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: Th
 
     Refuses (UserError) when a config.json that no export wrote is already there.
     """
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
     _check_config_json_is_free(path)
     save_file({SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()},
               path)
@@ -228,8 +229,8 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
 
     Keys of other μOmni modules (not prefixed "thinker.") are left out when any key is prefixed.
     """
-    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError, ValueError) as e:

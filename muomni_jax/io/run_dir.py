@@ -13,7 +13,8 @@ Everything else reaches these through this module, so a renamed file changes in 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from etils import epath
 

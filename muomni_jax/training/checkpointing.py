@@ -21,8 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 from muomni_jax.parallel import distributed
 from muomni_jax.training import steps
 
@@ -114,7 +113,7 @@ class Checkpointer:
                                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=self.meta_save_args(meta)),
                                force=True)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             self._raise_failed(step, e)
         self._pending = step
 
@@ -124,7 +123,7 @@ class Checkpointer:
             return
         try:
             self._manager.wait_until_finished()
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             self._raise_failed(self._pending, e)
         self._newest_intact, self._pending = self._pending, None
 
@@ -197,7 +196,7 @@ class Checkpointer:
         restored, problem = None, ''
         try:
             restored = self._read(step, abstract_state)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             problem = first_line(e, 200)
         problems = distributed.allgather_json(problem)
         failed = [i for i, p in enumerate(problems) if p]
@@ -224,7 +223,7 @@ class Checkpointer:
         finally:
             try:
                 self._manager.close()
-            except Exception:  # pylint: disable=broad-except
+            except Exception:
                 if not self._failed:
                     raise
 

@@ -33,8 +33,7 @@ import threading
 import time
 
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 
 HEARTBEAT_S = 30.0
 LEASE_S = 120.0  # Four heartbeats missed: the holder is gone.
@@ -109,7 +108,7 @@ class RunLock:
                 except OSError:
                     pass
 
-    def __enter__(self) -> 'RunLock':
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -157,7 +156,7 @@ class _Lease:
     """The gs:// lease: an object created if absent and refreshed if unchanged."""
 
     def __init__(self, save_dir: str, log):
-        from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+        from google.cloud import storage as gcs
         bucket, _, prefix = save_dir[len('gs://'):].partition('/')
         name = f'{prefix.rstrip("/")}/{run_dir.LEASE}' if prefix.strip('/') else run_dir.LEASE
         self.save_dir = save_dir
@@ -170,7 +169,7 @@ class _Lease:
         self._thread = None
 
     def _write(self, if_generation_match: int) -> bool:
-        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        from google.api_core import exceptions
         body = json.dumps({**_holder(), 'heartbeat': time.time()})
         try:
             self._blob.upload_from_string(body, content_type='application/json',
@@ -181,7 +180,7 @@ class _Lease:
         return True
 
     def acquire(self) -> None:
-        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        from google.api_core import exceptions
         try:
             if not self._write(if_generation_match=0):  # 0: only if there is no such object.
                 # A fresh handle: its download reads the holder and that version's generation.
@@ -209,7 +208,7 @@ class _Lease:
                     print(f'Warning: the lease of save_dir {self.save_dir} was taken by another '
                           'run after this one stalled; stop one of them.', file=sys.stderr)
                     return
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 # A missed beat is retried at the next; LEASE_S allows for three of them.
                 print(f'Warning: lease heartbeat failed ({first_line(e, 200)}).', file=sys.stderr)
 
@@ -219,5 +218,5 @@ class _Lease:
             self._thread.join(timeout=10)
         try:
             self._blob.delete(if_generation_match=self._generation)
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
             pass  # Taken over, or gone: either way, no longer ours.

@@ -4,7 +4,7 @@ after each evaluation (periodic_actions.Evaluate) from the params being trained.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
 
