@@ -53,7 +53,8 @@ class PausingJsonRestore(ocp.args.JsonRestore):
 
 
 class PausingCheckpointer(checkpointing.Checkpointer):
-    """The library's Checkpointer whose writable manager saves meta with PausingJsonHandler."""
+    """The library's Checkpointer whose writable manager saves meta with PausingJsonHandler (a
+    read-only one restores through the library's own, which reads the same files)."""
 
     meta_save_args = PausingJsonSave
 

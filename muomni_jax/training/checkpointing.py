@@ -59,9 +59,8 @@ class Checkpointer:
 
     def _new_manager(self, options: ocp.CheckpointManagerOptions,
                      writable: bool) -> ocp.CheckpointManager:
-        """The manager of state and meta; a subclass may give meta another handler (the tests
-        pause a run inside a save so)."""
-        del writable  # Both managers hold the same items.
+        """The manager of state and meta, the same whether writable or not; a subclass may give
+        a writable one's meta another handler (the tests pause a run inside a save so)."""
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
     def start_writing(self, start_step: int) -> None:
