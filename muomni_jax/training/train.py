@@ -22,7 +22,7 @@ from muomni_jax.data import host_data
 from muomni_jax.data import mixture
 from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
-from muomni_jax.training import sample_prompts
+from muomni_jax.inference import sampling
 from muomni_jax.io import storage
 from muomni_jax.io.atomic_write import write_atomically
 from muomni_jax.model import flops
@@ -168,7 +168,7 @@ def _set_up_and_train(config, model_config: ThinkerConfig, mesh, is_main: bool, 
     log(f'Loading data from {_describe_sources(config)}...')
     tokenizer = tokenizer_setup.shared_tokenizer(config)
     log(f'Vocab size: {tokenizer.vocab_size}')
-    sampler = sample_prompts.training_sampler(config, model_config, tokenizer)
+    sampler = sampling.training_sampler(config, model_config, tokenizer)
     data = host_data.load(config, tokenizer, log)
     _log_totals(data, log)
     steps_per_epoch = data.steps_per_epoch
