@@ -7,8 +7,7 @@ checkpoint blocking and decoding.
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli
@@ -32,14 +31,14 @@ def main(argv):
     config = _CONFIG.value
     output = _OUTPUT.value or os.path.join(config.save_dir, 'bench.json')
     with cli.one_line_errors():
-        from muomni_jax import benchmark  # After flag parsing: JAX and TF are slow to import.
+        from benchmarks import measurements  # After flag parsing: JAX and TF are slow to import.
         if _REPEATS.value < 1 or _WARMUP.value < 0:
             raise UserError('--repeats must be >= 1 and --warmup >= 0')
-        result = benchmark.run_benchmark(
+        result = measurements.run_benchmark(
             config, warmup=_WARMUP.value, repeats=_REPEATS.value,
             pipeline_batches=_PIPELINE_BATCHES.value, decode_tokens=_DECODE_TOKENS.value,
             peak_size=_PEAK_SIZE.value, compare_original=_COMPARE_ORIGINAL.value)
-    print(benchmark.format_table(result))
+    print(measurements.format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:
         json.dump(result.to_json(), f, indent=1)

@@ -9,8 +9,7 @@ Prints tokens/s per format and its ratio to plain text (the formats take turns i
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli
@@ -29,7 +28,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     with cli.one_line_errors():
-        from muomni_jax import benchmark  # pylint: disable=import-outside-toplevel
+        from benchmarks import cache_formats  # After flag parsing: JAX and TF are slow to import.
         paths = {name: os.path.join(_FOLDER.value, file) for name, file in _NAMES.items()}
         paths['text'] = _CONFIG.value.data_path
         missing = [p for p in paths.values() if not os.path.exists(p)]
@@ -38,7 +37,7 @@ def main(argv):
                             f'{_CONFIG.value.data_path} {_FOLDER.value} first')
         if _REPEATS.value < 1:
             raise UserError('--repeats must be >= 1')
-        figures = benchmark.bench_cache_build(_CONFIG.value, paths, _REPEATS.value)
+        figures = cache_formats.bench_cache_build(_CONFIG.value, paths, _REPEATS.value)
     for name, f in figures.items():
         print(f'{name:10s} {f["tokens_per_s"]:>12,.0f} tokens/s  {f["seconds"]:6.2f} s  '
               f'x{f["ratio_to_first"]:.2f} of text')

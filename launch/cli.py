@@ -3,10 +3,10 @@
 import contextlib
 import logging as std_logging
 import sys
-from typing import Iterator, NoReturn
+from collections.abc import Iterator
+from typing import NoReturn
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from muomni_jax.errors import UserError
 
@@ -42,7 +42,7 @@ def _quiet_background_failures() -> None:
     failed write (with tracebacks, hundreds of lines for one full disk), and their callbacks
     raise again as the event loops close; the failure itself reaches the main thread, where
     checkpointing turns it into one line. --verbose shows them all."""
-    global _quieted  # pylint: disable=global-statement
+    global _quieted
     if _quieted:
         return
     _quieted = True

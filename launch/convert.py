@@ -20,8 +20,7 @@ ctx_len) and the training fields; a safetensors file's or HF folder's config.jso
 (pip install transformers==5.24.0); original safetensors files need neither.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli
@@ -47,7 +46,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def _export():
-    from muomni_jax.interop import original_checkpoints  # pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import original_checkpoints
     if not _OUTPUT.value:
         raise UserError('exporting needs --output=FILE.pt, FILE.safetensors or, with --format=hf, '
                         'a folder')
@@ -58,12 +57,12 @@ def _export():
 
 
 def _import():
-    from muomni_jax.interop import original_checkpoints  # pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import original_checkpoints
     if not _SAVE_DIR.value:
         raise UserError('importing needs --save_dir=NEW_DIR')
     config = _CONFIG.value
     if config is None:
-        from configs import tiny  # pylint: disable=import-outside-toplevel
+        from configs import tiny
         config = tiny.get_config()
     model_config = original_checkpoints.import_weights(_INPUT.value, _SAVE_DIR.value,
                                                   _TOKENIZER.value, config)

@@ -13,8 +13,7 @@ runs lm-eval-harness tasks on the JAX model itself, no export needed (pip instal
 "lm-eval==0.4.13"; lm-eval downloads the task data).
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from launch import cli
 from muomni_jax.errors import UserError
@@ -37,14 +36,14 @@ _LM_EVAL_LIMIT = flags.DEFINE_integer('lm_eval_limit', None, 'At most this many 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    import muomni_jax  # pylint: disable=import-outside-toplevel
-    from muomni_jax.inference import evaluation  # pylint: disable=import-outside-toplevel
+    import muomni_jax
+    from muomni_jax.inference import evaluation
     with cli.one_line_errors():
         if bool(_DATA_PATH.value) == bool(_LM_EVAL_TASKS.value):
             raise UserError('give either --data_path (a text to score) or --lm_eval_tasks')
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value, weights=_WEIGHTS.value)
         if _LM_EVAL_TASKS.value:
-            from muomni_jax.interop import lm_eval_model  # pylint: disable=import-outside-toplevel
+            from muomni_jax.interop import lm_eval_model
             results = lm_eval_model.evaluate_tasks(
                 ckpt.model(), ckpt.tokenizer, _LM_EVAL_TASKS.value,
                 include_path=_LM_EVAL_INCLUDE_PATH.value, limit=_LM_EVAL_LIMIT.value,

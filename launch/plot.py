@@ -6,8 +6,7 @@
 
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from launch import cli
 
@@ -25,7 +24,8 @@ def main(argv):
     output = _OUTPUT.value or (os.path.join(dirs[0], 'training_curves.png') if len(dirs) == 1
                                else 'training_curves.png')
     with cli.one_line_errors():
-        from muomni_jax.inference import plotting  # After flag parsing: matplotlib is slow to import.
+        # After flag parsing: matplotlib is slow to import.
+        from muomni_jax.inference import plotting
         plotting.plot_runs(dirs, output)
     print(f'Wrote {output}')
 

@@ -7,8 +7,7 @@
 --temperature=0 is greedy decoding.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from launch import cli
 
@@ -30,8 +29,8 @@ _SHOW_NEXT = flags.DEFINE_integer('show_next', 5, 'Also print the k most likely 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    import muomni_jax  # pylint: disable=import-outside-toplevel
-    from muomni_jax.inference import sampling  # pylint: disable=import-outside-toplevel
+    import muomni_jax
+    from muomni_jax.inference import sampling
     with cli.one_line_errors():
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value, weights=_WEIGHTS.value)
         model = ckpt.model()

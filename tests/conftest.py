@@ -32,7 +32,6 @@ import pytest  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CORPUS = os.path.join(REPO, 'data', 'text', 'corpus.txt')
 
 # One persistent compilation cache for this session, in-process and in every launcher subprocess:
@@ -100,8 +99,7 @@ def one_device_env(**extra: str) -> dict[str, str]:
     user's run does; it shares the session's compilation cache. extra: variables to add."""
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5', PYTHONPATH=REPO,
-               MUOMNI_ENABLE_TEST_HOOKS='1')  # muomni_jax.test_hooks: only tests set it.
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
     env.update(extra)
     return env
 

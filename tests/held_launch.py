@@ -17,17 +17,14 @@ import runpy
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from muomni_jax.training import periodic_actions  # pylint: disable=g-import-not-at-top
-from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import periodic_actions, preemption
 
 HOLD_STEP = int(sys.argv[1])
 RELEASE_FILE = sys.argv[2][len('until='):] if sys.argv[2].startswith('until=') else None
 SIGNALS = 0 if RELEASE_FILE else int(sys.argv[2])
 _handled = []
 
-_real_handle = preemption.StopSignals._handle  # pylint: disable=protected-access
+_real_handle = preemption.StopSignals._handle
 _real_train_loop = periodic_actions.train_loop
 
 
@@ -49,7 +46,7 @@ def _train_loop(state, step_numbers, batches, *args, **kwargs):
     return _real_train_loop(state, step_numbers, held_batches(), *args, **kwargs)
 
 
-preemption.StopSignals._handle = _handle  # pylint: disable=protected-access
+preemption.StopSignals._handle = _handle
 periodic_actions.train_loop = _train_loop
 sys.argv = ['launch.stage_a', *sys.argv[3:]]
 runpy.run_module('launch.stage_a', run_name='__main__', alter_sys=True)

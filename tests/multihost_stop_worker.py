@@ -10,14 +10,13 @@ import sys
 import time
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-from muomni_jax.training import preemption  # pylint: disable=g-import-not-at-top
+from muomni_jax.training import preemption
 
 
 def main(port: str, process_id: str) -> None:
@@ -26,7 +25,8 @@ def main(port: str, process_id: str) -> None:
                                process_id=int(process_id))
     mesh = jax.make_mesh((2,), ('data',))
     sharding = NamedSharding(mesh, P('data'))
-    total = jax.jit(jnp.sum)  # A collective per step keeps the processes in lockstep, as in training.
+    # A collective per step keeps the processes in lockstep, as in training.
+    total = jax.jit(jnp.sum)
     with preemption.StopSignals(sync_every=4) as stop:
         for step in range(1, 2000):
             x = jax.make_array_from_process_local_data(sharding, np.ones([1], np.float32))

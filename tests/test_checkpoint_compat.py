@@ -18,8 +18,7 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import loading
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing
-from muomni_jax.training import steps
+from muomni_jax.training import checkpointing, steps
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'checkpoint_v1')
 LOSS_ON_FIXED_TOKENS = 5.525517463684082

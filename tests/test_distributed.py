@@ -11,9 +11,7 @@ from jax.sharding import PartitionSpec as P
 from muomni_jax.data import host_data
 from muomni_jax.errors import UserError
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing
-from muomni_jax.training import steps
-from muomni_jax.training import train
+from muomni_jax.training import checkpointing, steps, train
 from tests.conftest import assert_trees_equal, small_config
 
 # Wide enough that most matrices pass the size at which partitioning starts to shard; one layer

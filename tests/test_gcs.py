@@ -10,14 +10,21 @@ import tensorstore
 from etils import epath
 
 from muomni_jax.errors import UserError
-from muomni_jax.inference import loading
-from muomni_jax.inference import plotting
+from muomni_jax.inference import loading, plotting
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.io import storage
-from muomni_jax.training import checkpointing
-from muomni_jax.training import train
-from tests.conftest import (assert_trees_equal, launched, log_without_timing, one_device_env,
-                            run_stage_a, saved_state, small_config, stage_a_command)
+from muomni_jax.training import checkpointing, train
+from tests import paused_save_launch
+from tests.conftest import (
+    assert_trees_equal,
+    launched,
+    log_without_timing,
+    one_device_env,
+    run_stage_a,
+    saved_state,
+    small_config,
+    stage_a_command,
+)
 from tests.gcs_emulator import LocalGcs
 from tests.test_resume import RESUME_ARGS
 
@@ -56,8 +63,9 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
     with launched(stage_a_command(*_args(reference_dir, corpus_sample))) as reference:
         # SIGKILL inside the save of step 4, after its files went to the bucket and before the
         # commit: on gs:// Orbax writes into 4/ itself and commits with 4/commit_success.txt.
-        with launched(stage_a_command(*_args(url, corpus_sample)),
-                      env=_env(gcs, **{checkpointing.PAUSE_IN_SAVE_ENV: '4'})) as run:
+        with launched(paused_save_launch.command(4, '--config=configs/tiny.py',
+                                                 *_args(url, corpus_sample)),
+                      env=_env(gcs)) as run:
             run.wait_for_line('Paused in the save of step 4', timeout=300)
             run.kill()
         root = epath.Path(url)

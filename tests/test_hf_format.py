@@ -1,4 +1,5 @@
-"""Hugging Face export and import (muomni_jax/interop/hf_format.py), and lm-eval-harness on an export.
+"""Hugging Face export and import (muomni_jax/interop/hf_format.py), and lm-eval-harness on an
+export.
 
 transformers' own LlamaForCausalLM and MixtralForCausalLM are the reference: they load our export
 and must compute our logits, continue greedily as we do, and tokenize as our SentencePiece does.
@@ -21,13 +22,10 @@ from safetensors.numpy import load_file
 from configs import tiny
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.inference import loading
-from muomni_jax.inference import sampling
-from muomni_jax.interop import hf_format
-from muomni_jax.interop import original_checkpoints
+from muomni_jax.inference import evaluation, loading, sampling
+from muomni_jax.interop import hf_format, original_checkpoints
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
 from muomni_jax.training import train
-from muomni_jax.inference import evaluation
 from tests.conftest import PEAK_FLOPS, REPO, assert_trees_equal, perturbed_model, run_module
 
 torch = pytest.importorskip('torch')
@@ -413,7 +411,6 @@ def _our_loglikelihoods(model, tokenizer, requests):
 
 def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
     lm_eval = pytest.importorskip('lm_eval')
-    # pylint: disable=import-outside-toplevel
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -448,7 +445,7 @@ def test_lm_eval_loglikelihoods_are_ours(exports, sp_tokenizer, monkeypatch):
 @pytest.mark.slow  # Compiles its scoring and greedy decoding; the lm-eval test above is fast.
 def test_the_jax_lm_scores_long_texts_and_generates_as_we_do(exports, sp_tokenizer, corpus_lines):
     lm_eval_model = pytest.importorskip('muomni_jax.interop.lm_eval_model')
-    from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+    from lm_eval.api.instance import Instance
     _, model, _ = exports['gqa']
     lm = lm_eval_model.ThinkerLM(model, sp_tokenizer, batch_size=4)
     # Longer than ctx_len (32), so the rolling windows are several per text.

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from muomni_jax.training import train
-from tests.conftest import (SMALL, free_port, launched, mixture_spec, one_device_env,
-                            small_config, stage_a_command)
+from tests.conftest import (
+    SMALL,
+    free_port,
+    launched,
+    mixture_spec,
+    one_device_env,
+    small_config,
+    stage_a_command,
+)
 
 pytestmark = pytest.mark.slow
 

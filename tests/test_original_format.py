@@ -48,7 +48,7 @@ def _tokens(config, batch=2, length=12):
 def _reference_class():
     """(torch, ThinkerLM), or a skip where torch is not installed."""
     torch = pytest.importorskip('torch')
-    from muomni_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
+    from muomni_jax.interop import torch_reference
     return torch, torch_reference.ThinkerLM
 
 

@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from muomni_jax import benchmark
-from muomni_jax.model import flops
-from muomni_jax.model import lm_loss
+from benchmarks import measurements
+from benchmarks import original as original_bench
+from muomni_jax.model import flops, lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
-from muomni_jax.training import periodic_actions
-from muomni_jax.training import steps
-from muomni_jax.training import train
+from muomni_jax.training import periodic_actions, steps, train
 from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
 from tests.test_train import ONE_LAYER, _batch, _state
 
@@ -132,6 +130,12 @@ def test_train_step_with_fused_loss_equals_plain():
     np.testing.assert_allclose(evaluated['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
 
 
+def _first_of_batch_loss(params, *, batch, graphdef, deterministic, loss_chunk_tokens):
+    """lm_loss.batch_loss's loss, for jax.value_and_grad."""
+    return lm_loss.batch_loss(params, batch, jax.random.PRNGKey(1), graphdef,
+                              deterministic=deterministic, loss_chunk_tokens=loss_chunk_tokens)[0]
+
+
 # The plain path without dropout (fused attention), and the fused loss with dropout (manual).
 @pytest.mark.slow
 @pytest.mark.parametrize('loss_chunk_tokens, dropout', [(0, 0.0), (32, 0.1)])
@@ -149,9 +153,8 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
         hidden = model.hidden_states(batch['inputs'], segment_ids=batch['segment_ids'],
                                      positions=batch['positions'])
         assert hidden.dtype == jnp.float32
-        loss = lambda p: lm_loss.batch_loss(  # pylint: disable=protected-access
-            p, batch, jax.random.PRNGKey(1), graphdef, deterministic=dropout == 0,
-            loss_chunk_tokens=loss_chunk_tokens)[0]
+        loss = functools.partial(_first_of_batch_loss, batch=batch, graphdef=graphdef,
+                                 deterministic=dropout == 0, loss_chunk_tokens=loss_chunk_tokens)
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
         results[matmul_dtype] = value, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
@@ -285,9 +288,9 @@ def test_training_log_carries_tokens_per_s_and_mfu(trained_run):
 def test_the_bench_mfu_is_the_median_of_per_step_ratios():
     """On CPU the peak is measured before each timed step; the MFU pairs each step with its
     peak and takes the median, so a load spike on one pair does not move it."""
-    figures = benchmark.TrainFigures(first_step_s=9.0, step_s=0.5, step_s_all=[0.5, 0.25, 1.0],
-                                     tokens_per_s=0.0, loss=0.0)
-    peak = benchmark._peak_and_mfu(  # pylint: disable=protected-access
+    figures = measurements.TrainFigures(first_step_s=9.0, step_s=0.5,
+                                        step_s_all=[0.5, 0.25, 1.0], tokens_per_s=0.0, loss=0.0)
+    peak = measurements._peak_and_mfu(
         None, figures, [1e9, 4e9, 1e9], flops_per_step=1e9, peak_size=64)
     # Per-step ratios 1e9 / t / p: 2.0, 1.0, 1.0.
     assert figures.mfu == 1.0 and figures.flops_per_s == 1e9 / 0.5
@@ -295,7 +298,7 @@ def test_the_bench_mfu_is_the_median_of_per_step_ratios():
     assert peak.source == 'best float32 64^2 matmul before each step'
     # A stated peak (or a table's) is one figure for every step.
     stated = types.SimpleNamespace(peak_flops_per_device=2e9)
-    peak = benchmark._peak_and_mfu(stated, figures, [], 1e9, 64)  # pylint: disable=protected-access
+    peak = measurements._peak_and_mfu(stated, figures, [], 1e9, 64)
     assert figures.mfu == 1e9 / 0.5 / (2e9 * jax.device_count())
     assert peak.source == 'config peak_flops_per_device'
 
@@ -319,7 +322,7 @@ def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus
     flag_default = next(line for line in open(os.path.join(REPO, 'launch', 'bench.py'))
                         if "'peak_size'" in line)
     assert f', {flops.CPU_PEAK_SIZE}, ' in flag_default
-    assert inspect.signature(benchmark.run_benchmark).parameters['peak_size'].default == \
+    assert inspect.signature(measurements.run_benchmark).parameters['peak_size'].default == \
         flops.CPU_PEAK_SIZE
 
 
@@ -328,14 +331,15 @@ def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
     """launch.bench's figures, each from a known time: every timed stretch takes 0.5 s on the
     fake clock, and the peak measured before each timed step is 3 GFLOP/s."""
     clock = _Clock(step=0.5)
-    monkeypatch.setattr(benchmark, 'time', clock)
+    monkeypatch.setattr(measurements, 'time', clock)
+    monkeypatch.setattr(original_bench, 'time', clock)
     sizes = []
     monkeypatch.setattr(flops, 'measure_matmul_peak',
                         lambda size=flops.CPU_PEAK_SIZE, *a, **k: sizes.append(size) or 3e9)
     config = small_config(tmp_path / 'run', corpus_sample, n_layers=1, d_model=32, d_ff=64,
                           ctx_len=16, batch_size=8, peak_flops_per_device=0.0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = benchmark.run_benchmark(config, warmup=0, repeats=1, pipeline_batches=3,
+    result = measurements.run_benchmark(config, warmup=0, repeats=1, pipeline_batches=3,
                                      checkpoint_repeats=2, decode_tokens=2, peak_size=128,
                                      log=lambda line: None)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

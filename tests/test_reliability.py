@@ -14,16 +14,25 @@ import jax
 import numpy as np
 import pytest
 
-from muomni_jax import test_hooks
 from muomni_jax.data import token_cache
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import atomic_write
+from muomni_jax.io import atomic_write, run_dir
 from muomni_jax.parallel import distributed
-from muomni_jax.training import checkpointing
-from muomni_jax.training import train
-from tests.conftest import (REPO, SMALL, assert_trees_equal, launched, log_without_timing,
-                            module_command, one_device_env, restore_state, run_module,
-                            run_code, run_stage_a, small_config, stage_a_command)
+from muomni_jax.training import checkpointing, train
+from tests.conftest import (
+    SMALL,
+    assert_trees_equal,
+    launched,
+    log_without_timing,
+    module_command,
+    one_device_env,
+    restore_state,
+    run_code,
+    run_module,
+    run_stage_a,
+    small_config,
+    stage_a_command,
+)
 from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
 from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
 
@@ -145,11 +154,11 @@ def _locked_for_another_process(save_dir) -> bool:
 
 
 def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, monkeypatch):
-    from muomni_jax.training import run_lock  # pylint: disable=import-outside-toplevel
+    from muomni_jax.training import run_lock
     save_dir = tmp_path / 'new' / 'run'
     lock = run_lock.RunLock(str(save_dir))
     lock.acquire()
-    assert (save_dir / run_lock.LOCK_FILE).exists()
+    assert (save_dir / run_dir.LOCK).exists()
     assert _locked_for_another_process(save_dir)
     lock.release()
     assert not save_dir.exists()  # It made save_dir, and nothing else was written there.
@@ -164,8 +173,8 @@ def test_the_lock_leaves_no_trace_and_relocks_a_file_removed_under_it(tmp_path, 
 
     def holder_ends_first(fd, flags):
         if not calls:
-            os.remove(save_dir / run_lock.LOCK_FILE)
-            (save_dir / run_lock.LOCK_FILE).write_text('')  # The next run's file.
+            os.remove(save_dir / run_dir.LOCK)
+            (save_dir / run_dir.LOCK).write_text('')  # The next run's file.
         calls.append(fd)
         return real_lockf(fd, flags)
 
@@ -296,7 +305,7 @@ def test_a_bug_in_a_save_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise TypeError('a bug in the save')
 
-    monkeypatch.setattr(checkpointer._manager, 'save', broken)  # pylint: disable=protected-access
+    monkeypatch.setattr(checkpointer._manager, 'save', broken)
     with pytest.raises(TypeError, match='a bug in the save'):
         checkpointer.save(1, {'w': np.ones(3, np.float32)}, {'step': 1})
     checkpointer.close()  # Closes without raising again.
@@ -349,7 +358,7 @@ def test_a_full_disk_during_a_build_is_one_line_and_leaves_no_partial_file(tmp_p
     def full(self, *args):
         raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(token_cache._StreamWriter, 'append', full)  # pylint: disable=protected-access
+    monkeypatch.setattr(token_cache._StreamWriter, 'append', full)
     with pytest.raises(UserError, match=r'^no space left while building the token cache in '
                        r'.*\(No space left on device\); no partial file was kept: free space'):
         _open(_config(corpus, tmp_path / 'cache'), tokenizer)
@@ -449,18 +458,6 @@ def test_any_error_on_one_process_stops_all_with_one_line(monkeypatch):
     assert first_line(KeyError()) == 'KeyError'
 
 
-@pytest.mark.slow  # Trains in process.
-def test_test_hooks_are_inert_without_the_tests_switch(tmp_path, corpus_sample, monkeypatch):
-    monkeypatch.delenv(test_hooks.ENABLE_ENV, raising=False)
-    monkeypatch.setenv(checkpointing.PAUSE_IN_SAVE_ENV, '2')  # Would hang the save of step 2.
-    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) is None
-    train.train_and_evaluate(small_config(tmp_path / 'run', corpus_sample, max_steps=3,
-                                          save_every=2, cache_dir=str(tmp_path / 'cache')))
-    assert sorted(n for n in os.listdir(tmp_path / 'run') if n.isdigit()) == ['2', '3']
-    monkeypatch.setenv(test_hooks.ENABLE_ENV, '1')
-    assert test_hooks.value(checkpointing.PAUSE_IN_SAVE_ENV) == '2'
-
-
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / 'config.json'
     atomic_write.write_atomically(str(path), 'old')
@@ -474,7 +471,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
 @pytest.mark.slow
 def test_the_gs_lease_refuses_a_second_run_and_is_taken_over_once_its_heartbeat_stops(
         gcs, monkeypatch):  # noqa: F811
-    from muomni_jax.training import run_lock  # pylint: disable=import-outside-toplevel
+    from muomni_jax.training import run_lock
     url = f'gs://{gcs.bucket}/runs/leased'
     lines = []
     first = run_lock.RunLock(url, log=lines.append)
@@ -487,8 +484,8 @@ def test_the_gs_lease_refuses_a_second_run_and_is_taken_over_once_its_heartbeat_
     second.acquire()
     assert lines == []
     # A holder that stops beating (a lost VM) is taken over after LEASE_S.
-    second._lease._stop.set()  # pylint: disable=protected-access
-    second._lease._thread.join()  # pylint: disable=protected-access
+    second._lease._stop.set()
+    second._lease._thread.join()
     monkeypatch.setattr(run_lock, 'LEASE_S', 0.5)
     threading.Event().wait(1.0)
     third = run_lock.RunLock(url, log=lines.append)

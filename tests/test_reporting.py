@@ -14,8 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from muomni_jax.errors import UserError
 from muomni_jax.inference import plotting
-from muomni_jax.training import config_checks
-from muomni_jax.training import reporting
+from muomni_jax.training import config_checks, reporting
 from tests.conftest import run_module, small_config
 
 CONTROL_CHARACTERS = ('\r', '\x1b')

@@ -10,6 +10,7 @@ from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.inference import sampling
 from muomni_jax.model.thinker import KVCache, ThinkerConfig, decode_step
+from muomni_jax.training import sample_prompts
 from tests.conftest import perturbed_model
 
 BASE = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=48, dropout=0.0)
@@ -182,10 +183,10 @@ def test_training_sampler_prints_one_line_per_prompt():
     config = VARIANTS['gqa_swiglu']
     model = _model(config)
     from ml_collections import ConfigDict
-    sampler = sampling.training_sampler(
+    sampler = sample_prompts.training_sampler(
         ConfigDict({'sample_prompts': 'cab| ab ', 'sample_max_new_tokens': 8}), config,
         _CharTokenizer())
     lines = sampler(nnx.state(model))
     assert len(lines) == 2 and lines[0].startswith("  Sample: 'cab' → '")
     assert lines[1].startswith("  Sample: 'ab' → '")
-    assert sampling.training_sampler(ConfigDict({'sample_prompts': ''}), config, None) is None
+    assert sample_prompts.training_sampler(ConfigDict({'sample_prompts': ''}), config, None) is None

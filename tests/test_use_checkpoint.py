@@ -16,10 +16,8 @@ import pytest
 import muomni_jax
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.inference import evaluation
-from muomni_jax.inference import loading
-from muomni_jax.interop import original_checkpoints
-from muomni_jax.interop import original_format
+from muomni_jax.inference import evaluation, loading
+from muomni_jax.interop import original_checkpoints, original_format
 from muomni_jax.training import train
 from tests.conftest import REPO, assert_trees_equal, run_code, run_module, small_config
 

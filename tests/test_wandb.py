@@ -8,8 +8,7 @@ import struct
 import pytest
 
 from muomni_jax.errors import UserError
-from muomni_jax.training import reporting
-from muomni_jax.training import train
+from muomni_jax.training import reporting, train
 from tests.conftest import run_code, small_config
 from tests.test_reporting import read_events
 
@@ -18,7 +17,7 @@ def _wandb_records(path):
     """The protobuf Records of an offline run's .wandb file (wandb has no public reader): a
     7-byte ':W&B' header, then LevelDB-log chunks in 32 KiB blocks, each with a 7-byte header
     (crc32, length, type: 1 whole record, 2 first part, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
+    from wandb.proto import wandb_internal_pb2
     with open(path, 'rb') as f:
         data = f.read()
     assert data[:4] == b':W&B'

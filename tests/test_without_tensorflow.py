@@ -3,6 +3,7 @@ from a text file, resumes, samples, evaluates and exports (as on an accelerator 
 """
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +23,7 @@ def no_tensorflow_env(tmp_path):
         (shadow / name / '__init__.py').write_text(
             f'raise ImportError("{name} is blocked in this test")\n')
     env = one_device_env()
-    env['PYTHONPATH'] = f'{shadow}:{env["PYTHONPATH"]}'
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(shadow), env.get('PYTHONPATH')]))
     return env
 
 

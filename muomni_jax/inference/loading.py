@@ -20,7 +20,7 @@ from flax import nnx
 
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 from muomni_jax.model.thinker import Thinker, ThinkerConfig
 from muomni_jax.model.thinker import abstract_model as thinker_abstract_model
 
@@ -63,18 +63,12 @@ def available_steps(checkpoint_dir: str) -> list[int]:
 
 
 def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
-    path = epath.Path(checkpoint_dir) / 'config.json'
-    if not path.exists():
-        raise UserError(f'{path} is missing: checkpoint_dir must be a save_dir written by '
-                        'launch.stage_a or launch.convert')
-    try:
-        fields = json.loads(path.read_text())
-        if not isinstance(fields, dict):
-            raise ValueError('not a JSON object')
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f'{path} is damaged ({first_line(e, 200)}): restore it from the run '
-                        'that wrote it (launch.convert --input writes one for imported weights)'
-                        ) from None
+    fields = run_dir.read_config(
+        checkpoint_dir, if_damaged='restore it from the run that wrote it (launch.convert '
+        '--input writes one for imported weights)')
+    if fields is None:
+        raise UserError(f'{run_dir.config_path(checkpoint_dir)} is missing: checkpoint_dir must '
+                        'be a save_dir written by launch.stage_a or launch.convert')
     return ml_collections.ConfigDict(fields)
 
 
@@ -137,7 +131,7 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
     elif step not in steps:
         raise UserError(f'step {step} is not in {checkpoint_dir}: available steps are {steps}')
     config = read_config(checkpoint_dir)
-    tokenizer_path = epath.Path(checkpoint_dir) / 'tokenizer.model'
+    tokenizer_path = epath.Path(run_dir.tokenizer_path(checkpoint_dir))
     tokenizer = None
     if tokenizer_path.exists():
         tokenizer = tokenizer_lib.Tokenizer(tokenizer_path.read_bytes())

@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from etils import epath
 from matplotlib import ticker
@@ -17,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from muomni_jax.errors import UserError
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 from muomni_jax.io.atomic_write import write_atomically
 
 FIGURE_SIZE_INCHES = (12.0, 8.0)
@@ -30,7 +31,7 @@ def load_run(checkpoint_dir: str) -> list[dict[str, Any]]:
     Logs written before the 'tokens' field existed get step * batch_size * ctx_len from the
     run's config.json; validation-only records get the same tokens per step as the others.
     """
-    path = epath.Path(checkpoint_dir) / 'training_log.json'  # Also on gs://.
+    path = epath.Path(run_dir.training_log_path(checkpoint_dir))  # Also on gs://.
     if not path.is_file():
         raise UserError(f'{path} does not exist: point --checkpoint_dir at the save_dir of a run '
                         'that has logged at least one step')
@@ -52,9 +53,9 @@ def _tokens_per_step(checkpoint_dir: str, records: list[dict[str, Any]]) -> int:
     for record in records:
         if 'tokens' in record and record['step']:
             return record['tokens'] // record['step']
-    path = epath.Path(checkpoint_dir) / 'config.json'
     try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
+        config = run_dir.read_config(checkpoint_dir, if_damaged='cannot plot against tokens '
+                                     'seen without batch_size and ctx_len') or {}
         return int(config['batch_size']) * int(config['ctx_len'])
     except (ValueError, KeyError, TypeError):
         raise UserError(f'{checkpoint_dir} has neither "tokens" in its training log nor a '

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -32,6 +33,10 @@ LLAMA = 'LlamaForCausalLM'
 MIXTRAL = 'MixtralForCausalLM'
 _MODEL_TYPES = {LLAMA: 'llama', MIXTRAL: 'mixtral'}
 WEIGHTS_FILE = 'model.safetensors'
+# The model's config, as transformers names it (not a save_dir's config.json).
+CONFIG_FILE = 'config.json'
+# The SentencePiece model, beside the fast tokenizer: our own import reads it back.
+TOKENIZER_FILE = 'tokenizer.model'
 WEIGHTS_INDEX = 'model.safetensors.index.json'
 # Every export folder holds this file, and only a folder holding it is ever replaced: an export
 # must never delete what it did not write.
@@ -251,7 +256,7 @@ def thinker_config_from_hf(hf: Mapping[str, Any], base: Mapping[str, Any] | None
 
 def _transformers():
     try:
-        import transformers  # pylint: disable=import-outside-toplevel
+        import transformers
     except ImportError:
         raise UserError('the Hugging Face format needs transformers: '
                         'pip install transformers==5.24.0') from None
@@ -262,7 +267,6 @@ def hf_tokenizer(tokenizer: tokenizer_lib.Tokenizer):
     """A transformers fast tokenizer that encodes and decodes as our SentencePiece model does,
     with its ids (unk 0, bos 1, eos 2); encoding prepends BOS, as our training data does."""
     _transformers()
-    # pylint: disable=import-outside-toplevel
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
@@ -290,7 +294,7 @@ def _write_tokenizer(tokenizer: tokenizer_lib.Tokenizer, directory: str) -> None
     with open(path, 'w') as f:
         json.dump(tokenizer_config, f, indent=2)
     # Our own import reads the SentencePiece model back from here.
-    tokenizer.save(os.path.join(directory, 'tokenizer.model'))
+    tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +323,7 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
     It is built beside `output` and renamed into place, so a failed export leaves no half folder
     and an earlier export stays whole until the new one is complete. Returns the files written.
     """
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
     fields = hf_config(config)  # Refuses the GELU MLP before anything is written.
     _transformers()
     _check_output_is_free(output)
@@ -333,7 +337,7 @@ def write_hf(output: str, params: nnx.State, config: ThinkerConfig,
     try:
         hf = to_hf_state_dict(original_format.to_state_dict(params), config)
         save_file(hf, os.path.join(staging, WEIGHTS_FILE), metadata={'format': 'pt'})
-        with open(os.path.join(staging, 'config.json'), 'w') as f:
+        with open(os.path.join(staging, CONFIG_FILE), 'w') as f:
             json.dump(fields, f, indent=2, sort_keys=True)
         with open(os.path.join(staging, 'generation_config.json'), 'w') as f:
             json.dump({'bos_token_id': tokenizer_lib.BOS_ID,
@@ -376,7 +380,6 @@ def _shard_files(index_path: str) -> list[str]:
 
 def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
     """Every tensor of model.safetensors, or of the shards its index names, as float32."""
-    # pylint: disable=import-outside-toplevel
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     index_path = os.path.join(directory, WEIGHTS_INDEX)
@@ -405,7 +408,7 @@ def read_hf(directory: str, base: Mapping[str, Any] | None = None
             ) -> tuple[ThinkerConfig, nnx.State, tokenizer_lib.Tokenizer | None]:
     """A local Llama or Mixtral folder -> (its ThinkerConfig, our params, the tokenizer.model
     found there or None). `base` supplies the model fields config.json does not say (dropout)."""
-    config_path = os.path.join(directory, 'config.json')
+    config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isdir(directory):
         raise UserError(f'{directory} does not exist')
     if not os.path.exists(config_path):
@@ -422,7 +425,7 @@ def read_hf(directory: str, base: Mapping[str, Any] | None = None
     hf = _read_safetensors(directory)
     state_dict = from_hf_state_dict(hf, config, tied=bool(fields.get('tie_word_embeddings')))
     params = original_format.from_state_dict(state_dict, config)
-    tokenizer_path = os.path.join(directory, 'tokenizer.model')
+    tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
     tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path) if os.path.exists(
         tokenizer_path) else None
     return config, params, tokenizer

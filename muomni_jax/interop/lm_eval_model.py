@@ -13,7 +13,8 @@ Shapes: B requests per batch, T padded tokens, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,6 @@ from muomni_jax.inference import sampling
 from muomni_jax.model.thinker import Thinker
 
 try:
-    # pylint: disable=g-import-not-at-top
     from lm_eval import utils as lm_eval_utils
     from lm_eval.api.model import TemplateLM
 except ImportError:
@@ -152,7 +152,6 @@ def evaluate_tasks(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, tasks: Se
     """lm_eval.simple_evaluate on the Thinker: tasks by name, lm-eval's own (unless
     include_defaults is false: indexing them takes seconds) or YAML files under include_path;
     limit: at most this many documents per task. Returns lm-eval's results dict."""
-    # pylint: disable=import-outside-toplevel
     import lm_eval
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_path=include_path or None, include_defaults=include_defaults)

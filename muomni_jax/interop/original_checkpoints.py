@@ -15,12 +15,10 @@ from typing import Any
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.inference import loading
-from muomni_jax.interop import hf_format
-from muomni_jax.interop import original_format
-from muomni_jax.io import storage
+from muomni_jax.interop import hf_format, original_format
+from muomni_jax.io import run_dir, storage
 from muomni_jax.model.thinker import ThinkerConfig
-from muomni_jax.training import checkpointing
-from muomni_jax.training import steps
+from muomni_jax.training import checkpointing, steps
 
 FORMATS = ('original', 'hf')
 _NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '
@@ -68,7 +66,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
         model_config, params, found = hf_format.read_hf(source, base_fields)
         if tokenizer is None and found is None:
             raise UserError(f'{source} has no tokenizer.model: ' + _NEEDS_TOKENIZER)
-        tokenizer_path = tokenizer_path or os.path.join(source, 'tokenizer.model')
+        tokenizer_path = tokenizer_path or os.path.join(source, hf_format.TOKENIZER_FILE)
         tokenizer = tokenizer or found
     else:
         model_config, params = original_format.read_weights(source, base_fields)
@@ -81,5 +79,5 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
     # The optimizer's tree does not depend on the schedule.
     state = steps.state_from_params(params, steps.make_optimizer(config, 1), seed)
     checkpointing.write_step_zero(save_dir, state, config)
-    tokenizer.save(os.path.join(save_dir, 'tokenizer.model'))
+    tokenizer.save(run_dir.tokenizer_path(save_dir))
     return model_config

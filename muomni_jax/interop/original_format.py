@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,8 @@ COMPILED_PREFIX = '_orig_mod.'  # torch.compile wraps the module and prefixes it
 # Model fields that no weight shape shows; an import takes them from the training config given.
 UNSEEN_FIELDS = ('n_heads', 'dropout', 'rope_theta', 'ctx_len', 'num_experts_per_tok')
 CONFIG_FIELDS = ORIGINAL_FIELDS  # The "thinker" object of the original's config.json.
+# The original's config, beside its weights file (not a save_dir's config.json).
+CONFIG_FILE = 'config.json'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def original_compatibility_warning(config: ThinkerConfig) -> str | None:
 
 def _torch():
     try:
-        import torch  # pylint: disable=import-outside-toplevel
+        import torch
     except ImportError:
         raise UserError('.pt files need PyTorch: pip install torch==2.13.0 (CPU), or use the '
                         '.safetensors format, which does not') from None
@@ -177,7 +180,7 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
     torch = _torch()
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         # A file that is not a torch.save archive fails in many ways (UnpicklingError, KeyError,
         # RuntimeError, ...): each is the same answer to the user.
         raise UserError(f'cannot read {path} as a PyTorch checkpoint ({first_line(e, 200)}): '
@@ -195,11 +198,11 @@ def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: Th
 
     Refuses (UserError) when a config.json that no export wrote is already there.
     """
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
     _check_config_json_is_free(path)
     save_file({SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()},
               path)
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     write_atomically(config_path, json.dumps(
         {'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, indent=1))
     return config_path
@@ -208,7 +211,7 @@ def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: Th
 def _check_config_json_is_free(path: str) -> None:
     """Refuses to replace a config.json beside `path` that is not an export's (a run's save_dir
     holds one: replacing it would leave loading.read_config reading the wrong fields)."""
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     if not os.path.exists(config_path):
         return
     try:
@@ -226,8 +229,8 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
 
     Keys of other μOmni modules (not prefixed "thinker.") are left out when any key is prefixed.
     """
-    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError, ValueError) as e:
@@ -236,7 +239,7 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
     if any(k.startswith(SAFETENSORS_PREFIX) for k in tensors):
         tensors = {k[len(SAFETENSORS_PREFIX):]: v for k, v in tensors.items()
                    if k.startswith(SAFETENSORS_PREFIX)}
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     thinker_config = None
     if os.path.exists(config_path):
         try:

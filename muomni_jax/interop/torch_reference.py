@@ -14,7 +14,7 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # pylint: disable=invalid-name
+from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):

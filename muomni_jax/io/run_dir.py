@@ -4,7 +4,7 @@ A save_dir (local or gs://) holds:
   config.json         the run's config, written when a run starts and by launch.convert;
   tokenizer.model     the SentencePiece model the run's tokens come from;
   training_log.json   one record per logged step, evaluation and sample;
-  run.lock            present while a run holds the folder;
+  run.lock            present while a run holds the folder (run.lock.json, a lease, on gs://);
   <step>/             Orbax checkpoints (training/checkpointing.py owns what is inside);
   plugins/profile/    jax.profiler traces; events.out.tfevents.*: TensorBoard scalars.
 Everything else reaches these through this module, so a renamed file changes in one place.
@@ -13,7 +13,8 @@ Everything else reaches these through this module, so a renamed file changes in 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from etils import epath
 
@@ -24,6 +25,7 @@ CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
 TRAINING_LOG = 'training_log.json'
 LOCK = 'run.lock'
+LEASE = 'run.lock.json'  # The lock of a gs:// save_dir.
 PROFILE = 'plugins/profile'
 
 

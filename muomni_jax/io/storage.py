@@ -53,7 +53,7 @@ def move_folder(source: str, target: str) -> None:
     if not is_url(source):
         epath.Path(source).rename(target)
         return
-    from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+    from google.cloud import storage as gcs
     bucket_name, _, source_prefix = source[len('gs://'):].rstrip('/').partition('/')
     target_prefix = target[len('gs://'):].rstrip('/').partition('/')[2]
     bucket = gcs.Client().bucket(bucket_name)
@@ -95,9 +95,9 @@ def _check_bucket_writable(url: str, field: str) -> None:
     """Writes and deletes one small object under `url` with tensorstore (the client Orbax writes
     arrays with), then reads the bucket's metadata as Orbax does with google-cloud-storage (to
     learn whether its namespace is hierarchical); each with few retries and a deadline."""
-    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    import tensorstore as ts
     try:
-        from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+        from google.cloud import storage as gcs
     except ImportError:
         raise UserError(f'{field} {url} needs google-cloud-storage, which Orbax uses on gs://: '
                         'pip install -r requirements.txt') from None
@@ -113,7 +113,7 @@ def _check_bucket_writable(url: str, field: str) -> None:
         store.delete_range(ts.KvStore.KeyRange(key, key + '\0')).result(
             timeout=_PROBE_TIMEOUT_S)
         gcs.Client().get_bucket(bucket, timeout=_PROBE_TIMEOUT_S, retry=None)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         # tensorstore appends the HTTP body in [brackets]; the status before it says enough.
         reason = (str(e).splitlines() or [''])[0].split(' [')[0][:300]
         if isinstance(e, TimeoutError) or not reason:

@@ -8,12 +8,10 @@ renames it on commit. On gs://, where a rename copies every object, it writes in
 commits by writing `<step>/commit_success.txt` last: a folder without it is an unfinished save.
 """
 
-import dataclasses
 import errno
 import os
 import re
 import sys
-import threading
 import time
 from typing import Any
 
@@ -22,57 +20,21 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from muomni_jax import test_hooks
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import storage
-from muomni_jax.io.atomic_write import write_atomically
+from muomni_jax.io import run_dir, storage
 from muomni_jax.parallel import distributed
 from muomni_jax.training import steps
-
-
-# Tests only (muomni_jax.test_hooks): with MUOMNI_PAUSE_IN_SAVE_OF_STEP=N the save of step N
-# writes into Orbax's temporary folder, prints a line, and then never returns, so nothing
-# commits: tests/test_resume.py SIGKILLs the run at that known point instead of racing a
-# ~100 ms background write.
-PAUSE_IN_SAVE_ENV = 'MUOMNI_PAUSE_IN_SAVE_OF_STEP'
-
-
-class _PausingJsonHandler(ocp.JsonCheckpointHandler):
-    """The `meta` item's handler when PAUSE_IN_SAVE_ENV is set."""
-
-    def __init__(self):
-        super().__init__()
-        self._pause_step = int(test_hooks.value(PAUSE_IN_SAVE_ENV) or '-1')
-
-    async def async_save(self, directory, item=None, args=None):
-        futures = await super().async_save(directory, item, args)
-        if args is not None and args.item.get('step') == self._pause_step:
-            for f in futures or []:
-                f.result()  # meta is on disk inside the temporary folder.
-            print(f'Paused in the save of step {self._pause_step} ({PAUSE_IN_SAVE_ENV})',
-                  flush=True)
-            threading.Event().wait()
-        return futures
-
-
-@ocp.args.register_with_handler(_PausingJsonHandler, for_save=True)
-@dataclasses.dataclass
-class _PausingJsonSave(ocp.args.JsonSave):
-    """JsonSave, saved by _PausingJsonHandler."""
-
-
-@ocp.args.register_with_handler(_PausingJsonHandler, for_restore=True)
-@dataclasses.dataclass
-class _PausingJsonRestore(ocp.args.JsonRestore):
-    """JsonRestore, for _PausingJsonHandler (Orbax wants both registered)."""
 
 
 class Checkpointer:
     """A CheckpointManager for one save_dir. Every process must call its methods together.
 
-  It opens save_dir read-only, so restoring and every check that follows leave it untouched;
-  `start_writing` switches to a writable manager once the run is known to be good.
-  """
+    It opens save_dir read-only, so restoring and every check that follows leave it untouched;
+    `start_writing` switches to a writable manager once the run is known to be good.
+    """
+
+    # The save arguments of the `meta` item: they pick its Orbax handler.
+    meta_save_args: type = ocp.args.JsonSave
 
     def __init__(self, directory: str, max_to_keep: int | None = None, read_only: bool = False):
         self.directory = storage.absolute(directory)
@@ -93,13 +55,12 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             # A writable manager first deletes temporary folders left by interrupted saves.
             cleanup_tmp_directories=not read_only)
-        pause_step = test_hooks.value(PAUSE_IN_SAVE_ENV)
-        self._meta_save = ocp.args.JsonSave
-        if pause_step and not read_only:
-            self._meta_save = _PausingJsonSave
-            handlers = {'state': ocp.StandardCheckpointHandler(),
-                        'meta': _PausingJsonHandler()}
-            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        return self._new_manager(options, writable=not read_only)
+
+    def _new_manager(self, options: ocp.CheckpointManagerOptions,
+                     writable: bool) -> ocp.CheckpointManager:
+        """The manager of state and meta, the same whether writable or not; a subclass may give
+        a writable one's meta another handler (the tests pause a run inside a save so)."""
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
     def start_writing(self, start_step: int) -> None:
@@ -149,9 +110,9 @@ class Checkpointer:
         try:
             self._manager.save(step,
                                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=self._meta_save(meta)),
+                                                       meta=self.meta_save_args(meta)),
                                force=True)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             self._raise_failed(step, e)
         self._pending = step
 
@@ -161,7 +122,7 @@ class Checkpointer:
             return
         try:
             self._manager.wait_until_finished()
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             self._raise_failed(self._pending, e)
         self._newest_intact, self._pending = self._pending, None
 
@@ -234,7 +195,7 @@ class Checkpointer:
         restored, problem = None, ''
         try:
             restored = self._read(step, abstract_state)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             problem = first_line(e, 200)
         problems = distributed.allgather_json(problem)
         failed = [i for i, p in enumerate(problems) if p]
@@ -261,7 +222,7 @@ class Checkpointer:
         finally:
             try:
                 self._manager.close()
-            except Exception:  # pylint: disable=broad-except
+            except Exception:
                 if not self._failed:
                     raise
 
@@ -409,5 +370,4 @@ def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
     checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
                                  'steps_per_epoch': 0})
     checkpointer.close()
-    write_atomically(os.path.join(save_dir, 'config.json'),
-                     config.to_json_best_effort(indent=1, sort_keys=True))
+    run_dir.write_config(save_dir, config.to_dict())

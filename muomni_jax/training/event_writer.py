@@ -18,14 +18,10 @@ import itertools
 import os
 import socket
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from etils import epath
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.proto import summary_pb2
-from tensorboard.compat.proto import tensor_pb2
-from tensorboard.compat.proto import tensor_shape_pb2
-from tensorboard.compat.proto import types_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.summary.writer import record_writer
 
 # Distinguishes two writers that one process opens within the same second.

@@ -33,10 +33,8 @@ import threading
 import time
 
 from muomni_jax.errors import UserError, first_line
-from muomni_jax.io import storage
+from muomni_jax.io import run_dir, storage
 
-LOCK_FILE = 'run.lock'
-LEASE_FILE = 'run.lock.json'
 HEARTBEAT_S = 30.0
 LEASE_S = 120.0  # Four heartbeats missed: the holder is gone.
 
@@ -73,7 +71,7 @@ class RunLock:
             return
         self._created_dir = not os.path.isdir(self.save_dir)
         os.makedirs(self.save_dir, exist_ok=True)
-        path = os.path.join(self.save_dir, LOCK_FILE)
+        path = run_dir.lock_path(self.save_dir)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -101,7 +99,7 @@ class RunLock:
             self._lease = None
         if self._fd is not None:
             # Removed while still locked: a run that opened the old file sees it is gone.
-            _remove(os.path.join(self.save_dir, LOCK_FILE))
+            _remove(run_dir.lock_path(self.save_dir))
             os.close(self._fd)  # Closing the file frees its POSIX lock.
             self._fd = None
             if self._created_dir:
@@ -110,7 +108,7 @@ class RunLock:
                 except OSError:
                     pass
 
-    def __enter__(self) -> 'RunLock':
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -158,9 +156,9 @@ class _Lease:
     """The gs:// lease: an object created if absent and refreshed if unchanged."""
 
     def __init__(self, save_dir: str, log):
-        from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+        from google.cloud import storage as gcs
         bucket, _, prefix = save_dir[len('gs://'):].partition('/')
-        name = f'{prefix.rstrip("/")}/{LEASE_FILE}' if prefix.strip('/') else LEASE_FILE
+        name = f'{prefix.rstrip("/")}/{run_dir.LEASE}' if prefix.strip('/') else run_dir.LEASE
         self.save_dir = save_dir
         self._bucket = gcs.Client().bucket(bucket)
         self._name = name
@@ -171,7 +169,7 @@ class _Lease:
         self._thread = None
 
     def _write(self, if_generation_match: int) -> bool:
-        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        from google.api_core import exceptions
         body = json.dumps({**_holder(), 'heartbeat': time.time()})
         try:
             self._blob.upload_from_string(body, content_type='application/json',
@@ -182,7 +180,7 @@ class _Lease:
         return True
 
     def acquire(self) -> None:
-        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        from google.api_core import exceptions
         try:
             if not self._write(if_generation_match=0):  # 0: only if there is no such object.
                 # A fresh handle: its download reads the holder and that version's generation.
@@ -198,7 +196,7 @@ class _Lease:
                 self._log(f'Took over the lease of save_dir {self.save_dir} from '
                           f'{_describe(holder)}, {why}.')
         except exceptions.GoogleAPIError as e:
-            raise UserError(f'cannot take the lease {LEASE_FILE} of save_dir {self.save_dir} '
+            raise UserError(f'cannot take the lease {run_dir.LEASE} of save_dir {self.save_dir} '
                             f'({first_line(e, 200)}): check access to the bucket') from None
         self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lease')
         self._thread.start()
@@ -210,7 +208,7 @@ class _Lease:
                     print(f'Warning: the lease of save_dir {self.save_dir} was taken by another '
                           'run after this one stalled; stop one of them.', file=sys.stderr)
                     return
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 # A missed beat is retried at the next; LEASE_S allows for three of them.
                 print(f'Warning: lease heartbeat failed ({first_line(e, 200)}).', file=sys.stderr)
 
@@ -220,5 +218,5 @@ class _Lease:
             self._thread.join(timeout=10)
         try:
             self._blob.delete(if_generation_match=self._generation)
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
             pass  # Taken over, or gone: either way, no longer ours.

@@ -1,4 +1,4 @@
-"""The accelerator check: everything issue 21 asks to be measured on one GPU, in one go.
+"""The accelerator check: every figure a GPU or TPU should be measured for, in one go.
 
   python -m launch.device_check --output_dir=DIR [--quick]
 
@@ -6,7 +6,7 @@
    shape in bfloat16, attention_dropout 0, the bundled corpus) at batch 16, cold and then with
    a warm compilation cache, and at batch 128: its tokens/s (median of the log intervals after
    the first) and its first step.
-2. The train step alone (benchmark.bench_train_step) at batch 16 and 128 with each
+2. The train step alone (measurements.bench_train_step) at batch 16 and 128 with each
    attention_impl the platform has, on packed synthetic windows: step time, tokens/s, MFU.
 3. The original's GPU recipe (torch.autocast bfloat16, SDPA, torch.compile: OriginalRecipe.gpu)
    timed beside our step, interleaved, on the same batch, at batch 16 and 128.
@@ -25,18 +25,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from muomni_jax import benchmark
-from muomni_jax.model import attention_kernels
-from muomni_jax.model import flops
+import configs
+from benchmarks import measurements, original
+from muomni_jax.errors import UserError, first_line
+from muomni_jax.io import run_dir
+from muomni_jax.model import attention_kernels, flops
 from muomni_jax.model.thinker import ThinkerConfig
 
-# The checkout launch.stage_a runs from (configs/ and the bundled corpus are there).
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The launcher's config file, wherever the configs package is installed.
+ACCELERATOR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)),
+                                  'accelerator.py')
 # The kernels each platform can time (cudnn needs a GPU; pallas and splash would only be
 # interpreted on a CPU, which times nothing useful but proves the path in --quick).
 IMPLEMENTATIONS = {'gpu': ('xla', 'cudnn', 'pallas'), 'tpu': ('xla', 'splash'),
@@ -57,7 +61,7 @@ class Plan:
     overrides: dict  # Config fields set on configs/accelerator.py.
 
     @classmethod
-    def of(cls, quick: bool) -> 'Plan':
+    def of(cls, quick: bool) -> Plan:
         if quick:
             return cls(batch_sizes=(4,), launcher_steps=5, warmup=1, repeats=2,
                        compile_original=False, overrides=dict(_QUICK_MODEL, dtype='float32'))
@@ -89,27 +93,38 @@ def packed_batch(batch_size: int, ctx_len: int, vocab_size: int, seed: int = 0
                 positions=tile(positions.astype(np.int32)), weights=tile(weights))
 
 
+def bundled_corpus(data_path: str) -> str:
+    """data_path as an absolute path the launcher finds from any folder: as given where it exists
+    from here, else beside the configs package (a checkout, or an editable install of one)."""
+    if os.path.exists(data_path):
+        return os.path.abspath(data_path)
+    beside = os.path.join(os.path.dirname(os.path.dirname(ACCELERATOR_CONFIG)), data_path)
+    if os.path.exists(beside):
+        return beside
+    raise UserError(f'data_path {data_path} is neither in this folder nor in the checkout of '
+                    f'{os.path.dirname(ACCELERATOR_CONFIG)}: pass --data_path=A_TEXT_FILE')
+
+
 def run_launcher(plan: Plan, batch_size: int, save_dir: str, compilation_cache: str,
-                 tokenizer_path: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
+                 data_path: str, tokenizer_path: str = '', log: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
     """One `launch.stage_a` process on configs/accelerator.py; its tokens/s and first step."""
     fields = {**plan.overrides, 'batch_size': batch_size, 'max_steps': plan.launcher_steps,
               'log_every': max(plan.launcher_steps // 5, 1), 'eval_every': 10**9,
               'save_every': 10**9, 'eval_batches': 1, 'sample_prompts': '', 'warmup_steps': 10,
               'save_dir': save_dir, 'compilation_cache_dir': compilation_cache,
-              'tokenizer_path': tokenizer_path, 'num_epochs': 1000}
-    command = [sys.executable, '-m', 'launch.stage_a', '--config=configs/accelerator.py',
+              'tokenizer_path': tokenizer_path, 'num_epochs': 1000, 'data_path': data_path}
+    command = [sys.executable, '-m', 'launch.stage_a', f'--config={ACCELERATOR_CONFIG}',
                *(f'--config.{k}={v}' for k, v in fields.items())]
-    env = dict(os.environ, PYTHONUNBUFFERED='1',
-               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get('PYTHONPATH')])]))
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(command, env=dict(os.environ, PYTHONUNBUFFERED='1'),
+                          capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - start
     if done.returncode:
         log(done.stdout[-2000:] + done.stderr[-3000:])
         return {'batch_size': batch_size, 'error': (done.stderr.strip().splitlines() or
-                                                    ['exit %d' % done.returncode])[-1]}
-    with open(os.path.join(save_dir, 'training_log.json')) as f:
+                                                    [f'exit {done.returncode}'])[-1]}
+    with open(run_dir.training_log_path(save_dir)) as f:
         rates = [r['tokens_per_s'] for r in json.load(f) if 'tokens_per_s' in r]
     first = [line for line in done.stdout.splitlines() if line.startswith('First step: ')]
     return {'batch_size': batch_size, 'steps': plan.launcher_steps, 'wall_s': wall,
@@ -127,11 +142,11 @@ def step_only(base, plan: Plan, platform: str, log) -> list[dict[str, Any]]:
             config = _config(base, plan, batch_size=batch_size, attention_impl=impl)
             row = {'batch_size': batch_size, 'attention_impl': impl}
             try:
-                figures, _, _, _, _ = benchmark.bench_train_step(
+                figures, _, _, _, _ = measurements.bench_train_step(
                     config, packed_batch(batch_size, config.ctx_len, config.vocab_size),
                     warmup=plan.warmup, repeats=plan.repeats)
-            except Exception as e:  # pylint: disable=broad-except
-                row['error'] = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'
+            except Exception as e:  # Any failure is a row of the table.
+                row['error'] = first_line(e)
                 log(f'  {impl} at batch {batch_size}: {row["error"]}')
                 rows.append(row)
                 continue
@@ -152,27 +167,29 @@ def _mfu(config, tokens_per_s: float) -> float | None:
 def against_original(base, plan: Plan, platform: str, log) -> list[dict[str, Any]]:
     """The original's recipe beside our step (configs/accelerator.py, attention_impl auto),
     interleaved, per batch size."""
-    recipe = (benchmark.OriginalRecipe.gpu() if platform == 'gpu' else benchmark.OriginalRecipe())
+    recipe = (original.OriginalRecipe.gpu() if platform == 'gpu' else original.OriginalRecipe())
     recipe = dataclasses.replace(recipe, compile=recipe.compile and plan.compile_original)
     rows = []
     for batch_size in plan.batch_sizes:
         config = _config(base, plan, batch_size=batch_size)
         batch = packed_batch(batch_size, config.ctx_len, config.vocab_size)
-        _, _, state, _, step = benchmark.bench_train_step(config, batch, warmup=plan.warmup,
-                                                          repeats=1)
-        figures, _ = benchmark.compare_with_original(config, batch, state, step, plan.repeats,
-                                                     recipe)
+        _, _, state, _, step = measurements.bench_train_step(config, batch, warmup=plan.warmup,
+                                                             repeats=1)
+        figures, _ = original.compare_with_original(config, batch, state, step, plan.repeats,
+                                                    recipe)
         rows.append({'batch_size': batch_size, **dataclasses.asdict(figures)})
         log(f'  batch {batch_size}: ' + (f'{figures.speedup:.2f}x' if figures.available
                                          else figures.reason))
     return rows
 
 
-def run(base, output_dir: str, quick: bool = False, log: Callable[[str], None] = print
-        ) -> dict[str, Any]:
+def run(base, output_dir: str, quick: bool = False, data_path: str = '',
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement, on base (configs/accelerator.py's config); writes device_check.json
-    and device_check.md into output_dir."""
+    and device_check.md into output_dir. The launcher trains on data_path (default: base's, found
+    by bundled_corpus)."""
     plan = Plan.of(quick)
+    data_path = bundled_corpus(data_path or base.data_path)
     device = jax.devices()[0]
     result: dict[str, Any] = {
         'device': device.device_kind, 'platform': device.platform, 'jax': jax.__version__,
@@ -181,15 +198,16 @@ def run(base, output_dir: str, quick: bool = False, log: Callable[[str], None] =
     with tempfile.TemporaryDirectory() as work:
         log('The launcher (configs/accelerator.py)...')
         cache = os.path.join(work, 'compilation_cache')
-        cold = run_launcher(plan, plan.batch_sizes[0], os.path.join(work, 'cold'), cache, log=log)
-        tokenizer = os.path.join(work, 'cold', 'tokenizer.model')
+        cold = run_launcher(plan, plan.batch_sizes[0], os.path.join(work, 'cold'), cache,
+                            data_path, log=log)
+        tokenizer = run_dir.tokenizer_path(os.path.join(work, 'cold'))
         warm = run_launcher(plan, plan.batch_sizes[0], os.path.join(work, 'warm'), cache,
-                            tokenizer_path=tokenizer, log=log)
+                            data_path, tokenizer_path=tokenizer, log=log)
         launcher = [dict(cold, cache='cold'), dict(warm, cache='warm')]
         for batch_size in plan.batch_sizes[1:]:
-            launcher.append(dict(run_launcher(plan, batch_size, os.path.join(work, f'b{batch_size}'),
-                                              cache, tokenizer_path=tokenizer, log=log),
-                                 cache='cold'))
+            save_dir = os.path.join(work, f'b{batch_size}')
+            launcher.append(dict(run_launcher(plan, batch_size, save_dir, cache, data_path,
+                                              tokenizer_path=tokenizer, log=log), cache='cold'))
         result['launcher'] = launcher
     log('The train step alone, per attention kernel...')
     result['step_only'] = step_only(base, plan, device.platform, log)

@@ -1,5 +1,6 @@
 """Measures every stage of Stage A: model FLOPs, train step, compile, memory, the token cache
-(build, open, batch delivery), async checkpoint saves and KV-cache decoding. `launch/bench.py` prints the table and writes JSON.
+(build, open, batch delivery), async checkpoint saves and KV-cache decoding, and the original's
+step beside ours (benchmarks/original.py). `launch/bench.py` prints the table and writes JSON.
 
 Each timing is the median over `repeats` runs after warm-up. On CPU the MFU peak is a float32
 matmul measured right before each timed train step, and the MFU is the median of the per-step
@@ -17,24 +18,22 @@ import os
 import resource
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from muomni_jax.data import host_data
+from benchmarks.original import OriginalFigures, compare_with_original
+from muomni_jax.data import host_data, tokenizer_setup
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
 from muomni_jax.inference import sampling
 from muomni_jax.model import flops
-from muomni_jax.model.thinker import ThinkerConfig, abstract_model, count_params
+from muomni_jax.model.thinker import abstract_model, count_params
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing
-from muomni_jax.training import config_checks
-from muomni_jax.training import steps
-
+from muomni_jax.training import checkpointing, config_checks, steps
 
 # ----------------------------------------------------------------------------------------------
 # One dataclass per section; BenchResult.to_json() is what launch/bench.py writes.
@@ -117,21 +116,6 @@ class DecodeFigures:
 
 
 @dataclasses.dataclass
-class OriginalFigures:
-    """The original's training step (torch_reference, written from the spec) timed beside ours,
-    A B A B in one run, on the same batch: forward, loss, backward, clipping and AdamW."""
-    available: bool
-    reason: str = ''  # Why not, when unavailable (e.g. torch is not installed).
-    torch: str = ''
-    step_s: list[float] = dataclasses.field(default_factory=list)  # The original's steps.
-    ours_step_s: list[float] = dataclasses.field(default_factory=list)  # Ours, interleaved.
-    tokens_per_s: float = 0.0  # The original's, from its median step.
-    ours_tokens_per_s: float = 0.0
-    speedup: float = 0.0  # ours_tokens_per_s / tokens_per_s.
-    recipe: dict = dataclasses.field(default_factory=dict)  # OriginalRecipe, as a dict.
-
-
-@dataclasses.dataclass
 class BenchResult:
     conditions: Conditions
     model: ModelFigures
@@ -208,45 +192,9 @@ def bench_input_pipeline(config, num_batches: int) -> tuple[InputPipelineFigures
     return figures, first
 
 
-def bench_cache_build(config, data_paths: dict[str, str], repeats: int) -> dict[str, dict]:
-    """Token-cache build rate of the same text in several formats: {name: {'tokens',
-    'seconds', 'tokens_per_s', 'ratio_to_first'}}, each the median of `repeats` builds into an
-    empty cache. The formats take turns in every repeat, so a load that comes and goes on a
-    shared machine falls on all of them alike; compare them by ratio.
-
-    data_paths: {name: data_path}, e.g. {'text': 'corpus.txt', 'parquet': 'corpus.parquet'};
-    the tokenizer is config's (tokenizer_path, else save_dir's, else trained on the first).
-    """
-    from muomni_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-    from muomni_jax.data import token_cache  # pylint: disable=import-outside-toplevel
-    first = config.copy_and_resolve_references()
-    first.data_path = next(iter(data_paths.values()))
-    tokenizer = tokenizer_setup.load_or_train_tokenizer(first)
-    times = {name: [] for name in data_paths}
-    tokens = {}
-    for _ in range(repeats):
-        for name, path in data_paths.items():
-            with tempfile.TemporaryDirectory() as cache_dir:
-                run = config.copy_and_resolve_references()
-                run.update(dict(data_path=path, cache_dir=cache_dir, mixture=''))
-                start = time.perf_counter()
-                streams = token_cache.open_or_build(
-                    run, input_pipeline.DocumentSource(run), tokenizer, 1, [0],
-                    log=lambda line: None, verbose=False)
-                times[name].append(time.perf_counter() - start)
-                tokens[name] = sum(stream.num_tokens for stream in streams.values())
-    seconds = {name: float(np.median(t)) for name, t in times.items()}
-    base = next(iter(data_paths))
-    return {name: {'tokens': tokens[name], 'seconds': seconds[name],
-                   'tokens_per_s': tokens[name] / seconds[name],
-                   'ratio_to_first': (tokens[name] / seconds[name]) /
-                                     (tokens[base] / seconds[base])}
-            for name in data_paths}
-
-
 def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repeats: int,
                      measure_peak: Callable[[], float] | None = None
-                     ) -> tuple[TrainFigures, list[float], Any, Any]:
+                     ) -> tuple[TrainFigures, list[float], Any, Any, Callable]:
     """Time to the first step (trace + compile + run), then the median steady-state step.
 
     measure_peak, if given, runs before each timed step; its results are returned second.
@@ -323,95 +271,14 @@ def bench_decode(params: Any, graphdef: Any, batch_sizes: tuple[int, ...], new_t
     for batch_size in batch_sizes:
         prompts = [[tokenizer_lib.BOS_ID]] * batch_size
         # eos_id -1 never matches, so every row decodes all new_tokens.
-        run = lambda: sampling.generate_ids(model, prompts, max_new_tokens=new_tokens,
-                                            temperature=0.0, eos_id=-1)
+        run = functools.partial(sampling.generate_ids, model, prompts,
+                                max_new_tokens=new_tokens, temperature=0.0, eos_id=-1)
         try:
             run()  # Compile.
         except UserError as e:  # e.g. decode_tokens longer than the model's context
             return DecodeFigures(available=False, reason=str(e))
         figures.tokens_per_s[batch_size] = batch_size * new_tokens / _median_time(run, repeats)
     return figures
-
-
-@dataclasses.dataclass(frozen=True)
-class OriginalRecipe:
-    """How the original trains: on the CPU in float32 eager mode, or with its GPU recipe
-    (thinker_tiny.json's use_amp, use_flash and use_compile)."""
-    device: str = 'cpu'
-    autocast_bfloat16: bool = False  # use_amp: torch.autocast(dtype=bfloat16).
-    sdpa: bool = False  # use_flash: F.scaled_dot_product_attention.
-    compile: bool = False  # use_compile: torch.compile of the model.
-
-    @classmethod
-    def gpu(cls) -> 'OriginalRecipe':
-        return cls(device='cuda', autocast_bfloat16=True, sdpa=True, compile=True)
-
-
-def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step: Callable,
-                          repeats: int, recipe: OriginalRecipe = OriginalRecipe()
-                          ) -> tuple[OriginalFigures, Any]:
-    """Times the original's training step and ours alternately, `repeats` times each; returns
-    the figures and our state after its steps (the step donates the state it is given).
-
-    The original is torch_reference.ThinkerLM with torch's AdamW (foreach) and gradient
-    clipping, with the config's dropout, trained as `recipe` says (by default float32 on one
-    process using every core, as its train_text.py trains on a CPU). Interleaving A B A B lets
-    a shared machine's load fall on both alike. One idea, kept whole (65 lines): the original's
-    step is built here so its closure is timed against ours in the same loop.
-    """
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-        from muomni_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return OriginalFigures(available=False, reason='torch is not installed'), state
-    if recipe.device == 'cuda' and not torch.cuda.is_available():
-        return OriginalFigures(available=False, reason='torch sees no CUDA device'), state
-    model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.
-    if model_config.kv_groups != model_config.n_heads // 2 and model_config.use_gqa:
-        return OriginalFigures(available=False, reason='the original always uses n_heads // 2 '
-                               'kv groups'), state
-    torch.manual_seed(config.seed)
-    model = torch_reference.ThinkerLM(model_config, use_sdpa=recipe.sdpa).to(recipe.device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_b1, config.adam_b2),
-                                  weight_decay=config.weight_decay)
-    forward = torch.compile(model) if recipe.compile else model
-    inputs, targets = (torch.from_numpy(np.asarray(batch[k], np.int64)).to(recipe.device)
-                       for k in ('inputs', 'targets'))
-
-    def original_step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(recipe.device, dtype=torch.bfloat16,
-                            enabled=recipe.autocast_bfloat16):
-            logits = forward(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                                     targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        return loss.item()  # Waits for the device, as block_until_ready does for ours.
-
-    mesh = partitioning.make_mesh(config.mesh)
-    device_batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
-    for _ in range(2):  # Warm-up: compilation, allocations and the first AdamW state.
-        original_step()
-    ours, theirs = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step(state, device_batch)
-        jax.block_until_ready(metrics)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        original_step()
-        theirs.append(time.perf_counter() - start)
-    tokens = config.batch_size * config.ctx_len
-    figures = OriginalFigures(available=True, torch=torch.__version__, step_s=theirs,
-                              ours_step_s=ours, tokens_per_s=tokens / float(np.median(theirs)),
-                              ours_tokens_per_s=tokens / float(np.median(ours)),
-                              recipe=dataclasses.asdict(recipe))
-    figures.speedup = figures.ours_tokens_per_s / figures.tokens_per_s
-    return figures, state
 
 
 def _conditions(config, warmup: int, repeats: int) -> Conditions:
