@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from muomni_jax.data import input_pipeline, token_cache, tokenizer_setup
+from muomni_jax.training import run_plan
 
 
 def bench_cache_build(config, data_paths: dict[str, str], repeats: int) -> dict[str, dict]:
@@ -19,18 +20,20 @@ def bench_cache_build(config, data_paths: dict[str, str], repeats: int) -> dict[
     """
     first = config.copy_and_resolve_references()
     first.data_path = next(iter(data_paths.values()))
-    tokenizer = tokenizer_setup.load_or_train_tokenizer(first)
+    first.mixture = ''
+    plan = run_plan.resolve(first)
+    tokenizer = tokenizer_setup.load_or_train_tokenizer(plan.data, plan.output.save_dir)
     times = {name: [] for name in data_paths}
     tokens = {}
     for _ in range(repeats):
         for name, path in data_paths.items():
             with tempfile.TemporaryDirectory() as cache_dir:
-                run = config.copy_and_resolve_references()
-                run.update(dict(data_path=path, cache_dir=cache_dir, mixture=''))
+                corpus = input_pipeline.CorpusSpec(
+                    data_path=path, text_key=config.text_key, val_split=config.val_split)
                 start = time.perf_counter()
                 streams = token_cache.open_or_build(
-                    run, input_pipeline.DocumentSource(run), tokenizer, 1, [0],
-                    log=lambda line: None, verbose=False)
+                    cache_dir, input_pipeline.DocumentSource(corpus), tokenizer, 1, [0],
+                    log=lambda line: None)
                 times[name].append(time.perf_counter() - start)
                 tokens[name] = sum(stream.num_tokens for stream in streams.values())
     seconds = {name: float(np.median(t)) for name, t in times.items()}

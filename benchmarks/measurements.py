@@ -33,7 +33,7 @@ from muomni_jax.inference import sampling
 from muomni_jax.model import flops
 from muomni_jax.model.thinker import abstract_model, count_params
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing, config_checks, steps
+from muomni_jax.training import checkpointing, run_plan, steps
 
 # ----------------------------------------------------------------------------------------------
 # One dataclass per section; BenchResult.to_json() is what launch/bench.py writes.
@@ -154,12 +154,12 @@ def bench_input_pipeline(config, num_batches: int) -> tuple[InputPipelineFigures
     Returns the figures and the first host batch (to train on). The tokenizer is the run's
     (config, then save_dir) or, when there is none yet, one trained here like a first run's.
     """
-    tokenizer = tokenizer_setup.load_or_train_tokenizer(config)
+    plan = run_plan.resolve(config)
+    tokenizer = tokenizer_setup.load_or_train_tokenizer(plan.data, plan.output.save_dir)
     quiet = lambda line: None
     sharding = partitioning.batch_sharding(partitioning.make_mesh(config.mesh))
     with tempfile.TemporaryDirectory() as cache_dir:
-        cached = config.copy_and_resolve_references()
-        cached.cache_dir = cache_dir
+        cached = dataclasses.replace(plan.data, cache_dir=cache_dir)
         start = time.perf_counter()
         data = host_data.load(cached, tokenizer, quiet)
         build_s = time.perf_counter() - start
@@ -200,10 +200,10 @@ def bench_train_step(config, batch: dict[str, np.ndarray], *, warmup: int, repea
     measure_peak, if given, runs before each timed step; its results are returned second.
     Returns the figures, the peaks, the trained state, its graphdef and the jitted step.
     """
-    config_checks.validate_config(config)
+    plan = run_plan.resolve(config)
     mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
-    setup = steps.create_train_state(config, mesh, max(warmup + repeats + 1, 2))
+    setup = steps.make_train_setup(plan, mesh, max(warmup + repeats + 1, 2))
     state, step = setup.state, setup.train_step
     batch = partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
 
@@ -297,7 +297,7 @@ def run_benchmark(config, *, warmup: int = 1, repeats: int = 3, pipeline_batches
                   compare_original: bool = True,
                   log: Callable[[str], None] = print) -> BenchResult:
     """Runs every measurement on `config` (a configs/*.py ConfigDict) and returns the figures."""
-    model_config = config_checks.validate_config(config)
+    model_config = run_plan.resolve(config).model
     conditions = _conditions(config, warmup, repeats)
     per_token = flops.flops_per_token(model_config)
     model = ModelFigures(params=count_params(abstract_model(model_config)[1]),

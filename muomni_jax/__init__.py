@@ -9,8 +9,8 @@ The public face, for notebooks and later μOmni stages:
   muomni_jax.plot_runs(checkpoint_dirs, output_path=None) -> matplotlib Figure of the curves
 
 The package is in layers, each importing only those below it (tests/test_layers.py checks):
-errors, io, parallel, model, data, inference, training, interop, then benchmark over all
-and device_check (the accelerator check) over the benchmark.
+errors, io, parallel, model, data, inference, training, interop. The benchmarks and the
+device check live beside the package, in benchmarks/.
 """
 
 # name -> (module, attribute). Resolved lazily, so `import muomni_jax` costs nothing and

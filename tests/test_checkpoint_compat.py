@@ -18,7 +18,7 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import loading
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing, steps
+from muomni_jax.training import checkpointing, run_plan, steps
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'checkpoint_v1')
 LOSS_ON_FIXED_TOKENS = 5.525517463684082
@@ -42,7 +42,7 @@ def test_params_of_an_old_checkpoint_restore_and_give_the_same_loss():
 
 def test_the_whole_train_state_of_an_old_checkpoint_restores():
     config = loading.read_config(FIXTURE)
-    setup = steps.create_train_state(config, partitioning.make_mesh(config.mesh, None),
+    setup = steps.make_train_setup(run_plan.resolve(config), partitioning.make_mesh(config.mesh, None),
                                      initialize=False)
     state, meta = checkpointing.Checkpointer(FIXTURE, read_only=True).restore_latest(
         setup.abstract_state)

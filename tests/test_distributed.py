@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from muomni_jax.data import host_data
 from muomni_jax.errors import UserError
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing, steps, train
+from muomni_jax.training import checkpointing, run_plan, steps, train
 from tests.conftest import assert_trees_equal, small_config
 
 # Wide enough that most matrices pass the size at which partitioning starts to shard; one layer
@@ -59,7 +58,7 @@ def test_every_mesh_gives_the_one_device_losses(runs, name):
 def test_params_and_adam_moments_are_sharded_along_fsdp(corpus_sample, tmp_path):
     config = _config(tmp_path, corpus_sample, mesh=MESHES['data2_fsdp4'])
     mesh = partitioning.make_mesh(config.mesh)
-    setup = steps.create_train_state(config, mesh, 10)
+    setup = steps.make_train_setup(run_plan.resolve(config), mesh, 10)
     state, p_train_step = setup.state, setup.train_step
     rng = np.random.default_rng(0)
     batch = {'inputs': rng.integers(3, 256, (8, 32)), 'targets': rng.integers(3, 256, (8, 32)),
@@ -97,7 +96,7 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys
     restored = {}
     checkpointer = checkpointing.Checkpointer(str(source), read_only=True)
     for name, mesh in targets.items():
-        setup = steps.create_train_state(config, mesh, initialize=False)
+        setup = steps.make_train_setup(run_plan.resolve(config), mesh, initialize=False)
         shardings = setup.state_shardings
         state, meta = checkpointer.restore(3, setup.abstract_state)
         assert meta['step'] == 3
@@ -147,7 +146,7 @@ def test_a_batch_that_does_not_divide_is_a_clear_error(tmp_path):
         partitioning.make_mesh({'data': 2, 'fsdp': 2})
     config = small_config(tmp_path, '/unused', batch_size=8, data_shards=3)
     with pytest.raises(UserError, match=r'batch_size \(8\) must be divisible by the 3 data shards'):
-        host_data.num_shards(config)
+        run_plan.resolve(config)
 
 
 def test_a_bad_batch_stops_the_run_before_save_dir_exists(tmp_path, corpus_sample):

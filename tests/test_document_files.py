@@ -339,10 +339,10 @@ def test_the_example_script_writes_the_bundled_corpus_in_every_format(tmp_path):
 
 def test_the_format_bench_builds_the_same_tokens_from_every_format(tmp_path, formats,
                                                                    corpus_tokenizer):
-    """benchmark.bench_cache_build (launch.bench_formats): the figures are of equal work."""
-    from muomni_jax import benchmark  # pylint: disable=import-outside-toplevel
+    """cache_formats.bench_cache_build (launch.bench_formats): the figures are of equal work."""
+    from benchmarks import cache_formats
     config = small_config(tmp_path / 'run', formats['.txt'], tokenizer_path=corpus_tokenizer)
-    figures = benchmark.bench_cache_build(config, {name: formats[name] for name in FORMATS}, 1)
+    figures = cache_formats.bench_cache_build(config, {name: formats[name] for name in FORMATS}, 1)
     assert list(figures) == list(FORMATS)
     tokens = input_pipeline.in_memory_stream(
         (d.encode() for split in input_pipeline.SPLITS

@@ -20,7 +20,7 @@ from benchmarks import measurements
 from benchmarks import original as original_bench
 from muomni_jax.model import flops, lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
-from muomni_jax.training import periodic_actions, steps, train
+from muomni_jax.training import device_batches, periodic_actions, steps, train
 from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
 from tests.test_train import ONE_LAYER, _batch, _state
 
@@ -260,10 +260,10 @@ def test_prefetch_keeps_order_and_runs_ahead():
             made.append(i)
             yield i
 
-    stream = train.prefetch(source(), 2)
+    stream = device_batches.prefetch(source(), 2)
     assert next(stream) == 0 and made == [0, 1, 2]  # Two items made ahead of the consumer.
     assert list(stream) == [1, 2, 3, 4]
-    assert list(train.prefetch(iter([]), 2)) == []
+    assert list(device_batches.prefetch(iter([]), 2)) == []
 
 
 def _mfu_records(save_dir):

@@ -20,6 +20,7 @@ from muomni_jax.io import atomic_write, run_dir
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing, train
 from tests.conftest import (
+    REPO,
     SMALL,
     assert_trees_equal,
     launched,

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from muomni_jax.errors import UserError
 from muomni_jax.inference import plotting
-from muomni_jax.training import config_checks, reporting
+from muomni_jax.training import reporting, run_plan
 from tests.conftest import run_module, small_config
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
@@ -206,7 +206,7 @@ def test_reporter_on_other_processes_writes_nothing(tmp_path):
 def test_bad_profile_steps_is_a_clear_error(tmp_path, corpus_sample, text):
     config = small_config(tmp_path / 'run', corpus_sample, profile_steps=text)
     with pytest.raises(UserError, match=r'profile_steps .* must be "start,end" with 1 <= start'):
-        config_checks.validate_config(config)
+        run_plan.resolve(config)
     assert reporting.parse_profile_steps(' ') is None
     assert reporting.parse_profile_steps('4,9') == (4, 9)
 

@@ -4,7 +4,7 @@ The signal tests run the launcher in a subprocess on one CPU device, as a user r
 of runs, killed or stopped at several points and each rerun with the same command, must end
 bitwise equal to one uninterrupted run: the same training_log.json losses and the same final
 state. Each signal goes to a run held at a known step (tests/held_launch.py) or paused inside a
-save (checkpointing.PAUSE_IN_SAVE_ENV), so no test races the steps that are left.
+save (tests/paused_save_launch.py), so no test races the steps that are left.
 """
 
 import functools
@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from muomni_jax.training import checkpointing
 from muomni_jax.training import preemption
 from muomni_jax.training import train
+from tests import paused_save_launch
 from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
                             one_device_env, saved_state, small_config, stage_a_command)
 
@@ -29,13 +29,10 @@ def _args(save_dir, data_path):
     return [*RESUME_ARGS, f'--config.data_path={data_path}', f'--config.save_dir={save_dir}']
 
 
-def _env(pause_in_save_of=None):
+def _env():
     # Reruns, and the other test's runs of the same config, load every compiled step from the
     # session's persistent cache instead of compiling again.
-    env = one_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-    if pause_in_save_of is not None:
-        env[checkpointing.PAUSE_IN_SAVE_ENV] = str(pause_in_save_of)
-    return env
+    return one_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
 def _held(step, signals, *args):
@@ -55,8 +52,9 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
                   env=_env()) as reference:
         # 1. SIGKILL while step 4 is being written (step 2 is complete): the run pauses inside
         #    that save, after its files went into Orbax's temporary folder and before the commit.
-        with launched(stage_a_command(*_args(resumed_dir, corpus_sample)),
-                      env=_env(pause_in_save_of=4)) as run:
+        with launched(paused_save_launch.command(4, '--config=configs/tiny.py',
+                                                 *_args(resumed_dir, corpus_sample)),
+                      env=_env()) as run:
             run.wait_for_line('Paused in the save of step 4')
             names = _names(resumed_dir)
             assert any(n.startswith('4.orbax-checkpoint-tmp') for n in names), names

@@ -182,11 +182,8 @@ def test_next_token_distribution_is_the_sorted_softmax():
 def test_training_sampler_prints_one_line_per_prompt():
     config = VARIANTS['gqa_swiglu']
     model = _model(config)
-    from ml_collections import ConfigDict
-    sampler = sample_prompts.training_sampler(
-        ConfigDict({'sample_prompts': 'cab| ab ', 'sample_max_new_tokens': 8}), config,
-        _CharTokenizer())
+    sampler = sample_prompts.training_sampler('cab| ab ', 8, config, _CharTokenizer())
     lines = sampler(nnx.state(model))
     assert len(lines) == 2 and lines[0].startswith("  Sample: 'cab' → '")
     assert lines[1].startswith("  Sample: 'ab' → '")
-    assert sample_prompts.training_sampler(ConfigDict({'sample_prompts': ''}), config, None) is None
+    assert sample_prompts.training_sampler('', 8, config, None) is None

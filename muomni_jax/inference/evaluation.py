@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import ml_collections
 from flax import nnx
 
 from muomni_jax.data import input_pipeline
@@ -24,7 +23,7 @@ def evaluate_text(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, data_path:
     """
     if batch_size <= 0:
         raise UserError(f'batch_size ({batch_size}) must be positive')
-    source = ml_collections.ConfigDict(dict(data_path=data_path, tfds_name='', val_split=0.0))
+    source = input_pipeline.CorpusSpec(data_path=data_path, val_split=0.0)
     stream, _ = input_pipeline.in_memory_stream(input_pipeline.document_bytes(source, 'train'),
                                                 tokenizer)
     ctx_len = model.config.ctx_len

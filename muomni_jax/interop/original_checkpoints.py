@@ -18,7 +18,7 @@ from muomni_jax.inference import loading
 from muomni_jax.interop import hf_format, original_format
 from muomni_jax.io import run_dir, storage
 from muomni_jax.model.thinker import ThinkerConfig
-from muomni_jax.training import checkpointing, steps
+from muomni_jax.training import checkpointing, run_plan, steps
 
 FORMATS = ('original', 'hf')
 _NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '
@@ -77,7 +77,7 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
     config.update({k: getattr(model_config, k) for k in original_format.CONFIG_FIELDS})
     config.save_dir = save_dir
     # The optimizer's tree does not depend on the schedule.
-    state = steps.state_from_params(params, steps.make_optimizer(config, 1), seed)
+    state = steps.state_from_params(params, steps.make_optimizer(run_plan.resolve(config).optimizer, 1), seed)
     checkpointing.write_step_zero(save_dir, state, config)
     tokenizer.save(run_dir.tokenizer_path(save_dir))
     return model_config

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from muomni_jax.errors import UserError
 from muomni_jax.model import flops

@@ -19,21 +19,21 @@ def parse_prompts(text: str) -> list[str]:
     return [p.strip() for p in text.split('|') if p.strip()]
 
 
-def training_sampler(config, model_config: ThinkerConfig, tokenizer: tokenizer_lib.Tokenizer
-                     ) -> Callable[[nnx.State], list[str]] | None:
+def training_sampler(sample_prompts: str, sample_max_new_tokens: int, model_config: ThinkerConfig,
+                     tokenizer: tokenizer_lib.Tokenizer) -> Callable[[nnx.State], list[str]] | None:
     """For the training loop: params -> console lines with a greedy continuation of each of
-    config.sample_prompts ('|'-separated), or None when there are none.
+    sample_prompts ('|'-separated), or None when there are none.
 
     Generates sample_max_new_tokens, or fewer where the context ends first. Checks the prompts
     against the context now, before anything is written.
     """
-    prompts = parse_prompts(config.get('sample_prompts', ''))
+    prompts = parse_prompts(sample_prompts)
     if not prompts:
         return None
     prompt_ids = [sampling.encode_prompt(tokenizer, p) for p in prompts]
     longest = max(len(p) for p in prompt_ids)
     # Diagnostics should not stop a run with a short context: generate what fits.
-    max_new_tokens = min(config.get('sample_max_new_tokens', 20), model_config.ctx_len - longest)
+    max_new_tokens = min(sample_max_new_tokens, model_config.ctx_len - longest)
     if max_new_tokens < 1:
         raise UserError(f'sample_prompts need {longest} tokens, which leaves no room to generate '
                         f'within ctx_len ({model_config.ctx_len}) (or sample_max_new_tokens < 1): '

@@ -19,7 +19,6 @@ import jax
 from muomni_jax.data import host_data
 from muomni_jax.data import tokenizer_setup
 from muomni_jax.errors import UserError
-from muomni_jax.inference import sampling
 from muomni_jax.io import run_dir
 from muomni_jax.io import storage
 from muomni_jax.parallel import distributed
@@ -33,6 +32,7 @@ from muomni_jax.training import periodic_actions
 from muomni_jax.training import preemption
 from muomni_jax.training import reporting
 from muomni_jax.training import run_plan
+from muomni_jax.training import sample_prompts
 from muomni_jax.training import save_dir_lock
 from muomni_jax.training import schedule_fit
 from muomni_jax.training import steps
@@ -128,9 +128,8 @@ def _set_up_and_train(plan: run_plan.RunPlan, mesh, is_main: bool, log
     log(f'Loading data from {plan.data.describe()}...')
     tokenizer = tokenizer_setup.shared_tokenizer(plan.data, save_dir)
     log(f'Vocab size: {tokenizer.vocab_size}')
-    sampler = sampling.training_sampler(
-        {'sample_prompts': plan.output.sample_prompts,
-         'sample_max_new_tokens': plan.output.sample_max_new_tokens}, plan.model, tokenizer)
+    sampler = sample_prompts.training_sampler(
+        plan.output.sample_prompts, plan.output.sample_max_new_tokens, plan.model, tokenizer)
     data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
     console.log_totals(data, log)
     plan = run_plan.with_steps_per_epoch(plan, data.steps_per_epoch)
