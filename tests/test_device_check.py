@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_module
+from tests.support.processes import run_module
 
 pytestmark = pytest.mark.slow
 

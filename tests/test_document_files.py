@@ -11,7 +11,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from tests.conftest import CORPUS, REPO, log_without_timing, run_module, small_config
+from tests.support.configs import corpus_config, small_config
+from tests.support.environment import CORPUS, REPO
+from tests.support.logs import log_without_timing
+from tests.support.processes import run_module
 from configs import tiny
 from muomni_jax.data import document_files
 from muomni_jax.data import input_pipeline
@@ -45,20 +48,8 @@ def formats(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope='module')
-def tokenizer(formats):
-    return tokenizer_lib.train_tokenizer(_corpus_lines(600), 256, 20000)
-
-
-def _config(data_path, **overrides):
-    config = tiny.get_config()
-    config.update(dict(data_path=str(data_path), val_split=0.2, vocab_size=256))
-    config.update(overrides)
-    return config
-
-
 def _documents(data_path, split='train', **overrides):
-    return list(input_pipeline.document_bytes(_config(data_path, **overrides), split))
+    return list(input_pipeline.document_bytes(corpus_config(data_path, **overrides), split))
 
 
 def test_every_format_gives_the_same_documents_and_split(formats):
@@ -72,7 +63,7 @@ def test_every_format_gives_the_same_documents_and_split(formats):
 def test_every_format_builds_the_same_token_cache(tmp_path, formats, tokenizer):
     built = {}
     for name in FORMATS:
-        config = _config(formats[name], cache_dir=str(tmp_path / name))
+        config = corpus_config(formats[name], cache_dir=str(tmp_path / name))
         source = input_pipeline.DocumentSource(config)
         built[name] = token_cache.open_or_build(config, source, tokenizer, 2, [0, 1],
                                                 log=lambda _: None, verbose=False)
@@ -105,7 +96,7 @@ def test_a_record_with_newlines_stays_one_document(tmp_path, tokenizer):
                     + '\n', encoding='utf-8')
     docs = _documents(path, val_split=0.0)
     assert docs == [text.encode(), b'Another one.']
-    config = _config(path, val_split=0.0, cache_dir=str(tmp_path / 'cache'))
+    config = corpus_config(path, val_split=0.0, cache_dir=str(tmp_path / 'cache'))
     streams = token_cache.open_or_build(config, input_pipeline.DocumentSource(config), tokenizer,
                                         1, [0], log=lambda _: None, verbose=False)
     stream = streams['train', 0]
@@ -123,14 +114,14 @@ def test_text_key_chooses_the_field_and_keys_the_cache(tmp_path, tokenizer):
     assert _documents(path, val_split=0.0, text_key='title')[0] == b'Title 0'
     keys = []
     for text_key in ('body', 'title'):
-        config = _config(path, text_key=text_key)
+        config = corpus_config(path, text_key=text_key)
         keys.append(token_cache.cache_key(config, input_pipeline.DocumentSource(config),
                                           tokenizer, 1)[0])
     assert keys[0] != keys[1]
     # A text source's key is what it was before text_key existed: old caches are still found.
     text = tmp_path / 'plain.txt'
     text.write_text('one\ntwo\n', encoding='utf-8')
-    config = _config(text, text_key='body')
+    config = corpus_config(text, text_key='body')
     _, material = token_cache.cache_key(config, input_pipeline.DocumentSource(config),
                                         tokenizer, 1)
     assert set(material['source']) == {'files'}
@@ -276,7 +267,7 @@ def test_parquet_memory_stays_bounded_by_the_batch_not_the_file(tmp_path):
             writer.write_table(pa.table({'text': docs}), row_group_size=1024)
     text_bytes = 40 * sum(len(d) + 1 for d in docs)
     assert text_bytes > 32 * 2**20
-    source = input_pipeline.DocumentSource(_config(path))
+    source = input_pipeline.DocumentSource(corpus_config(path))
     arrow_peak, count = 0, 0
     tracemalloc.start()
     try:

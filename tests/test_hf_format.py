@@ -28,7 +28,11 @@ from muomni_jax.interop import original_checkpoints
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
 from muomni_jax.training import train
 from muomni_jax.inference import evaluation
-from tests.conftest import PEAK_FLOPS, REPO, assert_trees_equal, perturbed_model, run_module
+from tests.support.configs import PEAK_FLOPS
+from tests.support.environment import REPO
+from tests.support.models import perturbed_model
+from tests.support.processes import run_module
+from tests.support.trees import assert_trees_equal
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

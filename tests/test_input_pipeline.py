@@ -3,26 +3,13 @@ import collections
 import numpy as np
 import pytest
 
-from configs import tiny
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from tests.conftest import CORPUS
+from tests.support.configs import corpus_config
+from tests.support.environment import CORPUS
 
 DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
-
-
-@pytest.fixture(scope='module')
-def tokenizer():
-    return tokenizer_lib.train_tokenizer(DOCS, vocab_size=64, sample_size=1000)
-
-
-def _config(data_path, **overrides):
-    config = tiny.get_config()
-    config.data_path = str(data_path)
-    config.val_split = 0.2
-    config.update(overrides)
-    return config
 
 
 @pytest.fixture
@@ -46,7 +33,7 @@ def _all_windows(stream, ctx):
 
 
 def test_train_and_validation_partition_the_documents(corpus_file):
-    config = _config(corpus_file)
+    config = corpus_config(corpus_file)
     train = _texts(input_pipeline.documents(config, 'train'))
     val = _texts(input_pipeline.documents(config, 'validation'))
     assert not set(train) & set(val)
@@ -57,7 +44,7 @@ def test_train_and_validation_partition_the_documents(corpus_file):
 
 
 def test_process_shards_partition_the_split(corpus_file):
-    config = _config(corpus_file)
+    config = corpus_config(corpus_file)
     shards = [_texts(input_pipeline.documents(config, 'train', i, 3)) for i in range(3)]
     assert sorted(sum(shards, [])) == sorted(_texts(input_pipeline.documents(config, 'train')))
     assert all(shards)
@@ -65,7 +52,7 @@ def test_process_shards_partition_the_split(corpus_file):
 
 def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_file, tokenizer):
     ctx = 16
-    config = _config(corpus_file, val_split=0.0)
+    config = corpus_config(corpus_file, val_split=0.0)
     split = _stream(config, tokenizer)
     assert split.num_documents == len(DOCS)
     tokens, segment_ids = _all_windows(split, ctx)
@@ -83,7 +70,7 @@ def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_fi
 
 
 def test_features_mask_document_boundaries_and_restart_positions(corpus_file, tokenizer):
-    config = _config(corpus_file, val_split=0.0)
+    config = corpus_config(corpus_file, val_split=0.0)
     split = _stream(config, tokenizer)
     f = input_pipeline.features(*_all_windows(split, 16))
     assert f['inputs'].shape == f['weights'].shape == (split.num_windows(16), 16)
@@ -101,7 +88,7 @@ def test_features_mask_document_boundaries_and_restart_positions(corpus_file, to
 
 
 def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokenizer):
-    config = _config(corpus_file, val_split=0.0)
+    config = corpus_config(corpus_file, val_split=0.0)
     split = _stream(config, tokenizer)
     full = list(input_pipeline.train_batches(split, 8, 4, seed=3, epoch=0))
     assert len(full) == input_pipeline.steps_per_epoch(split, 8, 4) > 3
@@ -121,7 +108,7 @@ def test_train_batches_are_seeded_and_resume_without_replay(corpus_file, tokeniz
 
 
 def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenizer):
-    config = _config(corpus_file)
+    config = corpus_config(corpus_file)
     split = _stream(config, tokenizer, 'validation')
     batches = list(input_pipeline.eval_batches(split, 8, 4, -(-split.num_windows(8) // 4)))
     weights = np.concatenate([b['weights'] for b in batches])
@@ -134,7 +121,7 @@ def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenize
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
     path = tmp_path / 'bad.txt'
     path.write_bytes(b'good line of text here\nbad \xff\xfe bytes here\n')
-    docs = [d.encode() for d in input_pipeline.documents(_config(path, val_split=0.0), 'train')]
+    docs = [d.encode() for d in input_pipeline.documents(corpus_config(path, val_split=0.0), 'train')]
     assert docs[1] == 'bad \ufffd\ufffd bytes here'.encode()
     split, invalid = input_pipeline.in_memory_stream(iter([b'good', b'bad \xff\xfe']), tokenizer)
     assert split.num_documents == 2 and invalid == 1
@@ -147,7 +134,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
 ])
 def test_bad_data_paths_are_named(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
-        input_pipeline.documents(_config(make(tmp_path)), 'train')
+        input_pipeline.documents(corpus_config(make(tmp_path)), 'train')
 
 
 def test_directory_and_glob_sources(tmp_path):
@@ -155,14 +142,14 @@ def test_directory_and_glob_sources(tmp_path):
     (tmp_path / 'sub').mkdir()
     (tmp_path / 'sub' / 'b.txt').write_text('beta one\n')
     (tmp_path / 'c.md').write_text('gamma one\n')
-    docs = lambda path: sorted(_texts(input_pipeline.documents(_config(path, val_split=0.0), 'train')))
+    docs = lambda path: sorted(_texts(input_pipeline.documents(corpus_config(path, val_split=0.0), 'train')))
     assert docs(tmp_path) == ['alpha one', 'alpha two', 'beta one']
     assert docs(str(tmp_path / '*.md')) == ['gamma one']
 
 
 def test_tfds_source_offline_with_mock_data(tokenizer):
     import tensorflow_datasets as tfds
-    config = _config('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
+    config = corpus_config('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
     with tfds.testing.mock_data(num_examples=12):
         docs = _texts(input_pipeline.documents(config, 'train'))
         split = _stream(config, tokenizer)
@@ -191,17 +178,17 @@ def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
                 yield i, {'body': doc}
 
     MuomniTinyText(data_dir=str(tmp_path)).download_and_prepare()
-    config = _config('', tfds_name='muomni_tiny_text', tfds_text_key='body',
+    config = corpus_config('', tfds_name='muomni_tiny_text', tfds_text_key='body',
                      tfds_data_dir=str(tmp_path), val_split=0.0)
     assert sorted(_texts(input_pipeline.documents(config, 'train'))) == sorted(DOCS[:30])
     with pytest.raises(UserError, match="no feature 'text'"):
-        input_pipeline.documents(_config('', tfds_name='muomni_tiny_text', tfds_text_key='text',
+        input_pipeline.documents(corpus_config('', tfds_name='muomni_tiny_text', tfds_text_key='text',
                                          tfds_data_dir=str(tmp_path)), 'train')
 
 
 def test_unknown_tfds_dataset_is_named():
     with pytest.raises(UserError, match="TFDS dataset 'no_such_dataset_xyz' does not exist"):
-        input_pipeline.documents(_config('', tfds_name='no_such_dataset_xyz'), 'train')
+        input_pipeline.documents(corpus_config('', tfds_name='no_such_dataset_xyz'), 'train')
 
 
 # ----------------------------------------------------------------------------------------------

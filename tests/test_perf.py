@@ -23,8 +23,11 @@ from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
 from muomni_jax.training import periodic_actions
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
-from tests.test_train import ONE_LAYER, _batch, _state
+from tests.support.clock import Clock
+from tests.support.configs import PEAK_FLOPS, small_config
+from tests.support.environment import REPO
+from tests.support.processes import run_module
+from tests.support.train_states import ONE_LAYER, new_state, random_batch
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -55,24 +58,12 @@ def test_peak_table_by_device_kind():
     assert flops.system_peak_flops(measure_cpu=False) == (None, 'none (CPU peak not measured)')
 
 
-class _Clock:
-    """A fake time.perf_counter for one module: each call returns the next of `times`, or
-    advances by `step` seconds."""
-
-    def __init__(self, times=(), step=0.0):
-        self._times, self._step, self.now = iter(times), step, 0.0
-
-    def perf_counter(self):
-        self.now = next(self._times, self.now + self._step)
-        return self.now
-
-
 def test_the_cpu_peak_is_the_best_of_its_timed_matmuls(monkeypatch):
     """The best, not the median: load can only slow a matmul down, and a peak read low makes
     every MFU high. A fake clock times the five runs after the warm-up."""
     durations = [0.5, 0.25, 0.75, 0.4, 0.3]
     times = [t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)]
-    monkeypatch.setattr(flops, 'time', _Clock(times))
+    monkeypatch.setattr(flops, 'time', Clock(times, step=0.0))
     peak, source = flops.system_peak_flops(measure_cpu=True, cpu_size=64)
     # Per process, not per virtual device: the eight share this process's cores.
     assert peak == 2 * 64 ** 3 / 0.25
@@ -116,11 +107,11 @@ def test_time_chunk_divides_the_sequence():
 @pytest.mark.slow  # Each fast path below compiles both paths' gradients: seconds apiece.
 def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config)
+    state, graphdef, tx = new_state(config)
     step = lambda chunk: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
         loss_chunk_tokens=chunk))
-    batch = _batch()
+    batch = random_batch()
     plain, m_plain = step(0)(state, batch)
     fused, m_fused = step(32)(state, batch)
     np.testing.assert_allclose(m_fused['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
@@ -140,7 +131,7 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
     """matmul_dtype='bfloat16': every matmul's operands in bfloat16, accumulated in float32; the
     params, the residual stream, the loss and the gradients stay float32 and near the float32
     run (bfloat16 keeps 8 bits of mantissa: relative errors of about 1e-2)."""
-    batch = _batch()
+    batch = random_batch()
     results = {}
     for matmul_dtype in ('float32', 'bfloat16'):
         cfg = dataclasses.replace(ONE_LAYER, matmul_dtype=matmul_dtype, dropout=dropout)
@@ -327,7 +318,7 @@ def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus
 def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
     """launch.bench's figures, each from a known time: every timed stretch takes 0.5 s on the
     fake clock, and the peak measured before each timed step is 3 GFLOP/s."""
-    clock = _Clock(step=0.5)
+    clock = Clock(step=0.5)
     monkeypatch.setattr(benchmark, 'time', clock)
     sizes = []
     monkeypatch.setattr(flops, 'measure_matmul_peak',

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tests.conftest import perturbed_model
+from tests.support.models import perturbed_model
 from muomni_jax.model.thinker import (
     MODEL_FIELDS, ORIGINAL_FIELDS, SHAPE_FIELDS, Attention, Thinker, ThinkerConfig, apply_rope,
     attention_mask, count_params, rope_cos_sin)

@@ -21,7 +21,10 @@ from muomni_jax.inference import loading
 from muomni_jax.interop import original_checkpoints
 from muomni_jax.interop import original_format
 from muomni_jax.training import train
-from tests.conftest import REPO, assert_trees_equal, run_code, run_module, small_config
+from tests.support.configs import small_config
+from tests.support.environment import REPO
+from tests.support.processes import run_code, run_module
+from tests.support.trees import assert_trees_equal
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 

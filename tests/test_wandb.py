@@ -10,8 +10,9 @@ import pytest
 from muomni_jax.errors import UserError
 from muomni_jax.training import reporting
 from muomni_jax.training import train
-from tests.conftest import run_code, small_config
-from tests.test_reporting import read_events
+from tests.support.configs import small_config
+from tests.support.logs import read_events
+from tests.support.processes import run_code
 
 
 def _wandb_records(path):
