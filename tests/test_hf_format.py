@@ -48,7 +48,7 @@ VARIANTS = {
 
 
 def random_model(config, seed=0):
-    """conftest.perturbed_model: O(1)-scale weights and norm scales around 1, so mistakes show."""
+    """perturbed_model: O(1)-scale weights and norm scales around 1, so mistakes show."""
     return perturbed_model(config, seed)
 
 

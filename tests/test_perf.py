@@ -268,7 +268,7 @@ def _mfu_records(save_dir):
 
 def test_training_log_carries_tokens_per_s_and_mfu(trained_run):
     """The MFU of a log line is the model's FLOPs per second over the peak of all devices: with
-    the peak stated (conftest.PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
+    the peak stated (PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
     is FLOPs per token over that peak, whatever the speed."""
     save_dir = pathlib.Path(trained_run[0])
     records = _mfu_records(save_dir)

@@ -83,7 +83,7 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
 
 @pytest.mark.slow  # A fresh process: only there is sys.modules free of earlier tests' imports.
 def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
-    # small_config's values on one device, without importing tests.conftest (its 8 devices and
+    # small_config's values on one device, without tests.support.environment (its 8 devices and
     # fresh caches): test_launch's CLI run compiled the same steps into the session's cache.
     config = small_config(tmp_path / 'run', corpus_sample).to_json()
     code = (
