@@ -339,7 +339,7 @@ def test_token_ids_past_the_vocabulary_stop_the_read_and_name_the_file(tmp_path,
     stream = open_cache(config, tokenizer)[('train', 0)]  # Opening reads no token: no full scan.
     stream.windows(np.array([stream.num_windows(16) - 1]), 16)  # Windows elsewhere read fine.
     with pytest.raises(UserError, match=rf'token cache file {path} holds token id 65535, past '
-                       r'the vocabulary \(80\): the file is damaged; delete'):
+                       r'the vocabulary \(256\): the file is damaged; delete'):
         stream.windows(np.arange(stream.num_windows(16)), 16)
 
 
