@@ -1,7 +1,7 @@
 """The test process's set-up: eight virtual CPU devices, so every test also exercises sharding,
 a token cache and a compilation cache of the session's own. Done on import, which
-tests/conftest.py does first: the device count must be fixed before JAX first touches a
-backend."""
+tests/conftest.py does before any test or fixture runs: the device count must be fixed before
+JAX first touches a backend (importing jax or muomni_jax does not)."""
 
 import atexit
 import os
