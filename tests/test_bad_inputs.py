@@ -17,7 +17,8 @@ import pytest
 from muomni_jax.data import document_files
 from muomni_jax.errors import UserError
 from muomni_jax.training import train
-from tests.conftest import SMALL, run_stage_a, small_config
+from tests.support.configs import SMALL, small_config
+from tests.support.processes import run_stage_a
 
 
 @pytest.fixture(scope='module')

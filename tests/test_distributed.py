@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from muomni_jax.errors import UserError
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import checkpointing, run_plan, steps, train
-from tests.conftest import assert_trees_equal, small_config
+from tests.support.configs import small_config
+from tests.support.trees import assert_trees_equal
 
 # Wide enough that most matrices pass the size at which partitioning starts to shard; one layer
 # keeps the compiles short.

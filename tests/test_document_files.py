@@ -11,16 +11,16 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from tests.conftest import CORPUS, REPO, log_without_timing, run_module, small_config
 from configs import tiny
-from muomni_jax.data import document_files
-from muomni_jax.data import input_pipeline
-from muomni_jax.data import mixture
-from muomni_jax.data import token_cache
+from muomni_jax.data import document_files, input_pipeline, mixture, token_cache
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.training import run_plan
-from muomni_jax.training import train
+from muomni_jax.training import run_plan, train
+from tests.support.configs import corpus_config, small_config
+from tests.support.environment import CORPUS, REPO
+from tests.support.logs import log_without_timing
+from tests.support.processes import run_module
+from tests.support.token_caches import corpus_source, corpus_spec
 
 _spec = importlib.util.spec_from_file_location(
     'write_formats', os.path.join(REPO, 'data', 'text', 'write_formats.py'))
@@ -46,30 +46,9 @@ def formats(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope='module')
-def tokenizer(formats):
-    return tokenizer_lib.train_tokenizer(_corpus_lines(600), 256, 20000)
-
-
-def _config(data_path, **overrides):
-    config = tiny.get_config()
-    config.update(dict(data_path=str(data_path), val_split=0.2, vocab_size=256))
-    config.update(overrides)
-    return config
-
-
-def _corpus(config) -> input_pipeline.CorpusSpec:
-    """How a run with this config reads its one source."""
-    data = run_plan.resolve(config).data
-    return data.corpus(data.sources[0])
-
-
-def _source(config) -> input_pipeline.DocumentSource:
-    return input_pipeline.DocumentSource(_corpus(config))
-
-
 def _documents(data_path, split='train', **overrides):
-    return list(input_pipeline.document_bytes(_corpus(_config(data_path, **overrides)), split))
+    return list(input_pipeline.document_bytes(corpus_spec(corpus_config(data_path, **overrides)),
+                                              split))
 
 
 def test_every_format_gives_the_same_documents_and_split(formats):
@@ -83,9 +62,9 @@ def test_every_format_gives_the_same_documents_and_split(formats):
 def test_every_format_builds_the_same_token_cache(tmp_path, formats, tokenizer):
     built = {}
     for name in FORMATS:
-        config = _config(formats[name], cache_dir=str(tmp_path / name))
-        built[name] = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 2,
-                                                [0, 1], log=lambda _: None)
+        config = corpus_config(formats[name], cache_dir=str(tmp_path / name))
+        built[name] = token_cache.open_or_build(config.cache_dir, corpus_source(config), tokenizer,
+                                                2, [0, 1], log=lambda _: None)
     for name in FORMATS[1:]:
         assert built[name].keys() == built['.txt'].keys()
         for where, stream in built['.txt'].items():
@@ -115,8 +94,8 @@ def test_a_record_with_newlines_stays_one_document(tmp_path, tokenizer):
                     + '\n', encoding='utf-8')
     docs = _documents(path, val_split=0.0)
     assert docs == [text.encode(), b'Another one.']
-    config = _config(path, val_split=0.0, cache_dir=str(tmp_path / 'cache'))
-    streams = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 1, [0],
+    config = corpus_config(path, val_split=0.0, cache_dir=str(tmp_path / 'cache'))
+    streams = token_cache.open_or_build(config.cache_dir, corpus_source(config), tokenizer, 1, [0],
                                         log=lambda _: None)
     stream = streams['train', 0]
     assert stream.num_documents == 2
@@ -133,14 +112,14 @@ def test_text_key_chooses_the_field_and_keys_the_cache(tmp_path, tokenizer):
     assert _documents(path, val_split=0.0, text_key='title')[0] == b'Title 0'
     keys = []
     for text_key in ('body', 'title'):
-        config = _config(path, text_key=text_key)
-        keys.append(token_cache.cache_key(_source(config), tokenizer, 1)[0])
+        config = corpus_config(path, text_key=text_key)
+        keys.append(token_cache.cache_key(corpus_source(config), tokenizer, 1)[0])
     assert keys[0] != keys[1]
     # A text source's key is what it was before text_key existed: old caches are still found.
     text = tmp_path / 'plain.txt'
     text.write_text('one\ntwo\n', encoding='utf-8')
-    config = _config(text, text_key='body')
-    _, material = token_cache.cache_key(_source(config), tokenizer, 1)
+    config = corpus_config(text, text_key='body')
+    _, material = token_cache.cache_key(corpus_source(config), tokenizer, 1)
     assert set(material['source']) == {'files'}
 
 
@@ -284,7 +263,7 @@ def test_parquet_memory_stays_bounded_by_the_batch_not_the_file(tmp_path):
             writer.write_table(pa.table({'text': docs}), row_group_size=1024)
     text_bytes = 40 * sum(len(d) + 1 for d in docs)
     assert text_bytes > 32 * 2**20
-    source = _source(_config(path))
+    source = corpus_source(corpus_config(path))
     arrow_peak, count = 0, 0
     tracemalloc.start()
     try:
@@ -346,7 +325,7 @@ def test_the_format_bench_builds_the_same_tokens_from_every_format(tmp_path, for
     assert list(figures) == list(FORMATS)
     tokens = input_pipeline.in_memory_stream(
         (d.encode() for split in input_pipeline.SPLITS
-         for d in input_pipeline.documents(_corpus(config), split)),
+         for d in input_pipeline.documents(corpus_spec(config), split)),
         tokenizer_lib.Tokenizer.load(corpus_tokenizer))[0].num_tokens
     assert {f['tokens'] for f in figures.values()} == {tokens}
 

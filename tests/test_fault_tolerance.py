@@ -18,8 +18,11 @@ from muomni_jax.training import periodic_actions
 from muomni_jax.training import preemption
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import (assert_trees_equal, free_port, launched, log_without_timing,
-                            restore_state, small_config)
+from tests.support.checkpoints import restore_state
+from tests.support.configs import small_config
+from tests.support.logs import log_without_timing
+from tests.support.processes import free_port, launched
+from tests.support.trees import assert_trees_equal
 
 
 def _signal_before_step(monkeypatch, step, signum=signal.SIGINT, times=1):

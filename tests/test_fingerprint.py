@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from muomni_jax.data import fingerprint
-from tests.conftest import CORPUS
+from tests.support.environment import CORPUS
 
 tf = pytest.importorskip('tensorflow')
 

@@ -1,9 +1,8 @@
-"""A gs:// save_dir, end to end, on a local GCS emulator (tests/gcs_emulator.py says how each
+"""A gs:// save_dir, end to end, on a local GCS emulator (support/gcs_emulator.py says how each
 client is pointed at it): train, SIGKILL inside a save, resume bitwise, load(), export; and an
 unreachable or missing bucket fails in one line, after few retries."""
 
 import json
-import os
 
 import pytest
 import tensorstore
@@ -15,37 +14,14 @@ from muomni_jax.interop import original_checkpoints
 from muomni_jax.io import storage
 from muomni_jax.training import checkpointing, train
 from tests import paused_save_launch
-from tests.conftest import (
-    assert_trees_equal,
-    launched,
-    log_without_timing,
-    one_device_env,
-    run_stage_a,
-    saved_state,
-    small_config,
-    stage_a_command,
-)
-from tests.gcs_emulator import LocalGcs
-from tests.test_resume import RESUME_ARGS
+from tests.support.checkpoints import saved_state
+from tests.support.configs import RESUME_ARGS, small_config
+from tests.support.logs import log_without_timing
+from tests.support.processes import launched, one_device_env, run_stage_a, stage_a_command
+from tests.support.trees import assert_trees_equal
 
 # The whole module starts fake-gcs-server and its TLS proxy.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope='module')
-def gcs():
-    """The emulator, with this process's own clients pointed at it too."""
-    with LocalGcs() as local_gcs:
-        saved = {k: os.environ.get(k) for k in local_gcs.env}
-        os.environ.update(local_gcs.env)
-        try:
-            yield local_gcs
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _args(save_dir, data_path):

@@ -26,7 +26,11 @@ from muomni_jax.inference import evaluation, loading, sampling
 from muomni_jax.interop import hf_format, original_checkpoints
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
 from muomni_jax.training import train
-from tests.conftest import PEAK_FLOPS, REPO, assert_trees_equal, perturbed_model, run_module
+from tests.support.configs import PEAK_FLOPS
+from tests.support.environment import REPO
+from tests.support.models import perturbed_model
+from tests.support.processes import run_module
+from tests.support.trees import assert_trees_equal
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -42,7 +46,7 @@ VARIANTS = {
 
 
 def random_model(config, seed=0):
-    """conftest.perturbed_model: O(1)-scale weights and norm scales around 1, so mistakes show."""
+    """perturbed_model: O(1)-scale weights and norm scales around 1, so mistakes show."""
     return perturbed_model(config, seed)
 
 

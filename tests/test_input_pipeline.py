@@ -7,14 +7,9 @@ from muomni_jax.data import input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from tests import stream_batches
-from tests.conftest import CORPUS
+from tests.support.environment import CORPUS
 
 DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
-
-
-@pytest.fixture(scope='module')
-def tokenizer():
-    return tokenizer_lib.train_tokenizer(DOCS, vocab_size=64, sample_size=1000)
 
 
 def _corpus(data_path, **fields) -> input_pipeline.CorpusSpec:

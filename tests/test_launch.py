@@ -7,7 +7,8 @@ import jax
 import pytest
 
 from muomni_jax.training import compilation_cache
-from tests.conftest import SMALL, one_device_env, run_stage_a, small_config
+from tests.support.configs import SMALL, small_config
+from tests.support.processes import one_device_env, run_stage_a
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
 

@@ -21,9 +21,10 @@ from muomni_jax.inference import evaluation
 from muomni_jax.inference import plotting
 from muomni_jax.training import run_plan
 from muomni_jax.training import train
-from tests.conftest import (assert_trees_equal, log_without_timing, mixture_spec, restore_state,
-                            small_config)
-from tests.test_reporting import read_events
+from tests.support.checkpoints import restore_state
+from tests.support.configs import mixture_spec, small_config
+from tests.support.logs import log_without_timing, read_events
+from tests.support.trees import assert_trees_equal
 
 
 def test_parse_normalizes_weights_and_reads_tfds_sources():

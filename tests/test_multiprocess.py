@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 
 from muomni_jax.training import train
-from tests.conftest import (
-    SMALL,
-    free_port,
-    launched,
-    mixture_spec,
-    one_device_env,
-    small_config,
-    stage_a_command,
-)
+from tests.support.configs import SMALL, mixture_spec, small_config
+from tests.support.processes import free_port, launched, one_device_env, stage_a_command
 
 pytestmark = pytest.mark.slow
 

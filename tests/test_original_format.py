@@ -5,7 +5,6 @@ alone, so agreeing with it checks our model and our exporter against the spec, n
 themselves.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from flax import nnx
 from muomni_jax.errors import UserError
 from muomni_jax.interop import original_format
 from muomni_jax.model.thinker import ThinkerConfig, abstract_model
-from tests.conftest import assert_trees_equal, perturbed_model
+from tests.support.models import forward, perturbed_model
+from tests.support.trees import assert_trees_equal
 
 BASE = dict(vocab_size=96, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=32, dropout=0.0,
             rope_theta=500.0)
@@ -24,17 +24,6 @@ VARIANTS = {
     'moe_gelu': ThinkerConfig(**BASE, use_swiglu=False, use_moe=True, num_experts=3,
                               num_experts_per_tok=2),
 }
-
-
-def _model(config, seed=0):
-    # conftest.perturbed_model: O(1)-scale kernels, non-trivial norm scales and biases, so
-    # mistakes show.
-    return perturbed_model(config, seed)
-
-
-@jax.jit
-def _forward(model, tokens):
-    return model(tokens)
 
 
 def _tokens(config, batch=2, length=12):
@@ -56,7 +45,7 @@ def _reference_class():
 def test_pytorch_reference_loads_the_export_strictly_and_gives_our_logits(name, tmp_path):
     torch, ThinkerLM = _reference_class()
     config = VARIANTS[name]
-    model = _model(config)
+    model = perturbed_model(config)
     path = str(tmp_path / 'thinker.pt')
     original_format.write_weights(path, nnx.state(model), config)
     reference = ThinkerLM(config)
@@ -64,7 +53,7 @@ def test_pytorch_reference_loads_the_export_strictly_and_gives_our_logits(name, 
     tokens = _tokens(config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).numpy()
-    ours = np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)))
+    ours = np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
     assert np.abs(expected).max() > 1.0
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
@@ -84,7 +73,7 @@ def test_a_compiled_pytorch_state_dict_imports(tmp_path):
     tokens = _tokens(config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).numpy()
-    np.testing.assert_allclose(np.asarray(_forward(model, jnp.asarray(tokens))), expected,
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens))), expected,
                                atol=1e-4)
 
 
@@ -94,7 +83,7 @@ def test_export_then_import_gives_identical_params(name, suffix, tmp_path):
     if suffix == '.pt':
         pytest.importorskip('torch')
     config = VARIANTS[name]
-    params = nnx.state(_model(config))
+    params = nnx.state(perturbed_model(config))
     path = str(tmp_path / f'thinker{suffix}')
     written = original_format.write_weights(path, params, config)
     base = {} if suffix == '.safetensors' else {'rope_theta': config.rope_theta,
@@ -111,7 +100,7 @@ def test_export_then_import_gives_identical_params(name, suffix, tmp_path):
 def test_the_group_count_comes_from_the_weights_not_the_config(tmp_path):
     config = ThinkerConfig(**{**BASE, 'kv_groups': 1})
     path = str(tmp_path / 'thinker.safetensors')
-    original_format.write_weights(path, nnx.state(_model(config)), config)
+    original_format.write_weights(path, nnx.state(perturbed_model(config)), config)
     # A config.json that claims 2 groups, as the original's configs may.
     import json
     config_path = tmp_path / 'config.json'
@@ -126,7 +115,7 @@ def test_the_group_count_comes_from_the_weights_not_the_config(tmp_path):
 
 def test_import_names_every_mismatch():
     config = VARIANTS['gqa_swiglu']
-    state_dict = original_format.to_state_dict(nnx.state(_model(config)))
+    state_dict = original_format.to_state_dict(nnx.state(perturbed_model(config)))
     del state_dict['blocks.1.mlp.up_proj.weight']
     state_dict['blocks.0.attn.extra.weight'] = np.zeros((2, 2), np.float32)
     state_dict['blocks.0.attn.o.weight'] = np.zeros((32, 31), np.float32)
@@ -141,7 +130,7 @@ def test_import_names_every_mismatch():
 def test_wrong_suffix_and_missing_file_are_user_errors(tmp_path):
     config = VARIANTS['gqa_swiglu']
     with pytest.raises(UserError, match='.pt or .safetensors'):
-        original_format.write_weights(str(tmp_path / 'x.bin'), nnx.state(_model(config)), config)
+        original_format.write_weights(str(tmp_path / 'x.bin'), nnx.state(perturbed_model(config)), config)
     with pytest.raises(UserError, match='does not exist'):
         original_format.read_weights(str(tmp_path / 'missing.pt'))
 

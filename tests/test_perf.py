@@ -21,8 +21,11 @@ from benchmarks import original as original_bench
 from muomni_jax.model import flops, lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
 from muomni_jax.training import device_batches, periodic_actions, steps, train
-from tests.conftest import PEAK_FLOPS, REPO, run_module, small_config
-from tests.test_train import ONE_LAYER, _batch, _state
+from tests.support.clock import Clock
+from tests.support.configs import PEAK_FLOPS, small_config
+from tests.support.environment import REPO
+from tests.support.processes import run_module
+from tests.support.train_states import ONE_LAYER, new_state, random_batch
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -53,24 +56,12 @@ def test_peak_table_by_device_kind():
     assert flops.system_peak_flops(measure_cpu=False) == (None, 'none (CPU peak not measured)')
 
 
-class _Clock:
-    """A fake time.perf_counter for one module: each call returns the next of `times`, or
-    advances by `step` seconds."""
-
-    def __init__(self, times=(), step=0.0):
-        self._times, self._step, self.now = iter(times), step, 0.0
-
-    def perf_counter(self):
-        self.now = next(self._times, self.now + self._step)
-        return self.now
-
-
 def test_the_cpu_peak_is_the_best_of_its_timed_matmuls(monkeypatch):
     """The best, not the median: load can only slow a matmul down, and a peak read low makes
     every MFU high. A fake clock times the five runs after the warm-up."""
     durations = [0.5, 0.25, 0.75, 0.4, 0.3]
     times = [t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)]
-    monkeypatch.setattr(flops, 'time', _Clock(times))
+    monkeypatch.setattr(flops, 'time', Clock(times, step=0.0))
     peak, source = flops.system_peak_flops(measure_cpu=True, cpu_size=64)
     # Per process, not per virtual device: the eight share this process's cores.
     assert peak == 2 * 64 ** 3 / 0.25
@@ -114,11 +105,11 @@ def test_time_chunk_divides_the_sequence():
 @pytest.mark.slow  # Each fast path below compiles both paths' gradients: seconds apiece.
 def test_train_step_with_fused_loss_equals_plain():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config)
+    state, graphdef, tx = new_state(config)
     step = lambda chunk: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=2, deterministic=True,
         loss_chunk_tokens=chunk))
-    batch = _batch()
+    batch = random_batch()
     plain, m_plain = step(0)(state, batch)
     fused, m_fused = step(32)(state, batch)
     np.testing.assert_allclose(m_fused['loss_sum'], m_plain['loss_sum'], rtol=1e-5)
@@ -144,7 +135,7 @@ def test_bfloat16_matmuls_keep_float32_state_and_stay_close_to_float32(loss_chun
     """matmul_dtype='bfloat16': every matmul's operands in bfloat16, accumulated in float32; the
     params, the residual stream, the loss and the gradients stay float32 and near the float32
     run (bfloat16 keeps 8 bits of mantissa: relative errors of about 1e-2)."""
-    batch = _batch()
+    batch = random_batch()
     results = {}
     for matmul_dtype in ('float32', 'bfloat16'):
         cfg = dataclasses.replace(ONE_LAYER, matmul_dtype=matmul_dtype, dropout=dropout)
@@ -266,6 +257,13 @@ def test_prefetch_keeps_order_and_runs_ahead():
     assert list(device_batches.prefetch(iter([]), 2)) == []
 
 
+# Training FLOPs per token of small_config's model (vocab 256, 2 layers, d_model 64, 4 heads of
+# 16 in 2 kv groups, SwiGLU d_ff 128, ctx 32), counted by hand: per layer q and o 64x64, k and v
+# 64x32, gate, up and down 64x128: 36,864 weights, 73,728 in two layers; lm_head 64x256 =
+# 16,384; 6 * (73,728 + 16,384) = 540,672, plus causal attention 6 * 2 * 64 * (32 + 1) = 25,344.
+SMALL_FLOPS_PER_TOKEN = 566_016
+
+
 def _mfu_records(save_dir):
     with open(save_dir / 'training_log.json') as f:
         return [r for r in json.load(f) if 'loss' in r]
@@ -273,16 +271,14 @@ def _mfu_records(save_dir):
 
 def test_training_log_carries_tokens_per_s_and_mfu(trained_run):
     """The MFU of a log line is the model's FLOPs per second over the peak of all devices: with
-    the peak stated (conftest.PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
+    the peak stated (PEAK_FLOPS per device; the session's run has 8), mfu / tokens_per_s
     is FLOPs per token over that peak, whatever the speed."""
     save_dir = pathlib.Path(trained_run[0])
-    config = json.loads((save_dir / 'config.json').read_text())
     records = _mfu_records(save_dir)
     assert [r['step'] for r in records] == [2, 4, 6]
-    per_token = flops.flops_per_token(ThinkerConfig.from_config(config))['total']
     for record in records:
         assert record['mfu'] == pytest.approx(
-            record['tokens_per_s'] * per_token / (PEAK_FLOPS * jax.device_count()), rel=1e-9)
+            record['tokens_per_s'] * SMALL_FLOPS_PER_TOKEN / (PEAK_FLOPS * 8), rel=1e-9)
 
 
 def test_the_bench_mfu_is_the_median_of_per_step_ratios():
@@ -316,9 +312,9 @@ def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus
                           eval_every=100, save_every=100, peak_flops_per_device=0.0)
     train.train_and_evaluate(config)
     assert sizes == [flops.CPU_PEAK_SIZE]  # Once at the start; again only after a minute.
-    per_token = flops.flops_per_token(ThinkerConfig.from_config(config))['total']
     for record in _mfu_records(tmp_path / 'run'):
-        assert record['mfu'] == pytest.approx(record['tokens_per_s'] * per_token / 3e9, rel=1e-9)
+        assert record['mfu'] == pytest.approx(
+            record['tokens_per_s'] * SMALL_FLOPS_PER_TOKEN / 3e9, rel=1e-9)
     flag_default = next(line for line in open(os.path.join(REPO, 'launch', 'bench.py'))
                         if "'peak_size'" in line)
     assert f', {flops.CPU_PEAK_SIZE}, ' in flag_default
@@ -330,7 +326,7 @@ def test_live_mfu_divides_by_the_measured_cpu_peak(monkeypatch, tmp_path, corpus
 def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
     """launch.bench's figures, each from a known time: every timed stretch takes 0.5 s on the
     fake clock, and the peak measured before each timed step is 3 GFLOP/s."""
-    clock = _Clock(step=0.5)
+    clock = Clock(step=0.5)
     monkeypatch.setattr(measurements, 'time', clock)
     monkeypatch.setattr(original_bench, 'time', clock)
     sizes = []
@@ -344,8 +340,9 @@ def test_bench_figures_on_a_fake_clock(monkeypatch, tmp_path, corpus_sample):
                                      log=lambda line: None)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens_per_step = 8 * 16
-    flops_per_step = flops.flops_per_token(ThinkerConfig.from_config(config))['total'] * \
-        tokens_per_step
+    # By hand: per token 6 * (9,216 block weights (as in test_bench_runs_end_to_end: q and o
+    # 32x32, k and v 32x16, SwiGLU 3 x 32x64) + 8,192 of lm_head) + attention 6 * 32 * 17.
+    flops_per_step = (6 * (9_216 + 8_192) + 6 * 32 * 17) * tokens_per_step
     train_figures, pipeline = result.train, result.input_pipeline
     assert result.model.flops_per_step == flops_per_step
     assert (train_figures.first_step_s, train_figures.step_s_all) == (0.5, [0.5])

@@ -13,7 +13,8 @@ import pytest
 from muomni_jax.errors import UserError
 from muomni_jax.parallel import compile_targets
 from muomni_jax.training import preflight
-from tests.conftest import REPO, run_module
+from tests.support.environment import REPO
+from tests.support.processes import run_module
 
 COMPILERS = os.path.join(REPO, '.compilers')
 needs_compilers = pytest.mark.skipif(

@@ -17,8 +17,11 @@ from muomni_jax.training import run_plan
 from muomni_jax.training import schedule_fit
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import (assert_trees_equal, log_without_timing, one_device_mesh,
-                            saved_state, small_config)
+from tests.support.checkpoints import one_device_mesh, saved_state
+from tests.support.clock import Clock
+from tests.support.configs import small_config
+from tests.support.logs import log_without_timing
+from tests.support.trees import assert_trees_equal
 
 # ------------------------------------------------------------------------------------------
 # z-loss
@@ -167,18 +170,6 @@ def test_the_fitted_length_fits_the_budget_with_its_validations():
     assert fit(budget_s=12) == 11  # Already over budget: ends at once.
 
 
-class _Clock:
-    """The fit's clock: the loop starts at 0, the first step (compiling) ends at 5 s, and every
-    later step takes 0.5 s."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self):
-        self.calls.append(None)
-        return [0.0, 5.0, 7.0][len(self.calls) - 1]
-
-
 def _budget_config(save_dir, corpus_sample, **extra):
     # Steps 2-5 are timed (cosine: within the 5 warmup steps): 7 s in, with 5 s of compiling.
     # Left: 20 - 7 - 5 = 8 s of 0.5 s steps, each 1 + (2 eval batches / 3) / 3 of a step with
@@ -191,13 +182,15 @@ def _budget_config(save_dir, corpus_sample, **extra):
 @pytest.mark.slow  # Three trainings.
 def test_a_time_budgeted_run_decays_by_its_last_step_and_resumes_bitwise(
         monkeypatch, tmp_path, corpus_sample, capsys):
-    clock = _Clock()
+    # The loop starts at 0, the first step (compiling) ends at 5 s, and every later step takes
+    # 0.5 s.
+    clock = Clock([0.0, 5.0, 7.0])
     monkeypatch.setattr(schedule_fit, 'now', clock)
     fitted_dir = tmp_path / 'fitted'
     config = _budget_config(fitted_dir, corpus_sample)
     train.train_and_evaluate(config)
     out = capsys.readouterr().out
-    assert len(clock.calls) == 3
+    assert clock.readings == 3
     assert ('Schedule fitted to schedule_seconds=20: 0.500 s/step over steps 2-5, 5.0 s to '
             'compile -> 18 steps (the decay ends at the budget).') in out
     assert '[Step 18/18]' in out and '→ Final validation' in out

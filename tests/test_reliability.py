@@ -19,23 +19,14 @@ from muomni_jax.errors import UserError, first_line
 from muomni_jax.io import atomic_write, run_dir
 from muomni_jax.parallel import distributed
 from muomni_jax.training import checkpointing, train
-from tests.conftest import (
-    REPO,
-    SMALL,
-    assert_trees_equal,
-    launched,
-    log_without_timing,
-    module_command,
-    one_device_env,
-    restore_state,
-    run_code,
-    run_module,
-    run_stage_a,
-    small_config,
-    stage_a_command,
-)
-from tests.test_gcs import gcs  # noqa: F401  (the emulator fixture)
-from tests.test_token_cache import _config, _documents, _open, tokenizer  # noqa: F401
+from tests.support.checkpoints import restore_state
+from tests.support.configs import SMALL, corpus_config, small_config
+from tests.support.environment import REPO
+from tests.support.logs import log_without_timing
+from tests.support.processes import (launched, module_command, one_device_env, run_code, run_module,
+                                     run_stage_a, stage_a_command)
+from tests.support.token_caches import open_cache, random_documents
+from tests.support.trees import assert_trees_equal
 
 
 def _flip_bytes(path, count=64):
@@ -319,15 +310,15 @@ def test_a_bug_in_a_save_keeps_its_traceback(tmp_path, monkeypatch):
 # Token caches
 
 
-def test_damaged_document_offsets_are_named_and_rebuilt(tmp_path, tokenizer):  # noqa: F811
+def test_damaged_document_offsets_are_named_and_rebuilt(tmp_path, tokenizer):
     corpus = tmp_path / 'corpus.txt'
-    corpus.write_text('\n'.join(_documents(300)) + '\n')
-    config = _config(corpus, tmp_path / 'cache')
-    clean = {w: np.array(s.doc_starts) for w, s in _open(config, tokenizer).items()}
+    corpus.write_text('\n'.join(random_documents(300)) + '\n')
+    config = corpus_config(corpus, tmp_path / 'cache')
+    clean = {w: np.array(s.doc_starts) for w, s in open_cache(config, tokenizer).items()}
     directory = next((tmp_path / 'cache').iterdir())
     _flip_bytes(directory / 'train-00000-of-00001.docs', count=16)
     lines = []
-    rebuilt = _open(config, tokenizer, lines=lines)
+    rebuilt = open_cache(config, tokenizer, lines=lines)
     assert 'train-00000-of-00001.docs holds document offsets that do not start at 0, increase' \
         in lines[0] and 'rebuilding' in lines[0]
     for where, starts in clean.items():
@@ -335,26 +326,26 @@ def test_damaged_document_offsets_are_named_and_rebuilt(tmp_path, tokenizer):  #
 
 
 def test_token_ids_past_the_vocabulary_stop_the_read_and_name_the_file(tmp_path,
-                                                                       tokenizer):  # noqa: F811
+                                                                       tokenizer):
     corpus = tmp_path / 'corpus.txt'
-    corpus.write_text('\n'.join(_documents(300)) + '\n')
-    config = _config(corpus, tmp_path / 'cache')
-    _open(config, tokenizer)
+    corpus.write_text('\n'.join(random_documents(300)) + '\n')
+    config = corpus_config(corpus, tmp_path / 'cache')
+    open_cache(config, tokenizer)
     path = next((tmp_path / 'cache').iterdir()) / 'train-00000-of-00001.tokens'
     with open(path, 'r+b') as f:  # Sizes intact: ids 65535 in the uint16 file.
         f.seek(200)
         f.write(b'\xff\xff' * 4)
-    stream = _open(config, tokenizer)[('train', 0)]  # Opening reads no token: no full scan.
+    stream = open_cache(config, tokenizer)[('train', 0)]  # Opening reads no token: no full scan.
     stream.windows(np.array([stream.num_windows(16) - 1]), 16)  # Windows elsewhere read fine.
     with pytest.raises(UserError, match=rf'token cache file {path} holds token id 65535, past '
-                       r'the vocabulary \(80\): the file is damaged; delete'):
+                       r'the vocabulary \(256\): the file is damaged; delete'):
         stream.windows(np.arange(stream.num_windows(16)), 16)
 
 
 def test_a_full_disk_during_a_build_is_one_line_and_leaves_no_partial_file(tmp_path, tokenizer,
-                                                                           monkeypatch):  # noqa: F811
+                                                                           monkeypatch):
     corpus = tmp_path / 'corpus.txt'
-    corpus.write_text('\n'.join(_documents(300)) + '\n')
+    corpus.write_text('\n'.join(random_documents(300)) + '\n')
 
     def full(self, *args):
         raise OSError(errno.ENOSPC, 'No space left on device')
@@ -362,7 +353,7 @@ def test_a_full_disk_during_a_build_is_one_line_and_leaves_no_partial_file(tmp_p
     monkeypatch.setattr(token_cache._StreamWriter, 'append', full)
     with pytest.raises(UserError, match=r'^no space left while building the token cache in '
                        r'.*\(No space left on device\); no partial file was kept: free space'):
-        _open(_config(corpus, tmp_path / 'cache'), tokenizer)
+        open_cache(corpus_config(corpus, tmp_path / 'cache'), tokenizer)
     directory = next((tmp_path / 'cache').iterdir())
     assert not [n for n in os.listdir(directory) if '.partial-' in n or n.endswith('.tokens')]
 
@@ -370,7 +361,7 @@ def test_a_full_disk_during_a_build_is_one_line_and_leaves_no_partial_file(tmp_p
 @pytest.mark.slow
 def test_two_builders_of_one_cache_take_turns(tmp_path):
     corpus = tmp_path / 'corpus.txt'
-    corpus.write_text('\n'.join(_documents(3000)) + '\n')
+    corpus.write_text('\n'.join(random_documents(3000)) + '\n')
     paused = tmp_path / 'paused'
     args = ['--config=configs/tiny.py', *SMALL, f'--config.data_path={corpus}',
             f'--config.cache_dir={tmp_path / "cache"}', '--config.vocab_size=80']
@@ -471,8 +462,8 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 @pytest.mark.slow
 def test_the_gs_lease_refuses_a_second_run_and_is_taken_over_once_its_heartbeat_stops(
-        gcs, monkeypatch):  # noqa: F811
-    from muomni_jax.training import run_lock
+        gcs, monkeypatch):
+    from muomni_jax.training import run_lock  # pylint: disable=import-outside-toplevel
     url = f'gs://{gcs.bucket}/runs/leased'
     lines = []
     first = run_lock.RunLock(url, log=lines.append)

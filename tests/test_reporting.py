@@ -10,32 +10,15 @@ import types
 import jax
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 from muomni_jax.errors import UserError
 from muomni_jax.inference import plotting
 from muomni_jax.training import reporting, run_plan
-from tests.conftest import run_module, small_config
+from tests.support.configs import small_config
+from tests.support.logs import read_events
+from tests.support.processes import run_module
 
 CONTROL_CHARACTERS = ('\r', '\x1b')
-
-
-def read_events(logdir):
-    """{tag: [(step, value), ...]} of every scalar and text summary in logdir's event files."""
-    accumulator = event_accumulator.EventAccumulator(
-        str(logdir), size_guidance={event_accumulator.TENSORS: 0})
-    accumulator.Reload()
-    events = {}
-    for tag in accumulator.Tags()['tensors']:
-        values = []
-        for event in accumulator.Tensors(tag):
-            proto = event.tensor_proto
-            value = (proto.string_val[0].decode() if proto.string_val
-                     else float(np.frombuffer(proto.tensor_content, np.float32)[0])
-                     if proto.tensor_content else float(proto.float_val[0]))
-            values.append((event.step, value))
-        events[tag] = values
-    return events
 
 
 def png_size(path):
@@ -106,12 +89,29 @@ def test_profile_steps_write_a_trace_under_save_dir(profiled_run):
 @pytest.mark.slow
 def test_plot_command_writes_png_comparing_runs(profiled_run, tmp_path):
     save_dir, _ = profiled_run
+    # A second, different run beside the trained one: a hand-written log.
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'training_log.json').write_text(json.dumps([
+        {'step': 1, 'loss': 6.0, 'ppl': 403.4, 'tokens': 256},
+        {'step': 2, 'loss': 5.5, 'ppl': 244.7, 'tokens': 512},
+        {'step': 2, 'val_loss': 5.75, 'val_ppl': 314.2}]))
     output = tmp_path / 'curves.png'
     result = run_module('launch.plot', f'--checkpoint_dir={save_dir}',
-                        f'--checkpoint_dir={save_dir}', f'--output={output}', timeout=120)
+                        f'--checkpoint_dir={other}', f'--output={output}', timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Wrote {output}' in result.stdout
     assert png_size(output) == (1200, 800)
+    # What is drawn of the same two runs: each run's own curves against step, from its log.
+    log = json.load(open(save_dir / 'training_log.json'))
+    fig = plotting.plot_runs([str(save_dir), str(other)])
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in fig.axes[0].get_lines()}
+    assert drawn == {
+        'run train': ([2, 4, 6], [r['loss'] for r in log if 'loss' in r]),
+        'run validation': ([3, 6], [r['val_loss'] for r in log if 'val_loss' in r]),
+        'other train': ([1, 2], [6.0, 5.5]),
+        'other validation': ([2], [5.75])}
 
     missing = run_module('launch.plot', f'--checkpoint_dir={tmp_path / "nope"}', timeout=120)
     assert missing.returncode == 2

@@ -17,13 +17,12 @@ import pytest
 from muomni_jax.training import preemption
 from muomni_jax.training import train
 from tests import paused_save_launch
-from tests.conftest import (SMALL, assert_trees_equal, launched, log_without_timing,
-                            one_device_env, saved_state, small_config, stage_a_command)
-
-# Dropout on, a log interval cut by checkpoints (3 does not divide 2), evaluation in between.
-RESUME_ARGS = [*SMALL, '--config.dropout=0.1', '--config.max_steps=12', '--config.log_every=3',
-               '--config.save_every=2', '--config.eval_every=4']
-
+from tests.support.checkpoints import saved_state
+from tests.support.clock import Clock
+from tests.support.configs import RESUME_ARGS, small_config
+from tests.support.logs import log_without_timing
+from tests.support.processes import launched, one_device_env, stage_a_command
+from tests.support.trees import assert_trees_equal
 
 def _args(save_dir, data_path):
     return [*RESUME_ARGS, f'--config.data_path={data_path}', f'--config.save_dir={save_dir}']
@@ -117,16 +116,6 @@ def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
     assert sorted(n for n in _names(save_dir) if n.isdigit()) == ['2']
 
 
-class _Clock:
-    """A fake time.monotonic: each call returns the next of `times`."""
-
-    def __init__(self, times):
-        self._times = iter(times)
-
-    def __call__(self):
-        return next(self._times)
-
-
 @pytest.mark.parametrize('seconds, times, steps, stop_after', [
     (0, [0.0], 3, None),  # No budget: never stops, and never reads the clock after the start.
     # 6 s in, a 3 s step would end at 9 s: go on; 9 s in, at 12 s: stop after step 3.
@@ -138,7 +127,7 @@ def test_the_time_budget_stops_when_one_more_step_would_cross_it(seconds, times,
                                                                  stop_after):
     waited = []
     budget = preemption.TimeBudget(seconds, wait_for=lambda: waited.append(1),
-                                   clock=_Clock(times))
+                                   clock=Clock(times))
     decisions = [budget.should_stop(step) for step in range(1, steps + 1)]
     if stop_after is None:
         assert decisions == [False] * steps and not waited

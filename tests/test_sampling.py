@@ -11,7 +11,7 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import sampling
 from muomni_jax.model.thinker import KVCache, ThinkerConfig, decode_step
 from muomni_jax.training import sample_prompts
-from tests.conftest import perturbed_model
+from tests.support.models import forward, perturbed_model
 
 BASE = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=48, dropout=0.0)
 VARIANTS = {
@@ -22,30 +22,19 @@ VARIANTS = {
 }
 
 
-@jax.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
 def _last_logits(model, seq, length=16):
     """Logits after each prefix of seq, from one compiled full forward over a padded row."""
     padded = jnp.zeros((1, length), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
-    return _forward(model, padded)[0, len(seq) - 1]  # Causal: the padding after it is unseen.
-
-
-def _model(config, seed=0):
-    # conftest.perturbed_model: O(1)-scale weights, so attention is far from uniform and errors
-    # would show, while the logits stay at a scale where 1e-5 is float32 rounding.
-    return perturbed_model(config, seed)
+    return forward(model, padded)[0, len(seq) - 1]  # Causal: the padding after it is unseen.
 
 
 # The other variants compile their own decode steps; the fast tier keeps one.
 @pytest.mark.parametrize('name', [pytest.param(name, marks=[] if name == 'gqa_swiglu' else
                                                 pytest.mark.slow) for name in sorted(VARIANTS)])
 def test_cached_decode_equals_full_forward(name):
-    model = _model(VARIANTS[name])
+    model = perturbed_model(VARIANTS[name])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 20)), jnp.int32)
-    full = _forward(model, tokens)
+    full = forward(model, tokens)
     cache = KVCache.init(model.config, 2, 24)
     positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
     step = jax.jit(decode_step)
@@ -61,7 +50,7 @@ def test_cached_decode_equals_full_forward(name):
 
 @pytest.mark.slow  # Compiles decode steps of its own shapes, like the three below.
 def test_left_padded_rows_match_their_unpadded_forward():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     rng = np.random.default_rng(1)
     short, long = rng.integers(3, 64, 5), rng.integers(3, 64, 9)
     tokens = np.zeros((2, 9), np.int32)
@@ -72,8 +61,8 @@ def test_left_padded_rows_match_their_unpadded_forward():
     step = jax.jit(decode_step)
     logits, cache = step(model, jnp.asarray(tokens), positions, cache)
     nxt, _ = step(model, jnp.array([[7], [7]]), jnp.array([[5], [9]]), cache)
-    expect_short = _forward(model, jnp.asarray([list(short) + [7]]))[0]
-    expect_long = _forward(model, jnp.asarray([list(long) + [7]]))[0]
+    expect_short = forward(model, jnp.asarray([list(short) + [7]]))[0]
+    expect_long = forward(model, jnp.asarray([list(long) + [7]]))[0]
     np.testing.assert_allclose(logits[0, 4:], expect_short[:5], atol=1e-5, rtol=0)
     np.testing.assert_allclose(nxt[0, 0], expect_short[5], atol=1e-5, rtol=0)
     np.testing.assert_allclose(logits[1], expect_long[:9], atol=1e-5, rtol=0)
@@ -81,7 +70,7 @@ def test_left_padded_rows_match_their_unpadded_forward():
 
 
 def test_greedy_generation_follows_the_argmax_of_the_full_forward():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     prompts = [[1, 5, 9], [1, 7, 3, 8, 11, 4]]
     out = sampling.generate_ids(model, prompts, max_new_tokens=8, temperature=0.0, eos_id=-5)
     for prompt, new in zip(prompts, out):
@@ -93,7 +82,7 @@ def test_greedy_generation_follows_the_argmax_of_the_full_forward():
 
 
 def test_sampling_is_deterministic_under_a_seed():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     prompts = [[1, 5, 9], [1, 2]]
     kwargs = dict(max_new_tokens=8, temperature=1.5, eos_id=-5)
     a = sampling.generate_ids(model, prompts, seed=3, **kwargs)
@@ -104,7 +93,7 @@ def test_sampling_is_deterministic_under_a_seed():
 
 @pytest.mark.slow
 def test_generation_stops_at_eos():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     greedy = sampling.generate_ids(model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0,
                                    eos_id=-5)[0]
     eos = greedy[3]  # Call the 4th greedy token EOS: generation must end just before it.
@@ -142,7 +131,7 @@ def test_top_k_and_top_p_never_leave_their_set(top_k, top_p):
 
 @pytest.mark.slow
 def test_generation_respects_top_k_end_to_end():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     out = sampling.generate_ids(model, [[1, 5]] * 4, max_new_tokens=8, temperature=1.0,
                                 top_k=2, seed=0, eos_id=-5)
     top2 = set(np.argsort(-np.asarray(_last_logits(model, [1, 5])))[:2].tolist())
@@ -150,7 +139,7 @@ def test_generation_respects_top_k_end_to_end():
 
 
 def test_bad_arguments_are_user_errors():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     with pytest.raises(UserError, match='exceeds the model context'):
         sampling.generate_ids(model, [[1] * 40], max_new_tokens=10)
     with pytest.raises(UserError, match='top_p'):
@@ -170,7 +159,7 @@ class _CharTokenizer:
 
 
 def test_next_token_distribution_is_the_sorted_softmax():
-    model = _model(VARIANTS['gqa_swiglu'])
+    model = perturbed_model(VARIANTS['gqa_swiglu'])
     top = sampling.next_token_distribution(model, _CharTokenizer(), 'cab', k=4)
     probs = np.asarray(jax.nn.softmax(_last_logits(model, [1, 5, 3, 4])))
     expected = np.argsort(-probs)[:4]
@@ -181,7 +170,7 @@ def test_next_token_distribution_is_the_sorted_softmax():
 
 def test_training_sampler_prints_one_line_per_prompt():
     config = VARIANTS['gqa_swiglu']
-    model = _model(config)
+    model = perturbed_model(config)
     sampler = sample_prompts.training_sampler('cab| ab ', 8, config, _CharTokenizer())
     lines = sampler(nnx.state(model))
     assert len(lines) == 2 and lines[0].startswith("  Sample: 'cab' → '")

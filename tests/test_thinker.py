@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tests.conftest import perturbed_model
+from tests.support.models import perturbed_model
 from muomni_jax.model.thinker import (
     MODEL_FIELDS, ORIGINAL_FIELDS, SHAPE_FIELDS, Attention, Thinker, ThinkerConfig, apply_rope,
     attention_mask, count_params, rope_cos_sin)
@@ -24,7 +24,7 @@ TINY = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=48, 
 
 
 def make_model(cfg, seed=0):
-    """conftest.perturbed_model: every param O(1)-scale random, so the comparisons below are not
+    """perturbed_model: every param O(1)-scale random, so the comparisons below are not
     dominated by the init's scales or ones/zeros."""
     return perturbed_model(cfg, seed)
 

@@ -7,29 +7,18 @@ import sys
 import numpy as np
 import pytest
 
-from configs import tiny
 from muomni_jax.data import host_data
 from muomni_jax.data import input_pipeline
 from muomni_jax.data import token_cache
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
-from muomni_jax.training import run_plan
-from muomni_jax.training import tokenizing_progress
-from tests import legacy_input_pipeline as legacy
+from muomni_jax.training import run_plan, tokenizing_progress
 from tests import stream_batches
-from tests.conftest import REPO, launched, one_device_env, run_module
-
-WORDS = 'the of and a to in is you that it he was for on are as with his they at be this'.split()
-
-
-def _documents(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return [' '.join(rng.choice(WORDS, size=rng.integers(1, 60))) + '.' for _ in range(count)]
-
-
-@pytest.fixture(scope='module')
-def tokenizer():
-    return tokenizer_lib.train_tokenizer(_documents(400), vocab_size=80, sample_size=5000)
+from tests.support import legacy_input_pipeline as legacy
+from tests.support.configs import corpus_config
+from tests.support.environment import REPO
+from tests.support.processes import launched, one_device_env, run_module
+from tests.support.token_caches import corpus_source, open_cache, random_documents
 
 
 @pytest.fixture
@@ -38,33 +27,14 @@ def corpus(tmp_path):
     invalid UTF-8, a document longer than one SentencePiece call, no final newline."""
     root = tmp_path / 'corpus'
     root.mkdir()
-    docs = _documents(700)
+    docs = random_documents(700)
     first = '\r\n'.join(docs[:300]) + '\n\n   \t\n'
-    long_doc = ' '.join(_documents(6000, seed=1))  # Over 100,000 characters.
+    long_doc = ' '.join(random_documents(6000, seed=1))  # Over 100,000 characters.
     assert len(long_doc) > 100_000
     (root / 'a.txt').write_bytes(first.encode() + b'bad \xff\xfe bytes\n' + long_doc.encode()
                                  + b'\n')
     (root / 'b.txt').write_text('\n'.join(docs[300:]))
     return root
-
-
-def _config(data_path, cache_dir, **overrides):
-    config = tiny.get_config()
-    config.update(dict(data_path=str(data_path), cache_dir=str(cache_dir), val_split=0.2))
-    config.update(overrides)
-    return config
-
-
-def _source(config):
-    """The documents of the config's one source, as a run reads them."""
-    data = run_plan.resolve(config).data
-    return input_pipeline.DocumentSource(data.corpus(data.sources[0]))
-
-
-def _open(config, tokenizer, num_shards=1, shards=(0,), lines=None):
-    log = (lines.append if lines is not None else lambda line: None)
-    return token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, num_shards,
-                                     list(shards), log=log)
 
 
 def _assert_same_batches(expected, actual, rows_that_exist=None):
@@ -85,8 +55,8 @@ def _assert_same_batches(expected, actual, rows_that_exist=None):
 
 @pytest.mark.parametrize('num_shards', [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, num_shards):
-    config = _config(corpus, tmp_path / 'cache')
-    streams = _open(config, tokenizer, num_shards, range(num_shards))
+    config = corpus_config(corpus, tmp_path / 'cache')
+    streams = open_cache(config, tokenizer, num_shards, range(num_shards))
     ctx, rows = 16, 4
     for shard in range(num_shards):
         train = legacy.pack(legacy.documents(config, 'train', shard, num_shards), tokenizer, ctx)
@@ -110,7 +80,7 @@ def test_cached_batches_equal_the_in_memory_path(corpus, tmp_path, tokenizer, nu
 def test_training_batches_of_a_single_source_equal_the_in_memory_path(corpus, tmp_path,
                                                                       tokenizer):
     """host_data reads a data_path as a mixture of one source: the batches must not change."""
-    config = _config(corpus, tmp_path / 'cache', ctx_len=16, batch_size=4, data_shards=1, seed=7)
+    config = corpus_config(corpus, tmp_path / 'cache', ctx_len=16, batch_size=4, data_shards=1, seed=7)
     data = host_data.load(run_plan.resolve(config).data, tokenizer, log=lambda line: None)
     train = legacy.pack(legacy.documents(config, 'train'), tokenizer, 16)
     assert data.steps_per_epoch == train.num_windows // 4
@@ -122,9 +92,9 @@ def test_training_batches_of_a_single_source_equal_the_in_memory_path(corpus, tm
 
 def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, tokenizer,
                                                           monkeypatch):
-    config = _config(corpus, tmp_path / 'cache')
+    config = corpus_config(corpus, tmp_path / 'cache')
     lines = []
-    first = _open(config, tokenizer, lines=lines)
+    first = open_cache(config, tokenizer, lines=lines)
     assert 'building' in lines[0] and 'tokens/s' in lines[1]
     stamps = {p: os.stat(p).st_mtime_ns for p in (tmp_path / 'cache').rglob('*')}
 
@@ -133,7 +103,7 @@ def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, toke
 
     monkeypatch.setattr(input_pipeline, 'tokenize', no_tokenizing)
     lines.clear()
-    second = _open(config, tokenizer, lines=lines)
+    second = open_cache(config, tokenizer, lines=lines)
     assert len(lines) == 1 and 'nothing to tokenize' in lines[0]
     assert stamps == {p: os.stat(p).st_mtime_ns for p in (tmp_path / 'cache').rglob('*')}
     assert isinstance(second['train', 0].tokens, np.memmap)
@@ -143,14 +113,14 @@ def test_a_second_open_reads_the_cache_without_tokenizing(corpus, tmp_path, toke
 
 def test_the_key_changes_with_the_files_tokenizer_val_split_and_shards(corpus, tmp_path,
                                                                         tokenizer):
-    config = _config(corpus, tmp_path / 'cache')
-    key = lambda cfg, tok=tokenizer, shards=1: token_cache.cache_key(_source(cfg), tok, shards)[0]
+    config = corpus_config(corpus, tmp_path / 'cache')
+    key = lambda cfg, tok=tokenizer, shards=1: token_cache.cache_key(corpus_source(cfg), tok, shards)[0]
     base = key(config)
     assert key(config) == base
-    assert key(_config(corpus, tmp_path / 'cache', ctx_len=64, batch_size=3, seed=9)) == base
-    assert key(_config(corpus, tmp_path / 'cache', val_split=0.3)) != base
+    assert key(corpus_config(corpus, tmp_path / 'cache', ctx_len=64, batch_size=3, seed=9)) == base
+    assert key(corpus_config(corpus, tmp_path / 'cache', val_split=0.3)) != base
     assert key(config, shards=2) != base
-    other = tokenizer_lib.train_tokenizer(_documents(300, seed=5), vocab_size=80, sample_size=5000)
+    other = tokenizer_lib.train_tokenizer(random_documents(300, seed=5), vocab_size=80, sample_size=5000)
     assert key(config, other) != base
     with open(corpus / 'b.txt', 'a', encoding='utf-8') as f:
         f.write('\none more document.')
@@ -161,15 +131,15 @@ def test_a_cache_of_the_old_format_is_built_again_with_exact_long_documents(
         corpus, tmp_path, tokenizer, monkeypatch):
     """Version 1 cut long documents at fixed offsets: its caches hold wrong ids and must never
     be read again."""
-    config = _config(corpus, tmp_path / 'cache', val_split=0.0)
+    config = corpus_config(corpus, tmp_path / 'cache', val_split=0.0)
     limit = input_pipeline._MAX_ENCODE_CHARS  # pylint: disable=protected-access
     with monkeypatch.context() as old:
         old.setattr(token_cache, 'FORMAT_VERSION', 1)
         old.setattr(tokenizer, 'pieces', lambda text, n: [text[i:i + limit] for i in
                                                           range(0, len(text), limit)])
-        stale = _open(config, tokenizer)['train', 0]
+        stale = open_cache(config, tokenizer)['train', 0]
     lines = []
-    fresh = _open(config, tokenizer, lines=lines)['train', 0]
+    fresh = open_cache(config, tokenizer, lines=lines)['train', 0]
     assert any('building' in line for line in lines), lines
     assert len(list((tmp_path / 'cache').iterdir())) == 2
     long_doc = (corpus / 'a.txt').read_bytes().splitlines()[-1].decode()
@@ -185,12 +155,12 @@ def test_a_cache_of_the_old_format_is_built_again_with_exact_long_documents(
 
 
 def test_a_changed_file_builds_a_new_cache(corpus, tmp_path, tokenizer):
-    config = _config(corpus, tmp_path / 'cache')
-    before = _open(config, tokenizer)
+    config = corpus_config(corpus, tmp_path / 'cache')
+    before = open_cache(config, tokenizer)
     with open(corpus / 'b.txt', 'a', encoding='utf-8') as f:
         f.write('\nthe last document of all.')
     lines = []
-    after = _open(config, tokenizer, lines=lines)
+    after = open_cache(config, tokenizer, lines=lines)
     assert 'building' in lines[0]
     assert len(list((tmp_path / 'cache').iterdir())) == 2  # The old cache is never reused.
     total = lambda streams: sum(s.num_documents for s in streams.values())
@@ -206,14 +176,14 @@ def test_a_changed_file_builds_a_new_cache(corpus, tmp_path, tokenizer):
     (lambda d: os.truncate(d / 'train-00000-of-00001.docs', 8), 'truncated'),
 ])
 def test_a_damaged_cache_is_named_and_rebuilt(corpus, tmp_path, tokenizer, damage, message):
-    config = _config(corpus, tmp_path / 'cache')
+    config = corpus_config(corpus, tmp_path / 'cache')
     # Copied out of the memmaps first: truncating a mapped file would fault on reading it.
     clean = {where: (np.array(s.tokens), np.array(s.doc_starts))
-             for where, s in _open(config, tokenizer).items()}
+             for where, s in open_cache(config, tokenizer).items()}
     directory = next((tmp_path / 'cache').iterdir())
     damage(directory)
     lines = []
-    rebuilt = _open(config, tokenizer, lines=lines)
+    rebuilt = open_cache(config, tokenizer, lines=lines)
     assert message in lines[0] and 'rebuilding' in lines[0]
     for where, (tokens, doc_starts) in clean.items():
         np.testing.assert_array_equal(tokens, rebuilt[where].tokens)
@@ -225,19 +195,19 @@ def test_an_unwritable_cache_dir_is_one_clear_error(corpus, tmp_path, tokenizer)
     blocker.write_text('not a directory')
     with pytest.raises(UserError, match=r'token cache directory .* is not writable .*'
                                         r'--config.cache_dir'):
-        _open(_config(corpus, blocker / 'cache'), tokenizer)
+        open_cache(corpus_config(corpus, blocker / 'cache'), tokenizer)
 
 
 def test_shards_of_one_cache_can_be_built_apart(corpus, tmp_path, tokenizer):
     """Processes that share a cache_dir each build their own shards into one directory."""
-    config = _config(corpus, tmp_path / 'cache')
-    apart = {**_open(config, tokenizer, 2, [1]), **_open(config, tokenizer, 2, [0])}
+    config = corpus_config(corpus, tmp_path / 'cache')
+    apart = {**open_cache(config, tokenizer, 2, [1]), **open_cache(config, tokenizer, 2, [0])}
     directory = next((tmp_path / 'cache').iterdir())
     assert sorted(p.name for p in directory.glob('*.json')) == [
         'cache.json', 'train-00000-of-00002.json', 'train-00001-of-00002.json',
         'validation-00000-of-00002.json', 'validation-00001-of-00002.json']
     lines = []
-    together = _open(config, tokenizer, 2, [0, 1], lines=lines)
+    together = open_cache(config, tokenizer, 2, [0, 1], lines=lines)
     assert 'nothing to tokenize' in lines[0]
     for where, stream in together.items():
         np.testing.assert_array_equal(stream.tokens, apart[where].tokens)
@@ -248,8 +218,8 @@ def test_a_vocab_over_65536_is_stored_as_uint32(corpus, tmp_path, tokenizer):
         vocab_size = 70_000
 
     big = BigVocab(tokenizer.model_proto)
-    small_streams = _open(_config(corpus, tmp_path / 'small'), tokenizer)
-    big_streams = _open(_config(corpus, tmp_path / 'big'), big)
+    small_streams = open_cache(corpus_config(corpus, tmp_path / 'small'), tokenizer)
+    big_streams = open_cache(corpus_config(corpus, tmp_path / 'big'), big)
     assert big_streams['train', 0].tokens.dtype == np.uint32
     np.testing.assert_array_equal(big_streams['train', 0].tokens, small_streams['train', 0].tokens)
 
@@ -257,8 +227,8 @@ def test_a_vocab_over_65536_is_stored_as_uint32(corpus, tmp_path, tokenizer):
 def test_build_progress_and_invalid_utf8_are_reported(corpus, tmp_path, tokenizer, monkeypatch,
                                                       capsys):
     monkeypatch.setattr(tokenizing_progress, '_LINE_EVERY_S', 0.0)
-    config = _config(corpus, tmp_path / 'cache')
-    token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 1, [0], log=print,
+    config = corpus_config(corpus, tmp_path / 'cache')
+    token_cache.open_or_build(config.cache_dir, corpus_source(config), tokenizer, 1, [0], log=print,
                               progress=tokenizing_progress.TokenizingProgress())
     out, err = capsys.readouterr()
     progress = [line for line in out.splitlines() if line.startswith('Tokenizing:')]
@@ -285,8 +255,8 @@ class _RecordedProgress:
 
 def test_a_build_tells_the_caller_its_progress(corpus, tmp_path, tokenizer):
     progress = _RecordedProgress()
-    config = _config(corpus, tmp_path / 'cache')
-    streams = token_cache.open_or_build(config.cache_dir, _source(config), tokenizer, 2, [0, 1],
+    config = corpus_config(corpus, tmp_path / 'cache')
+    streams = token_cache.open_or_build(config.cache_dir, corpus_source(config), tokenizer, 2, [0, 1],
                                         log=lambda line: None, progress=progress)
     text_bytes = sum(path.stat().st_size for path in corpus.iterdir())
     assert progress.started == (text_bytes, 'B') and progress.done == text_bytes
@@ -296,14 +266,14 @@ def test_a_build_tells_the_caller_its_progress(corpus, tmp_path, tokenizer):
 
 def test_tfds_input_goes_through_the_cache(tmp_path, tokenizer):
     import tensorflow_datasets as tfds
-    config = _config('', tmp_path / 'cache', tfds_name='lm1b', tfds_split='train',
+    config = corpus_config('', tmp_path / 'cache', tfds_name='lm1b', tfds_split='train',
                      tfds_text_key='text', val_split=0.0)
     with tfds.testing.mock_data(num_examples=12):
         lines = []
-        streams = _open(config, tokenizer, lines=lines)
+        streams = open_cache(config, tokenizer, lines=lines)
         assert 'building' in lines[0]
         lines.clear()
-        again = _open(config, tokenizer, lines=lines)
+        again = open_cache(config, tokenizer, lines=lines)
         assert 'nothing to tokenize' in lines[0]
         expected = legacy.pack(legacy.documents(config, 'train'), tokenizer, 8)
     assert streams['train', 0].num_documents == 12

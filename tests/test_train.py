@@ -8,44 +8,15 @@ import numpy as np
 import pytest
 
 from muomni_jax.model import lm_loss
-from muomni_jax.model.thinker import ThinkerConfig, abstract_model
+from muomni_jax.model.thinker import abstract_model
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import checkpointing
 from muomni_jax.training import run_plan
 from muomni_jax.training import steps
 from muomni_jax.training import train
-from tests.conftest import assert_trees_equal, small_config
-
-MODEL = ThinkerConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=16,
-                      dropout=0.0)
-
-
-def _batch(seed=0, batch=8, ctx=16):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, 64, (batch, ctx + 1)).astype(np.int32)
-    segment_ids = np.ones((batch, ctx + 1), np.int32)
-    segment_ids[:, ctx // 2:] = 2
-    segment_ids[-1, -3:] = 0  # Padding at the very end.
-    from muomni_jax.data import input_pipeline
-    return input_pipeline.features(tokens, segment_ids)
-
-
-def _init_state(model_config, tx, seed=0):
-    # Compiled: initialized op by op, a model takes seconds.
-    return jax.jit(functools.partial(steps.init_state, model_config=model_config, tx=tx))(
-        jax.random.PRNGKey(seed))
-
-
-# One layer where the check is about the step, not the model: half the compile.
-ONE_LAYER = dataclasses.replace(MODEL, n_layers=1)
-
-
-def _state(config, total_steps=10, model=MODEL):
-    tx = steps.make_optimizer(run_plan.resolve(config).optimizer, total_steps)
-    state = _init_state(model, tx)
-    graphdef, _ = abstract_model(model)
-    return state, graphdef, tx
-
+from tests.support.configs import small_config
+from tests.support.train_states import ONE_LAYER, init_state, new_state, random_batch
+from tests.support.trees import assert_trees_equal
 
 def test_cross_entropy_is_masked_mean_in_float32():
     logits = jnp.array([[[2.0, 0.0], [0.0, 3.0], [5.0, -5.0]]], jnp.bfloat16)
@@ -70,7 +41,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, _, _ = _state(config, model=ONE_LAYER)
+    state, _, _ = new_state(config, model=ONE_LAYER)
     mask = steps.weight_decay_mask(state.params)
     flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -82,8 +53,8 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 @pytest.mark.slow  # Two compiles of the step.
 def test_gradient_accumulation_equals_one_big_batch():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config, model=ONE_LAYER)
-    batch = _batch()
+    state, graphdef, tx = new_state(config, model=ONE_LAYER)
+    batch = random_batch()
     step = lambda a: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=a, deterministic=True))
     one, m1 = step(1)(state, batch)
@@ -96,8 +67,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_nonfinite_step_leaves_params_unchanged():
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config, model=ONE_LAYER)
-    batch = _batch()
+    state, graphdef, tx = new_state(config, model=ONE_LAYER)
+    batch = random_batch()
     batch['weights'] = batch['weights'] * np.float32('nan')
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
@@ -117,24 +88,39 @@ def test_dropout_depends_on_the_step_and_the_seed_only():
     graphdef, _ = abstract_model(model)
     new_step = lambda: jax.jit(functools.partial(
         steps.train_step, graphdef=graphdef, tx=tx, accumulation_steps=1, deterministic=False))
-    batch, step = _batch(), new_step()
-    state = _init_state(model, tx)
+    batch, step = random_batch(), new_step()
+    state = init_state(model, tx)
     _, m0 = step(state, batch)
-    _, m0_again = new_step()(_init_state(model, tx), batch)
+    _, m0_again = new_step()(init_state(model, tx), batch)
     _, m1 = step(state.replace(step=state.step + 1), batch)
-    other_seed = state.replace(rng=_init_state(model, tx, seed=1).rng)  # Same params.
+    other_seed = state.replace(rng=init_state(model, tx, seed=1).rng)  # Same params.
     _, m0_other_seed = step(other_seed, batch)
     assert float(m0['loss_sum']) == float(m0_again['loss_sum'])
     assert float(m0['loss_sum']) != float(m1['loss_sum'])
     assert float(m0['loss_sum']) != float(m0_other_seed['loss_sum'])
 
 
+def _numpy_checksums(tree) -> dict[str, list[int]]:
+    """The checksums a save records, worked out in numpy: per leaf path, the sum of its elements
+    as uint32 (a 4-byte element's bits, others' values) and the sum of each times its position
+    1, 2, ..., both modulo 2**32."""
+    checksums = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = np.asarray(leaf)
+        bits = (x.view(np.uint32) if x.dtype.itemsize == 4 else x.astype(np.uint32)).ravel()
+        bits = bits.astype(np.uint64)  # Products of two numbers below 2**32 fit.
+        position = np.arange(1, bits.size + 1, dtype=np.uint64)
+        checksums[jax.tree_util.keystr(path)] = [
+            int(bits.sum() % 2**32), int((bits * position % 2**32).sum() % 2**32)]
+    return checksums
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path):
     config = small_config('/tmp/unused', '/tmp/unused')
-    state, graphdef, tx = _state(config, model=ONE_LAYER)
+    state, graphdef, tx = new_state(config, model=ONE_LAYER)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      accumulation_steps=1, deterministic=True))
-    state, _ = step(state, _batch())  # Non-trivial Adam moments and counters.
+    state, _ = step(state, random_batch())  # Non-trivial Adam moments and counters.
     mesh = partitioning.make_mesh({'data': 2, 'fsdp': 4})
     shardings = partitioning.state_shardings(mesh, state)
     state = jax.device_put(state, shardings)
@@ -146,8 +132,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     restored, meta = ckpt.restore_latest(abstract)
     ckpt.close()
     # The saved meta, and the checksum of every array, which the restore verified.
-    assert meta == {'step': 1, 'epoch': 0, 'checksums': checkpointing.tree_checksums(state),
-                    'ema': False}
+    assert meta == {'step': 1, 'epoch': 0, 'checksums': _numpy_checksums(state), 'ema': False}
     assert len(meta['checksums']) == len(jax.tree.leaves(state))
     assert_trees_equal(state, restored, check_sharding=True)
 

@@ -19,7 +19,10 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import evaluation, loading
 from muomni_jax.interop import original_checkpoints, original_format
 from muomni_jax.training import train
-from tests.conftest import REPO, assert_trees_equal, run_code, run_module, small_config
+from tests.support.configs import small_config
+from tests.support.environment import REPO
+from tests.support.processes import run_code, run_module
+from tests.support.trees import assert_trees_equal
 
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
@@ -125,8 +128,14 @@ def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
                                                 str(corpus_sample), 8)
     assert scores[6]['loss'] < scores[3]['loss']
     for score in scores.values():
-        assert score['perplexity'] == pytest.approx(np.exp(score['loss']), rel=1e-6)
         assert score['documents'] == 600
+    # Zero logits give each of the 256 tokens 1/256, whatever the text: a loss of ln 256 =
+    # 5.5451774 nats per token and a perplexity of 256.
+    uniform = muomni_jax.load(save_dir, 6).model()
+    uniform.lm_head.kernel.value = jax.numpy.zeros_like(uniform.lm_head.kernel.value)
+    score = evaluation.evaluate_text(uniform, checkpoint.tokenizer, str(corpus_sample), 8)
+    assert score['loss'] == pytest.approx(5.5451774, rel=1e-6)
+    assert score['perplexity'] == pytest.approx(256.0, rel=1e-5)
     lines = corpus_sample.read_text(encoding='utf-8').splitlines()
     tokenizer = muomni_jax.load(save_dir).tokenizer
     # Every token of every document after its BOS is predicted once: EOS included.

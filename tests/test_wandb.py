@@ -9,8 +9,9 @@ import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.training import reporting, train
-from tests.conftest import run_code, small_config
-from tests.test_reporting import read_events
+from tests.support.configs import small_config
+from tests.support.logs import read_events
+from tests.support.processes import run_code
 
 
 def _wandb_records(path):
@@ -81,7 +82,7 @@ def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp
 
 @pytest.mark.slow  # A fresh process: only there is sys.modules free of earlier tests' imports.
 def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
-    # small_config's values on one device, without importing tests.conftest (its 8 devices and
+    # small_config's values on one device, without tests.support.environment (its 8 devices and
     # fresh caches): test_launch's CLI run compiled the same steps into the session's cache.
     config = small_config(tmp_path / 'run', corpus_sample).to_json()
     code = (

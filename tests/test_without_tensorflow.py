@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import SMALL, one_device_env, run_module
+from tests.support.configs import SMALL
+from tests.support.processes import one_device_env, run_module
 
 pytestmark = pytest.mark.slow
 
