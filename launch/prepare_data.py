@@ -17,11 +17,11 @@ def main(argv):
         cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     config = training_config.value()
     from muomni_jax.parallel import distributed  # Imported after flag parsing: JAX and TF are slow.
-    from muomni_jax.training import train
+    from muomni_jax.training import data_preparation
 
     with cli.one_line_errors():
         distributed.initialize(config)
-        train.prepare_data(config)
+        data_preparation.prepare_data(config)
 
 
 if __name__ == '__main__':

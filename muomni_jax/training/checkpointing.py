@@ -419,3 +419,25 @@ def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
     checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'steps_per_epoch': 0})
     checkpointer.close()
     run_dir.write_config(save_dir, config.to_dict())
+
+
+def check_resumable(meta: dict, directory: str, mixture: str, steps_per_epoch: int) -> None:
+    """A checkpoint past step 0 resumes only onto the data position it was saved with: the same
+    mixture and the same steps per epoch. (Step 0, an imported checkpoint (launch.convert), has no
+    data position to keep.)"""
+    start_step = int(meta['step'])
+    if start_step and meta.get('mixture') != mixture:
+        raise UserError(
+            f'the checkpoint in {directory} was trained on '
+            f'{meta.get("mixture") or "a single data_path"}, not on '
+            f'{mixture or "a single data_path"}: resume with '
+            'the same --config.mixture, or use a new save_dir'
+        )
+    if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
+        raise UserError(
+            f'the checkpoint in {directory} was trained with '
+            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
+            f'batch_size give {steps_per_epoch}: '
+            'resume with the same data, batch_size and data_shards (0 means one '
+            'per process), or use a new save_dir'
+        )

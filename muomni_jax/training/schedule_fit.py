@@ -135,3 +135,20 @@ class ScheduleFit:
             f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
             f'{compile_s:.1f} s to compile -> {total} steps ({end}).'
         )
+
+
+def for_plan(plan: run_plan.RunPlan, data: Any, start_step: int) -> ScheduleFit | None:
+    """The measurement that fixes the run's length (schedule_seconds); None when the length is
+    already fixed, or not fitted to time. data: the run's host_data.HostData."""
+    length = plan.length
+    if not length.schedule_seconds or length.fitted or start_step >= length.total_steps:
+        return None
+    return ScheduleFit(
+        budget_s=length.schedule_seconds,
+        start_step=start_step,
+        fit_at=fit_step(plan.optimizer, start_step, length.total_steps),
+        upper_steps=length.total_steps,
+        eval_every=plan.output.eval_every,
+        # Each validation reads every source's eval_batches (host_data agreed on them).
+        eval_batches=sum(source.eval_batches for source in data.sources),
+    )

@@ -17,7 +17,6 @@ from typing import Any
 import jax
 
 from muomni_jax.data import host_data, tokenizer_setup
-from muomni_jax.errors import UserError
 from muomni_jax.io import run_dir, storage
 from muomni_jax.parallel import distributed, partitioning
 from muomni_jax.training import (
@@ -66,33 +65,6 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     return summary
 
 
-def prepare_data(config) -> dict[str, int]:
-    """The tokenizer and token cache of a run, without training (launch.prepare_data).
-
-    On one machine with the later run's data_shards it builds every shard, so a pod only opens
-    the cache; on every host of a pod it builds each host's own shards. Returns the split totals.
-    """
-    with distributed.fail_together():
-        plan = run_plan.resolve(config)
-        storage.check_writable(plan.output.save_dir)
-    save_dir = plan.output.save_dir
-    is_main = jax.process_index() == 0
-    log = print if is_main else (lambda *a, **k: None)
-    with save_dir_lock.locked(save_dir, is_main, log):
-        tokenizer = tokenizer_setup.shared_tokenizer(plan.data, save_dir)
-        data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
-        if is_main:  # Last, so a bad input leaves save_dir untouched.
-            tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
-    totals = data.totals
-    log(
-        f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
-        f'validation tokens in {plan.data.num_shards} data shard(s); the tokenizer is in '
-        f'{save_dir}.'
-    )
-    return totals
-
-
-# ----------------------------------------------------------------------------------------------
 # Set-up
 
 
@@ -168,29 +140,13 @@ def _restore_or_init(
         plan = run_plan.with_total_steps(plan, int(recorded))
         setup = steps.with_length(setup, plan, mesh)
         log(f'Schedule: {recorded} steps, as fitted to schedule_seconds when this run began.')
-    # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
-    mixture = plan.data.mixture_record
-    if start_step and meta.get('mixture') != mixture:
-        raise UserError(
-            f'the checkpoint in {checkpointer.directory} was trained on '
-            f'{meta.get("mixture") or "a single data_path"}, not on '
-            f'{mixture or "a single data_path"}: resume with '
-            'the same --config.mixture, or use a new save_dir'
-        )
-    steps_per_epoch = plan.length.steps_per_epoch
-    if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
-        raise UserError(
-            f'the checkpoint in {checkpointer.directory} was trained with '
-            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
-            f'batch_size give {steps_per_epoch}: '
-            'resume with the same data, batch_size and data_shards (0 means one '
-            'per process), or use a new save_dir'
-        )
+    checkpointing.check_resumable(
+        meta, checkpointer.directory, plan.data.mixture_record, plan.length.steps_per_epoch
+    )
     log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     return _Start(plan, setup, state, start_step, meta.get('interval_metrics'))
 
 
-# ----------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -274,7 +230,7 @@ def _loop(
     budget = preemption.TimeBudget(
         plan.length.max_train_seconds, wait_for=lambda: context.interval.sums
     )
-    fit = _schedule_fit(plan, data, start.step)
+    fit = schedule_fit.for_plan(plan, data, start.step)
     batches = device_batches.train_batches(
         data,
         mesh,
@@ -341,22 +297,3 @@ def _loop(
         'checkpoint.'
     )
     return context.summary, reason
-
-
-def _schedule_fit(
-    plan: run_plan.RunPlan, data: host_data.HostData, start_step: int
-) -> schedule_fit.ScheduleFit | None:
-    """The measurement that fixes the run's length (schedule_seconds); None when the length is
-    already fixed, or not fitted to time."""
-    length = plan.length
-    if not length.schedule_seconds or length.fitted or start_step >= length.total_steps:
-        return None
-    return schedule_fit.ScheduleFit(
-        budget_s=length.schedule_seconds,
-        start_step=start_step,
-        fit_at=schedule_fit.fit_step(plan.optimizer, start_step, length.total_steps),
-        upper_steps=length.total_steps,
-        eval_every=plan.output.eval_every,
-        # Each validation reads every source's eval_batches (host_data agreed on them).
-        eval_batches=sum(source.eval_batches for source in data.sources),
-    )
