@@ -29,17 +29,27 @@ def bench_cache_build(config, data_paths: dict[str, str], repeats: int) -> dict[
         for name, path in data_paths.items():
             with tempfile.TemporaryDirectory() as cache_dir:
                 corpus = input_pipeline.CorpusSpec(
-                    data_path=path, text_key=config.text_key, val_split=config.val_split)
+                    data_path=path, text_key=config.text_key, val_split=config.val_split
+                )
                 start = time.perf_counter()
                 streams = token_cache.open_or_build(
-                    cache_dir, input_pipeline.DocumentSource(corpus), tokenizer, 1, [0],
-                    log=lambda line: None)
+                    cache_dir,
+                    input_pipeline.DocumentSource(corpus),
+                    tokenizer,
+                    1,
+                    [0],
+                    log=lambda line: None,
+                )
                 times[name].append(time.perf_counter() - start)
                 tokens[name] = sum(stream.num_tokens for stream in streams.values())
     seconds = {name: float(np.median(t)) for name, t in times.items()}
     base = next(iter(data_paths))
-    return {name: {'tokens': tokens[name], 'seconds': seconds[name],
-                   'tokens_per_s': tokens[name] / seconds[name],
-                   'ratio_to_first': (tokens[name] / seconds[name]) /
-                                     (tokens[base] / seconds[base])}
-            for name in data_paths}
+    return {
+        name: {
+            'tokens': tokens[name],
+            'seconds': seconds[name],
+            'tokens_per_s': tokens[name] / seconds[name],
+            'ratio_to_first': (tokens[name] / seconds[name]) / (tokens[base] / seconds[base]),
+        }
+        for name in data_paths
+    }

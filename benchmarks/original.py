@@ -20,6 +20,7 @@ from muomni_jax.parallel import partitioning
 class OriginalFigures:
     """The original's training step (torch_reference, written from the spec) timed beside ours,
     A B A B in one run, on the same batch: forward, loss, backward, clipping and AdamW."""
+
     available: bool
     reason: str = ''  # Why not, when unavailable (e.g. torch is not installed).
     torch: str = ''
@@ -35,6 +36,7 @@ class OriginalFigures:
 class OriginalRecipe:
     """How the original trains: on the CPU in float32 eager mode, or with its GPU recipe
     (thinker_tiny.json's use_amp, use_flash and use_compile)."""
+
     device: str = 'cpu'
     autocast_bfloat16: bool = False  # use_amp: torch.autocast(dtype=bfloat16).
     sdpa: bool = False  # use_flash: F.scaled_dot_product_attention.
@@ -45,9 +47,14 @@ class OriginalRecipe:
         return cls(device='cuda', autocast_bfloat16=True, sdpa=True, compile=True)
 
 
-def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step: Callable,
-                          repeats: int, recipe: OriginalRecipe = OriginalRecipe()
-                          ) -> tuple[OriginalFigures, Any]:
+def compare_with_original(
+    config,
+    batch: dict[str, np.ndarray],
+    state: Any,
+    step: Callable,
+    repeats: int,
+    recipe: OriginalRecipe = OriginalRecipe(),
+) -> tuple[OriginalFigures, Any]:
     """Times the original's training step and ours alternately, `repeats` times each; returns
     the figures and our state after its steps (the step donates the state it is given).
 
@@ -67,25 +74,31 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
         return OriginalFigures(available=False, reason='torch sees no CUDA device'), state
     model_config = ThinkerConfig.from_config(config)  # run_benchmark validated it.
     if model_config.kv_groups != model_config.n_heads // 2 and model_config.use_gqa:
-        return OriginalFigures(available=False, reason='the original always uses n_heads // 2 '
-                               'kv groups'), state
+        return OriginalFigures(
+            available=False, reason='the original always uses n_heads // 2 kv groups'
+        ), state
     torch.manual_seed(config.seed)
     model = torch_reference.ThinkerLM(model_config, use_sdpa=recipe.sdpa).to(recipe.device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_b1, config.adam_b2),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_b1, config.adam_b2),
+        weight_decay=config.weight_decay,
+    )
     forward = torch.compile(model) if recipe.compile else model
-    inputs, targets = (torch.from_numpy(np.asarray(batch[k], np.int64)).to(recipe.device)
-                       for k in ('inputs', 'targets'))
+    inputs, targets = (
+        torch.from_numpy(np.asarray(batch[k], np.int64)).to(recipe.device)
+        for k in ('inputs', 'targets')
+    )
 
     def original_step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(recipe.device, dtype=torch.bfloat16,
-                            enabled=recipe.autocast_bfloat16):
+        with torch.autocast(recipe.device, dtype=torch.bfloat16, enabled=recipe.autocast_bfloat16):
             logits = forward(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                                     targets.flatten())
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten()
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -105,9 +118,14 @@ def compare_with_original(config, batch: dict[str, np.ndarray], state: Any, step
         original_step()
         theirs.append(time.perf_counter() - start)
     tokens = config.batch_size * config.ctx_len
-    figures = OriginalFigures(available=True, torch=torch.__version__, step_s=theirs,
-                              ours_step_s=ours, tokens_per_s=tokens / float(np.median(theirs)),
-                              ours_tokens_per_s=tokens / float(np.median(ours)),
-                              recipe=dataclasses.asdict(recipe))
+    figures = OriginalFigures(
+        available=True,
+        torch=torch.__version__,
+        step_s=theirs,
+        ours_step_s=ours,
+        tokens_per_s=tokens / float(np.median(theirs)),
+        ours_tokens_per_s=tokens / float(np.median(ours)),
+        recipe=dataclasses.asdict(recipe),
+    )
     figures.speedup = figures.ours_tokens_per_s / figures.tokens_per_s
     return figures, state

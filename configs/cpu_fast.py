@@ -19,7 +19,9 @@ from configs import cpu_demo
 
 def get_config() -> ml_collections.ConfigDict:
     config = cpu_demo.get_config()
-    config.learning_rate = 2e-3  # The best AdamW peak rate with WSD of those tried (1.5e-3 to 4e-3).
+    config.learning_rate = (
+        2e-3  # The best AdamW peak rate with WSD of those tried (1.5e-3 to 4e-3).
+    )
     config.lr_schedule = 'wsd'  # Peak rate until the last 20% of the steps, then a linear decay.
     config.max_steps = 450  # The fewest steps tried that reach cpu_demo's final validation loss.
     config.eval_every = 150  # Validate three times.

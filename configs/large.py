@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.n_heads = 16  # Attention heads (head dim 128).
     config.d_ff = 5632  # SwiGLU hidden width (about 8/3 of d_model).
     config.ctx_len = 2048  # Tokens per packed window.
-    config.remat = True  # Recompute each block in the backward pass: kept on for headroom (see BUILD_NOTES).
+    config.remat = (
+        True  # Recompute each block in the backward pass: kept on for headroom (see BUILD_NOTES).
+    )
     config.learning_rate = 0.0002  # Peak rate; smaller for wider models.
     config.save_dir = 'checkpoints/thinker_large'  # Kept apart from the other sizes.
     return config

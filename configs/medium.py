@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.d_model = 1024  # Residual stream width.
     config.n_heads = 16  # Attention heads (head dim 64).
     config.d_ff = 2816  # SwiGLU hidden width (about 8/3 of d_model).
-    config.remat = True  # Recompute each block in the backward pass: kept on for headroom (see BUILD_NOTES).
+    config.remat = (
+        True  # Recompute each block in the backward pass: kept on for headroom (see BUILD_NOTES).
+    )
     config.learning_rate = 0.0003  # Peak rate; smaller for wider models.
     config.save_dir = 'checkpoints/thinker_medium'  # Kept apart from the other sizes.
     return config

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.d_ff = 2048  # SwiGLU hidden width (about 8/3 of d_model).
     config.ctx_len = 1024  # Tokens per packed window.
     config.dropout = 0.0  # Pretraining on far more tokens than parameters needs none.
-    config.remat = False  # Recompute each block in the backward pass: not needed on the targets below.
+    config.remat = (
+        False  # Recompute each block in the backward pass: not needed on the targets below.
+    )
     config.scan_layers = True  # One lax.scan over the blocks: compile time flat in n_layers.
     # --- Training: batch 256 x 1024 = 262,144 tokens a step ---
     config.batch_size = 256  # Global windows per optimizer step.

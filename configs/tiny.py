@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.scan_layers = False  # Run the blocks as one lax.scan: compile time flat in n_layers.
     config.attention_block = 128  # Causal attention in query blocks of N tokens; 0 or ctx_len: one.
     config.attention_dropout = -1.0  # Dropout on attention probabilities; -1: the same as dropout.
-    config.attention_impl = 'auto'  # 'auto', 'xla', 'cudnn', 'pallas', 'splash' (attention_kernels).
+    config.attention_impl = (
+        'auto'  # 'auto', 'xla', 'cudnn', 'pallas', 'splash' (attention_kernels).
+    )
 
     # --- Data ---
     # File, directory, glob or hf:NAME/CONFIG/SPLIT: text (one document per line), JSON Lines
@@ -45,22 +47,40 @@ def get_config() -> ml_collections.ConfigDict:
     # Weighted sources, 'name=SOURCE:WEIGHT[:TEXT_KEY],...' (SOURCE as data_path, or
     # tfds:DATASET/SPLIT/TEXT_KEY); replaces data_path. See muomni_jax/data/mixture.py.
     config.mixture = ''
-    config.val_split = 0.1  # Fraction of documents held out for validation (by a stable content hash).
-    config.tokenizer_path = ''  # Existing SentencePiece model to use; empty trains one into save_dir.
-    config.tokenizer_sample_size = 2_000_000  # Max sentences sampled to train the tokenizer (bounds memory).
-    config.data_shards = 0  # Shards that each fill batch_size / data_shards rows; 0: one per process.
-    config.cache_dir = ''  # Where the tokenized corpus is kept; '': ~/.cache/muomni_jax/token_cache.
+    config.val_split = (
+        0.1  # Fraction of documents held out for validation (by a stable content hash).
+    )
+    config.tokenizer_path = (
+        ''  # Existing SentencePiece model to use; empty trains one into save_dir.
+    )
+    config.tokenizer_sample_size = (
+        2_000_000  # Max sentences sampled to train the tokenizer (bounds memory).
+    )
+    config.data_shards = (
+        0  # Shards that each fill batch_size / data_shards rows; 0: one per process.
+    )
+    config.cache_dir = (
+        ''  # Where the tokenized corpus is kept; '': ~/.cache/muomni_jax/token_cache.
+    )
 
     # --- Optimisation ---
     config.batch_size = 16  # Global batch size in windows of ctx_len tokens.
-    config.gradient_accumulation_steps = 1  # Micro-batches per optimizer step (inside the jitted step).
+    config.gradient_accumulation_steps = (
+        1  # Micro-batches per optimizer step (inside the jitted step).
+    )
     config.num_epochs = 10  # Passes over the training windows.
-    config.max_steps = 0  # Stop after this many optimizer steps if earlier than num_epochs; 0: no limit.
-    config.max_train_seconds = 0  # Save and stop before this many seconds of training (per launch); 0: none.
+    config.max_steps = (
+        0  # Stop after this many optimizer steps if earlier than num_epochs; 0: no limit.
+    )
+    config.max_train_seconds = (
+        0  # Save and stop before this many seconds of training (per launch); 0: none.
+    )
     # Total training time the schedule is fitted to: after a few timed steps the run's length is
     # fixed (and kept in its checkpoints) so the decay ends at this budget; 0: off (max_steps).
     config.schedule_seconds = 0
-    config.optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the block matrices, AdamW for the rest.
+    config.optimizer = (
+        'adamw'  # 'adamw', or 'muon': Muon for the block matrices, AdamW for the rest.
+    )
     config.muon_momentum = 0.95  # Muon's Nesterov momentum (optimizer='muon' only).
     config.learning_rate = 3e-4  # Peak learning rate (Muon's updates are scaled to share it).
     config.lr_schedule = 'cosine'  # 'cosine' (warmup, cosine decay) or 'wsd' (warmup-stable-decay).
@@ -69,13 +89,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.min_lr_ratio = 0.1  # Decay floor, a fraction of learning_rate (wsd: the last step's).
     config.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms, biases or embeddings).
     config.adam_b1 = 0.9  # AdamW beta1.
-    config.adam_b2 = 0.999  # AdamW beta2: the original's (PyTorch's default); 0.95 trained worse here.
+    config.adam_b2 = (
+        0.999  # AdamW beta2: the original's (PyTorch's default); 0.95 trained worse here.
+    )
     config.max_grad_norm = 1.0  # Global-norm gradient clipping.
     config.max_consecutive_nonfinite = 20  # Stop the run after this many NaN/Inf steps in a row.
     config.seed = 0  # Seeds parameter init, dropout and the data shuffle.
-    config.loss_chunk_tokens = 1024  # Fuse lm_head and loss over chunks of ~N tokens; 0: plain path.
+    config.loss_chunk_tokens = (
+        1024  # Fuse lm_head and loss over chunks of ~N tokens; 0: plain path.
+    )
     config.z_loss_weight = 0.0  # Adds this x logsumexp^2 per token (z-loss; e.g. 1e-4); 0: off.
-    config.ema_decay = 0.0  # Keep an average of the params, e.g. 0.999 (validated beside them); 0: off.
+    config.ema_decay = (
+        0.0  # Keep an average of the params, e.g. 0.999 (validated beside them); 0: off.
+    )
 
     # --- Logging, evaluation and checkpoints ---
     config.log_every = 100  # Print and record metrics every N steps.
@@ -88,20 +114,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_to_keep = 3  # Checkpoints kept in save_dir; older ones are deleted.
     config.save_dir = 'checkpoints/thinker_tiny'  # Checkpoints, tokenizer, config and training log.
     config.restore_step = 0  # Resume from this saved step; 0: the newest complete checkpoint.
-    config.profile_steps = ''  # 'start,end': jax.profiler trace of those steps into save_dir; '': off.
+    config.profile_steps = (
+        ''  # 'start,end': jax.profiler trace of those steps into save_dir; '': off.
+    )
     config.wandb_project = ''  # W&B project that also gets the scalars and samples; '': off.
 
     # --- Devices ---
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1 fills with the devices left over.
     config.mesh.fsdp = 1  # Axis that shards parameters and optimizer state; -1 fills.
-    config.compilation_cache = True  # Keep compiled steps on disk, so a restart skips most compiling.
-    config.compilation_cache_dir = ''  # '': $JAX_COMPILATION_CACHE_DIR, else ~/.cache/muomni_jax/...
-    config.peak_flops_per_device = 0.0  # Device peak FLOP/s for MFU; 0: GPU/TPU table, CPU measured.
+    config.compilation_cache = (
+        True  # Keep compiled steps on disk, so a restart skips most compiling.
+    )
+    config.compilation_cache_dir = (
+        ''  # '': $JAX_COMPILATION_CACHE_DIR, else ~/.cache/muomni_jax/...
+    )
+    config.peak_flops_per_device = (
+        0.0  # Device peak FLOP/s for MFU; 0: GPU/TPU table, CPU measured.
+    )
 
     # --- Processes (one per TPU VM worker or GPU node; see README "Many devices and hosts") ---
     config.distributed = ml_collections.ConfigDict()
-    config.distributed.coordinator_address = ''  # host:port of process 0; '' detects TPU pods/SLURM.
+    config.distributed.coordinator_address = (
+        ''  # host:port of process 0; '' detects TPU pods/SLURM.
+    )
     config.distributed.num_processes = 0  # Processes in the run, with coordinator_address.
     config.distributed.process_id = -1  # This process's index 0..num_processes-1 (-1: unset).
     config.distributed.timeout_s = 300  # Seconds to wait for every process to join.

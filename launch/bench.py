@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from launch import cli
 from muomni_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configs/*.py file.', lock_config=True
+)
 _OUTPUT = flags.DEFINE_string('output', '', 'JSON file to write; default <save_dir>/bench.json.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Train steps run after the first, before timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats of each figure (the median).')
@@ -22,7 +23,8 @@ _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 50, 'Batches the in
 _DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 64, 'New tokens per decode repeat.')
 _PEAK_SIZE = flags.DEFINE_integer('peak_size', 2048, 'Side of the CPU peak matmul.')
 _COMPARE_ORIGINAL = flags.DEFINE_bool(
-    'compare_original', True, 'Also time the original PyTorch step beside ours (needs torch).')
+    'compare_original', True, 'Also time the original PyTorch step beside ours (needs torch).'
+)
 
 
 def main(argv):
@@ -32,12 +34,18 @@ def main(argv):
     output = _OUTPUT.value or os.path.join(config.save_dir, 'bench.json')
     with cli.one_line_errors():
         from benchmarks import measurements  # After flag parsing: JAX and TF are slow to import.
+
         if _REPEATS.value < 1 or _WARMUP.value < 0:
             raise UserError('--repeats must be >= 1 and --warmup >= 0')
         result = measurements.run_benchmark(
-            config, warmup=_WARMUP.value, repeats=_REPEATS.value,
-            pipeline_batches=_PIPELINE_BATCHES.value, decode_tokens=_DECODE_TOKENS.value,
-            peak_size=_PEAK_SIZE.value, compare_original=_COMPARE_ORIGINAL.value)
+            config,
+            warmup=_WARMUP.value,
+            repeats=_REPEATS.value,
+            pipeline_batches=_PIPELINE_BATCHES.value,
+            decode_tokens=_DECODE_TOKENS.value,
+            peak_size=_PEAK_SIZE.value,
+            compare_original=_COMPARE_ORIGINAL.value,
+        )
     print(measurements.format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:

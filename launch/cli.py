@@ -49,7 +49,8 @@ def _quiet_background_failures() -> None:
 
     def from_background(record: std_logging.LogRecord) -> bool:
         echo = record.levelno >= std_logging.ERROR and (
-            '/orbax/' in record.pathname or record.name == 'asyncio')
+            '/orbax/' in record.pathname or record.name == 'asyncio'
+        )
         return not echo
 
     std_logging.getLogger().addFilter(from_background)
@@ -76,4 +77,5 @@ def _quiet_background_failures() -> None:
 def _closing_loop(error: BaseException | None) -> bool:
     """A callback into an event loop Orbax already closed, or Python's own shutdown."""
     return (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed') or (
-        isinstance(error, ImportError) and 'Python is likely shutting down' in str(error))
+        isinstance(error, ImportError) and 'Python is likely shutting down' in str(error)
+    )

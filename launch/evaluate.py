@@ -22,15 +22,21 @@ _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'save_dir of a tra
 _DATA_PATH = flags.DEFINE_string('data_path', None, 'Text file, directory or glob to score.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
 _WEIGHTS = flags.DEFINE_enum(
-    'weights', 'auto', ['auto', 'params', 'ema'],
-    "auto: the moving average of the params where the run kept one (ema_decay), else the params.")
+    'weights',
+    'auto',
+    ['auto', 'params', 'ema'],
+    'auto: the moving average of the params where the run kept one (ema_decay), else the params.',
+)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Windows (or lm-eval requests) per batch.')
-_LM_EVAL_TASKS = flags.DEFINE_list('lm_eval_tasks', [], 'lm-eval-harness tasks to run instead '
-                                   'of scoring --data_path.')
-_LM_EVAL_INCLUDE_PATH = flags.DEFINE_string('lm_eval_include_path', None,
-                                            'A folder of extra lm-eval task YAML files.')
-_LM_EVAL_LIMIT = flags.DEFINE_integer('lm_eval_limit', None, 'At most this many documents per '
-                                      'lm-eval task.')
+_LM_EVAL_TASKS = flags.DEFINE_list(
+    'lm_eval_tasks', [], 'lm-eval-harness tasks to run instead of scoring --data_path.'
+)
+_LM_EVAL_INCLUDE_PATH = flags.DEFINE_string(
+    'lm_eval_include_path', None, 'A folder of extra lm-eval task YAML files.'
+)
+_LM_EVAL_LIMIT = flags.DEFINE_integer(
+    'lm_eval_limit', None, 'At most this many documents per lm-eval task.'
+)
 
 
 def main(argv):
@@ -38,20 +44,27 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     import muomni_jax
     from muomni_jax.inference import evaluation
+
     with cli.one_line_errors():
         if bool(_DATA_PATH.value) == bool(_LM_EVAL_TASKS.value):
             raise UserError('give either --data_path (a text to score) or --lm_eval_tasks')
         ckpt = muomni_jax.load(_CHECKPOINT_DIR.value, _STEP.value, weights=_WEIGHTS.value)
         if _LM_EVAL_TASKS.value:
             from muomni_jax.interop import lm_eval_model
+
             results = lm_eval_model.evaluate_tasks(
-                ckpt.model(), ckpt.tokenizer, _LM_EVAL_TASKS.value,
-                include_path=_LM_EVAL_INCLUDE_PATH.value, limit=_LM_EVAL_LIMIT.value,
-                batch_size=_BATCH_SIZE.value)
+                ckpt.model(),
+                ckpt.tokenizer,
+                _LM_EVAL_TASKS.value,
+                include_path=_LM_EVAL_INCLUDE_PATH.value,
+                limit=_LM_EVAL_LIMIT.value,
+                batch_size=_BATCH_SIZE.value,
+            )
             print(lm_eval_model.results_table(results))
             return
-        result = evaluation.evaluate_text(ckpt.model(), ckpt.tokenizer, _DATA_PATH.value,
-                                          _BATCH_SIZE.value)
+        result = evaluation.evaluate_text(
+            ckpt.model(), ckpt.tokenizer, _DATA_PATH.value, _BATCH_SIZE.value
+        )
     print(f'Data: {_DATA_PATH.value} ({result["documents"]:,} documents)')
     print(f'Loss: {result["loss"]:.4f}')
     print(f'Perplexity: {result["perplexity"]:.2f}')

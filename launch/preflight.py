@@ -16,24 +16,27 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from launch import cli
-from launch import training_config
+from launch import cli, training_config
 
-_TARGET = flags.DEFINE_list('target', None, 'Targets: v4-N, v5e-N, v5p-N, v6e-N (Cloud TPU '
-                            'slice names), a100xN, h100xN, h200xN.')
+_TARGET = flags.DEFINE_list(
+    'target',
+    None,
+    'Targets: v4-N, v5e-N, v5p-N, v6e-N (Cloud TPU slice names), a100xN, h100xN, h200xN.',
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write every report to this JSON file.')
-_COMPILERS = flags.DEFINE_string('compilers', '.compilers', 'A folder the compilers were '
-                                 'installed into with pip install --target.')
+_COMPILERS = flags.DEFINE_string(
+    'compilers',
+    '.compilers',
+    'A folder the compilers were installed into with pip install --target.',
+)
 
 
 def _use_compilers(argv: list[str]) -> None:
     """Before JAX starts a backend: the compilers' folder on the path, and every compile on this
     host's CPU (the targets are described, not probed; libtpu and the CUDA plugin stay quiet)."""
-    folder = next((a.split('=', 1)[1] for a in argv if a.startswith('--compilers=')),
-                  '.compilers')
+    folder = next((a.split('=', 1)[1] for a in argv if a.startswith('--compilers=')), '.compilers')
     if os.path.isdir(folder):
         sys.path.insert(0, os.path.abspath(folder))
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -41,8 +44,9 @@ def _use_compilers(argv: list[str]) -> None:
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     # Nothing to autotune on: no device runs here.
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_gpu_autotune_level=0').strip()
+    os.environ['XLA_FLAGS'] = (
+        os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_autotune_level=0'
+    ).strip()
 
 
 def _mb(n: float) -> str:
@@ -74,27 +78,48 @@ def describe(report: dict) -> str:
         if 'error' in remedy:
             lines.append(f'    {remedy["change"]}: {remedy["error"]}')
         else:
-            lines.append(f'    {remedy["change"]}: total {_mb(remedy["total_bytes"])} per device, '
-                         + ('fits' if remedy['fits'] else 'still does not fit'))
+            lines.append(
+                f'    {remedy["change"]}: total {_mb(remedy["total_bytes"])} per device, '
+                + ('fits' if remedy['fits'] else 'still does not fit')
+            )
     compiler = report['compiler_flops_per_device']
-    lines.append(f'  FLOPs per step: {roof["model_flops_per_step"]:.3g} (model/flops.py); the '
-                 'compiler\'s: ' + (f'{compiler:.3g} per device, a loop\'s body counted once'
-                                    if compiler else 'none for this target'))
+    lines.append(
+        f'  FLOPs per step: {roof["model_flops_per_step"]:.3g} (model/flops.py); the '
+        "compiler's: "
+        + (
+            f"{compiler:.3g} per device, a loop's body counted once"
+            if compiler
+            else 'none for this target'
+        )
+    )
     if report['collectives']:
-        lines.append('  Collectives per step, per device: ' + ', '.join(
-            f'{op} x{c["count"]} ({_mb(c["bytes"])})' for op, c in report['collectives'].items()))
+        lines.append(
+            '  Collectives per step, per device: '
+            + ', '.join(
+                f'{op} x{c["count"]} ({_mb(c["bytes"])})' for op, c in report['collectives'].items()
+            )
+        )
     lines.append(f'  Attention compiled as: {", ".join(report["kernels"])}')
     if report['attention_gathers']:
-        lines.append(f'  Warning: {report["attention_gathers"]} all-gathers bring whole '
-                     'micro-batches of queries, keys or values onto every device: the '
-                     'attention kernel is not partitioned.')
-    parts = ', '.join(f'{k[:-2]} {_seconds(roof[k])}' for k in
-                      ('compute_s', 'memory_s', 'collectives_s') if k in roof)
-    lines.append(f'  Roofline floor: {_seconds(roof["floor_s"])} a step ({parts}), so at most '
-                 f'{roof["tokens_per_s_ceiling"]:,.0f} tokens/s: a bound from published peaks, '
-                 'not a measurement')
-    lines.append(f'  Compile: train step {report["compile_s"]:.1f} s, eval step '
-                 f'{report["eval_compile_s"]:.1f} s')
+        lines.append(
+            f'  Warning: {report["attention_gathers"]} all-gathers bring whole '
+            'micro-batches of queries, keys or values onto every device: the '
+            'attention kernel is not partitioned.'
+        )
+    parts = ', '.join(
+        f'{k[:-2]} {_seconds(roof[k])}'
+        for k in ('compute_s', 'memory_s', 'collectives_s')
+        if k in roof
+    )
+    lines.append(
+        f'  Roofline floor: {_seconds(roof["floor_s"])} a step ({parts}), so at most '
+        f'{roof["tokens_per_s_ceiling"]:,.0f} tokens/s: a bound from published peaks, '
+        'not a measurement'
+    )
+    lines.append(
+        f'  Compile: train step {report["compile_s"]:.1f} s, eval step '
+        f'{report["eval_compile_s"]:.1f} s'
+    )
     return '\n'.join(lines)
 
 
@@ -105,9 +130,11 @@ def main(argv):
     reports = []
     with cli.one_line_errors():
         if not _TARGET.value:
-            from muomni_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+            from muomni_jax.errors import UserError
+
             raise UserError('give --target, e.g. --target=v5e-256 or --target=h100x8,v6e-64')
-        from muomni_jax.training import preflight  # pylint: disable=import-outside-toplevel
+        from muomni_jax.training import preflight
+
         for target in _TARGET.value:
             report = preflight.check(config, target)
             print(describe(report), flush=True)

@@ -7,11 +7,9 @@ save_dir or tokenizer_path and data_shards) and a cache_dir every host can read:
 opens the cache and starts training at once. Exit status 0, or 2 with one `error:` line.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from launch import cli
-from launch import training_config
+from launch import cli, training_config
 
 
 def main(argv):
@@ -19,10 +17,11 @@ def main(argv):
         cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (use --config.name=value)')
     config = training_config.value()
     from muomni_jax.parallel import distributed  # Imported after flag parsing: JAX and TF are slow.
-    from muomni_jax.training import train
+    from muomni_jax.training import data_preparation
+
     with cli.one_line_errors():
         distributed.initialize(config)
-        train.prepare_data(config)
+        data_preparation.prepare_data(config)
 
 
 if __name__ == '__main__':

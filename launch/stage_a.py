@@ -8,11 +8,9 @@ checkpoint), 2 for a bad flag, config or input (one `error:` line), 130 after a 
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from launch import cli
-from launch import training_config
+from launch import cli, training_config
 
 
 def main(argv):
@@ -22,6 +20,7 @@ def main(argv):
     # Imported after flag parsing: JAX and TF are slow to import.
     from muomni_jax.parallel import distributed
     from muomni_jax.training import train
+
     try:
         with cli.one_line_errors():
             distributed.initialize(config)  # Before any other JAX use; no-op for one process.

@@ -14,8 +14,9 @@ from ml_collections import config_flags
 
 from launch import cli
 
-CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
-                                         lock_config=True)
+CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configs/*.py file.', lock_config=True
+)
 
 
 def _unknown_field_line(error: Exception, argv: list[str]) -> str | None:
@@ -23,7 +24,7 @@ def _unknown_field_line(error: Exception, argv: list[str]) -> str | None:
     key = re.search(r"'([^'\\]+)\\?'", str(error))
     if key is None:
         return None
-    overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
+    overrides = [a[len('--config.') :].split('=')[0] for a in argv if a.startswith('--config.')]
     field = next((o for o in overrides if o.split('.')[-1] == key.group(1)), key.group(1))
     config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
     suggestion = re.search(r'Did you mean "([^"]+)"', str(error))
@@ -40,7 +41,7 @@ def _unknown_field_line(error: Exception, argv: list[str]) -> str | None:
 def _field_names(config_file: str) -> list[str]:
     try:
         config = runpy.run_path(config_file.split(':')[0])['get_config']()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return []
     names = []
     for name, value in config.items():
@@ -54,7 +55,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing; a flag or config error becomes one line (a traceback with --verbose)."""
     try:
         return flags.FLAGS(argv)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         if '--verbose' in argv or '--verbose=true' in argv:
             raise
         if isinstance(e, (KeyError, AttributeError)):
@@ -73,9 +74,11 @@ def value() -> ml_collections.ConfigDict:
     try:
         config = CONFIG.value
         config.keys()  # config_flags reports a config file that failed to load only on first use.
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         if cli.VERBOSE.value:
             raise
-        cli.fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
-                 f'{str(e).strip().splitlines()[-1].strip()}')
+        cli.fail(
+            f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
+            f'{str(e).strip().splitlines()[-1].strip()}'
+        )
     return config

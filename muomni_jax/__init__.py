@@ -25,7 +25,8 @@ _PUBLIC = {
 
 def __getattr__(name):
     if name in _PUBLIC:
-        import importlib  # pylint: disable=import-outside-toplevel
+        import importlib
+
         module, attribute = _PUBLIC[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

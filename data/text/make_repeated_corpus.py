@@ -25,8 +25,10 @@ def main() -> None:
     with open(args.output, 'w', encoding='utf-8') as out:
         for copy in range(args.copies):
             out.write(''.join(f'{copy} {line}\n' for line in lines))
-    print(f'Wrote {args.output}: {os.path.getsize(args.output):,} bytes, '
-          f'{args.copies * len(lines):,} documents')
+    print(
+        f'Wrote {args.output}: {os.path.getsize(args.output):,} bytes, '
+        f'{args.copies * len(lines):,} documents'
+    )
 
 
 if __name__ == '__main__':

@@ -20,15 +20,19 @@ CODE = re.compile(r'\w\(|>>>|\bNone\b|\bTrue\b|\bFalse\b|__\w+__')
 def main(corpus: str = 'data/text/corpus.txt', output: str = 'data/text/mixture') -> None:
     os.makedirs(output, exist_ok=True)
     counts = {'code': 0, 'prose': 0}
-    with open(corpus, encoding='utf-8') as f, \
-            open(os.path.join(output, 'code.txt'), 'w', encoding='utf-8') as code, \
-            open(os.path.join(output, 'prose.txt'), 'w', encoding='utf-8') as prose:
+    with (
+        open(corpus, encoding='utf-8') as f,
+        open(os.path.join(output, 'code.txt'), 'w', encoding='utf-8') as code,
+        open(os.path.join(output, 'prose.txt'), 'w', encoding='utf-8') as prose,
+    ):
         for line in f:
             is_code = bool(CODE.search(line))
             (code if is_code else prose).write(line)
             counts['code' if is_code else 'prose'] += 1
-    print(f'{counts["code"]:,} documents in {output}/code.txt, '
-          f'{counts["prose"]:,} in {output}/prose.txt')
+    print(
+        f'{counts["code"]:,} documents in {output}/code.txt, '
+        f'{counts["prose"]:,} in {output}/prose.txt'
+    )
 
 
 if __name__ == '__main__':

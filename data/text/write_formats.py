@@ -27,21 +27,24 @@ def write_jsonl(docs, path: str) -> None:
     if path.endswith('.gz'):
         data = gzip.compress(data, mtime=0)
     elif path.endswith('.zst'):
-        import zstandard  # pylint: disable=import-outside-toplevel
+        import zstandard
+
         data = zstandard.ZstdCompressor(level=3).compress(data)
     with open(path, 'wb') as f:
         f.write(data)
 
 
 def write_parquet(docs, path: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.table({'id': pa.array(range(len(docs)), pa.int64()), 'text': pa.array(docs)})
     pq.write_table(table, path, row_group_size=row_group_rows)
 
 
 def write_saved_dataset(docs, path: str) -> None:
-    import datasets  # pylint: disable=import-outside-toplevel
+    import datasets
+
     dataset = datasets.Dataset.from_dict({'id': list(range(len(docs))), 'text': list(docs)})
     dataset.save_to_disk(path)
 
@@ -49,8 +52,10 @@ def write_saved_dataset(docs, path: str) -> None:
 def write_all(docs, output: str, saved: bool = True) -> dict:
     """Every format of `docs` in `output`; {format: path}."""
     os.makedirs(output, exist_ok=True)
-    paths = {name: os.path.join(output, 'corpus' + name)
-             for name in ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')}
+    paths = {
+        name: os.path.join(output, 'corpus' + name)
+        for name in ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
+    }
     for name in ('.jsonl', '.jsonl.gz', '.jsonl.zst'):
         write_jsonl(docs, paths[name])
     write_parquet(docs, paths['.parquet'])
@@ -64,7 +69,8 @@ def main(corpus: str = 'data/text/corpus.txt', output: str = 'data/text/formats'
     with open(corpus, encoding='utf-8') as f:
         docs = [line.strip() for line in f if line.strip()]
     try:
-        import datasets  # pylint: disable=import-outside-toplevel,unused-import
+        import datasets  # noqa: F401  (the save_to_disk format needs it)
+
         saved = True
     except ImportError:
         saved = False

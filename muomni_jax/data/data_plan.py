@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from muomni_jax.data import input_pipeline
-from muomni_jax.data import mixture
+from muomni_jax.data import input_pipeline, mixture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +41,23 @@ class DataPlan:
     def corpus(self, source: mixture.Source) -> input_pipeline.CorpusSpec:
         """How one source's documents are read."""
         return input_pipeline.CorpusSpec(
-            data_path=source.data_path, tfds_name=source.tfds_name, tfds_split=source.tfds_split,
-            tfds_text_key=source.tfds_text_key, tfds_data_dir=self.tfds_data_dir,
-            text_key=source.text_key or self.text_key, val_split=self.val_split,
-            label=f'mixture source {source.name!r}' if self.is_mixture else 'data_path')
+            data_path=source.data_path,
+            tfds_name=source.tfds_name,
+            tfds_split=source.tfds_split,
+            tfds_text_key=source.tfds_text_key,
+            tfds_data_dir=self.tfds_data_dir,
+            text_key=source.text_key or self.text_key,
+            val_split=self.val_split,
+            label=f'mixture source {source.name!r}' if self.is_mixture else 'data_path',
+        )
 
     def describe(self) -> str:
         """'data/text/corpus.txt', or 'a mixture of 2 sources: web 70% (...), ...'."""
         if not self.is_mixture:
             return self.sources[0].describe()
         return f'a mixture of {len(self.sources)} sources: ' + ', '.join(
-            f'{s.name} {s.weight:.0%} ({s.describe()})' for s in self.sources)
+            f'{s.name} {s.weight:.0%} ({s.describe()})' for s in self.sources
+        )
 
     def no_text_message(self, source: mixture.Source) -> str:
         return mixture.no_text_message(source, self.is_mixture)

@@ -23,7 +23,7 @@ import functools
 import gzip
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -49,8 +49,10 @@ MAX_RECORD_BYTES = 64 * 2**20
 _SNIFF_BYTES = 64 * 2**10  # How much of each text file is checked for binary content.
 _READ_CHUNK_BYTES = 2**20  # Text is read and split into documents in chunks this size.
 _BATCH_ROWS = 1024  # Parquet and Arrow rows read per chunk.
-FORMATS_HELP = ('text with one document per line (.txt), JSON Lines (.jsonl, .jsonl.gz, '
-                '.jsonl.zst), Parquet (.parquet), or a datasets save_to_disk folder')
+FORMATS_HELP = (
+    'text with one document per line (.txt), JSON Lines (.jsonl, .jsonl.gz, '
+    '.jsonl.zst), Parquet (.parquet), or a datasets save_to_disk folder'
+)
 
 
 def file_format(path: str) -> str:
@@ -82,39 +84,49 @@ def _saved_dataset_files(folder: epath.Path, label: str) -> list[str]:
         state = json.loads((folder / 'state.json').read_text())
         names = [entry['filename'] for entry in state['_data_files']]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'{label} {folder} looks like a datasets save_to_disk folder, but its '
-                        f'state.json cannot be read ({type(e).__name__}): save the dataset '
-                        'again with Dataset.save_to_disk') from None
+        raise UserError(
+            f'{label} {folder} looks like a datasets save_to_disk folder, but its '
+            f'state.json cannot be read ({type(e).__name__}): save the dataset '
+            'again with Dataset.save_to_disk'
+        ) from None
     if not names:
-        raise UserError(f'{label} {folder} is a saved dataset with no data files: save a '
-                        'non-empty dataset')
+        raise UserError(
+            f'{label} {folder} is a saved dataset with no data files: save a non-empty dataset'
+        )
     return [str(folder / name) for name in names]
 
 
 def _hub_dataset_files(spec: str, label: str) -> list[str]:
     """The local cache files (.arrow) of hf:NAME/CONFIG/SPLIT; NAME may hold a slash."""
-    parts = spec[len(HF_PREFIX):].rsplit('/', 2)
+    parts = spec[len(HF_PREFIX) :].rsplit('/', 2)
     if len(parts) != 3 or not parts[0] or not parts[2]:
-        raise UserError(f'{label} {spec!r}: a Hugging Face source is hf:NAME/CONFIG/SPLIT, e.g. '
-                        'hf:wikitext/wikitext-103-raw-v1/train (CONFIG may be empty: '
-                        'hf:NAME//train)')
+        raise UserError(
+            f'{label} {spec!r}: a Hugging Face source is hf:NAME/CONFIG/SPLIT, e.g. '
+            'hf:wikitext/wikitext-103-raw-v1/train (CONFIG may be empty: '
+            'hf:NAME//train)'
+        )
     name, config_name, split = parts
     try:
-        import datasets  # pylint: disable=import-outside-toplevel
+        import datasets
     except ImportError:
-        raise UserError(f'{label} {spec} needs the datasets package: pip install datasets, or '
-                        'give local files') from None
+        raise UserError(
+            f'{label} {spec} needs the datasets package: pip install datasets, or give local files'
+        ) from None
     try:
         dataset = datasets.load_dataset(name, config_name or None, split=split)
-    except Exception as e:  # pylint: disable=broad-except
-        raise UserError(f'{label} {spec}: cannot load Hugging Face dataset {name!r} '
-                        f'({first_line(e, 200)}): check the name, config and split, or '
-                        'download it once with internet access (it is then read offline, '
-                        'with HF_DATASETS_OFFLINE=1)') from None
+    except Exception as e:
+        raise UserError(
+            f'{label} {spec}: cannot load Hugging Face dataset {name!r} '
+            f'({first_line(e, 200)}): check the name, config and split, or '
+            'download it once with internet access (it is then read offline, '
+            'with HF_DATASETS_OFFLINE=1)'
+        ) from None
     files = [entry['filename'] for entry in getattr(dataset, 'cache_files', [])]
     if not files:
-        raise UserError(f'{label} {spec} has no files on disk (an in-memory dataset): save it '
-                        'with Dataset.save_to_disk and point data_path at that folder')
+        raise UserError(
+            f'{label} {spec} has no files on disk (an in-memory dataset): save it '
+            'with Dataset.save_to_disk and point data_path at that folder'
+        )
     return files
 
 
@@ -127,7 +139,8 @@ def expand(data_path: str, label: str = 'data_path') -> list[str]:
     if not data_path:
         raise UserError(
             'data_path is empty: set --config.data_path to a file, directory or glob of '
-            f'{FORMATS_HELP}, or set --config.tfds_name')
+            f'{FORMATS_HELP}, or set --config.tfds_name'
+        )
     if data_path.startswith(HF_PREFIX):
         return _hub_dataset_files(data_path, label)
     path = epath.Path(data_path)
@@ -138,8 +151,9 @@ def expand(data_path: str, label: str = 'data_path') -> list[str]:
         for root, _, names in path.walk():
             if _is_saved_dataset(root):
                 datasets_found.append(root)
-            files.extend(root / name for name in names if name.lower().endswith(
-                _DIRECTORY_SUFFIXES))
+            files.extend(
+                root / name for name in names if name.lower().endswith(_DIRECTORY_SUFFIXES)
+            )
         # A saved dataset's own files are read through its state.json, never one by one.
         inside = lambda p: any(str(p).startswith(str(d) + '/') for d in datasets_found)
         paths = [str(p) for p in files if not inside(p)]
@@ -148,7 +162,8 @@ def expand(data_path: str, label: str = 'data_path') -> list[str]:
             raise UserError(
                 f'{label} {data_path} is a directory with no data files (.txt, .text, .jsonl, '
                 'maybe .gz or .zst; .parquet, .arrow; or a save_to_disk folder): point it at a '
-                'data file, or a glob such as "dir/*.json"')
+                'data file, or a glob such as "dir/*.json"'
+            )
         return sorted(paths)
     if any(c in data_path for c in '*?['):
         paths = _glob(data_path)
@@ -158,26 +173,33 @@ def expand(data_path: str, label: str = 'data_path') -> list[str]:
     if path.exists():
         return [data_path]
     flag = '--config.data_path' if label == 'data_path' else 'it'
-    raise UserError(f'{label} {data_path} does not exist: point {flag} at a data file, '
-                    'directory or glob that exists')
+    raise UserError(
+        f'{label} {data_path} does not exist: point {flag} at a data file, '
+        'directory or glob that exists'
+    )
 
 
 def _glob(pattern: str) -> list[str]:
     """The files a glob matches, locally or on gs:// (where epath's client expands it)."""
     if not storage.is_url(pattern):
-        import glob  # pylint: disable=import-outside-toplevel
+        import glob
+
         return [p for p in glob.glob(pattern) if os.path.isfile(p)]
     wild = min(pattern.find(c) for c in '*?[' if c in pattern)
-    root = pattern[:pattern.rfind('/', 0, wild)]
-    return [str(p) for p in epath.Path(root).glob(pattern[len(root) + 1:])]
+    root = pattern[: pattern.rfind('/', 0, wild)]
+    return [str(p) for p in epath.Path(root).glob(pattern[len(root) + 1 :])]
 
 
 def chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[bytes], int]]:
     """(documents as UTF-8 bytes, stripped, blanks left out; bytes of the file consumed) per
     chunk of one file."""
     kind = file_format(path)
-    reader = {TEXT: _text_chunks, JSONL: _jsonl_chunks, PARQUET: _parquet_chunks,
-              ARROW: _arrow_chunks}[kind]
+    reader = {
+        TEXT: _text_chunks,
+        JSONL: _jsonl_chunks,
+        PARQUET: _parquet_chunks,
+        ARROW: _arrow_chunks,
+    }[kind]
     if kind == TEXT:
         yield from reader(path, label)
     else:
@@ -217,23 +239,27 @@ def _zstd_blocks(raw, zstandard) -> Iterator[tuple[bytes, int]]:
             # Text comes out several times the size that went in: blocks of the usual size
             # keep the tokenizer threads as busy as for plain text.
             for start in range(0, len(out), _READ_CHUNK_BYTES):
-                yield out[start:start + _READ_CHUNK_BYTES], raw.tell()
+                yield out[start : start + _READ_CHUNK_BYTES], raw.tell()
     if not ended:
         raise EOFError('the zstd stream ends before its last frame does')
 
 
 def _zstandard(path: str, label: str):
     try:
-        import zstandard  # pylint: disable=import-outside-toplevel
+        import zstandard
     except ImportError:
-        raise UserError(f'{label} file {path} is zstd-compressed, which needs the zstandard '
-                        'package: pip install -r requirements.txt') from None
+        raise UserError(
+            f'{label} file {path} is zstd-compressed, which needs the zstandard '
+            'package: pip install -r requirements.txt'
+        ) from None
     return zstandard
 
 
 def _damaged(path: str, label: str, error: BaseException, kind: str) -> UserError:
-    return UserError(f'{label} file {path} is not a readable {kind} ({first_line(error, 160)}): '
-                     'it may be damaged or truncated; write it again')
+    return UserError(
+        f'{label} file {path} is not a readable {kind} ({first_line(error, 160)}): '
+        'it may be damaged or truncated; write it again'
+    )
 
 
 def _stream_errors():
@@ -241,15 +267,15 @@ def _stream_errors():
     ZstdError), beside plain OSErrors."""
     errors = [OSError, EOFError, gzip.BadGzipFile]
     try:
-        import zstandard  # pylint: disable=import-outside-toplevel
+        import zstandard
+
         errors.append(zstandard.ZstdError)
     except ImportError:
         pass
     return tuple(errors)
 
 
-def _lines(path: str, label: str, limit: int, what: str
-           ) -> Iterator[tuple[list[bytes], int, int]]:
+def _lines(path: str, label: str, limit: int, what: str) -> Iterator[tuple[list[bytes], int, int]]:
     """(whole lines, bytes of the file consumed, number of the first line) per block."""
     try:
         line_number, done, pending = 1, 0, b''  # pending: the start of an unended line.
@@ -263,7 +289,8 @@ def _lines(path: str, label: str, limit: int, what: str
             if max([len(pending), *map(len, lines)]) > limit:
                 raise UserError(
                     f'{label} file {path} has a line of over {limit // 2**20} MB (near line '
-                    f'{line_number + len(lines):,}); each line is {what}: split it')
+                    f'{line_number + len(lines):,}); each line is {what}: split it'
+                )
             yield lines, consumed - done, line_number
             done, line_number = consumed, line_number + len(lines)
         if pending:
@@ -282,8 +309,10 @@ def _check_not_binary(path: str, head: bytes, label: str) -> None:
     # A multi-byte character cut at the end of the sniffed block is not an error.
     replaced = head.decode('utf-8', errors='replace')[:-1].count('\ufffd')
     if b'\0' in head or replaced > 0.1 * len(head):
-        raise UserError(f'{label} file {path} looks binary, not UTF-8 text: a file is read by '
-                        f'its name, so give {FORMATS_HELP}')
+        raise UserError(
+            f'{label} file {path} looks binary, not UTF-8 text: a file is read by '
+            f'its name, so give {FORMATS_HELP}'
+        )
 
 
 def _text_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]]:
@@ -291,21 +320,31 @@ def _text_chunks(path: str, label: str) -> Iterator[tuple[list[bytes], int]]:
         yield [doc for doc in (line.strip() for line in lines) if doc], read
 
 
-_JSON_TYPES = {int: 'a number', float: 'a number', bool: 'true/false', list: 'an array',
-               dict: 'an object', type(None): 'null'}
+_JSON_TYPES = {
+    int: 'a number',
+    float: 'a number',
+    bool: 'true/false',
+    list: 'an array',
+    dict: 'an object',
+    type(None): 'null',
+}
 
 
 def _document(value, where: str, text_key: str, keys) -> bytes:
     """One record's text as UTF-8 bytes (a lone surrogate is kept, and counted as invalid UTF-8
     when tokenized)."""
     if value is None and text_key not in keys:
-        raise UserError(f'{where} has no field {text_key!r} (it has '
-                        f'{", ".join(map(repr, keys)) or "no fields"}): set --config.text_key '
-                        '(or the mixture entry\'s :TEXT_KEY) to the field that holds the text')
+        raise UserError(
+            f'{where} has no field {text_key!r} (it has '
+            f'{", ".join(map(repr, keys)) or "no fields"}): set --config.text_key '
+            "(or the mixture entry's :TEXT_KEY) to the field that holds the text"
+        )
     if not isinstance(value, str):
         kind = _JSON_TYPES.get(type(value), type(value).__name__)
-        raise UserError(f'{where} holds {kind} in field {text_key!r}, not a string: point '
-                        'text_key at a text field, or fix the record')
+        raise UserError(
+            f'{where} holds {kind} in field {text_key!r}, not a string: point '
+            'text_key at a text field, or fix the record'
+        )
     return value.strip().encode('utf-8', errors='surrogatepass')
 
 
@@ -319,42 +358,63 @@ def _jsonl_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[b
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise UserError(f'{where} is not valid JSON ({first_line(e, 100)}): JSON Lines '
-                                'hold one JSON object per line; fix or remove that line') from None
+                raise UserError(
+                    f'{where} is not valid JSON ({first_line(e, 100)}): JSON Lines '
+                    'hold one JSON object per line; fix or remove that line'
+                ) from None
             if not isinstance(record, dict):
-                raise UserError(f'{where} holds a JSON {type(record).__name__}, not an object: '
-                                f'JSON Lines hold one object per line, with the text in '
-                                f'{text_key!r}')
+                raise UserError(
+                    f'{where} holds a JSON {type(record).__name__}, not an object: '
+                    f'JSON Lines hold one object per line, with the text in '
+                    f'{text_key!r}'
+                )
             doc = _document(record.get(text_key), where, text_key, list(record))
             if doc:
                 docs.append(doc)
         yield docs, read
 
 
-def _column_chunks(batches, path: str, text_key: str, label: str, kind: str, schema,
-                   total_rows: int, size: int) -> Iterator[tuple[list[bytes], int]]:
+def _column_chunks(
+    batches, path: str, text_key: str, label: str, kind: str, schema, total_rows: int, size: int
+) -> Iterator[tuple[list[bytes], int]]:
     """Documents of the text_key column of record batches; progress in bytes of the file,
     by rows read."""
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa
+
     if text_key not in schema.names:
-        raise UserError(f'{label} file {path} has no column {text_key!r} (it has '
-                        f'{", ".join(map(repr, schema.names))}): set --config.text_key (or the '
-                        'mixture entry\'s :TEXT_KEY) to the column that holds the text')
+        raise UserError(
+            f'{label} file {path} has no column {text_key!r} (it has '
+            f'{", ".join(map(repr, schema.names))}): set --config.text_key (or the '
+            "mixture entry's :TEXT_KEY) to the column that holds the text"
+        )
     field = schema.field(text_key)
-    if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-            or pa.types.is_string_view(field.type)):
-        raise UserError(f'{label} file {path} column {text_key!r} holds {field.type}, not '
-                        'strings: point text_key at a text column')
+    if not (
+        pa.types.is_string(field.type)
+        or pa.types.is_large_string(field.type)
+        or pa.types.is_string_view(field.type)
+    ):
+        raise UserError(
+            f'{label} file {path} column {text_key!r} holds {field.type}, not '
+            'strings: point text_key at a text column'
+        )
     rows = done = 0
     try:
         for batch in batches:
             column = batch.column(text_key)
             if column.null_count:
                 row = rows + column.is_null().to_pylist().index(True)
-                raise UserError(f'{label} file {path} row {row:,} has no {text_key!r} (null): '
-                                'drop or fill the rows without text')
-            docs = [doc for doc in (value.strip().encode('utf-8', errors='surrogatepass')
-                                    for value in column.to_pylist()) if doc]
+                raise UserError(
+                    f'{label} file {path} row {row:,} has no {text_key!r} (null): '
+                    'drop or fill the rows without text'
+                )
+            docs = [
+                doc
+                for doc in (
+                    value.strip().encode('utf-8', errors='surrogatepass')
+                    for value in column.to_pylist()
+                )
+                if doc
+            ]
             rows += batch.num_rows
             now = size * rows // max(total_rows, 1)
             yield docs, now - done
@@ -365,12 +425,14 @@ def _column_chunks(batches, path: str, text_key: str, label: str, kind: str, sch
 
 @functools.cache
 def _pyarrow_parquet():
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq
+
     return pq
 
 
 def _parquet_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[bytes], int]]:
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa
+
     with epath.Path(path).open('rb') as f:
         try:
             # Footer only: the row groups are read one batch at a time below.
@@ -381,13 +443,20 @@ def _parquet_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list
         columns = [text_key] if text_key in schema.names else None
         yield from _column_chunks(
             parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False),
-            path, text_key, label, 'Parquet file', schema, parquet.metadata.num_rows,
-            epath.Path(path).stat().length)
+            path,
+            text_key,
+            label,
+            'Parquet file',
+            schema,
+            parquet.metadata.num_rows,
+            epath.Path(path).stat().length,
+        )
 
 
 def _arrow_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[bytes], int]]:
     """An Arrow IPC file: the stream format datasets writes, or the random-access file format."""
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa
+
     local = not storage.is_url(path)
     with pa.memory_map(path) if local else epath.Path(path).open('rb') as f:
         try:
@@ -408,8 +477,9 @@ def _arrow_chunks(path: str, text_key: str, label: str) -> Iterator[tuple[list[b
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         size = epath.Path(path).stat().length
         read = 0
-        for docs, progress in _column_chunks(batches, path, text_key, label, 'Arrow file',
-                                             reader.schema, total, size):
+        for docs, progress in _column_chunks(
+            batches, path, text_key, label, 'Arrow file', reader.schema, total, size
+        ):
             read += progress
             yield docs, progress
         if read < size:

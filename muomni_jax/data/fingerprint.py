@@ -22,17 +22,17 @@ _U64 = np.uint64
 _MASK = (1 << 64) - 1
 
 # FarmHash's constants.
-K0 = _U64(0xc3a5c85c97cb3127)
-K1 = _U64(0xb492b66fbe98f273)
-K2 = _U64(0x9ae16a3b2f90404f)
+K0 = _U64(0xC3A5C85C97CB3127)
+K1 = _U64(0xB492B66FBE98F273)
+K2 = _U64(0x9AE16A3B2F90404F)
 
 # Start state of the >64-byte loop, derived from seed 81 as in the C code;
 # computed with Python ints (mod 2**64) so numpy scalars never overflow.
 _SEED = 81
-_X0 = (_SEED * int(K2)) & _MASK                  # before adding the first word
+_X0 = (_SEED * int(K2)) & _MASK  # before adding the first word
 _Y0 = (_SEED * int(K1) + 113) & _MASK
 _T = (_Y0 * int(K2) + 113) & _MASK
-_Z0 = ((_T ^ (_T >> 47)) * int(K2)) & _MASK      # ShiftMix(y * k2 + 113) * k2
+_Z0 = ((_T ^ (_T >> 47)) * int(K2)) & _MASK  # ShiftMix(y * k2 + 113) * k2
 
 _SHIFT = {r: (_U64(r), _U64(64 - r)) for r in (18, 21, 25, 30, 33, 37, 42, 43, 44, 47)}
 
@@ -113,13 +113,12 @@ def _len_17_to_32(b, s, n):
     bb = b.fetch64(s + 8)
     c = b.fetch64(s + n - 8) * mul
     d = b.fetch64(s + n - 16) * K2
-    return _hash_len16(_rot(a + bb, 43) + _rot(c, 30) + d,
-                       a + _rot(bb + K2, 18) + c, mul)
+    return _hash_len16(_rot(a + bb, 43) + _rot(c, 30) + d, a + _rot(bb + K2, 18) + c, mul)
 
 
 def _len_33_to_64(b, s, n):
     mul = K2 + n.astype(_U64) * _U64(2)
-    head = b.words(s, 4)          # bytes 0..31
+    head = b.words(s, 4)  # bytes 0..31
     tail = b.words(s + n - 32, 4)  # last 32 bytes (may overlap head)
     a = head[:, 0] * K2
     bb = head[:, 1]
@@ -131,8 +130,7 @@ def _len_33_to_64(b, s, n):
     f = head[:, 3]
     g = (y + tail[:, 0]) * mul
     h = (z + tail[:, 1]) * mul
-    return _hash_len16(_rot(e + f, 43) + _rot(g, 30) + h,
-                       e + _rot(f + a, 18) + g, mul)
+    return _hash_len16(_rot(e + f, 43) + _rot(g, 30) + h, e + _rot(f + a, 18) + g, mul)
 
 
 def _len_over_64(b, s, n):
@@ -162,7 +160,9 @@ def _len_over_64(b, s, n):
         Y = Y + V0 + q[:, 5]
         Z = _rot(Z + W0, 33) * K1
         V0, V1 = _weak_hash_len32_with_seeds(q[:, 0], q[:, 1], q[:, 2], q[:, 3], V1 * K1, X + W0)
-        W0, W1 = _weak_hash_len32_with_seeds(q[:, 4], q[:, 5], q[:, 6], q[:, 7], Z + W1, Y + q[:, 2])
+        W0, W1 = _weak_hash_len32_with_seeds(
+            q[:, 4], q[:, 5], q[:, 6], q[:, 7], Z + W1, Y + q[:, 2]
+        )
         # The C code swaps z and x at the end of each block.
         x[:m], y[:m], z[:m] = Z, Y, X
         v0[:m], v1[:m], w0[:m], w1[:m] = V0, V1, W0, W1
@@ -170,7 +170,7 @@ def _len_over_64(b, s, n):
     # Final step on the last 64 bytes (overlapping the last block), with a
     # multiplier that depends on the state.
     q = b.words(s + n - 64, 8)
-    mul = K1 + ((z & _U64(0xff)) << _U64(1))
+    mul = K1 + ((z & _U64(0xFF)) << _U64(1))
     w0 = w0 + ((n - 1) & 63).astype(_U64)
     v0 = v0 + w0
     w0 = w0 + v0
@@ -182,8 +182,9 @@ def _len_over_64(b, s, n):
     v0, v1 = _weak_hash_len32_with_seeds(q[:, 0], q[:, 1], q[:, 2], q[:, 3], v1 * mul, x + w0)
     w0, w1 = _weak_hash_len32_with_seeds(q[:, 4], q[:, 5], q[:, 6], q[:, 7], z + w1, y + q[:, 2])
     x, z = z, x
-    out = _hash_len16(_hash_len16(v0, w0, mul) + _shift_mix(y) * K0 + z,
-                      _hash_len16(v1, w1, mul) + x, mul)
+    out = _hash_len16(
+        _hash_len16(v0, w0, mul) + _shift_mix(y) * K0 + z, _hash_len16(v1, w1, mul) + x, mul
+    )
 
     result = np.empty(count, dtype=_U64)
     result[order] = out
@@ -212,8 +213,9 @@ def fingerprint64(docs):
     out = np.full(len(docs), K2, dtype=_U64)  # the hash of b'' is k2
     with np.errstate(over='ignore'):
         for lo, hi, fn in _PATHS:
-            sel = np.flatnonzero((lengths >= lo) if hi is None else
-                                 ((lengths >= lo) & (lengths <= hi)))
+            sel = np.flatnonzero(
+                (lengths >= lo) if hi is None else ((lengths >= lo) & (lengths <= hi))
+            )
             if sel.size:
                 out[sel] = fn(b, starts[sel], lengths[sel])
     return out

@@ -22,13 +22,12 @@ import dataclasses
 import difflib
 import functools
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from etils import epath
 
-from muomni_jax.data import document_files
-from muomni_jax.data import fingerprint
+from muomni_jax.data import document_files, fingerprint
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError, first_line
 
@@ -47,6 +46,7 @@ class CorpusSpec:
     The defaults are those of a corpus read on its own (launch.evaluate's text file); a training
     run fills every field from its plan (data_plan.DataPlan.corpus).
     """
+
     data_path: str = ''  # File, directory, glob or hf:NAME/CONFIG/SPLIT; '' for TFDS.
     tfds_name: str = ''  # When set, the corpus is this TFDS dataset's split.
     tfds_split: str = 'train'
@@ -63,10 +63,12 @@ def _tensorflow():
     11 s and 650 MB to import, and an accelerator box may not have it)."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Its C++ info lines stay off the console.
     try:
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        import tensorflow as tf
     except ImportError as e:
-        raise UserError(f'TFDS sources need TensorFlow, which does not import here ({e}): pip '
-                        'install -r requirements.txt, or give text files as data_path') from None
+        raise UserError(
+            f'TFDS sources need TensorFlow, which does not import here ({e}): pip '
+            'install -r requirements.txt, or give text files as data_path'
+        ) from None
     # Host-side work here: it must never take accelerator memory that JAX needs.
     tf.config.set_visible_devices([], 'GPU')
     return tf
@@ -79,32 +81,37 @@ def _tfds_dataset(spec: CorpusSpec, builder):
     if spec.tfds_text_key not in features:
         raise UserError(
             f'TFDS dataset {spec.tfds_name!r} has no feature {spec.tfds_text_key!r}: '
-            f'set --spec.tfds_text_key to one of {sorted(features.keys())}')
+            f'set --spec.tfds_text_key to one of {sorted(features.keys())}'
+        )
     try:
         ds = builder.as_dataset(split=spec.tfds_split, shuffle_files=False)
     except ValueError as e:
         raise UserError(f'TFDS split {spec.tfds_split!r} of {spec.tfds_name!r}: {e}') from None
-    return ds.map(lambda example: example[spec.tfds_text_key],
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda example: example[spec.tfds_text_key], num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _tfds_builder(spec: CorpusSpec):
     """The prepared TFDS builder of the corpus's tfds_name (downloading it if needed)."""
     _tensorflow()
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder(spec.tfds_name, data_dir=spec.tfds_data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
         close = difflib.get_close_matches(spec.tfds_name, tfds.list_builders(), n=1)
         hint = f'did you mean {close[0]!r}? ' if close else ''
-        raise UserError(f'TFDS dataset {spec.tfds_name!r} does not exist: {hint}check '
-                        '--spec.tfds_name (see tfds.list_builders())') from None
+        raise UserError(
+            f'TFDS dataset {spec.tfds_name!r} does not exist: {hint}check '
+            '--spec.tfds_name (see tfds.list_builders())'
+        ) from None
     try:
         builder.download_and_prepare()
-    except Exception as e:  # pylint: disable=broad-except
-        raise UserError(f'cannot download or prepare TFDS dataset {spec.tfds_name!r} '
-                        f'({first_line(e, 200)}): check the '
-                        'network, or set --spec.tfds_data_dir to a prepared copy') from None
+    except Exception as e:
+        raise UserError(
+            f'cannot download or prepare TFDS dataset {spec.tfds_name!r} '
+            f'({first_line(e, 200)}): check the '
+            'network, or set --spec.tfds_data_dir to a prepared copy'
+        ) from None
     return builder
 
 
@@ -116,6 +123,7 @@ class RoutedChunk:
     shard: (D,) int64 data shard; progress: bytes (text) or examples (TFDS) consumed by this
     chunk, for progress bars.
     """
+
     docs: list[bytes]
     split: np.ndarray
     shard: np.ndarray
@@ -151,7 +159,7 @@ class DocumentSource:
         return f'TFDS {spec.tfds_name}/{spec.tfds_split}' if spec.tfds_name else spec.data_path
 
     def size(self) -> tuple[int, str]:
-        """(total, unit) of the progress that chunks report: bytes, or TFDS examples (0: unknown)."""
+        """(total, unit) of the progress chunks report: bytes, or TFDS examples (0: unknown)."""
         if not self.spec.tfds_name:
             return sum(epath.Path(path).stat().length for path in self.paths), 'B'
         splits = self.tfds_builder.info.splits
@@ -187,8 +195,9 @@ class DocumentSource:
             yield RoutedChunk(docs, split, position % num_shards, progress)
 
 
-def document_bytes(spec: CorpusSpec, split: str, shard: int = 0,
-                   num_shards: int = 1) -> Iterator[bytes]:
+def document_bytes(
+    spec: CorpusSpec, split: str, shard: int = 0, num_shards: int = 1
+) -> Iterator[bytes]:
     """The documents of one split ('train' or 'validation') and data shard, as UTF-8 bytes (maybe
     invalid: tokenize() replaces and counts bad bytes).
 
@@ -210,12 +219,15 @@ def document_bytes(spec: CorpusSpec, split: str, shard: int = 0,
 
 def documents(spec: CorpusSpec, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
     """document_bytes as text (bad UTF-8 bytes become U+FFFD), e.g. to train the tokenizer."""
-    return (doc.decode('utf-8', errors='replace')
-            for doc in document_bytes(spec, split, shard, num_shards))
+    return (
+        doc.decode('utf-8', errors='replace')
+        for doc in document_bytes(spec, split, shard, num_shards)
+    )
 
 
-def tokenize(docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer,
-             dtype=np.int32) -> tuple[np.ndarray, np.ndarray, int]:
+def tokenize(
+    docs: Sequence[bytes], tokenizer: tokenizer_lib.Tokenizer, dtype=np.int32
+) -> tuple[np.ndarray, np.ndarray, int]:
     """[BOS] + ids + [EOS] per document, end to end.
 
     Returns (tokens (N,) of dtype, lengths (D,) int64 of each document's tokens, number of
@@ -253,6 +265,7 @@ class TokenStream:
       cache file would otherwise train on ids the model has no row for, without a word).
     path: the file the tokens come from, for that error.
     """
+
     tokens: np.ndarray
     doc_starts: np.ndarray
     vocab_size: int = 0
@@ -287,23 +300,26 @@ class TokenStream:
                 continue
             lo = int(k) * ctx_len
             hi = min(lo + width, self.num_tokens)
-            tokens[row, :hi - lo] = self.tokens[lo:hi]
-            valid[row, :hi - lo] = True
+            tokens[row, : hi - lo] = self.tokens[lo:hi]
+            valid[row, : hi - lo] = True
             first, last = np.searchsorted(self.doc_starts, [lo, hi])
             starts[row, self.doc_starts[first:last] - lo] = True
         if self.vocab_size and tokens.size and int(tokens.max()) >= self.vocab_size:
             # O(tokens read): the whole file is never scanned, yet no bad id reaches a step.
-            raise UserError(f'token cache file {self.path or "(in memory)"} holds token id '
-                            f'{int(tokens.max())}, past the vocabulary ({self.vocab_size}): the '
-                            f'file is damaged; delete {os.path.dirname(self.path) or "it"} and '
-                            'rerun, which builds it again')
+            raise UserError(
+                f'token cache file {self.path or "(in memory)"} holds token id '
+                f'{int(tokens.max())}, past the vocabulary ({self.vocab_size}): the '
+                f'file is damaged; delete {os.path.dirname(self.path) or "it"} and '
+                'rerun, which builds it again'
+            )
         # A document continued from the previous window starts a fresh segment at slot 0.
         segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) + (~starts[:, :1])
         return tokens, np.where(valid, segment_ids, 0).astype(np.int32)
 
 
-def in_memory_stream(docs: Iterator[bytes], tokenizer: tokenizer_lib.Tokenizer,
-                     chunk_docs: int = 1024) -> tuple[TokenStream, int]:
+def in_memory_stream(
+    docs: Iterator[bytes], tokenizer: tokenizer_lib.Tokenizer, chunk_docs: int = 1024
+) -> tuple[TokenStream, int]:
     """A TokenStream held in memory, for small texts (launch.evaluate); (stream, #invalid UTF-8)."""
     parts, lengths, invalid, chunk = [], [], 0, []
 
@@ -324,7 +340,7 @@ def in_memory_stream(docs: Iterator[bytes], tokenizer: tokenizer_lib.Tokenizer,
     doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return TokenStream(tokens, starts[:len(doc_lengths)]), invalid
+    return TokenStream(tokens, starts[: len(doc_lengths)]), invalid
 
 
 def features(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -339,7 +355,8 @@ def features(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarra
     seg_in, seg_out = segment_ids[:, :-1], segment_ids[:, 1:]
     t = np.arange(seg_in.shape[1], dtype=np.int32)[None, :]
     is_start = np.concatenate(
-        [np.ones_like(seg_in[:, :1], np.bool_), seg_in[:, 1:] != seg_in[:, :-1]], axis=1)
+        [np.ones_like(seg_in[:, :1], np.bool_), seg_in[:, 1:] != seg_in[:, :-1]], axis=1
+    )
     positions = t - np.maximum.accumulate(np.where(is_start, t, 0), axis=1)
     return {
         'inputs': tokens[:, :-1].astype(np.int32),
@@ -393,8 +410,9 @@ class EpochOrder:
         return windows
 
 
-def eval_batches(stream: TokenStream, ctx_len: int, batch_size: int,
-                 num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    stream: TokenStream, ctx_len: int, batch_size: int, num_batches: int
+) -> Iterator[dict[str, np.ndarray]]:
     """The first num_batches batches of a stream, in order; missing rows are fully masked."""
     index = np.full(num_batches * batch_size, -1, np.int64)
     count = min(stream.num_windows(ctx_len), len(index))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,9 +38,11 @@ from muomni_jax.errors import UserError
 
 BLOCK_ROWS = 4096
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
-_SYNTAX = ('write NAME=SOURCE:WEIGHT[:TEXT_KEY] entries separated by commas, with SOURCE a '
-           'file, directory, glob, hf:NAME/CONFIG/SPLIT or tfds:DATASET/SPLIT/TEXT_KEY, e.g. '
-           "--config.mixture='wiki=data/wiki/*.txt:0.7,books=data/books.jsonl:0.3:body'")
+_SYNTAX = (
+    'write NAME=SOURCE:WEIGHT[:TEXT_KEY] entries separated by commas, with SOURCE a '
+    'file, directory, glob, hf:NAME/CONFIG/SPLIT or tfds:DATASET/SPLIT/TEXT_KEY, e.g. '
+    "--config.mixture='wiki=data/wiki/*.txt:0.7,books=data/books.jsonl:0.3:body'"
+)
 # Seeds the block shuffles apart from the epoch orders of input_pipeline.epoch_order.
 _BLOCK_SEED_TAG = 0x6D6978
 
@@ -48,6 +50,7 @@ _BLOCK_SEED_TAG = 0x6D6978
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One corpus of a mixture."""
+
     name: str  # Short name: in metric keys (val/<name>/loss), TensorBoard tags and log lines.
     weight: float  # Share of the training rows; the weights of a mixture sum to 1.
     data_path: str = ''  # File, directory, glob or hf:NAME/CONFIG/SPLIT; '' for TFDS.
@@ -82,24 +85,32 @@ def parse(spec: str) -> list[Source]:
         if not equals or not colon or not where.strip():
             raise UserError(f'mixture entry {entry!r} does not parse: {_SYNTAX}')
         if not _NAME.fullmatch(name):
-            raise UserError(f'mixture source name {name!r} must be letters, digits, _ or -: '
-                            'it names metrics such as val/<name>/loss')
+            raise UserError(
+                f'mixture source name {name!r} must be letters, digits, _ or -: '
+                'it names metrics such as val/<name>/loss'
+            )
         try:
             weight = float(weight_text)
         except ValueError:
-            raise UserError(f'mixture entry {entry!r} has weight {weight_text!r}, not a number: '
-                            f'{_SYNTAX}') from None
+            raise UserError(
+                f'mixture entry {entry!r} has weight {weight_text!r}, not a number: {_SYNTAX}'
+            ) from None
         if not weight > 0 or not np.isfinite(weight):
-            raise UserError(f'mixture source {name!r} has weight {weight_text}: weights must be '
-                            '> 0 (drop the source to leave it out)')
+            raise UserError(
+                f'mixture source {name!r} has weight {weight_text}: weights must be '
+                '> 0 (drop the source to leave it out)'
+            )
         if name in [s.name for s in sources]:
-            raise UserError(f'mixture source name {name!r} appears twice: give each source its '
-                            'own name')
+            raise UserError(
+                f'mixture source name {name!r} appears twice: give each source its own name'
+            )
         source = _source(name, weight, where.strip(), entry)
         if text_key:
             if source.tfds_name:
-                raise UserError(f'mixture entry {entry!r}: a TFDS source names its text feature '
-                                'in tfds:DATASET/SPLIT/TEXT_KEY, not after its weight')
+                raise UserError(
+                    f'mixture entry {entry!r}: a TFDS source names its text feature '
+                    'in tfds:DATASET/SPLIT/TEXT_KEY, not after its weight'
+                )
             source = dataclasses.replace(source, text_key=text_key)
         sources.append(source)
     total = sum(s.weight for s in sources)
@@ -119,10 +130,12 @@ def _is_number(text: str) -> bool:
 def _source(name: str, weight: float, where: str, entry: str) -> Source:
     if not where.startswith('tfds:'):
         return Source(name, weight, data_path=where)
-    parts = where[len('tfds:'):].rsplit('/', 2)
+    parts = where[len('tfds:') :].rsplit('/', 2)
     if len(parts) != 3 or not all(parts):
-        raise UserError(f'mixture entry {entry!r}: a TFDS source is tfds:DATASET/SPLIT/TEXT_KEY, '
-                        'e.g. tfds:lm1b/train/text')
+        raise UserError(
+            f'mixture entry {entry!r}: a TFDS source is tfds:DATASET/SPLIT/TEXT_KEY, '
+            'e.g. tfds:lm1b/train/text'
+        )
     return Source(name, weight, tfds_name=parts[0], tfds_split=parts[1], tfds_text_key=parts[2])
 
 
@@ -135,11 +148,15 @@ def canonical(sources: Sequence[Source]) -> str:
 def no_text_message(source: Source, is_mixture: bool) -> str:
     """Also for an empty dataset or records whose text is all blank."""
     if is_mixture:
-        return (f'mixture source {source.name!r} ({source.describe()}) holds no training text '
-                '(empty, blank documents only, or all in validation): point it at '
-                f'{document_files.FORMATS_HELP}, or drop it from --config.mixture')
-    return (f'{source.describe()} holds no training text (empty, blank documents only, or all '
-            f'in validation): point data_path at {document_files.FORMATS_HELP}')
+        return (
+            f'mixture source {source.name!r} ({source.describe()}) holds no training text '
+            '(empty, blank documents only, or all in validation): point it at '
+            f'{document_files.FORMATS_HELP}, or drop it from --config.mixture'
+        )
+    return (
+        f'{source.describe()} holds no training text (empty, blank documents only, or all '
+        f'in validation): point data_path at {document_files.FORMATS_HELP}'
+    )
 
 
 def block_rows(sources: list[Source], size: int = BLOCK_ROWS) -> np.ndarray:
@@ -147,12 +164,14 @@ def block_rows(sources: list[Source], size: int = BLOCK_ROWS) -> np.ndarray:
     exact = np.array([s.weight for s in sources]) * size
     counts = np.floor(exact).astype(np.int64)
     # Stable: equal remainders go to the earlier source.
-    extra = np.argsort(-(exact - counts), kind='stable')[:size - counts.sum()]
+    extra = np.argsort(-(exact - counts), kind='stable')[: size - counts.sum()]
     counts[extra] += 1
     if not counts.all():
         small = [s.name for s, c in zip(sources, counts) if not c]
-        raise UserError(f'mixture source(s) {", ".join(small)} have a weight below 1/{size} of '
-                        'the total and would never be drawn: raise their weight')
+        raise UserError(
+            f'mixture source(s) {", ".join(small)} have a weight below 1/{size} of '
+            'the total and would never be drawn: raise their weight'
+        )
     return counts
 
 

@@ -34,13 +34,13 @@ import os
 import socket
 import sys
 import time
-from typing import Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 from etils import epath
 
-from muomni_jax.data import document_files
-from muomni_jax.data import input_pipeline
+from muomni_jax.data import document_files, input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.io.atomic_write import fsync_directory, write_atomically
@@ -70,26 +70,38 @@ def default_dir() -> str:
     return os.path.join(base, 'muomni_jax', 'token_cache')
 
 
-def cache_key(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
-              num_shards: int) -> tuple[str, dict]:
+def cache_key(
+    source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer, num_shards: int
+) -> tuple[str, dict]:
     """(key, what it covers): equal keys mean equal token streams."""
     spec = source.spec
     if spec.tfds_name:
         info = source.tfds_builder.info
-        described = {'tfds': info.full_name, 'split': spec.tfds_split,
-                     'text_key': spec.tfds_text_key}
+        described = {
+            'tfds': info.full_name,
+            'split': spec.tfds_split,
+            'text_key': spec.tfds_text_key,
+        }
     else:
         # Modification times in whole seconds, as nanoseconds: the key TensorFlow's stat gave,
         # so caches built before TensorFlow left this path are still found.
         stats = [epath.Path(path).stat() for path in source.paths]
-        described = {'files': [[path, stat.length, int(stat.mtime) * 10**9]
-                               for path, stat in zip(source.paths, stats)]}
+        described = {
+            'files': [
+                [path, stat.length, int(stat.mtime) * 10**9]
+                for path, stat in zip(source.paths, stats)
+            ]
+        }
         if document_files.has_records(source.paths):
             # Only where records are read, so the keys of text caches built before stay.
             described['text_key'] = source.text_key
-    material = {'format': FORMAT_VERSION, 'source': described,
-                'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),
-                'val_split': spec.val_split, 'num_shards': num_shards}
+    material = {
+        'format': FORMAT_VERSION,
+        'source': described,
+        'tokenizer_sha256': hashlib.sha256(tokenizer.model_proto).hexdigest(),
+        'val_split': spec.val_split,
+        'num_shards': num_shards,
+    }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return digest[:20], material
 
@@ -108,12 +120,15 @@ def _check_doc_starts(path: str, starts: np.ndarray, num_tokens: int) -> None:
     if not len(starts):
         return
     if starts[0] != 0 or starts[-1] >= num_tokens or np.any(np.diff(starts) <= 0):
-        raise _Damaged(f'{path} holds document offsets that do not start at 0, increase and '
-                       f'stay below its {num_tokens:,} tokens')
+        raise _Damaged(
+            f'{path} holds document offsets that do not start at 0, increase and '
+            f'stay below its {num_tokens:,} tokens'
+        )
 
 
-def _open_stream(directory: str, name: str, key: str, vocab_size: int = 0
-                 ) -> input_pipeline.TokenStream | None:
+def _open_stream(
+    directory: str, name: str, key: str, vocab_size: int = 0
+) -> input_pipeline.TokenStream | None:
     """The memory-mapped stream of one shard; None if it was never finished. Its windows are
     checked against vocab_size as they are read."""
     header_path = os.path.join(directory, name + '.json')
@@ -129,22 +144,32 @@ def _open_stream(directory: str, name: str, key: str, vocab_size: int = 0
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _Damaged(f'{header_path} is not a valid header ({type(e).__name__})') from None
     arrays = []
-    for ext, array_dtype, count in (('tokens', dtype, num_tokens),
-                                    ('docs', np.dtype('<i8'), num_documents)):
+    for ext, array_dtype, count in (
+        ('tokens', dtype, num_tokens),
+        ('docs', np.dtype('<i8'), num_documents),
+    ):
         path = os.path.join(directory, f'{name}.{ext}')
         try:
             size = os.path.getsize(path)
             if size != count * array_dtype.itemsize:
-                raise _Damaged(f'{path} holds {size:,} bytes where its header says '
-                               f'{count * array_dtype.itemsize:,} (truncated?)')
-            arrays.append(np.memmap(path, array_dtype, mode='r', shape=(count,)) if count
-                          else np.zeros(0, array_dtype))
+                raise _Damaged(
+                    f'{path} holds {size:,} bytes where its header says '
+                    f'{count * array_dtype.itemsize:,} (truncated?)'
+                )
+            arrays.append(
+                np.memmap(path, array_dtype, mode='r', shape=(count,))
+                if count
+                else np.zeros(0, array_dtype)
+            )
         except OSError as e:
             raise _Damaged(f'{path} cannot be read ({e.strerror})') from None
     _check_doc_starts(os.path.join(directory, f'{name}.docs'), arrays[1], num_tokens)
-    return input_pipeline.TokenStream(tokens=arrays[0], doc_starts=arrays[1],
-                                      vocab_size=vocab_size,
-                                      path=os.path.join(directory, f'{name}.tokens'))
+    return input_pipeline.TokenStream(
+        tokens=arrays[0],
+        doc_starts=arrays[1],
+        vocab_size=vocab_size,
+        path=os.path.join(directory, f'{name}.tokens'),
+    )
 
 
 def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
@@ -152,14 +177,22 @@ def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
     longer builds: a process that died, on this host or on another one sharing the folder."""
     if not os.path.isdir(directory):
         return []
-    return [os.path.join(directory, entry) for entry in os.listdir(directory)
-            if _PARTIAL in entry and entry.startswith(tuple(n + '.' for n in names))]
+    return [
+        os.path.join(directory, entry)
+        for entry in os.listdir(directory)
+        if _PARTIAL in entry and entry.startswith(tuple(n + '.' for n in names))
+    ]
 
 
-def open_or_build(cache_dir: str, source: input_pipeline.DocumentSource,
-                  tokenizer: tokenizer_lib.Tokenizer, num_shards: int, shards: Sequence[int],
-                  log: Callable[[str], None] = print, progress: BuildProgress | None = None
-                  ) -> dict[tuple[str, int], input_pipeline.TokenStream]:
+def open_or_build(
+    cache_dir: str,
+    source: input_pipeline.DocumentSource,
+    tokenizer: tokenizer_lib.Tokenizer,
+    num_shards: int,
+    shards: Sequence[int],
+    log: Callable[[str], None] = print,
+    progress: BuildProgress | None = None,
+) -> dict[tuple[str, int], input_pipeline.TokenStream]:
     """The (split, shard) -> stream of every split of `shards`, building them if needed.
 
     cache_dir: the cache's root; '' for default_dir(). `log` prints one line of what happened
@@ -168,13 +201,18 @@ def open_or_build(cache_dir: str, source: input_pipeline.DocumentSource,
     root = cache_dir or default_dir()
     key, material = cache_key(source, tokenizer, num_shards)
     directory = os.path.join(root, key)
-    names = {(split, shard): shard_name(split, shard, num_shards)
-             for shard in shards for split in input_pipeline.SPLITS}
+    names = {
+        (split, shard): shard_name(split, shard, num_shards)
+        for shard in shards
+        for split in input_pipeline.SPLITS
+    }
     streams, damaged = _open_all(directory, names, key, tokenizer.vocab_size)
     if streams is not None:
         tokens = sum(s.num_tokens for s in streams.values())
-        log(f'Token cache: {directory} ({tokens:,} tokens in {len(streams)} streams); '
-            'nothing to tokenize.')
+        log(
+            f'Token cache: {directory} ({tokens:,} tokens in {len(streams)} streams); '
+            'nothing to tokenize.'
+        )
         return streams
     _make_writable(directory)
     # Two runs that build the same shards (a sweep on the default cache) take turns; the second
@@ -191,14 +229,27 @@ def open_or_build(cache_dir: str, source: input_pipeline.DocumentSource,
             log(f'Token cache: an earlier build of {directory} was interrupted; rebuilding it.')
         else:
             log(f'Token cache: building {directory} (tokenized once; later runs reuse it).')
-        _build(source, tokenizer, directory, key, material, num_shards, list(shards), stale,
-               progress=progress, log=log)
-    return {where: _open_stream(directory, name, key, tokenizer.vocab_size)
-            for where, name in names.items()}
+        _build(
+            source,
+            tokenizer,
+            directory,
+            key,
+            material,
+            num_shards,
+            list(shards),
+            stale,
+            progress=progress,
+            log=log,
+        )
+    return {
+        where: _open_stream(directory, name, key, tokenizer.vocab_size)
+        for where, name in names.items()
+    }
 
 
-def _open_all(directory: str, names: dict, key: str, vocab_size: int
-              ) -> tuple[dict | None, list[str]]:
+def _open_all(
+    directory: str, names: dict, key: str, vocab_size: int
+) -> tuple[dict | None, list[str]]:
     """(every stream, []) when all of `names` are complete and sound, else (None, why not)."""
     streams, damaged = {}, []
     for where, name in names.items():
@@ -239,9 +290,11 @@ def _make_writable(directory: str) -> None:
             pass
         os.remove(os.path.join(directory, f'.write-test{_PARTIAL}{os.getpid()}'))
     except OSError as e:
-        raise UserError(f'token cache directory {directory} is not writable ({e.strerror}): set '
-                        '--config.cache_dir to a writable directory (or delete a damaged cache '
-                        'there)') from None
+        raise UserError(
+            f'token cache directory {directory} is not writable ({e.strerror}): set '
+            '--config.cache_dir to a writable directory (or delete a damaged cache '
+            'there)'
+        ) from None
 
 
 class _StreamWriter:
@@ -284,13 +337,24 @@ class _StreamWriter:
 
 
 def _tokenize_groups(groups: dict, tokenizer, dtype) -> dict:
-    return {where: input_pipeline.tokenize(docs, tokenizer, dtype) for where, docs in groups.items()}
+    return {
+        where: input_pipeline.tokenize(docs, tokenizer, dtype) for where, docs in groups.items()
+    }
 
 
-def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Tokenizer,
-           directory: str, key: str, material: dict, num_shards: int, shards: list[int],
-           stale: list[str], *, progress: BuildProgress | None,
-           log: Callable[[str], None]) -> None:
+def _build(
+    source: input_pipeline.DocumentSource,
+    tokenizer: tokenizer_lib.Tokenizer,
+    directory: str,
+    key: str,
+    material: dict,
+    num_shards: int,
+    shards: list[int],
+    stale: list[str],
+    *,
+    progress: BuildProgress | None,
+    log: Callable[[str], None],
+) -> None:
     """Tokenizes the source once, streaming: memory holds a few chunks in flight, never the corpus.
 
     The main thread reads and routes chunks; a thread pool with one worker per core tokenizes
@@ -298,8 +362,11 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
     """
     for path in stale:
         os.remove(path)
-    names = {(split, shard): shard_name(split, shard, num_shards)
-             for shard in shards for split in input_pipeline.SPLITS}
+    names = {
+        (split, shard): shard_name(split, shard, num_shards)
+        for shard in shards
+        for split in input_pipeline.SPLITS
+    }
     for name in names.values():  # A shard being rebuilt is unusable until its new header.
         if os.path.exists(os.path.join(directory, name + '.json')):
             os.remove(os.path.join(directory, name + '.json'))
@@ -311,8 +378,9 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
     mine = set(shards)
     writers = {}
     try:
-        write_atomically(os.path.join(directory, 'cache.json'),
-                         json.dumps(material, indent=1, sort_keys=True))
+        write_atomically(
+            os.path.join(directory, 'cache.json'), json.dumps(material, indent=1, sort_keys=True)
+        )
         for where, name in names.items():
             writers[where] = _StreamWriter(directory, name, dtype)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -322,8 +390,9 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
                 for doc, split, shard in zip(chunk.docs, chunk.split, chunk.shard):
                     if int(shard) in mine:
                         groups[input_pipeline.SPLITS[split], int(shard)].append(doc)
-                in_flight.append((pool.submit(_tokenize_groups, groups, tokenizer, dtype),
-                                  chunk.progress))
+                in_flight.append(
+                    (pool.submit(_tokenize_groups, groups, tokenizer, dtype), chunk.progress)
+                )
                 while len(in_flight) > 2 * workers:
                     _write(writers, progress, *in_flight.popleft())
             while in_flight:
@@ -349,27 +418,50 @@ def _build(source: input_pipeline.DocumentSource, tokenizer: tokenizer_lib.Token
 def _raise_if_disk_full(error: BaseException, directory: str) -> None:
     """A full disk (or quota) is the user's to fix: one line naming the folder."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f'no space left while building the token cache in {directory} '
-                        f'({error.strerror}); no partial file was kept: free space there, or '
-                        'set --config.cache_dir to a folder with room') from None
+        raise UserError(
+            f'no space left while building the token cache in {directory} '
+            f'({error.strerror}); no partial file was kept: free space there, or '
+            'set --config.cache_dir to a folder with room'
+        ) from None
 
 
-def _finish(directory: str, key: str, dtype: np.dtype, names: dict, writers: dict,
-            seconds: float, log: Callable[[str], None]) -> None:
+def _finish(
+    directory: str,
+    key: str,
+    dtype: np.dtype,
+    names: dict,
+    writers: dict,
+    seconds: float,
+    log: Callable[[str], None],
+) -> None:
     """Writes each stream's header (the mark that it is complete) and reports the build."""
     for where, writer in writers.items():
-        write_atomically(os.path.join(directory, names[where] + '.json'), json.dumps({
-            'format': FORMAT_VERSION, 'key': key, 'dtype': dtype.str,
-            'num_tokens': writer.num_tokens, 'num_documents': writer.num_documents,
-            'invalid_utf8': writer.invalid_utf8}))
+        write_atomically(
+            os.path.join(directory, names[where] + '.json'),
+            json.dumps(
+                {
+                    'format': FORMAT_VERSION,
+                    'key': key,
+                    'dtype': dtype.str,
+                    'num_tokens': writer.num_tokens,
+                    'num_documents': writer.num_documents,
+                    'invalid_utf8': writer.invalid_utf8,
+                }
+            ),
+        )
     invalid = sum(w.invalid_utf8 for w in writers.values())
     if invalid:
-        print(f'Warning: {invalid} documents had invalid UTF-8; their bad bytes were replaced by '
-              'U+FFFD.', file=sys.stderr)
+        print(
+            f'Warning: {invalid} documents had invalid UTF-8; their bad bytes were replaced by '
+            'U+FFFD.',
+            file=sys.stderr,
+        )
     tokens = sum(w.num_tokens for w in writers.values())
     size = sum(os.path.getsize(p) for w in writers.values() for p in w.final.values())
-    log(f'Token cache: {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} '
-        f'tokens/s), {size:,} bytes on disk.')
+    log(
+        f'Token cache: {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} '
+        f'tokens/s), {size:,} bytes on disk.'
+    )
 
 
 def _write(writers, progress: BuildProgress | None, future, done: int) -> None:

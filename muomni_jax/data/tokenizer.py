@@ -10,7 +10,7 @@ import functools
 import io
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 from etils import epath
@@ -38,21 +38,24 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         if (self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()) != (UNK_ID, BOS_ID, EOS_ID):
             raise UserError(
-                f'tokenizer has unk/bos/eos ids {self._sp.unk_id()}/{self._sp.bos_id()}/{self._sp.eos_id()}, '
-                f'expected {UNK_ID}/{BOS_ID}/{EOS_ID}: train it with SentencePiece default ids')
+                f'tokenizer has unk/bos/eos ids {self._sp.unk_id()}/{self._sp.bos_id()}/'
+                f'{self._sp.eos_id()}, '
+                f'expected {UNK_ID}/{BOS_ID}/{EOS_ID}: train it with SentencePiece default ids'
+            )
 
     @classmethod
     def load(cls, path: str) -> 'Tokenizer':
         try:
             return cls(epath.Path(path).read_bytes())
         # On gs:// the reader is tf.io.gfile, whose errors are not OSErrors.
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             if isinstance(e, UserError):
                 raise
             reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(
                 f'cannot load tokenizer {path}: {reason}; point tokenizer_path at a SentencePiece '
-                '.model file or leave it empty to train one') from None
+                '.model file or leave it empty to train one'
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -100,8 +103,11 @@ class Tokenizer:
         model = sentencepiece_model_pb2.ModelProto()
         model.ParseFromString(self.model_proto)
         normalizer, trainer = model.normalizer_spec, model.trainer_spec
-        if (not trainer.split_by_whitespace or trainer.treat_whitespace_as_suffix
-                or not normalizer.escape_whitespaces):
+        if (
+            not trainer.split_by_whitespace
+            or trainer.treat_whitespace_as_suffix
+            or not normalizer.escape_whitespaces
+        ):
             return None
         if normalizer.add_dummy_prefix:
             return 'drop'
@@ -114,7 +120,7 @@ class Tokenizer:
         """The text that new_ids add after prompt_ids, with its leading space: decoded alone,
         SentencePiece would drop the space of a continuation's first word."""
         prompt = self.decode(prompt_ids)
-        return self.decode([*prompt_ids, *new_ids])[len(prompt):]
+        return self.decode([*prompt_ids, *new_ids])[len(prompt) :]
 
     def save(self, path: str) -> None:
         """Writes atomically, so a crash never leaves a truncated tokenizer.model behind."""
@@ -124,18 +130,17 @@ class Tokenizer:
 def _sentences(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for start in range(0, len(text), _MAX_SENTENCE_CHARS):
-            yield text[start:start + _MAX_SENTENCE_CHARS]
+            yield text[start : start + _MAX_SENTENCE_CHARS]
 
 
-def train_tokenizer(texts: Iterable[str],
-                    vocab_size: int,
-                    sample_size: int,
-                    seed: int = 0) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, sample_size: int, seed: int = 0
+) -> Tokenizer:
     """Trains a BPE model on `texts` (an iterable of documents), sampling at most `sample_size`.
 
-  SentencePiece reservoir-samples its input, so memory stays bounded for a corpus of any size.
-  The sample is seeded, so a run killed before it saved its tokenizer trains the same one again.
-  """
+    SentencePiece reservoir-samples its input, so memory stays bounded for a corpus of any size.
+    The sample is seeded, so a run killed before it saved its tokenizer trains the same one again.
+    """
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -161,6 +166,7 @@ def train_tokenizer(texts: Iterable[str],
         if largest:
             raise UserError(
                 f'the training text supports at most vocab_size={largest.group(1)}, not '
-                f'{vocab_size}: lower --config.vocab_size or add more text') from None
+                f'{vocab_size}: lower --config.vocab_size or add more text'
+            ) from None
         raise UserError(f'tokenizer training failed: {message}') from None
     return Tokenizer(model.getvalue())

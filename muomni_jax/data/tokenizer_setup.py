@@ -5,13 +5,12 @@ sample, evaluate and resume.
 """
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from etils import epath
 
-from muomni_jax.data import data_plan
-from muomni_jax.data import input_pipeline
+from muomni_jax.data import data_plan, input_pipeline
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 from muomni_jax.io import run_dir
@@ -52,11 +51,16 @@ def load_or_train_tokenizer(data: data_plan.DataPlan, save_dir: str) -> tokenize
     path = data.tokenizer_path or (saved if saved_exists else '')
     if path:
         tokenizer = tokenizer_lib.Tokenizer.load(path)
-        if path != saved and saved_exists and (
-                tokenizer_lib.Tokenizer.load(saved).model_proto != tokenizer.model_proto):
-            raise UserError(f'save_dir {save_dir} holds a run with another tokenizer than '
-                            f'tokenizer_path {path}: use a new --config.save_dir, or drop '
-                            'tokenizer_path to resume with the saved one')
+        if (
+            path != saved
+            and saved_exists
+            and (tokenizer_lib.Tokenizer.load(saved).model_proto != tokenizer.model_proto)
+        ):
+            raise UserError(
+                f'save_dir {save_dir} holds a run with another tokenizer than '
+                f'tokenizer_path {path}: use a new --config.save_dir, or drop '
+                'tokenizer_path to resume with the saved one'
+            )
     else:
         # All the training text, not one shard: the vocabulary must not depend on the processes.
         texts = tokenizer_documents(data)
@@ -65,12 +69,17 @@ def load_or_train_tokenizer(data: data_plan.DataPlan, save_dir: str) -> tokenize
             raise UserError(data.no_text_message(data.sources[0]))
         print(f'Training a {data.vocab_size}-piece BPE tokenizer on the training text...')
         tokenizer = tokenizer_lib.train_tokenizer(
-            itertools.chain([first], texts), data.vocab_size, data.tokenizer_sample_size,
-            seed=data.seed)
+            itertools.chain([first], texts),
+            data.vocab_size,
+            data.tokenizer_sample_size,
+            seed=data.seed,
+        )
     if tokenizer.vocab_size != data.vocab_size:
-        raise UserError(f'tokenizer {path} has {tokenizer.vocab_size} pieces but vocab_size is '
-                        f'{data.vocab_size}: set --config.vocab_size={tokenizer.vocab_size} or '
-                        'use a new save_dir')
+        raise UserError(
+            f'tokenizer {path} has {tokenizer.vocab_size} pieces but vocab_size is '
+            f'{data.vocab_size}: set --config.vocab_size={tokenizer.vocab_size} or '
+            'use a new save_dir'
+        )
     return tokenizer
 
 

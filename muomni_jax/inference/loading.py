@@ -27,6 +27,7 @@ from muomni_jax.model.thinker import abstract_model as thinker_abstract_model
 
 class Checkpoint(NamedTuple):
     """What `load` returns; unpacks as `config, params, tokenizer = load(...)`."""
+
     config: ml_collections.ConfigDict  # The run's whole config, as saved in config.json.
     params: nnx.State  # The Thinker's parameters, float32, on one device.
     tokenizer: tokenizer_lib.Tokenizer | None  # None only from load(..., need_tokenizer=False).
@@ -55,20 +56,28 @@ def available_steps(checkpoint_dir: str) -> list[int]:
     storage.check_supported(checkpoint_dir, 'checkpoint_dir')
     directory = epath.Path(checkpoint_dir)
     if not directory.is_dir():
-        raise UserError(f'checkpoint_dir {checkpoint_dir} does not exist: point it at the '
-                        'save_dir of a launch.stage_a run')
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / 'state').is_dir()
-                  and ocp.utils.is_checkpoint_finalized(p))
+        raise UserError(
+            f'checkpoint_dir {checkpoint_dir} does not exist: point it at the '
+            'save_dir of a launch.stage_a run'
+        )
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / 'state').is_dir() and ocp.utils.is_checkpoint_finalized(p)
+    )
 
 
 def read_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
     fields = run_dir.read_config(
-        checkpoint_dir, if_damaged='restore it from the run that wrote it (launch.convert '
-        '--input writes one for imported weights)')
+        checkpoint_dir,
+        if_damaged='restore it from the run that wrote it (launch.convert '
+        '--input writes one for imported weights)',
+    )
     if fields is None:
-        raise UserError(f'{run_dir.config_path(checkpoint_dir)} is missing: checkpoint_dir must '
-                        'be a save_dir written by launch.stage_a or launch.convert')
+        raise UserError(
+            f'{run_dir.config_path(checkpoint_dir)} is missing: checkpoint_dir must '
+            'be a save_dir written by launch.stage_a or launch.convert'
+        )
     return ml_collections.ConfigDict(fields)
 
 
@@ -88,29 +97,47 @@ class StepDeleted(Exception):
     """The step was deleted while it was read (a live run keeps only max_to_keep steps)."""
 
 
-def restore_params(checkpoint_dir: str, step: int, abstract_params: nnx.State,
-                   sharding: jax.sharding.Sharding, subtree: str = 'params') -> nnx.State:
+def restore_params(
+    checkpoint_dir: str,
+    step: int,
+    abstract_params: nnx.State,
+    sharding: jax.sharding.Sharding,
+    subtree: str = 'params',
+) -> nnx.State:
     """Reads only `subtree` ('params', or 'ema_params': their average) from
     save_dir/<step>/state onto `sharding` (every leaf the same)."""
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params
+    )
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
     path = epath.Path(storage.absolute(checkpoint_dir)) / str(step) / 'state'
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-                item={subtree: target}, restore_args={subtree: restore_args},
-                partial_restore=True))
+            restored = checkpointer.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item={subtree: target},
+                    restore_args={subtree: restore_args},
+                    partial_restore=True,
+                ),
+            )
     except (ValueError, KeyError, OSError) as e:
         if not path.exists():
             raise StepDeleted(step) from None
-        raise UserError(f'cannot restore the params of {path} ({first_line(e)}): is config.json '
-                        'the config it was trained with?') from None
+        raise UserError(
+            f'cannot restore the params of {path} ({first_line(e)}): is config.json '
+            'the config it was trained with?'
+        ) from None
     return restored[subtree]
 
 
-def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool = True,
-         weights: str = 'auto') -> Checkpoint:
+def load(
+    checkpoint_dir: str,
+    step: int | None = None,
+    *,
+    need_tokenizer: bool = True,
+    weights: str = 'auto',
+) -> Checkpoint:
     """Restores the params of `step` (default: the newest) of a save_dir, with its config and
     tokenizer, onto this process's first device. Exporting weights needs no tokenizer: with
     need_tokenizer=False a save_dir without one loads too.
@@ -123,8 +150,10 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
         raise UserError(f'weights={weights!r} is not one of {WEIGHTS}')
     steps = available_steps(checkpoint_dir)
     if not steps:
-        raise UserError(f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
-                        'launch.stage_a first, or check the path')
+        raise UserError(
+            f'checkpoint_dir {checkpoint_dir} holds no checkpoint steps: train with '
+            'launch.stage_a first, or check the path'
+        )
     asked_newest = step is None
     if step is None:
         step = steps[-1]
@@ -136,8 +165,9 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
     if tokenizer_path.exists():
         tokenizer = tokenizer_lib.Tokenizer(tokenizer_path.read_bytes())
     elif need_tokenizer:
-        raise UserError(f'{tokenizer_path} is missing: copy the tokenizer the model was trained '
-                        'with there')
+        raise UserError(
+            f'{tokenizer_path} is missing: copy the tokenizer the model was trained with there'
+        )
     _, abstract_params = abstract_model(config)
     # No lock: a live run may delete a step under this read (max_to_keep). The newest step is
     # then read again from a fresh listing; a named step is gone for good.
@@ -148,18 +178,23 @@ def load(checkpoint_dir: str, step: int | None = None, *, need_tokenizer: bool =
         except StepDeleted:
             now = available_steps(checkpoint_dir)
             if not asked_newest or not now:
-                raise UserError(f'step {step} of {checkpoint_dir} was deleted while it was read '
-                                '(a live run keeps only its newest max_to_keep steps): available '
-                                f'steps are now {now or "none"}') from None
-            print(f'Checkpoint step {step} of {checkpoint_dir} was deleted while it was read (a '
-                  f'live run keeps its newest max_to_keep steps); reading step {now[-1]}.',
-                  file=sys.stderr)
+                raise UserError(
+                    f'step {step} of {checkpoint_dir} was deleted while it was read '
+                    '(a live run keeps only its newest max_to_keep steps): available '
+                    f'steps are now {now or "none"}'
+                ) from None
+            print(
+                f'Checkpoint step {step} of {checkpoint_dir} was deleted while it was read (a '
+                f'live run keeps its newest max_to_keep steps); reading step {now[-1]}.',
+                file=sys.stderr,
+            )
             step = now[-1]
     return Checkpoint(config=config, params=params, tokenizer=tokenizer)
 
 
-def _read_weights(checkpoint_dir: str, step: int, abstract_params: nnx.State,
-                  weights: str) -> nnx.State:
+def _read_weights(
+    checkpoint_dir: str, step: int, abstract_params: nnx.State, weights: str
+) -> nnx.State:
     """The params (or their average, as `weights` asks; see load) of one step, on this
     process's first device. Raises StepDeleted if the step is gone."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -167,7 +202,9 @@ def _read_weights(checkpoint_dir: str, step: int, abstract_params: nnx.State,
     if weights == 'ema' and not average:
         if not (epath.Path(checkpoint_dir) / str(step)).exists():
             raise StepDeleted(step)
-        raise UserError(f'step {step} of {checkpoint_dir} holds no moving average of its params '
-                        '(train with --config.ema_decay > 0): use weights=params or auto')
+        raise UserError(
+            f'step {step} of {checkpoint_dir} holds no moving average of its params '
+            '(train with --config.ema_decay > 0): use weights=params or auto'
+        )
     subtree = 'ema_params' if average and weights != 'params' else 'params'
     return restore_params(checkpoint_dir, step, abstract_params, sharding, subtree)

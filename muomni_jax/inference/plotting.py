@@ -33,16 +33,21 @@ def load_run(checkpoint_dir: str) -> list[dict[str, Any]]:
     """
     path = epath.Path(run_dir.training_log_path(checkpoint_dir))  # Also on gs://.
     if not path.is_file():
-        raise UserError(f'{path} does not exist: point --checkpoint_dir at the save_dir of a run '
-                        'that has logged at least one step')
+        raise UserError(
+            f'{path} does not exist: point --checkpoint_dir at the save_dir of a run '
+            'that has logged at least one step'
+        )
     try:
         records = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON ({e}): is it a training_log.json?') from None
     if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get('step'), int) for r in records):
-        raise UserError(f'{path} is not a training log (a list of records with a "step"): '
-                        'point --checkpoint_dir at a save_dir written by launch.stage_a')
+        isinstance(r, dict) and isinstance(r.get('step'), int) for r in records
+    ):
+        raise UserError(
+            f'{path} is not a training log (a list of records with a "step"): '
+            'point --checkpoint_dir at a save_dir written by launch.stage_a'
+        )
     if not records:
         raise UserError(f'{path} holds no records yet: wait for the first log_every steps')
     tokens_per_step = _tokens_per_step(checkpoint_dir, records)
@@ -54,20 +59,28 @@ def _tokens_per_step(checkpoint_dir: str, records: list[dict[str, Any]]) -> int:
         if 'tokens' in record and record['step']:
             return record['tokens'] // record['step']
     try:
-        config = run_dir.read_config(checkpoint_dir, if_damaged='cannot plot against tokens '
-                                     'seen without batch_size and ctx_len') or {}
+        config = (
+            run_dir.read_config(
+                checkpoint_dir,
+                if_damaged='cannot plot against tokens seen without batch_size and ctx_len',
+            )
+            or {}
+        )
         return int(config['batch_size']) * int(config['ctx_len'])
     except (ValueError, KeyError, TypeError):
-        raise UserError(f'{checkpoint_dir} has neither "tokens" in its training log nor a '
-                        'config.json with batch_size and ctx_len: cannot plot against tokens '
-                        'seen') from None
+        raise UserError(
+            f'{checkpoint_dir} has neither "tokens" in its training log nor a '
+            'config.json with batch_size and ctx_len: cannot plot against tokens '
+            'seen'
+        ) from None
 
 
 def _run_labels(checkpoint_dirs: Sequence[str]) -> list[str]:
     """The folder name of each run, or the whole path where two runs share a folder name."""
     names = [os.path.basename(os.path.normpath(d)) for d in checkpoint_dirs]
-    return [n if names.count(n) == 1 else os.path.normpath(d)
-            for n, d in zip(names, checkpoint_dirs)]
+    return [
+        n if names.count(n) == 1 else os.path.normpath(d) for n, d in zip(names, checkpoint_dirs)
+    ]
 
 
 # Markers of a mixture's per-source validation curves, one per source.
@@ -77,13 +90,26 @@ _SOURCE_MARKERS = ('s', '^', 'v', 'D', 'P', 'X', '*')
 def _series(records: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
     """(key prefix, legend text, line style) of each curve: train, validation and, for a
     mixture, the validation of each source (keys val/<name>/loss and val/<name>/ppl)."""
-    names = list(dict.fromkeys(key.split('/')[1] for r in records for key in r
-                               if key.startswith('val/') and key.count('/') == 2))
-    return [('', 'train', dict(linestyle='-')),
-            ('val_', 'validation', dict(linestyle='--', marker='o', markersize=4)),
-            *((f'val/{name}/', f'validation {name}',
-               dict(linestyle=':', marker=_SOURCE_MARKERS[i % len(_SOURCE_MARKERS)],
-                    markersize=4)) for i, name in enumerate(names))]
+    names = list(
+        dict.fromkeys(
+            key.split('/')[1]
+            for r in records
+            for key in r
+            if key.startswith('val/') and key.count('/') == 2
+        )
+    )
+    return [
+        ('', 'train', dict(linestyle='-')),
+        ('val_', 'validation', dict(linestyle='--', marker='o', markersize=4)),
+        *(
+            (
+                f'val/{name}/',
+                f'validation {name}',
+                dict(linestyle=':', marker=_SOURCE_MARKERS[i % len(_SOURCE_MARKERS)], markersize=4),
+            )
+            for i, name in enumerate(names)
+        ),
+    ]
 
 
 def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) -> Figure:
@@ -110,8 +136,9 @@ def plot_runs(checkpoint_dirs: Sequence[str], output_path: str | None = None) ->
             for row, metric in enumerate(('loss', 'ppl')):
                 ax = axes[row, column]
                 for prefix, kind, style in _series(records):
-                    points = [(r[x_key], r[prefix + metric]) for r in records
-                              if prefix + metric in r]
+                    points = [
+                        (r[x_key], r[prefix + metric]) for r in records if prefix + metric in r
+                    ]
                     if points:
                         xs, ys = zip(*points)
                         ax.plot(xs, ys, color=colour, label=f'{label} {kind}', **style)
@@ -147,5 +174,6 @@ def _save(fig: Figure, output_path: str) -> None:
     try:
         fig.savefig(output_path, format='png', dpi=DPI)
     except OSError as e:
-        raise UserError(f'cannot write {output_path} ({e.strerror}): choose another --output'
-                        ) from None
+        raise UserError(
+            f'cannot write {output_path} ({e.strerror}): choose another --output'
+        ) from None

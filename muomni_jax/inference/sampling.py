@@ -34,6 +34,7 @@ _NO_TOKEN = -1  # Fills the output after a row stops.
 
 class Candidate(NamedTuple):
     """One possible next token: its id, its text and its probability."""
+
     token_id: int
     text: str
     probability: float
@@ -58,8 +59,9 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int,
-                  top_p: jax.Array) -> jax.Array:
+def sample_tokens(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array
+) -> jax.Array:
     """logits (B, V), temperature () -> (B,) int32: argmax when temperature is 0, else a
     filtered sample. A cond, not a where, so greedy decoding skips the top-k/top-p sort."""
 
@@ -67,13 +69,15 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
         scaled = logits / jnp.maximum(temperature, 1e-6)
         return jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
 
-    return jax.lax.cond(temperature > 0, sample,
-                        lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, sample, lambda: jnp.argmax(logits, axis=-1)).astype(
+        jnp.int32
+    )
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k'))
-def _generate(params, tokens, start, key, temperature, top_p, eos_id, *, graphdef,
-              max_new_tokens, top_k):
+def _generate(
+    params, tokens, start, key, temperature, top_p, eos_id, *, graphdef, max_new_tokens, top_k
+):
     """tokens (B, P) left-padded, start (B,) first real column -> (B, N) new ids, _NO_TOKEN
     after a row's EOS (the EOS itself is kept)."""
     model = nnx.merge(graphdef, params)
@@ -105,9 +109,17 @@ def _generate(params, tokens, start, key, temperature, top_p, eos_id, *, graphde
     return jax.lax.while_loop(keep_going, decode, carry)[3]
 
 
-def generate_ids(model: Thinker, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 50,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_id: int = tokenizer_lib.EOS_ID) -> list[list[int]]:
+def generate_ids(
+    model: Thinker,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int = tokenizer_lib.EOS_ID,
+) -> list[list[int]]:
     """Continues each prompt (a list of ids, BOS included) and returns its new ids, without EOS.
 
     temperature 0 is greedy. The same model, prompts and arguments give the same ids for a seed.
@@ -117,31 +129,44 @@ def generate_ids(model: Thinker, prompts: Sequence[Sequence[int]], *, max_new_to
     if max_new_tokens < 1:
         raise UserError(f'max_new_tokens ({max_new_tokens}) must be at least 1')
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError(f'temperature ({temperature}) must be >= 0, top_p ({top_p}) in (0, 1] '
-                        f'and top_k ({top_k}) >= 0')
+        raise UserError(
+            f'temperature ({temperature}) must be >= 0, top_p ({top_p}) in (0, 1] '
+            f'and top_k ({top_k}) >= 0'
+        )
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError('every prompt needs at least one token (BOS)')
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > ctx_len:
-        raise UserError(f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} '
-                        f'exceeds the model context ({ctx_len}): shorten the prompt or lower '
-                        'max_new_tokens')
+        raise UserError(
+            f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} '
+            f'exceeds the model context ({ctx_len}): shorten the prompt or lower '
+            'max_new_tokens'
+        )
     prompt_len = min(-(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET, ctx_len - max_new_tokens)
     tokens = np.full((len(prompts), prompt_len), tokenizer_lib.PAD_ID, np.int32)
     start = np.zeros(len(prompts), np.int32)
     for row, prompt in enumerate(prompts):
         start[row] = prompt_len - len(prompt)
-        tokens[row, start[row]:] = prompt
+        tokens[row, start[row] :] = prompt
     graphdef, params = nnx.split(model)
-    out = _generate(params, tokens, start, jax.random.key(seed), jnp.float32(temperature),
-                    jnp.float32(top_p), jnp.int32(eos_id), graphdef=graphdef,
-                    max_new_tokens=max_new_tokens, top_k=min(top_k, model.config.vocab_size))
+    out = _generate(
+        params,
+        tokens,
+        start,
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.int32(eos_id),
+        graphdef=graphdef,
+        max_new_tokens=max_new_tokens,
+        top_k=min(top_k, model.config.vocab_size),
+    )
     if jax.process_count() > 1:  # Rows may be spread over processes; every one needs them all.
         out = multihost_utils.process_allgather(out, tiled=True)
     results = []
     for row in np.asarray(jax.device_get(out)).tolist():
         ids = [t for t in row if t != _NO_TOKEN]
-        results.append(ids[:ids.index(eos_id)] if eos_id in ids else ids)
+        results.append(ids[: ids.index(eos_id)] if eos_id in ids else ids)
     return results
 
 
@@ -149,8 +174,9 @@ def encode_prompt(tokenizer: tokenizer_lib.Tokenizer, prompt: str) -> list[int]:
     return [tokenizer_lib.BOS_ID] + tokenizer.encode(prompt)
 
 
-def generate(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, prompts: Sequence[str] | str,
-             **kwargs: Any) -> list[str]:
+def generate(
+    model: Thinker, tokenizer: tokenizer_lib.Tokenizer, prompts: Sequence[str] | str, **kwargs: Any
+) -> list[str]:
     """Continues each text prompt; returns the new text only. kwargs as in `generate_ids`."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -165,18 +191,22 @@ def _next_token_probs(params, tokens, *, graphdef):
     return jax.nn.softmax(nnx.merge(graphdef, params)(tokens)[0, -1])
 
 
-def next_token_distribution(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, prompt: str,
-                            k: int = 5) -> list[Candidate]:
+def next_token_distribution(
+    model: Thinker, tokenizer: tokenizer_lib.Tokenizer, prompt: str, k: int = 5
+) -> list[Candidate]:
     """The k most likely next tokens after `prompt`, most likely first.
 
     "The cat sat on the" -> [Candidate(..., 'mat', 0.6), Candidate(..., 'couch', 0.25), ...]
     """
     tokens = encode_prompt(tokenizer, prompt)
     if len(tokens) > model.config.ctx_len:
-        raise UserError(f'the prompt has {len(tokens)} tokens, more than the model context '
-                        f'({model.config.ctx_len}): shorten it')
+        raise UserError(
+            f'the prompt has {len(tokens)} tokens, more than the model context '
+            f'({model.config.ctx_len}): shorten it'
+        )
     graphdef, params = nnx.split(model)
-    probs = np.asarray(jax.device_get(_next_token_probs(
-        params, np.asarray([tokens], np.int32), graphdef=graphdef)))
+    probs = np.asarray(
+        jax.device_get(_next_token_probs(params, np.asarray([tokens], np.int32), graphdef=graphdef))
+    )
     top = np.argsort(-probs, kind='stable')[:k]
     return [Candidate(int(i), tokenizer.decode([int(i)]), float(probs[i])) for i in top]

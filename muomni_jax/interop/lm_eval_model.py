@@ -69,8 +69,9 @@ class ThinkerLM(TemplateLM):
     def max_length(self) -> int:
         return self.model.config.ctx_len
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs
-                   ) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         del kwargs
         ids = self.tokenizer.encode(string)
         return ids if add_special_tokens is False else [tokenizer_lib.BOS_ID] + ids
@@ -79,30 +80,40 @@ class ThinkerLM(TemplateLM):
         del kwargs
         return self.tokenizer.decode(tokens)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
-                              ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """requests: (key, context ids, continuation ids) -> (summed log-probability of the
         continuation, whether greedy decoding gives it), the context cut on the left to fit."""
         del disable_tqdm, kwargs
         results = []
         for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
-            rows = [(list(context) + list(continuation))[-(self.max_length + 1):]
-                    for _, context, continuation in batch]
-            length = min(-(-max(len(r) - 1 for r in rows) // _LENGTH_BUCKET) * _LENGTH_BUCKET,
-                         self.max_length)
+            batch = requests[start : start + self.batch_size]
+            rows = [
+                (list(context) + list(continuation))[-(self.max_length + 1) :]
+                for _, context, continuation in batch
+            ]
+            length = min(
+                -(-max(len(r) - 1 for r in rows) // _LENGTH_BUCKET) * _LENGTH_BUCKET,
+                self.max_length,
+            )
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros((self.batch_size, length), np.int32)
             for i, row in enumerate(rows):
-                inputs[i, :len(row) - 1] = row[:-1]
-                targets[i, :len(row) - 1] = row[1:]
-            logprobs, greedy = jax.device_get(_score(self._params, inputs, targets,
-                                                     graphdef=self._graphdef))
+                inputs[i, : len(row) - 1] = row[:-1]
+                targets[i, : len(row) - 1] = row[1:]
+            logprobs, greedy = jax.device_get(
+                _score(self._params, inputs, targets, graphdef=self._graphdef)
+            )
             for i, (row, (_, _, continuation)) in enumerate(zip(rows, batch)):
                 # A continuation longer than the context window is scored on what fits.
                 scored = slice(max(0, len(row) - 1 - len(continuation)), len(row) - 1)
-                results.append((float(np.sum(logprobs[i, scored], dtype=np.float64)),
-                                bool(np.all(greedy[i, scored]))))
+                results.append(
+                    (
+                        float(np.sum(logprobs[i, scored], dtype=np.float64)),
+                        bool(np.all(greedy[i, scored])),
+                    )
+                )
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -112,11 +123,14 @@ class ThinkerLM(TemplateLM):
         windows, owners = [], []
         for index, (string,) in enumerate(r.args for r in requests):
             for context, continuation in map(
-                    lm_eval_utils.make_disjoint_window,
-                    lm_eval_utils.get_rolling_token_windows(
-                        token_list=self.tok_encode(string, add_special_tokens=False),
-                        prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                        context_len=1)):
+                lm_eval_utils.make_disjoint_window,
+                lm_eval_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -133,11 +147,15 @@ class ThinkerLM(TemplateLM):
             until = gen_kwargs.get('until') or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = max(1, min(int(gen_kwargs.get('max_gen_toks', 256)), self.max_length - 1))
-            prompt = self.tok_encode(context)[-(self.max_length - max_new):]
-            temperature = float(gen_kwargs.get('temperature', 1.0)) if gen_kwargs.get(
-                'do_sample', False) else 0.0
-            ids = sampling.generate_ids(self.model, [prompt], max_new_tokens=max_new,
-                                        temperature=temperature)[0]
+            prompt = self.tok_encode(context)[-(self.max_length - max_new) :]
+            temperature = (
+                float(gen_kwargs.get('temperature', 1.0))
+                if gen_kwargs.get('do_sample', False)
+                else 0.0
+            )
+            ids = sampling.generate_ids(
+                self.model, [prompt], max_new_tokens=max_new, temperature=temperature
+            )[0]
             text = self.tokenizer.decode_continuation(prompt, ids)
             for stop in until:
                 text = text.split(stop)[0] if stop else text
@@ -145,23 +163,37 @@ class ThinkerLM(TemplateLM):
         return outputs
 
 
-def evaluate_tasks(model: Thinker, tokenizer: tokenizer_lib.Tokenizer, tasks: Sequence[str], *,
-                   include_path: str | None = None, include_defaults: bool = True,
-                   limit: int | None = None, batch_size: int = 16, log_samples: bool = False
-                   ) -> dict[str, Any]:
+def evaluate_tasks(
+    model: Thinker,
+    tokenizer: tokenizer_lib.Tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | None = None,
+    include_defaults: bool = True,
+    limit: int | None = None,
+    batch_size: int = 16,
+    log_samples: bool = False,
+) -> dict[str, Any]:
     """lm_eval.simple_evaluate on the Thinker: tasks by name, lm-eval's own (unless
     include_defaults is false: indexing them takes seconds) or YAML files under include_path;
     limit: at most this many documents per task. Returns lm-eval's results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=include_path or None, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f'unknown lm-eval task {", ".join(unknown)}: see `lm_eval --tasks list`, '
-                        'or pass the folder of its YAML as --lm_eval_include_path')
-    return lm_eval.simple_evaluate(model=ThinkerLM(model, tokenizer, batch_size),
-                                   tasks=list(tasks), task_manager=manager, limit=limit,
-                                   log_samples=log_samples)
+        raise UserError(
+            f'unknown lm-eval task {", ".join(unknown)}: see `lm_eval --tasks list`, '
+            'or pass the folder of its YAML as --lm_eval_include_path'
+        )
+    return lm_eval.simple_evaluate(
+        model=ThinkerLM(model, tokenizer, batch_size),
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        log_samples=log_samples,
+    )
 
 
 def results_table(results: dict[str, Any]) -> str:

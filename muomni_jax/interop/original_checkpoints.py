@@ -21,12 +21,19 @@ from muomni_jax.model.thinker import ThinkerConfig
 from muomni_jax.training import checkpointing, run_plan, steps
 
 FORMATS = ('original', 'hf')
-_NEEDS_TOKENIZER = ('an imported checkpoint needs the tokenizer.model the weights were trained '
-                    'with: pass --tokenizer')
+_NEEDS_TOKENIZER = (
+    'an imported checkpoint needs the tokenizer.model the weights were trained '
+    'with: pass --tokenizer'
+)
 
 
-def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None,
-                      output_format: str | None = None, weights: str = 'auto') -> list[str]:
+def export_checkpoint(
+    checkpoint_dir: str,
+    output: str,
+    step: int | None = None,
+    output_format: str | None = None,
+    weights: str = 'auto',
+) -> list[str]:
     """One step of a save_dir (default: the newest) -> `output`: the original's format (a .pt or
     .safetensors file) or a Hugging Face folder (output_format='hf'). Without output_format, an
     output that ends in / or is an existing folder is a Hugging Face one. weights: as
@@ -47,8 +54,9 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None,
     return original_format.write_weights(output, ckpt.params, config)
 
 
-def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_config: Any,
-                   seed: int = 0) -> ThinkerConfig:
+def import_weights(
+    source: str, save_dir: str, tokenizer_path: str | None, base_config: Any, seed: int = 0
+) -> ThinkerConfig:
     """Makes a save_dir from the original's weights file or a Hugging Face folder (`source` a
     directory), as step 0 of a run with a fresh optimizer, so that launch.sample,
     launch.evaluate, the notebook and launch.stage_a (training further) all take it.
@@ -71,13 +79,17 @@ def import_weights(source: str, save_dir: str, tokenizer_path: str | None, base_
     else:
         model_config, params = original_format.read_weights(source, base_fields)
     if tokenizer.vocab_size != model_config.vocab_size:
-        raise UserError(f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
-                        f'vocab_size {model_config.vocab_size}: pass the matching tokenizer')
+        raise UserError(
+            f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
+            f'vocab_size {model_config.vocab_size}: pass the matching tokenizer'
+        )
     config = base_config.copy_and_resolve_references()
     config.update({k: getattr(model_config, k) for k in original_format.CONFIG_FIELDS})
     config.save_dir = save_dir
     # The optimizer's tree does not depend on the schedule.
-    state = steps.state_from_params(params, steps.make_optimizer(run_plan.resolve(config).optimizer, 1), seed)
+    state = steps.state_from_params(
+        params, steps.make_optimizer(run_plan.resolve(config).optimizer, 1), seed
+    )
     checkpointing.write_step_zero(save_dir, state, config)
     tokenizer.save(run_dir.tokenizer_path(save_dir))
     return model_config

@@ -77,8 +77,9 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k.replace(COMPILED_PREFIX, ''): v for k, v in state_dict.items()}
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], base: Mapping[str, Any] | None = None
-                 ) -> ThinkerConfig:
+def infer_config(
+    state_dict: Mapping[str, np.ndarray], base: Mapping[str, Any] | None = None
+) -> ThinkerConfig:
     """A ThinkerConfig for these weights.
 
     Fields in `base` (e.g. config.json's "thinker" object) win, except kv_groups: the original
@@ -114,8 +115,10 @@ def infer_config(state_dict: Mapping[str, np.ndarray], base: Mapping[str, Any] |
         config = ThinkerConfig.from_config(fields)
         config.validate()
     except (ValueError, TypeError) as e:
-        raise UserError(f'the weights do not describe a valid Thinker ({e}): check the config '
-                        'or pass the right n_heads') from None
+        raise UserError(
+            f'the weights do not describe a valid Thinker ({e}): check the config '
+            'or pass the right n_heads'
+        ) from None
     return config
 
 
@@ -124,15 +127,20 @@ def from_state_dict(state_dict: Mapping[str, Any], model_config: ThinkerConfig) 
     keys and shapes are exactly those of `model_config`; every mismatch is named in one error."""
     state_dict = strip_prefixes(state_dict)
     expected = expected_shapes(model_config)
-    problems = [f'missing {k} {list(shape)}' for k, shape in expected.items()
-                if k not in state_dict]
+    problems = [
+        f'missing {k} {list(shape)}' for k, shape in expected.items() if k not in state_dict
+    ]
     problems += [f'unexpected {k}' for k in state_dict if k not in expected]
-    problems += [f'{k} has shape {list(np.shape(state_dict[k]))}, expected {list(shape)}'
-                 for k, shape in expected.items()
-                 if k in state_dict and tuple(np.shape(state_dict[k])) != shape]
+    problems += [
+        f'{k} has shape {list(np.shape(state_dict[k]))}, expected {list(shape)}'
+        for k, shape in expected.items()
+        if k in state_dict and tuple(np.shape(state_dict[k])) != shape
+    ]
     if problems:
-        raise UserError(f'the weights do not match the Thinker config ({_describe(model_config)}):'
-                        f' {"; ".join(problems)}')
+        raise UserError(
+            f'the weights do not match the Thinker config ({_describe(model_config)}):'
+            f' {"; ".join(problems)}'
+        )
     _, abstract = abstract_model(model_config)
 
     def convert(path, _):
@@ -150,9 +158,11 @@ def _describe(config: ThinkerConfig) -> str:
 def original_compatibility_warning(config: ThinkerConfig) -> str | None:
     """The original always builds n_heads // 2 kv groups: other group counts will not load there."""
     if config.use_gqa and config.kv_groups != config.n_heads // 2:
-        return (f'kv_groups={config.kv_groups} but the original ThinkerLM always builds '
-                f'n_heads // 2 = {config.n_heads // 2} groups: its strict load_state_dict will '
-                'reject these weights (this project reads them back fine)')
+        return (
+            f'kv_groups={config.kv_groups} but the original ThinkerLM always builds '
+            f'n_heads // 2 = {config.n_heads // 2} groups: its strict load_state_dict will '
+            'reject these weights (this project reads them back fine)'
+        )
     return None
 
 
@@ -164,8 +174,10 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise UserError('.pt files need PyTorch: pip install torch==2.13.0 (CPU), or use the '
-                        '.safetensors format, which does not') from None
+        raise UserError(
+            '.pt files need PyTorch: pip install torch==2.13.0 (CPU), or use the '
+            '.safetensors format, which does not'
+        ) from None
     return torch
 
 
@@ -183,8 +195,10 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
     except Exception as e:
         # A file that is not a torch.save archive fails in many ways (UnpicklingError, KeyError,
         # RuntimeError, ...): each is the same answer to the user.
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({first_line(e, 200)}): '
-                        'give a file torch.save wrote, holding {"model": state_dict}') from None
+        raise UserError(
+            f'cannot read {path} as a PyTorch checkpoint ({first_line(e, 200)}): '
+            'give a file torch.save wrote, holding {"model": state_dict}'
+        ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get('model'), Mapping):
         obj = obj['model']
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -192,19 +206,22 @@ def load_pt(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
 
 
-def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: ThinkerConfig
-                     ) -> str:
+def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray], config: ThinkerConfig) -> str:
     """Writes `path` with "thinker."-prefixed keys and config.json beside it; returns the latter.
 
     Refuses (UserError) when a config.json that no export wrote is already there.
     """
     from safetensors.numpy import save_file
+
     _check_config_json_is_free(path)
-    save_file({SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-              path)
+    save_file(
+        {SAFETENSORS_PREFIX + k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path
+    )
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
-    write_atomically(config_path, json.dumps(
-        {'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, indent=1))
+    write_atomically(
+        config_path,
+        json.dumps({'thinker': {k: getattr(config, k) for k in CONFIG_FIELDS}}, indent=1),
+    )
     return config_path
 
 
@@ -220,8 +237,10 @@ def _check_config_json_is_free(path: str) -> None:
     except (OSError, ValueError):
         existing = None
     if not isinstance(existing, dict) or set(existing) != {'thinker'}:
-        raise UserError(f'{config_path} exists and is not an exported config.json (a run\'s '
-                        'save_dir?): write the .safetensors into a folder of its own')
+        raise UserError(
+            f"{config_path} exists and is not an exported config.json (a run's "
+            'save_dir?): write the .safetensors into a folder of its own'
+        )
 
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
@@ -231,14 +250,20 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError, ValueError) as e:
-        raise UserError(f'cannot read {path} as safetensors ({first_line(e, 200)}): give a file '
-                        'launch.convert or safetensors.save_file wrote') from None
+        raise UserError(
+            f'cannot read {path} as safetensors ({first_line(e, 200)}): give a file '
+            'launch.convert or safetensors.save_file wrote'
+        ) from None
     if any(k.startswith(SAFETENSORS_PREFIX) for k in tensors):
-        tensors = {k[len(SAFETENSORS_PREFIX):]: v for k, v in tensors.items()
-                   if k.startswith(SAFETENSORS_PREFIX)}
+        tensors = {
+            k[len(SAFETENSORS_PREFIX) :]: v
+            for k, v in tensors.items()
+            if k.startswith(SAFETENSORS_PREFIX)
+        }
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     thinker_config = None
     if os.path.exists(config_path):
@@ -246,14 +271,17 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] |
             with open(config_path) as f:
                 thinker_config = json.load(f).get('thinker')
         except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f'{config_path} beside {path} is not a readable config.json '
-                            f'({first_line(e, 200)}): fix it, or move it away to import the '
-                            'weights with --config alone') from None
+            raise UserError(
+                f'{config_path} beside {path} is not a readable config.json '
+                f'({first_line(e, 200)}): fix it, or move it away to import the '
+                'weights with --config alone'
+            ) from None
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}, thinker_config
 
 
-def read_weights(path: str, base: Mapping[str, Any] | None = None
-                 ) -> tuple[ThinkerConfig, nnx.State]:
+def read_weights(
+    path: str, base: Mapping[str, Any] | None = None
+) -> tuple[ThinkerConfig, nnx.State]:
     """A .pt or .safetensors file -> (its ThinkerConfig, our params). `base` supplies model fields
     the file cannot show (n_heads, rope_theta, ctx_len ...); a safetensors config.json wins."""
     if not os.path.exists(path):

@@ -69,7 +69,8 @@ class Attention(nn.Module):
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
             return self.o(out.transpose(1, 2).reshape(b, t, d))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.dk)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
@@ -146,4 +147,3 @@ class ThinkerLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))
-

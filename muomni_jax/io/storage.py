@@ -42,7 +42,7 @@ def check_supported(path: str, field: str) -> None:
         return
     if not path.startswith('gs://'):
         raise UserError(f'{field} {path}: only local paths and gs:// URLs are supported')
-    if not path[len('gs://'):].split('/')[0]:
+    if not path[len('gs://') :].split('/')[0]:
         raise UserError(f'{field} {path} names no bucket: use gs://BUCKET/FOLDER')
 
 
@@ -54,15 +54,18 @@ def move_folder(source: str, target: str) -> None:
         epath.Path(source).rename(target)
         return
     from google.cloud import storage as gcs
-    bucket_name, _, source_prefix = source[len('gs://'):].rstrip('/').partition('/')
-    target_prefix = target[len('gs://'):].rstrip('/').partition('/')[2]
+
+    bucket_name, _, source_prefix = source[len('gs://') :].rstrip('/').partition('/')
+    target_prefix = target[len('gs://') :].rstrip('/').partition('/')[2]
     bucket = gcs.Client().bucket(bucket_name)
     # Orbax's commit file last: a copy cut short lacks it, so Orbax's clean-up removes the copy,
     # while the source stays whole until every object has been copied.
-    blobs = sorted(bucket.list_blobs(prefix=source_prefix + '/'),
-                   key=lambda blob: blob.name.endswith('/commit_success.txt'))
+    blobs = sorted(
+        bucket.list_blobs(prefix=source_prefix + '/'),
+        key=lambda blob: blob.name.endswith('/commit_success.txt'),
+    )
     for blob in blobs:
-        copy = bucket.blob(target_prefix + blob.name[len(source_prefix):])
+        copy = bucket.blob(target_prefix + blob.name[len(source_prefix) :])
         token, _, _ = copy.rewrite(blob)
         while token is not None:  # Large objects are copied in several calls.
             token, _, _ = copy.rewrite(blob, token=token)
@@ -80,15 +83,19 @@ def check_writable(path: str, field: str = 'save_dir') -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f'{field} {path} cannot be created: {existing} is a file, not a '
-                        f'directory; choose another --config.{field}')
+        raise UserError(
+            f'{field} {path} cannot be created: {existing} is a file, not a '
+            f'directory; choose another --config.{field}'
+        )
     try:
         # A real write, not os.access: it also catches read-only mounts, and root ignores modes.
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f'{field} {path} is not writable ({existing}: {e.strerror}): choose '
-                        f'another --config.{field}') from None
+        raise UserError(
+            f'{field} {path} is not writable ({existing}: {e.strerror}): choose '
+            f'another --config.{field}'
+        ) from None
 
 
 def _check_bucket_writable(url: str, field: str) -> None:
@@ -96,12 +103,15 @@ def _check_bucket_writable(url: str, field: str) -> None:
     arrays with), then reads the bucket's metadata as Orbax does with google-cloud-storage (to
     learn whether its namespace is hierarchical); each with few retries and a deadline."""
     import tensorstore as ts
+
     try:
         from google.cloud import storage as gcs
     except ImportError:
-        raise UserError(f'{field} {url} needs google-cloud-storage, which Orbax uses on gs://: '
-                        'pip install -r requirements.txt') from None
-    bucket, _, prefix = url[len('gs://'):].partition('/')
+        raise UserError(
+            f'{field} {url} needs google-cloud-storage, which Orbax uses on gs://: '
+            'pip install -r requirements.txt'
+        ) from None
+    bucket, _, prefix = url[len('gs://') :].partition('/')
     prefix = prefix.rstrip('/') + '/' if prefix.strip('/') else ''
     key = f'.write-test-{os.getpid()}-{time.time_ns()}'
     try:
@@ -110,15 +120,16 @@ def _check_bucket_writable(url: str, field: str) -> None:
             context=ts.Context({'gcs_request_retries': _PROBE_RETRIES}),
         ).result(timeout=_PROBE_TIMEOUT_S)
         store.write(key, b'').result(timeout=_PROBE_TIMEOUT_S)
-        store.delete_range(ts.KvStore.KeyRange(key, key + '\0')).result(
-            timeout=_PROBE_TIMEOUT_S)
+        store.delete_range(ts.KvStore.KeyRange(key, key + '\0')).result(timeout=_PROBE_TIMEOUT_S)
         gcs.Client().get_bucket(bucket, timeout=_PROBE_TIMEOUT_S, retry=None)
     except Exception as e:
         # tensorstore appends the HTTP body in [brackets]; the status before it says enough.
         reason = (str(e).splitlines() or [''])[0].split(' [')[0][:300]
         if isinstance(e, TimeoutError) or not reason:
             reason = f'{type(e).__name__}: no answer within {_PROBE_TIMEOUT_S} s'
-        raise UserError(f'{field} {url} is not writable ({reason}): check that bucket {bucket} '
-                        'exists and that this machine may read and write it (on a TPU VM, its '
-                        'service account; elsewhere `gcloud auth application-default '
-                        'login`)') from None
+        raise UserError(
+            f'{field} {url} is not writable ({reason}): check that bucket {bucket} '
+            'exists and that this machine may read and write it (on a TPU VM, its '
+            'service account; elsewhere `gcloud auth application-default '
+            'login`)'
+        ) from None

@@ -32,7 +32,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,12 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
 # splash: it partitions (under shard_map) and skips the tiles above the diagonal.
 AUTO = {'cpu': 'xla', 'gpu': 'cudnn', 'tpu': 'splash'}
 # Where each kernel compiles; pallas and splash also run on a CPU, interpreted.
-PLATFORMS = {'xla': ('cpu', 'gpu', 'tpu'), 'cudnn': ('gpu',), 'pallas': ('gpu', 'cpu'),
-             'splash': ('tpu', 'cpu')}
+PLATFORMS = {
+    'xla': ('cpu', 'gpu', 'tpu'),
+    'cudnn': ('gpu',),
+    'pallas': ('gpu', 'cpu'),
+    'splash': ('tpu', 'cpu'),
+}
 # The splash kernel's tiles: 128 lanes on a TPU.
 SPLASH_BLOCK = 128
 # Pallas Triton's tiles: its dots need sides of at least 16.
@@ -54,7 +58,8 @@ PALLAS_MIN_BLOCK = 16
 
 
 _MESH: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar(
-    'attention_kernels_mesh', default=None)
+    'attention_kernels_mesh', default=None
+)
 
 
 def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
@@ -88,8 +93,15 @@ def target_platform() -> str:
     return platform_of(mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
 
 
-def resolve(implementation: str, platform: str | None = None, *, ctx_len: int | None = None,
-            head_dim: int | None = None, matmul_dtype=None, dropout: float = 0.0) -> str:
+def resolve(
+    implementation: str,
+    platform: str | None = None,
+    *,
+    ctx_len: int | None = None,
+    head_dim: int | None = None,
+    matmul_dtype=None,
+    dropout: float = 0.0,
+) -> str:
     """'auto' -> the platform's choice (AUTO), or xla where that kernel cannot compute this
     shape, dtype or attention dropout; any other name as it is."""
     if implementation != 'auto':
@@ -107,21 +119,30 @@ def resolve(implementation: str, platform: str | None = None, *, ctx_len: int | 
 def check(implementation: str, ctx_len: int, head_dim: int, matmul_dtype) -> None:
     """Raises ValueError naming what a kernel cannot compute for this shape or dtype."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f'attention_impl {implementation!r} must be one of '
-                         f'{", ".join(IMPLEMENTATIONS)}')
+        raise ValueError(
+            f'attention_impl {implementation!r} must be one of {", ".join(IMPLEMENTATIONS)}'
+        )
     if implementation == 'splash' and ctx_len % SPLASH_BLOCK:
-        raise ValueError(f'attention_impl splash needs ctx_len a multiple of {SPLASH_BLOCK} '
-                         f'(got {ctx_len}): change ctx_len or use attention_impl=xla')
+        raise ValueError(
+            f'attention_impl splash needs ctx_len a multiple of {SPLASH_BLOCK} '
+            f'(got {ctx_len}): change ctx_len or use attention_impl=xla'
+        )
     if implementation == 'pallas' and ctx_len % PALLAS_MIN_BLOCK:
-        raise ValueError(f'attention_impl pallas needs ctx_len a multiple of {PALLAS_MIN_BLOCK} '
-                         f'(got {ctx_len}): change ctx_len or use attention_impl=xla')
+        raise ValueError(
+            f'attention_impl pallas needs ctx_len a multiple of {PALLAS_MIN_BLOCK} '
+            f'(got {ctx_len}): change ctx_len or use attention_impl=xla'
+        )
     if implementation == 'cudnn':
         if jnp.dtype(matmul_dtype) not in (jnp.bfloat16, jnp.float16):
-            raise ValueError('attention_impl cudnn needs bfloat16 operands: set dtype=bfloat16 '
-                             '(or matmul_dtype=bfloat16), or use attention_impl=xla')
+            raise ValueError(
+                'attention_impl cudnn needs bfloat16 operands: set dtype=bfloat16 '
+                '(or matmul_dtype=bfloat16), or use attention_impl=xla'
+            )
         if head_dim % 8 or head_dim > 256:
-            raise ValueError(f'attention_impl cudnn needs a head dim that is a multiple of 8 and '
-                             f'at most 256 (got {head_dim}): change d_model or n_heads')
+            raise ValueError(
+                f'attention_impl cudnn needs a head dim that is a multiple of 8 and '
+                f'at most 256 (got {head_dim}): change d_model or n_heads'
+            )
 
 
 def check_platform(implementation: str, platform: str) -> None:
@@ -129,8 +150,10 @@ def check_platform(implementation: str, platform: str) -> None:
     platform = 'gpu' if platform in ('cuda', 'rocm') else platform
     if platform not in PLATFORMS[resolve(implementation, platform)]:
         where = ' or '.join(p.upper() for p in PLATFORMS[implementation])
-        raise ValueError(f'attention_impl {implementation} runs on {where}, not on '
-                         f'{platform.upper()}: use attention_impl=auto or xla')
+        raise ValueError(
+            f'attention_impl {implementation} runs on {where}, not on '
+            f'{platform.upper()}: use attention_impl=auto or xla'
+        )
 
 
 def _interpret() -> bool:
@@ -138,61 +161,95 @@ def _interpret() -> bool:
     return target_platform() == 'cpu'
 
 
-def attend(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           segment_ids: jax.Array) -> jax.Array:
+def attend(
+    implementation: str,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    segment_ids: jax.Array,
+) -> jax.Array:
     """q (B, T, H, K), k/v (B, T, G, K), mask (B, 1, T, T) bool, segment_ids (B, T) int
     -> (B, T, H, K) in q's dtype. q, k and v are already in the matmul dtype; implementation
     is resolved (not 'auto')."""
     scale = 1 / math.sqrt(q.shape[-1])
     if implementation in ('xla', 'cudnn'):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                            implementation=implementation)
-    kernel = functools.partial(_pallas if implementation == 'pallas' else _splash,
-                               scale=scale, interpret=_interpret())
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, implementation=implementation
+        )
+    kernel = functools.partial(
+        _pallas if implementation == 'pallas' else _splash, scale=scale, interpret=_interpret()
+    )
     mesh = _MESH.get()
     if mesh is None or mesh.size == 1:
         return kernel(q, k, v, segment_ids)
     # One block of rows per device, every mesh axis named (Mosaic refuses automatic axes).
     rows = P(tuple(mesh.axis_names))
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows,
-                         check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 def _pallas(q, k, v, segment_ids, scale, interpret):
-    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=import-outside-toplevel
+    from jax.experimental.pallas.ops.gpu import attention
+
     t, heads, groups = q.shape[1], q.shape[2], k.shape[2]
     # The kernel reads kv head h for query head h: repeat each group (repeat_interleave), whose
     # gradient sums the group's heads back.
     k, v = (jnp.repeat(x, heads // groups, axis=2) for x in (k, v))
     block = max(b for b in (128, 64, 32, 16) if t % b == 0)
     backward = min(block, 64)  # Triton's fused backward keeps more tiles live.
-    sizes = attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
-                                 block_kv_dkv=backward, block_q_dq=backward,
-                                 block_kv_dq=backward)
-    return attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=True,
-                         block_sizes=sizes, interpret=interpret)
+    sizes = attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=backward,
+        block_kv_dkv=backward,
+        block_q_dq=backward,
+        block_kv_dq=backward,
+    )
+    return attention.mha(
+        q,
+        k,
+        v,
+        segment_ids.astype(jnp.int32),
+        sm_scale=scale,
+        causal=True,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
 
 
 @functools.cache
 def _splash_kernel(t: int, heads: int, interpret: bool):
-    # pylint: disable-next=import-outside-toplevel
+    # Imported here: only this kernel needs it.
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     mask = splash.MultiHeadMask([splash.CausalMask((t, t)) for _ in range(heads)])
     b = SPLASH_BLOCK
-    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                              block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    sizes = splash.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _splash(q, k, v, segment_ids, scale, interpret):
-    # pylint: disable-next=import-outside-toplevel
+    # Imported here: only this kernel needs it.
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
     # Per example, heads first; splash takes no scale, so q carries it.
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     segment_ids = segment_ids.astype(jnp.int32)
-    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(
-        q=s1, kv=s1)))(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k),
-                       heads_first(v), segment_ids)
+    out = jax.vmap(
+        lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1))
+    )(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), segment_ids)
     return heads_first(out).astype(q.dtype)

@@ -89,8 +89,9 @@ CPU_PEAK_SIZE = 2048
 CPU_PEAK_REPEATS = 5
 
 
-def measure_matmul_peak(size: int = CPU_PEAK_SIZE, repeats: int = CPU_PEAK_REPEATS,
-                        dtype=jnp.float32) -> float:
+def measure_matmul_peak(
+    size: int = CPU_PEAK_SIZE, repeats: int = CPU_PEAK_REPEATS, dtype=jnp.float32
+) -> float:
     """FLOP/s of a jitted (size, size) @ (size, size) matmul on the default device: the best of
     `repeats` runs after a warm-up run. On CPU this is the host's peak (one JAX CPU device uses
     every core).
@@ -106,12 +107,16 @@ def measure_matmul_peak(size: int = CPU_PEAK_SIZE, repeats: int = CPU_PEAK_REPEA
         start = time.perf_counter()
         matmul(a).block_until_ready()
         times.append(time.perf_counter() - start)
-    return 2.0 * size ** 3 / min(times)
+    return 2.0 * size**3 / min(times)
 
 
-def system_peak_flops(override_per_device: float = 0.0, *, measure_cpu: bool = True,
-                      cpu_size: int = CPU_PEAK_SIZE, devices: list[jax.Device] | None = None
-                      ) -> tuple[float | None, str]:
+def system_peak_flops(
+    override_per_device: float = 0.0,
+    *,
+    measure_cpu: bool = True,
+    cpu_size: int = CPU_PEAK_SIZE,
+    devices: list[jax.Device] | None = None,
+) -> tuple[float | None, str]:
     """Peak FLOP/s of the run's devices (default: all), and where the figure came from.
 
     override_per_device > 0 wins. Accelerators use the table, times the device count. On CPU

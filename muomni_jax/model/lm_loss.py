@@ -33,8 +33,9 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Masked next-token loss in float32.
 
     Args:
@@ -49,7 +50,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
 def z_loss_sum(logits: jax.Array, weights: jax.Array) -> jax.Array:
     """sum(weights * logsumexp(logits)^2) () float32, for logits (B, T, V) and weights (B, T)."""
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(weights * lse ** 2)
+    return jnp.sum(weights * lse**2)
 
 
 def _time_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -84,8 +85,8 @@ def _loss_sum(hidden, kernel, targets, weights, chunk, z_loss_weight):
         logits = _logits(h_c, kernel)
         target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        losses = lse - target_logit + z_loss_weight * lse ** 2
-        return (totals[0] + jnp.sum(losses * w_c), totals[1] + jnp.sum(lse ** 2 * w_c)), None
+        losses = lse - target_logit + z_loss_weight * lse**2
+        return (totals[0] + jnp.sum(losses * w_c), totals[1] + jnp.sum(lse**2 * w_c)), None
 
     xs = tuple(_time_chunks(x, chunk) for x in (hidden, targets, weights))
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -115,15 +116,16 @@ def _loss_sum_fwd(hidden, kernel, targets, weights, chunk, z_loss_weight):
             probs = probs * (1.0 + 2.0 * z_loss_weight * lse)
         d_logits = jnp.where(vocab == t_c[..., None], probs - 1.0, probs) * w_c[..., None]
         d_logits = d_logits.astype(h_c.dtype)
-        d_h = jnp.einsum('bcv,dv->bcd', d_logits, compute_kernel,
-                         preferred_element_type=jnp.float32)
-        d_kernel = d_kernel + jnp.einsum('bcd,bcv->dv', h_c, d_logits,
-                                         preferred_element_type=jnp.float32)
+        d_h = jnp.einsum(
+            'bcv,dv->bcd', d_logits, compute_kernel, preferred_element_type=jnp.float32
+        )
+        d_kernel = d_kernel + jnp.einsum(
+            'bcd,bcv->dv', h_c, d_logits, preferred_element_type=jnp.float32
+        )
         return d_kernel, (losses, lse[..., 0] ** 2, d_h.astype(h_c.dtype))
 
     xs = tuple(_time_chunks(x, chunk) for x in (hidden, targets, weights))
-    d_kernel, (losses, z, d_hidden) = jax.lax.scan(
-        body, jnp.zeros(kernel.shape, jnp.float32), xs)
+    d_kernel, (losses, z, d_hidden) = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), xs)
     losses = _from_time_chunks(losses)
     residuals = (_from_time_chunks(d_hidden), d_kernel, losses, targets)
     return (jnp.sum(losses * weights), jnp.sum(_from_time_chunks(z) * weights)), residuals
@@ -146,9 +148,15 @@ def time_chunk(batch_size: int, seq_len: int, chunk_tokens: int) -> int:
     return max(c for c in range(1, min(target, seq_len) + 1) if seq_len % c == 0)
 
 
-def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
-                          weights: jax.Array, chunk_tokens: int = 1024,
-                          z_loss_weight: float = 0.0, with_z: bool = False):
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk_tokens: int = 1024,
+    z_loss_weight: float = 0.0,
+    with_z: bool = False,
+):
     """What `cross_entropy` (+ z_loss_weight * `z_loss_sum`) gives for the logits
     `hidden @ kernel`, with equal gradients.
 
@@ -164,16 +172,28 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     """
     b, t, _ = hidden.shape
     chunk = time_chunk(b, t, chunk_tokens)
-    loss_sum, z_sum = _loss_sum(hidden, kernel, targets.astype(jnp.int32),
-                                weights.astype(jnp.float32), chunk, float(z_loss_weight))
+    loss_sum, z_sum = _loss_sum(
+        hidden,
+        kernel,
+        targets.astype(jnp.int32),
+        weights.astype(jnp.float32),
+        chunk,
+        float(z_loss_weight),
+    )
     if with_z:
         return loss_sum, jnp.sum(weights), jax.lax.stop_gradient(z_sum)
     return loss_sum, jnp.sum(weights)
 
 
-def batch_loss(params: nnx.State, batch: dict[str, jax.Array], dropout_key: jax.Array,
-               graphdef: nnx.GraphDef, deterministic: bool, loss_chunk_tokens: int = 0,
-               z_loss_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def batch_loss(
+    params: nnx.State,
+    batch: dict[str, jax.Array],
+    dropout_key: jax.Array,
+    graphdef: nnx.GraphDef,
+    deterministic: bool,
+    loss_chunk_tokens: int = 0,
+    z_loss_weight: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(objective sum, {'loss_sum', 'weight_sum', 'z_sum'}) of the Thinker (graphdef, params)
     on a batch of (B, T) inputs, targets, segment_ids, positions and weights.
 
@@ -182,15 +202,25 @@ def batch_loss(params: nnx.State, batch: dict[str, jax.Array], dropout_key: jax.
     loss_chunk_tokens > 0 fuses the lm_head and the loss (chunked_cross_entropy).
     """
     model = nnx.merge(graphdef, params)
-    inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
-                  deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+    inputs = dict(
+        segment_ids=batch['segment_ids'],
+        positions=batch['positions'],
+        deterministic=deterministic,
+        rngs=nnx.Rngs(dropout=dropout_key),
+    )
     if loss_chunk_tokens:
         hidden = model.hidden_states(batch['inputs'], **inputs)
         # The lm_head matmuls run in the hidden states' dtype (matmul_dtype's, if lower).
         hidden = hidden.astype(model.config.matmul_compute_dtype)
         objective, weight_sum, z_sum = chunked_cross_entropy(
-            hidden, model.lm_head.kernel[...], batch['targets'], batch['weights'],
-            loss_chunk_tokens, z_loss_weight, with_z=True)
+            hidden,
+            model.lm_head.kernel[...],
+            batch['targets'],
+            batch['weights'],
+            loss_chunk_tokens,
+            z_loss_weight,
+            with_z=True,
+        )
         # The objective minus its z term: the cross-entropy to report (metrics only).
         loss_sum = jax.lax.stop_gradient(objective - z_loss_weight * z_sum)
     else:
@@ -202,12 +232,20 @@ def batch_loss(params: nnx.State, batch: dict[str, jax.Array], dropout_key: jax.
         else:  # Another pass over the (B, T, V) logits only when it is trained on.
             z_sum, objective = jnp.zeros((), jnp.float32), loss_sum
         z_sum = jax.lax.stop_gradient(z_sum)
-    return objective, {'loss_sum': jax.lax.stop_gradient(loss_sum), 'weight_sum': weight_sum,
-                       'z_sum': z_sum}
+    return objective, {
+        'loss_sum': jax.lax.stop_gradient(loss_sum),
+        'weight_sum': weight_sum,
+        'z_sum': z_sum,
+    }
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              loss_chunk_tokens: int = 0) -> dict[str, jax.Array]:
+def eval_step(
+    params: nnx.State,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    loss_chunk_tokens: int = 0,
+) -> dict[str, jax.Array]:
     """batch_loss without dropout, as {'loss_sum', 'weight_sum'}: validation and scoring."""
     _, sums = batch_loss(params, batch, jax.random.key(0), graphdef, True, loss_chunk_tokens)
     return {'loss_sum': sums['loss_sum'], 'weight_sum': sums['weight_sum']}

@@ -23,7 +23,7 @@ from flax import nnx
 
 from muomni_jax.model import attention_kernels
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Finite, so a row with nothing to attend to gives a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
 # The spec's RMSNorm epsilon; every norm of the Thinker uses it, and exports declare it.
@@ -33,13 +33,14 @@ RMS_NORM_EPS = 1e-5
 def _field(default, *, shape: bool = False, original: bool = True):
     """A ThinkerConfig field. shape: it fixes the shape of the parameters (a checkpoint restores
     only into the same values); original: the original μOmni's config.json holds it."""
-    return dataclasses.field(default=default, metadata={"shape": shape, "original": original})
+    return dataclasses.field(default=default, metadata={'shape': shape, 'original': original})
 
 
 @dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
     """The model's fields: the one list that configs/tiny.py, MODEL_FIELDS, SHAPE_FIELDS and
     ORIGINAL_FIELDS (below the class) are read from. Defaults: the original thinker_tiny.json."""
+
     vocab_size: int = _field(32000, shape=True)  # Vocabulary; also the embedding and lm_head rows.
     n_layers: int = _field(4, shape=True)  # Number of transformer blocks.
     d_model: int = _field(256, shape=True)  # Residual stream width.
@@ -55,10 +56,10 @@ class ThinkerConfig:
     num_experts: int = _field(8, shape=True)  # Experts per MoE layer (only with use_moe).
     num_experts_per_tok: int = _field(2)  # Experts each token is routed to (only with use_moe).
     # Compute dtype: float32 on CPU, bfloat16 on GPU/TPU; params are always float32.
-    dtype: str = _field("float32", original=False)
+    dtype: str = _field('float32', original=False)
     # Matmul inputs only: 'bfloat16' casts both operands of every matmul (accumulating in
     # float32) and keeps params, activations and the residual stream in `dtype`.
-    matmul_dtype: str = _field("float32", original=False)
+    matmul_dtype: str = _field('float32', original=False)
     # Recompute each block's activations in the backward pass (saves memory).
     remat: bool = _field(False, original=False)
     # Run the blocks as one lax.scan: compile time flat in n_layers.
@@ -71,15 +72,15 @@ class ThinkerConfig:
     attention_dropout: float = _field(-1.0, original=False)
     # 'auto' (each platform's choice), 'xla', 'cudnn' (GPU, bfloat16), 'pallas' (GPU) or
     # 'splash' (TPU): which kernel computes attention without dropout (model/attention_kernels.py).
-    attention_impl: str = _field("auto", original=False)
+    attention_impl: str = _field('auto', original=False)
 
     @classmethod
-    def from_config(cls, config: Any) -> "ThinkerConfig":
+    def from_config(cls, config: Any) -> ThinkerConfig:
         """Builds from any mapping, ConfigDict or attribute object holding these
         field names; other fields are ignored, missing ones take the defaults."""
         kwargs = {}
         for field in dataclasses.fields(cls):
-            if hasattr(config, "__contains__"):  # dict, Mapping, ConfigDict
+            if hasattr(config, '__contains__'):  # dict, Mapping, ConfigDict
                 if field.name not in config:
                     continue
                 value = config[field.name]
@@ -88,11 +89,11 @@ class ThinkerConfig:
             else:
                 continue
             # JSON may spell 0.0 as 0 and 512 as 512.0; bools and strings pass as given.
-            if field.type in ("int", int) and not isinstance(value, bool):
+            if field.type in ('int', int) and not isinstance(value, bool):
                 if float(value) != int(value):
-                    raise ValueError(f"{field.name} must be an integer, got {value!r}")
+                    raise ValueError(f'{field.name} must be an integer, got {value!r}')
                 value = int(value)
-            elif field.type in ("float", float) and not isinstance(value, bool):
+            elif field.type in ('float', float) and not isinstance(value, bool):
                 value = float(value)
             kwargs[field.name] = value
         return cls(**kwargs)
@@ -112,74 +113,90 @@ class ThinkerConfig:
     @property
     def matmul_compute_dtype(self) -> jnp.dtype:
         """The dtype matmul operands are cast to: matmul_dtype, or the compute dtype if lower."""
-        if self.dtype != "float32":
+        if self.dtype != 'float32':
             return self.compute_dtype
         return jnp.dtype(_DTYPES[self.matmul_dtype])
 
     def validate(self) -> None:
         """Raises ValueError naming the first inconsistency and how to fix it."""
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff"):
+        for name in ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+                raise ValueError(f'{name} ({value!r}) must be a positive integer')
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}):"
-                " change one of them")
+                f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}):'
+                ' change one of them'
+            )
         if self.head_dim % 2:
             raise ValueError(
-                f"head dim d_model/n_heads ({self.head_dim}) must be even for RoPE:"
-                " change d_model or n_heads")
+                f'head dim d_model/n_heads ({self.head_dim}) must be even for RoPE:'
+                ' change d_model or n_heads'
+            )
         if self.use_gqa:
             if self.kv_groups <= 0:
                 raise ValueError(
-                    f"kv_groups ({self.kv_groups}) must be positive when use_gqa is true")
+                    f'kv_groups ({self.kv_groups}) must be positive when use_gqa is true'
+                )
             if self.n_heads % self.kv_groups:
                 raise ValueError(
-                    f"n_heads ({self.n_heads}) must be divisible by kv_groups"
-                    f" ({self.kv_groups}) when use_gqa is true: change one of them")
+                    f'n_heads ({self.n_heads}) must be divisible by kv_groups'
+                    f' ({self.kv_groups}) when use_gqa is true: change one of them'
+                )
         if self.ctx_len < 2:
-            raise ValueError(f"ctx_len ({self.ctx_len}) must be at least 2")
-        if isinstance(self.attention_block, bool) or not isinstance(
-                self.attention_block, int) or self.attention_block < 0:
-            raise ValueError(f"attention_block ({self.attention_block!r}) must be a"
-                             " non-negative integer (0: one block)")
+            raise ValueError(f'ctx_len ({self.ctx_len}) must be at least 2')
+        if (
+            isinstance(self.attention_block, bool)
+            or not isinstance(self.attention_block, int)
+            or self.attention_block < 0
+        ):
+            raise ValueError(
+                f'attention_block ({self.attention_block!r}) must be a'
+                ' non-negative integer (0: one block)'
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
+            raise ValueError(f'dropout ({self.dropout}) must be in [0, 1)')
         if not (0.0 <= self.attention_dropout < 1.0 or self.attention_dropout == -1):
-            raise ValueError(f"attention_dropout ({self.attention_dropout}) must be in [0, 1), "
-                             "or -1 for the same as dropout")
+            raise ValueError(
+                f'attention_dropout ({self.attention_dropout}) must be in [0, 1), '
+                'or -1 for the same as dropout'
+            )
         if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta ({self.rope_theta}) must be positive")
+            raise ValueError(f'rope_theta ({self.rope_theta}) must be positive')
         if self.use_moe:
             if self.num_experts <= 0 or self.num_experts_per_tok <= 0:
                 raise ValueError(
-                    f"num_experts ({self.num_experts}) and num_experts_per_tok"
-                    f" ({self.num_experts_per_tok}) must be positive when use_moe is true")
+                    f'num_experts ({self.num_experts}) and num_experts_per_tok'
+                    f' ({self.num_experts_per_tok}) must be positive when use_moe is true'
+                )
             if self.num_experts_per_tok > self.num_experts:
                 raise ValueError(
-                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts"
-                    f" ({self.num_experts}): lower it or add experts")
+                    f'num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts'
+                    f' ({self.num_experts}): lower it or add experts'
+                )
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}")
+            raise ValueError(f'dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}')
         if self.matmul_dtype not in _DTYPES:
-            raise ValueError(f"matmul_dtype ({self.matmul_dtype!r}) must be one of "
-                             f"{sorted(_DTYPES)}")
-        attention_kernels.check(self.attention_impl, self.ctx_len, self.head_dim,
-                                self.matmul_compute_dtype)
-        if (self.attention_impl not in ("auto", "xla") and self.attention_dropout_rate > 0):
-            raise ValueError(f"attention_impl {self.attention_impl} computes no dropout on the "
-                             f"attention probabilities (attention_dropout "
-                             f"{self.attention_dropout_rate:g}): set attention_dropout=0 (the "
-                             "residual dropout stays) or use attention_impl=xla")
+            raise ValueError(
+                f'matmul_dtype ({self.matmul_dtype!r}) must be one of {sorted(_DTYPES)}'
+            )
+        attention_kernels.check(
+            self.attention_impl, self.ctx_len, self.head_dim, self.matmul_compute_dtype
+        )
+        if self.attention_impl not in ('auto', 'xla') and self.attention_dropout_rate > 0:
+            raise ValueError(
+                f'attention_impl {self.attention_impl} computes no dropout on the '
+                f'attention probabilities (attention_dropout '
+                f'{self.attention_dropout_rate:g}): set attention_dropout=0 (the '
+                'residual dropout stays) or use attention_impl=xla'
+            )
 
 
 # Every model field, in order; those that fix the parameter shapes; those of the original's
 # config.json (weight exchange). Read these rather than listing field names again.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig))
-SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig) if f.metadata["shape"])
-ORIGINAL_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig)
-                        if f.metadata["original"])
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig) if f.metadata['shape'])
+ORIGINAL_FIELDS = tuple(f.name for f in dataclasses.fields(ThinkerConfig) if f.metadata['original'])
 
 
 def count_params(state_or_model: Any) -> int:
@@ -193,7 +210,7 @@ def count_params(state_or_model: Any) -> int:
         if isinstance(leaf, nnx.Variable):
             if not isinstance(leaf, nnx.Param):
                 continue  # e.g. RNG counters in a full state
-            leaf = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+            leaf = leaf.get_value() if hasattr(leaf, 'get_value') else leaf.value
         total += int(np.prod(leaf.shape))
     return total
 
@@ -232,11 +249,12 @@ class PackedMask:
     """The attention mask of packed windows, in both forms: the dense one the explicit path and
     XLA read, and the segment ids the fused kernels read (an unused form costs nothing: XLA
     drops it)."""
+
     dense: jax.Array  # (B, 1, T, T) bool, attention_mask(segment_ids).
     segment_ids: jax.Array  # (B, T) int, 0 = padding.
 
     @classmethod
-    def of(cls, segment_ids: jax.Array) -> "PackedMask":
+    def of(cls, segment_ids: jax.Array) -> PackedMask:
         return cls(dense=attention_mask(segment_ids), segment_ids=segment_ids)
 
 
@@ -244,8 +262,9 @@ def _uniform_fan_in(d_in: int):
     """U(-1/sqrt(d_in), 1/sqrt(d_in)): PyTorch's nn.Linear default for weight and bias, the
     original's init (BUILD_NOTES: it reaches a lower loss here than GPT-2's N(0, 0.02))."""
     bound = 1 / math.sqrt(d_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                    bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 def _linear(cfg: ThinkerConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias=False):
@@ -253,9 +272,16 @@ def _linear(cfg: ThinkerConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias=F
     # accumulated and returned in the compute dtype.
     lower = cfg.matmul_compute_dtype != cfg.compute_dtype
     return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=cfg.matmul_compute_dtype, param_dtype=jnp.float32,
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=cfg.matmul_compute_dtype,
+        param_dtype=jnp.float32,
         preferred_element_type=cfg.compute_dtype if lower else None,
-        kernel_init=_uniform_fan_in(d_in), bias_init=_uniform_fan_in(d_in), rngs=rngs)
+        kernel_init=_uniform_fan_in(d_in),
+        bias_init=_uniform_fan_in(d_in),
+        rngs=rngs,
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -314,29 +340,42 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
         fused = cache is None and (deterministic or self.attn_dropout.rate == 0)
-        impl = attention_kernels.resolve(self.impl, ctx_len=t, head_dim=self.head_dim,
-                                         matmul_dtype=self.matmul_dtype,
-                                         dropout=self.attn_dropout.rate)
-        if fused and isinstance(mask, PackedMask) and impl != "xla":
+        impl = attention_kernels.resolve(
+            self.impl,
+            ctx_len=t,
+            head_dim=self.head_dim,
+            matmul_dtype=self.matmul_dtype,
+            dropout=self.attn_dropout.rate,
+        )
+        if fused and isinstance(mask, PackedMask) and impl != 'xla':
             # The kernels skip the tiles above the diagonal themselves.
             md = self.matmul_dtype
-            out = attention_kernels.attend(impl, q.astype(md), k.astype(md), v.astype(md),
-                                           mask.dense, mask.segment_ids).astype(q.dtype)
+            out = attention_kernels.attend(
+                impl, q.astype(md), k.astype(md), v.astype(md), mask.dense, mask.segment_ids
+            ).astype(q.dtype)
             return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
         if isinstance(mask, PackedMask):
             mask = mask.dense
         if cache is None and 0 < self.block < t and t % self.block == 0:
             # Query block i reads keys [0, (i + 1) * block) only: each softmax row still spans
             # every key it may see, so this is exact, at (n + 1) / 2n of the work for n blocks.
-            out = jnp.concatenate([
-                self._attend(q[:, start:start + self.block], k[:, :start + self.block],
-                             v[:, :start + self.block],
-                             mask[:, :, start:start + self.block, :start + self.block],
-                             fused=fused, deterministic=deterministic, rngs=rngs)
-                for start in range(0, t, self.block)], axis=1)
+            out = jnp.concatenate(
+                [
+                    self._attend(
+                        q[:, start : start + self.block],
+                        k[:, : start + self.block],
+                        v[:, : start + self.block],
+                        mask[:, :, start : start + self.block, : start + self.block],
+                        fused=fused,
+                        deterministic=deterministic,
+                        rngs=rngs,
+                    )
+                    for start in range(0, t, self.block)
+                ],
+                axis=1,
+            )
         else:
-            out = self._attend(q, k, v, mask, fused=fused, deterministic=deterministic,
-                               rngs=rngs)
+            out = self._attend(q, k, v, mask, fused=fused, deterministic=deterministic, rngs=rngs)
         out = self.o(out.reshape(b, t, self.n_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
 
@@ -359,19 +398,22 @@ class Attention(nnx.Module):
         dtype, md = q.dtype, self.matmul_dtype
         if fused:
             # XLA's fused attention: the same function, with the dense mask.
-            return attention_kernels.attend("xla", q.astype(md), k.astype(md), v.astype(md),
-                                            mask, None).astype(dtype)
+            return attention_kernels.attend(
+                'xla', q.astype(md), k.astype(md), v.astype(md), mask, None
+            ).astype(dtype)
         # Dropout on the probabilities, and the cache's padded slots, need them explicitly;
         # grouping the query heads reads each kv group without repeating it.
         b, t, _, _ = q.shape
         q = q.reshape(b, t, self.n_groups, self.n_heads // self.n_groups, self.head_dim)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(md), k.astype(md),
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum(
+            'btgrk,bsgk->bgrts', q.astype(md), k.astype(md), preferred_element_type=jnp.float32
+        )
         scores = jnp.where(mask[:, :, None], scores / math.sqrt(self.head_dim), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(md), v.astype(md),
-                         preferred_element_type=dtype)
+        out = jnp.einsum(
+            'bgrts,bsgk->btgrk', probs.astype(md), v.astype(md), preferred_element_type=dtype
+        )
         return out.reshape(b, t, self.n_heads, self.head_dim)
 
 
@@ -413,7 +455,7 @@ class MoE(nnx.Module):
         weights = jnp.sum(jax.nn.one_hot(top_i, probs.shape[-1]) * top_p[..., None], axis=-2)
         out = jnp.zeros(x.shape, jnp.float32)
         for e, expert in enumerate(self.experts):
-            out = out + weights[..., e:e + 1] * expert(x).astype(jnp.float32)
+            out = out + weights[..., e : e + 1] * expert(x).astype(jnp.float32)
         return out.astype(x.dtype)
 
 
@@ -434,8 +476,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, *, deterministic=True, rngs=None, cache=None):
         """x (B, T, D) -> (B, T, D); with a cache (see Attention), (x, (keys, values))."""
-        h = self.attn(self.norm1(x), cos, sin, mask, deterministic=deterministic, rngs=rngs,
-                      cache=cache)
+        h = self.attn(
+            self.norm1(x), cos, sin, mask, deterministic=deterministic, rngs=rngs, cache=cache
+        )
         if cache is not None:
             h, cache = h
         x = x + self.resid_dropout(h, deterministic=deterministic, rngs=rngs)
@@ -465,16 +508,21 @@ class Thinker(nnx.Module):
         config.validate()
         self.config = config
         self.tok_emb = nnx.Embed(
-            config.vocab_size, config.d_model, dtype=config.compute_dtype,
+            config.vocab_size,
+            config.d_model,
+            dtype=config.compute_dtype,
             # N(0, 1), nn.Embedding's default: the original's init, as for the linears.
-            param_dtype=jnp.float32, embedding_init=nnx.initializers.normal(stddev=1.0),
-            rngs=rngs)
+            param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(stddev=1.0),
+            rngs=rngs,
+        )
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, dtype=config.compute_dtype)
         self.lm_head = _linear(config, config.d_model, config.vocab_size, rngs)
 
-    def hidden_states(self, tokens, *, segment_ids=None, positions=None,
-                      deterministic=True, rngs=None) -> jax.Array:
+    def hidden_states(
+        self, tokens, *, segment_ids=None, positions=None, deterministic=True, rngs=None
+    ) -> jax.Array:
         """tokens (B, T) int; segment_ids (B, T) int, 0 = padding (default all ones);
         positions (B, T) int RoPE positions, restarting per document (default arange(T));
         rngs: nnx.Rngs with a 'dropout' stream, needed when deterministic=False.
@@ -485,7 +533,7 @@ class Thinker(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if not deterministic and self.config.dropout > 0 and rngs is None:
-            raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...)")
+            raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=...)')
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         mask = PackedMask.of(segment_ids)
         x = self.tok_emb(tokens)
@@ -504,27 +552,38 @@ class Thinker(nnx.Module):
         next to the compute. Dropout draws one key per layer, so its masks differ from the loop's.
         """
         graphdef = nnx.graphdef(self.blocks[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[nnx.state(block) for block in self.blocks])
+        stacked = jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[nnx.state(block) for block in self.blocks]
+        )
         use_dropout = not deterministic and self.config.dropout > 0
-        keys = (jax.random.split(rngs.dropout(), len(self.blocks)) if use_dropout
-                else jnp.zeros((len(self.blocks),), jnp.uint32))
+        keys = (
+            jax.random.split(rngs.dropout(), len(self.blocks))
+            if use_dropout
+            else jnp.zeros((len(self.blocks),), jnp.uint32)
+        )
 
         def layer(x, xs):
             state, key = xs
             layer_rngs = nnx.Rngs(dropout=key) if use_dropout else None
-            return _call_block(nnx.merge(graphdef, state), x, cos, sin, mask, deterministic,
-                               layer_rngs), None
+            return _call_block(
+                nnx.merge(graphdef, state), x, cos, sin, mask, deterministic, layer_rngs
+            ), None
 
         if self.config.remat:
             layer = jax.checkpoint(layer)
         return jax.lax.scan(layer, x, (stacked, keys))[0]
 
-    def __call__(self, tokens, *, segment_ids=None, positions=None,
-                 deterministic=True, rngs=None) -> jax.Array:
+    def __call__(
+        self, tokens, *, segment_ids=None, positions=None, deterministic=True, rngs=None
+    ) -> jax.Array:
         """Same arguments as `hidden_states`; returns logits (B, T, V) in float32."""
-        h = self.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
-                               deterministic=deterministic, rngs=rngs)
+        h = self.hidden_states(
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            deterministic=deterministic,
+            rngs=rngs,
+        )
         return self.lm_head(h).astype(jnp.float32)
 
 
@@ -541,25 +600,32 @@ class KVCache:
     index: () int32, slots filled so far; the next tokens go to slots index, index + 1, ...
     start: (B,) int32, first real slot of each row: slots before it hold left padding.
     """
+
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     index: jax.Array
     start: jax.Array
 
     @classmethod
-    def init(cls, config: ThinkerConfig, batch_size: int, max_len: int,
-             start: jax.Array | None = None) -> "KVCache":
+    def init(
+        cls, config: ThinkerConfig, batch_size: int, max_len: int, start: jax.Array | None = None
+    ) -> KVCache:
         groups = config.kv_groups if config.use_gqa else config.n_heads
         shape = (batch_size, max_len, groups, config.head_dim)
         zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
         if start is None:
             start = jnp.zeros((batch_size,), jnp.int32)
-        return cls(keys=zeros, values=zeros, index=jnp.zeros((), jnp.int32),
-                   start=jnp.asarray(start, jnp.int32))
+        return cls(
+            keys=zeros,
+            values=zeros,
+            index=jnp.zeros((), jnp.int32),
+            start=jnp.asarray(start, jnp.int32),
+        )
 
 
-def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: KVCache
-                ) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    model: Thinker, tokens: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
     """Runs new tokens through the model against the cache and appends their keys and values.
 
     tokens, positions: (B, T) int, the T tokens that follow the cache's `index` filled slots
@@ -572,8 +638,10 @@ def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: 
     slots = jnp.arange(cache.keys[0].shape[1])
     query_slots = cache.index + jnp.arange(t)
     # Causal over slots, and never into a row's left padding.
-    mask = ((slots[None, None, :] <= query_slots[None, :, None])
-            & (slots[None, None, :] >= cache.start[:, None, None]))[:, None]  # (B, 1, T, S)
+    mask = (
+        (slots[None, None, :] <= query_slots[None, :, None])
+        & (slots[None, None, :] >= cache.start[:, None, None])
+    )[:, None]  # (B, 1, T, S)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     x = model.tok_emb(tokens)
     new_keys, new_values = [], []
@@ -582,5 +650,6 @@ def decode_step(model: Thinker, tokens: jax.Array, positions: jax.Array, cache: 
         new_keys.append(keys)
         new_values.append(values)
     logits = model.lm_head(model.norm(x)).astype(jnp.float32)
-    return logits, cache.replace(keys=tuple(new_keys), values=tuple(new_values),
-                                 index=cache.index + t)
+    return logits, cache.replace(
+        keys=tuple(new_keys), values=tuple(new_values), index=cache.index + t
+    )

@@ -12,7 +12,8 @@ import contextlib
 import itertools
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -34,22 +35,28 @@ def initialize(config) -> None:
     timeout = int(settings.timeout_s)
     if address:
         num_processes = settings.num_processes or _env_int('JAX_NUM_PROCESSES', 0)
-        process_id = (settings.process_id if settings.process_id >= 0
-                      else _env_int('JAX_PROCESS_ID', -1))
+        process_id = (
+            settings.process_id if settings.process_id >= 0 else _env_int('JAX_PROCESS_ID', -1)
+        )
         if not 0 <= process_id < num_processes:
-            raise UserError(f'a run with coordinator_address {address} needs num_processes >= 1 '
-                            f'and 0 <= process_id < num_processes (got {num_processes} and '
-                            f'{process_id}): set --config.distributed.num_processes and '
-                            '--config.distributed.process_id, or JAX_NUM_PROCESSES and '
-                            'JAX_PROCESS_ID')
+            raise UserError(
+                f'a run with coordinator_address {address} needs num_processes >= 1 '
+                f'and 0 <= process_id < num_processes (got {num_processes} and '
+                f'{process_id}): set --config.distributed.num_processes and '
+                '--config.distributed.process_id, or JAX_NUM_PROCESSES and '
+                'JAX_PROCESS_ID'
+            )
         try:
-            jax.distributed.initialize(address, num_processes, process_id,
-                                       initialization_timeout=timeout)
-        except Exception as e:  # pylint: disable=broad-except
-            raise UserError(f'process {process_id} could not join {num_processes} processes at '
-                            f'{address} within {timeout}s ({first_line(e, 200)}): start '
-                            'every process with the same coordinator address, reachable from '
-                            'all hosts') from None
+            jax.distributed.initialize(
+                address, num_processes, process_id, initialization_timeout=timeout
+            )
+        except Exception as e:
+            raise UserError(
+                f'process {process_id} could not join {num_processes} processes at '
+                f'{address} within {timeout}s ({first_line(e, 200)}): start '
+                'every process with the same coordinator address, reachable from '
+                'all hosts'
+            ) from None
     else:
         try:
             jax.distributed.initialize(initialization_timeout=timeout)
@@ -71,8 +78,10 @@ def describe(mesh) -> str:
     kind = local[0].platform if local[0].platform == 'cpu' else local[0].device_kind
     ids = ','.join(str(d.id) for d in local)
     axes = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
-    return (f'Process {jax.process_index()}/{jax.process_count()}: {len(local)} local {kind} '
-            f'devices (ids {ids}) of {mesh.devices.size}; mesh {axes}')
+    return (
+        f'Process {jax.process_index()}/{jax.process_count()}: {len(local)} local {kind} '
+        f'devices (ids {ids}) of {mesh.devices.size}; mesh {axes}'
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,14 +95,17 @@ _agreements = itertools.count()  # Every process agrees in the same order, so th
 
 
 def _client():
-    from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+    from jax._src import distributed as jax_distributed
+
     return jax_distributed.global_state.client
 
 
 def _waited(what: str, timeout_s: float) -> UserError:
-    return UserError(f'process {jax.process_index()} waited {timeout_s:g} s for {what}, which '
-                     'failed or hangs: see its log; every process of a run must run the same '
-                     'command')
+    return UserError(
+        f'process {jax.process_index()} waited {timeout_s:g} s for {what}, which '
+        'failed or hangs: see its log; every process of a run must run the same '
+        'command'
+    )
 
 
 def allgather_bytes(payload: bytes, timeout_s: float = AGREE_TIMEOUT_S) -> list[bytes]:
@@ -106,9 +118,10 @@ def allgather_bytes(payload: bytes, timeout_s: float = AGREE_TIMEOUT_S) -> list[
     gathered = []
     for index in range(jax.process_count()):
         try:
-            gathered.append(client.blocking_key_value_get_bytes(f'{key}/{index}',
-                                                                int(timeout_s * 1000)))
-        except Exception:  # pylint: disable=broad-except
+            gathered.append(
+                client.blocking_key_value_get_bytes(f'{key}/{index}', int(timeout_s * 1000))
+            )
+        except Exception:
             raise _waited(f'process {index}', timeout_s) from None
     return gathered
 
@@ -124,7 +137,7 @@ def broadcast_bytes(payload: bytes, timeout_s: float = AGREE_TIMEOUT_S) -> bytes
         return payload
     try:
         return client.blocking_key_value_get_bytes(key, int(timeout_s * 1000))
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         raise _waited('process 0', timeout_s) from None
 
 
@@ -133,9 +146,8 @@ def barrier(name: str, timeout_s: float = AGREE_TIMEOUT_S) -> None:
     if jax.process_count() == 1:
         return
     try:
-        _client().wait_at_barrier(f'muomni_jax/{name}/{next(_agreements)}',
-                                  int(timeout_s * 1000))
-    except Exception:  # pylint: disable=broad-except
+        _client().wait_at_barrier(f'muomni_jax/{name}/{next(_agreements)}', int(timeout_s * 1000))
+    except Exception:
         raise _waited(f'every process at "{name}"', timeout_s) from None
 
 
@@ -155,7 +167,7 @@ def fail_together() -> Iterator[None]:
     error = ''
     try:
         yield
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         if jax.process_count() == 1:
             raise
         error = str(e) if isinstance(e, UserError) else first_line(e)

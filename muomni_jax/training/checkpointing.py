@@ -54,11 +54,13 @@ class Checkpointer:
             create=not read_only,
             enable_async_checkpointing=not read_only,
             # A writable manager first deletes temporary folders left by interrupted saves.
-            cleanup_tmp_directories=not read_only)
+            cleanup_tmp_directories=not read_only,
+        )
         return self._new_manager(options, writable=not read_only)
 
-    def _new_manager(self, options: ocp.CheckpointManagerOptions,
-                     writable: bool) -> ocp.CheckpointManager:
+    def _new_manager(
+        self, options: ocp.CheckpointManagerOptions, writable: bool
+    ) -> ocp.CheckpointManager:
         """The manager of state and meta, the same whether writable or not; a subclass may give
         a writable one's meta another handler (the tests pause a run inside a save so)."""
         return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
@@ -66,22 +68,25 @@ class Checkpointer:
     def start_writing(self, start_step: int) -> None:
         """Opens save_dir for saving a run that continues from `start_step` (0: a fresh run).
 
-    Steps newer than start_step (unreadable ones, or ones past --config.restore_step) would be
-    written again, so they are renamed to `<step>.set-aside-<time>`, out of Orbax's sight, and
-    kept for inspection rather than deleted.
-    """
+        Steps newer than start_step (unreadable ones, or ones past --config.restore_step) would be
+        written again, so they are renamed to `<step>.set-aside-<time>`, out of Orbax's sight, and
+        kept for inspection rather than deleted.
+        """
         if not self._may_write:
             raise ValueError(f'{self.directory} was opened read-only')
         newer = [s for s in self.steps() if s > start_step]
         if newer and jax.process_index() == 0:
             suffix = f'set-aside-{int(time.time())}'
             for s in newer:
-                storage.move_folder(os.path.join(self.directory, str(s)),
-                                    os.path.join(self.directory, f'{s}.{suffix}'))
+                storage.move_folder(
+                    os.path.join(self.directory, str(s)),
+                    os.path.join(self.directory, f'{s}.{suffix}'),
+                )
             print(
                 f'Warning: moved checkpoint steps {newer} in {self.directory} aside (renamed to '
                 f'<step>.{suffix}), since training continues from step {start_step}.',
-                file=sys.stderr)
+                file=sys.stderr,
+            )
         if newer:  # Every process restored the same step (restore_latest), so has the same newer.
             distributed.barrier('checkpoints set aside')
         self._newest_intact = start_step if start_step in self.steps() else None
@@ -102,16 +107,22 @@ class Checkpointer:
         the checksum of every array of state, which restore verifies."""
         if not self._writing:
             raise RuntimeError('call start_writing before saving')
-        meta = {**meta, 'checksums': tree_checksums(state),
-                'ema': isinstance(state, steps.AveragedTrainState)}
+        meta = {
+            **meta,
+            'checksums': tree_checksums(state),
+            'ema': isinstance(state, steps.AveragedTrainState),
+        }
         # Orbax waits for the previous save before it starts this one: done here, a failure of
         # that save is reported as its own.
         self._finish_pending()
         try:
-            self._manager.save(step,
-                               args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=self.meta_save_args(meta)),
-                               force=True)
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=self.meta_save_args(meta)
+                ),
+                force=True,
+            )
         except Exception as e:
             self._raise_failed(step, e)
         self._pending = step
@@ -131,8 +142,9 @@ class Checkpointer:
         self._failed, self._pending = True, None
         if not is_io_error(error):
             raise error
-        raise write_failed(f'the checkpoint of step {step}', self.directory, error,
-                           self._newest_intact) from error
+        raise write_failed(
+            f'the checkpoint of step {step}', self.directory, error, self._newest_intact
+        ) from error
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by abstract_state (jax.ShapeDtypeStruct leaves).
@@ -147,49 +159,66 @@ class Checkpointer:
     def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state as it was saved (with or without its average of the params, whatever
         abstract_state holds) and its meta."""
-        meta = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
         target = abstract_state
         if isinstance(abstract_state, steps.TrainState):
             saved_ema = isinstance(meta, dict) and bool(meta.get('ema'))
             # The average has the params' shapes and shardings.
-            target = (steps.with_average(abstract_state, abstract_state.params) if saved_ema
-                      else steps.without_average(abstract_state))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            target = (
+                steps.with_average(abstract_state, abstract_state.params)
+                if saved_ema
+                else steps.without_average(abstract_state)
+            )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
         return restored.state, restored.meta
 
-    def restore_latest(self,
-                       abstract_state: Any,
-                       step: int = 0) -> tuple[Any, dict[str, Any]] | None:
+    def restore_latest(
+        self, abstract_state: Any, step: int = 0
+    ) -> tuple[Any, dict[str, Any]] | None:
         """Restores `step`, or else the newest step that restores, warning about any that do not.
 
-    Returns None when save_dir holds no checkpoint.
-    """
+        Returns None when save_dir holds no checkpoint.
+        """
         steps = self.steps()
         if step:
             if step not in steps:
                 raise UserError(
                     f'restore_step {step} is not in {self.directory}: available steps are '
-                    f'{steps or "none"}')
+                    f'{steps or "none"}'
+                )
             restored, problem = self._restore_everywhere(step, abstract_state)
             if problem:
-                raise UserError(f'restore_step {step} in {self.directory} is unreadable '
-                                f'({problem}): pick another of the steps {steps}')
+                raise UserError(
+                    f'restore_step {step} in {self.directory} is unreadable '
+                    f'({problem}): pick another of the steps {steps}'
+                )
             return restored
         for candidate in reversed(steps):
             restored, problem = self._restore_everywhere(candidate, abstract_state)
             if not problem:
                 return restored
-            print(f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
-                  f'({problem}); trying an older one.', file=sys.stderr)
+            print(
+                f'Warning: checkpoint step {candidate} in {self.directory} is unreadable '
+                f'({problem}); trying an older one.',
+                file=sys.stderr,
+            )
         if steps:
-            raise UserError(f'no checkpoint in {self.directory} could be restored (steps {steps}): '
-                            'move the folder aside to start afresh, or fix its files')
+            raise UserError(
+                f'no checkpoint in {self.directory} could be restored (steps {steps}): '
+                'move the folder aside to start afresh, or fix its files'
+            )
         return None
 
-    def _restore_everywhere(self, step: int, abstract_state: Any
-                            ) -> tuple[tuple[Any, dict[str, Any]] | None, str]:
+    def _restore_everywhere(
+        self, step: int, abstract_state: Any
+    ) -> tuple[tuple[Any, dict[str, Any]] | None, str]:
         """(restored, '') when step restores on every process, else (None, what failed and
         where): the processes decide together, so all of them restore the same step."""
         restored, problem = None, ''
@@ -231,8 +260,9 @@ class SaveFailed(UserError):
     """A write to save_dir failed (a full disk, a lost mount, a refused gs:// write)."""
 
 
-def write_failed(what: str, directory: str, error: BaseException,
-                 newest_intact: int | None) -> SaveFailed:
+def write_failed(
+    what: str, directory: str, error: BaseException, newest_intact: int | None
+) -> SaveFailed:
     """The one line for a write of a run that failed: what, the cause, the newest intact
     checkpoint and what to do."""
     code, cause = io_error_cause(error)
@@ -245,15 +275,19 @@ def write_failed(what: str, directory: str, error: BaseException,
     if newest_intact is None:
         then = f'no checkpoint of this run is intact yet: {fix}; rerun to start again'
     else:
-        then = (f'the newest intact checkpoint is step {newest_intact}: {fix}; rerun to '
-                f'continue from step {newest_intact}')
+        then = (
+            f'the newest intact checkpoint is step {newest_intact}: {fix}; rerun to '
+            f'continue from step {newest_intact}'
+        )
     return SaveFailed(f'{what} could not be written ({cause}); {then}')
 
 
 # TensorStore's status codes for a failed read or write (its errors are ValueErrors).
-_STORAGE_STATUS = re.compile(r'^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|NOT_FOUND|'
-                             r'DEADLINE_EXCEEDED|ABORTED|DATA_LOSS|UNAUTHENTICATED|'
-                             r'FAILED_PRECONDITION|UNKNOWN): ')
+_STORAGE_STATUS = re.compile(
+    r'^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|NOT_FOUND|'
+    r'DEADLINE_EXCEEDED|ABORTED|DATA_LOSS|UNAUTHENTICATED|'
+    r'FAILED_PRECONDITION|UNKNOWN): '
+)
 
 
 def is_io_error(error: BaseException) -> bool:
@@ -261,8 +295,11 @@ def is_io_error(error: BaseException) -> bool:
     Google Cloud API error) rather than a bug."""
     seen = error
     while seen is not None:
-        if (isinstance(seen, OSError) or _STORAGE_STATUS.match(str(seen))
-                or type(seen).__module__.startswith('google.')):
+        if (
+            isinstance(seen, OSError)
+            or _STORAGE_STATUS.match(str(seen))
+            or type(seen).__module__.startswith('google.')
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -307,19 +344,28 @@ def _checksums(leaves: list[jax.Array]) -> jax.Array:
     """(N, 2) uint32: per array, the sum of its elements' bits and the sum weighted by each
     element's position, both modulo 2**32. Integer sums are exact in any order, so the value
     does not depend on the mesh the array is sharded over; the weighted one also sees swaps."""
+
     def one(x):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else \
-            x.astype(jnp.uint32)
+        bits = (
+            jax.lax.bitcast_convert_type(x, jnp.uint32)
+            if x.dtype.itemsize == 4
+            else x.astype(jnp.uint32)
+        )
         position = jnp.arange(1, bits.size + 1, dtype=jnp.uint32).reshape(bits.shape)
-        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
-                          jnp.sum(bits * position, dtype=jnp.uint32)])
+        return jnp.stack(
+            [jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * position, dtype=jnp.uint32)]
+        )
+
     return jnp.stack([one(x) for x in leaves])
 
 
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves
-                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+    return jnp.all(
+        jnp.array(
+            [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+        )
+    )
 
 
 def _array_leaves(tree: Any) -> tuple[list[str], list[jax.Array]]:
@@ -344,15 +390,18 @@ def verify(state: Any, meta: dict[str, Any], what: str) -> None:
         found = tree_checksums(state)
         wrong = [name for name in names if found.get(name) != saved.get(name)]
         if wrong:
-            raise DamagedCheckpoint(f'{what}: {len(wrong)} array(s) differ from the checksums '
-                                    f'of their save, first {wrong[0]}')
+            raise DamagedCheckpoint(
+                f'{what}: {len(wrong)} array(s) differ from the checksums '
+                f'of their save, first {wrong[0]}'
+            )
     if leaves and not bool(_all_finite(leaves)):
         raise DamagedCheckpoint(f'{what}: it holds NaN/Inf values, which no save writes')
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
 
 
 def check_new_save_dir(save_dir: str) -> None:
@@ -367,7 +416,28 @@ def write_step_zero(save_dir: str, state: Any, config: Any) -> None:
     check_new_save_dir(save_dir)
     checkpointer = Checkpointer(save_dir, max_to_keep=None)
     checkpointer.start_writing(0)
-    checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0,
-                                 'steps_per_epoch': 0})
+    checkpointer.save(0, state, {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'steps_per_epoch': 0})
     checkpointer.close()
     run_dir.write_config(save_dir, config.to_dict())
+
+
+def check_resumable(meta: dict, directory: str, mixture: str, steps_per_epoch: int) -> None:
+    """A checkpoint past step 0 resumes only onto the data position it was saved with: the same
+    mixture and the same steps per epoch. (Step 0, an imported checkpoint (launch.convert), has no
+    data position to keep.)"""
+    start_step = int(meta['step'])
+    if start_step and meta.get('mixture') != mixture:
+        raise UserError(
+            f'the checkpoint in {directory} was trained on '
+            f'{meta.get("mixture") or "a single data_path"}, not on '
+            f'{mixture or "a single data_path"}: resume with '
+            'the same --config.mixture, or use a new save_dir'
+        )
+    if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
+        raise UserError(
+            f'the checkpoint in {directory} was trained with '
+            f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
+            f'batch_size give {steps_per_epoch}: '
+            'resume with the same data, batch_size and data_shards (0 means one '
+            'per process), or use a new save_dir'
+        )

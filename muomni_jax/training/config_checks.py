@@ -23,19 +23,28 @@ def check_same_model(model: ThinkerConfig, optimizer: str, save_dir: str) -> Non
         if not isinstance(saved, dict):
             raise ValueError('not a JSON object')
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f'{path} is damaged ({first_line(e, 200)}), so this run cannot check '
-                        'that save_dir holds its model shape: restore it, or move it aside to '
-                        'resume without that check (the run writes it again)') from None
-    differ = [f'{k} {saved.get(k)!r} -> {getattr(model, k)!r}' for k in SHAPE_FIELDS
-              if k in saved and saved[k] != getattr(model, k)]
+        raise UserError(
+            f'{path} is damaged ({first_line(e, 200)}), so this run cannot check '
+            'that save_dir holds its model shape: restore it, or move it aside to '
+            'resume without that check (the run writes it again)'
+        ) from None
+    differ = [
+        f'{k} {saved.get(k)!r} -> {getattr(model, k)!r}'
+        for k in SHAPE_FIELDS
+        if k in saved and saved[k] != getattr(model, k)
+    ]
     if differ:
-        raise UserError(f'save_dir {save_dir} holds a run with another model shape '
-                        f'({", ".join(differ)}): use a new --config.save_dir or the saved values')
+        raise UserError(
+            f'save_dir {save_dir} holds a run with another model shape '
+            f'({", ".join(differ)}): use a new --config.save_dir or the saved values'
+        )
     # Another optimizer has another state tree: its checkpoints cannot restore into this one.
     if saved.get('optimizer', 'adamw') != optimizer:
-        raise UserError(f'save_dir {save_dir} was trained with optimizer '
-                        f'{saved.get("optimizer", "adamw")!r}, not {optimizer!r}: resume '
-                        'with the saved optimizer or use a new --config.save_dir')
+        raise UserError(
+            f'save_dir {save_dir} was trained with optimizer '
+            f'{saved.get("optimizer", "adamw")!r}, not {optimizer!r}: resume '
+            'with the saved optimizer or use a new --config.save_dir'
+        )
 
 
 def check_platform(model_config: ThinkerConfig, platform: str) -> None:

@@ -2,37 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
 from muomni_jax.data import host_data
 from muomni_jax.model.thinker import count_params
 from muomni_jax.parallel import distributed
-from muomni_jax.training import run_plan
-from muomni_jax.training import steps
+from muomni_jax.training import run_plan, steps
 
 
 def log_totals(data: host_data.HostData, log: Callable[[str], None]) -> None:
     def line(totals):
-        return (f'{totals["train_documents"]:,} documents ({totals["train_tokens"]:,} tokens); '
-                f'validation: {totals["validation_documents"]:,} documents '
-                f'({totals["validation_tokens"]:,} tokens)')
+        return (
+            f'{totals["train_documents"]:,} documents ({totals["train_tokens"]:,} tokens); '
+            f'validation: {totals["validation_documents"]:,} documents '
+            f'({totals["validation_tokens"]:,} tokens)'
+        )
 
     log(f'Training samples: {line(data.totals)}')
     if data.is_mixture:
         for source in data.sources:
             log(f'  {source.source.name}: {line(source.totals)}')
             if not source.totals['validation_documents']:
-                log(f'  {source.source.name}: no validation documents (raise val_split to '
-                    'validate it); the weighted validation loss leaves it out')
+                log(
+                    f'  {source.source.name}: no validation documents (raise val_split to '
+                    'validate it); the weighted validation loss leaves it out'
+                )
 
 
-def log_layout(plan: run_plan.RunPlan, setup: steps.TrainSetup, mesh,
-               log: Callable[[str], None]) -> None:
+def log_layout(
+    plan: run_plan.RunPlan, setup: steps.TrainSetup, mesh, log: Callable[[str], None]
+) -> None:
     """The model's size, the devices and mesh, and a note on a run too short to decay."""
-    log(f'Initializing Thinker ({count_params(setup.abstract_state.params) / 1e6:.1f}M '
-        'parameters)...')
+    log(
+        f'Initializing Thinker ({count_params(setup.abstract_state.params) / 1e6:.1f}M '
+        'parameters)...'
+    )
     log(devices_line(mesh))
     note = steps.short_run_note(plan.optimizer, plan.length.total_steps)
     if note:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -14,8 +15,15 @@ from muomni_jax.parallel import partitioning
 PREFETCH_BATCHES = 2
 
 
-def train_batches(data: host_data.HostData, mesh, *, seed: int, num_epochs: int,
-                  start_step: int, log: Callable[[str], None]) -> Iterator[dict[str, jax.Array]]:
+def train_batches(
+    data: host_data.HostData,
+    mesh,
+    *,
+    seed: int,
+    num_epochs: int,
+    start_step: int,
+    log: Callable[[str], None],
+) -> Iterator[dict[str, jax.Array]]:
     """(B, T) global batches from start_step on, epoch after epoch, placed on the devices ahead;
     one `Epoch n/N:` line as each epoch begins."""
     epoch = start_step // data.steps_per_epoch
@@ -24,8 +32,10 @@ def train_batches(data: host_data.HostData, mesh, *, seed: int, num_epochs: int,
     while True:
         log(f'Epoch {epoch + 1}/{num_epochs}:')
         batches = data.train_batches(seed, epoch, start)
-        yield from prefetch((partitioning.global_batch(batch, batch_sharding)
-                             for batch in batches), PREFETCH_BATCHES)
+        yield from prefetch(
+            (partitioning.global_batch(batch, batch_sharding) for batch in batches),
+            PREFETCH_BATCHES,
+        )
         epoch, start = epoch + 1, 0
 
 

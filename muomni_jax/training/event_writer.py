@@ -30,18 +30,25 @@ _FILE_COUNTER = itertools.count()
 
 def _value(tag: str, tensor: tensor_pb2.TensorProto, plugin: str) -> summary_pb2.Summary.Value:
     metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
+    )
     return summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata)
 
 
 def _scalar(value: float) -> tensor_pb2.TensorProto:
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[float(value)],
-                                  tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        float_val=[float(value)],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+    )
 
 
 def _string(text: str) -> tensor_pb2.TensorProto:
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode('utf-8')],
-                                  tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING,
+        string_val=[text.encode('utf-8')],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+    )
 
 
 class EventWriter:
@@ -50,8 +57,10 @@ class EventWriter:
     def __init__(self, logdir: str):
         directory = epath.Path(logdir)
         directory.mkdir(parents=True, exist_ok=True)
-        name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
-                f'{next(_FILE_COUNTER)}.v2')
+        name = (
+            f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
+            f'{next(_FILE_COUNTER)}.v2'
+        )
         self.path = directory / name
         # epath's open is a file locally and a context manager around TensorFlow's GFile on
         # gs://: entered here, left in close.
@@ -65,13 +74,19 @@ class EventWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         values = [_value(tag, _scalar(value), 'scalars') for tag, value in scalars.items()]
-        self._write(event_pb2.Event(wall_time=time.time(), step=step,
-                                    summary=summary_pb2.Summary(value=values)))
+        self._write(
+            event_pb2.Event(
+                wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+            )
+        )
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         values = [_value(tag, _string(text), 'text') for tag, text in texts.items()]
-        self._write(event_pb2.Event(wall_time=time.time(), step=step,
-                                    summary=summary_pb2.Summary(value=values)))
+        self._write(
+            event_pb2.Event(
+                wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+            )
+        )
 
     def flush(self) -> None:
         self._file.flush()

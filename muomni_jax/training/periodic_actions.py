@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -23,10 +24,8 @@ import numpy as np
 from muomni_jax.errors import UserError
 from muomni_jax.model import lm_loss
 from muomni_jax.parallel import partitioning
-from muomni_jax.training import reporting
-from muomni_jax.training import run_plan
+from muomni_jax.training import reporting, run_plan, training_log
 from muomni_jax.training import steps as steps_lib
-from muomni_jax.training import training_log
 
 
 class PeriodicAction(Protocol):
@@ -44,20 +43,26 @@ class Interval:
     A resumed run starts from the sums its checkpoint saved mid-interval, so logged losses after
     a resume equal those of an uninterrupted run.
     """
+
     sums: dict[str, jax.Array] | None = None
     steps: int = 0
     start: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
-    def resumed(cls, saved: Mapping[str, Any] | None, mesh) -> 'Interval':
+    def resumed(cls, saved: Mapping[str, Any] | None, mesh) -> Interval:
         """From a checkpoint's host sums, replicated like the step's metrics: multi-process runs
         add global arrays to global arrays."""
         if saved is None:
             return cls()
-        return cls(sums={k: jax.device_put(np.asarray(v, np.int32 if isinstance(v, int)
-                                                      else np.float32),
-                                           partitioning.replicated(mesh))
-                         for k, v in saved.items()})
+        return cls(
+            sums={
+                k: jax.device_put(
+                    np.asarray(v, np.int32 if isinstance(v, int) else np.float32),
+                    partitioning.replicated(mesh),
+                )
+                for k, v in saved.items()
+            }
+        )
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self.sums = steps_lib.add_metrics(self.sums, metrics)
@@ -73,6 +78,7 @@ class Interval:
 @dataclasses.dataclass
 class LastSaved:
     """The step of the newest checkpoint this run saved (or resumed from)."""
+
     step: int = 0
 
 
@@ -81,6 +87,7 @@ class RunContext:
     """What the periodic actions of one run share. A length fitted mid-run gives a new plan and
     so a new context (with_context); the parts that change as the run goes (interval, history,
     summary, last_saved) are shared objects that carry over."""
+
     plan: run_plan.RunPlan
     schedule: Callable[[int], Any]  # The learning rate of each update (the plan's schedule).
     interval: Interval
@@ -96,15 +103,23 @@ class RunContext:
 
 def with_context(actions: list[PeriodicAction], context: RunContext) -> list[PeriodicAction]:
     """The same actions, each with its own state kept, reading a new context."""
-    return [dataclasses.replace(action, context=context) if hasattr(action, 'context') else action
-            for action in actions]
+    return [
+        dataclasses.replace(action, context=context) if hasattr(action, 'context') else action
+        for action in actions
+    ]
 
 
-def train_loop(state: steps_lib.TrainState, steps: range, batches: Iterable[Any],
-               train_step: Callable, interval: Interval, actions: list[PeriodicAction],
-               should_stop: Callable[[int], bool] = lambda step: False,
-               final_step: int | None = None, hold_last_actions: bool = False
-               ) -> tuple[steps_lib.TrainState, bool]:
+def train_loop(
+    state: steps_lib.TrainState,
+    steps: range,
+    batches: Iterable[Any],
+    train_step: Callable,
+    interval: Interval,
+    actions: list[PeriodicAction],
+    should_stop: Callable[[int], bool] = lambda step: False,
+    final_step: int | None = None,
+    hold_last_actions: bool = False,
+) -> tuple[steps_lib.TrainState, bool]:
     """Runs train_step on each batch for the given step numbers (each the step count after it).
 
     final_step is the run's final step (default: the last of `steps`; a loop may be one phase of
@@ -125,16 +140,23 @@ def train_loop(state: steps_lib.TrainState, steps: range, batches: Iterable[Any]
     return state, False
 
 
-def run_actions(actions: list[PeriodicAction], step: int, state: steps_lib.TrainState, *,
-                final: bool, stop: bool) -> None:
+def run_actions(
+    actions: list[PeriodicAction],
+    step: int,
+    state: steps_lib.TrainState,
+    *,
+    final: bool,
+    stop: bool,
+) -> None:
     """The actions due after `step`, in order."""
     for action in actions:
         if step % action.every == 0 or final or (stop and action.on_stop):
             action(step, state, final or stop)
 
 
-def check_nonfinite_limit(m: Mapping[str, Any], max_consecutive_nonfinite: int,
-                          last_saved: int) -> None:
+def check_nonfinite_limit(
+    m: Mapping[str, Any], max_consecutive_nonfinite: int, last_saved: int
+) -> None:
     """Stops the run once max_consecutive_nonfinite steps in a row were NaN/Inf (host metrics)."""
     limit_step = int(m['nonfinite_limit_step'])
     if limit_step != steps_lib.NO_STEP:
@@ -143,12 +165,14 @@ def check_nonfinite_limit(m: Mapping[str, Any], max_consecutive_nonfinite: int,
             f'steps {first}-{limit_step} all had NaN/Inf loss or gradients '
             f'(max_consecutive_nonfinite={max_consecutive_nonfinite}); they were skipped '
             f'and nothing after them was saved (newest checkpoint: step {last_saved}): lower '
-            'learning_rate, check the data, or raise max_consecutive_nonfinite')
+            'learning_rate, check the data, or raise max_consecutive_nonfinite'
+        )
 
 
 @dataclasses.dataclass
 class Progress:
     """Advances the progress bar and starts or stops the profile (reporting.Reporter)."""
+
     context: RunContext
     every: int = 1
     on_stop: bool = False
@@ -163,6 +187,7 @@ class FirstStepTime:
     """After the first step of a launch: one line with its time from the loop's start, the
     batch, the compilation (or the compilation cache's load) and the step itself. It waits for
     that one step; later steps pass straight through."""
+
     context: RunContext
     start: float = dataclasses.field(default_factory=time.time)
     every: int = 1
@@ -176,7 +201,8 @@ class FirstStepTime:
         self.done = True
         jax.block_until_ready(state.step)
         self.context.reporter.log(
-            f'First step: {time.time() - self.start:.1f} s (compilation included)')
+            f'First step: {time.time() - self.start:.1f} s (compilation included)'
+        )
 
 
 # A host shared with other work changes speed with its load; a CPU peak older than this is
@@ -187,6 +213,7 @@ PEAK_EVERY_S = 60.0
 @dataclasses.dataclass
 class LogMetrics:
     """Every log_every steps: one console line, a training_log record and TensorBoard scalars."""
+
     context: RunContext
     flops_per_step: float = 0.0
     peak_flops: float | None = None  # None: MFU not logged.
@@ -211,9 +238,13 @@ class LogMetrics:
         elapsed = time.time() - context.interval.start
         steps = context.interval.steps
         tokens_per_step = plan.step.batch_size * plan.data.ctx_len
-        record = interval_record(m, (step - 1) // plan.length.steps_per_epoch,
-                                 tokens_per_step * steps / elapsed,
-                                 float(context.schedule(step - 1)), time.time() - self.run_start)
+        record = interval_record(
+            m,
+            (step - 1) // plan.length.steps_per_epoch,
+            tokens_per_step * steps / elapsed,
+            float(context.schedule(step - 1)),
+            time.time() - self.run_start,
+        )
         record['tokens'] = step * tokens_per_step  # Seen so far: plots against data.
         context.summary.clear()
         context.summary.update(loss=record['loss'], ppl=record['ppl'])
@@ -230,12 +261,17 @@ class LogMetrics:
             epochs = ' | epochs ' + ' '.join(f'{name} {n:.3g}' for name, n in drawn.items())
         context.history.add(step, **record)
         context.reporter.write_scalars(step, record)
-        skipped = (f' | {record["nonfinite_steps"]} non-finite steps skipped'
-                   if record['nonfinite_steps'] else '')
-        context.reporter.log(f'[Step {step}/{context.total_steps}] loss={record["loss"]:.3f} '
-                             f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
-                             f'{elapsed / steps:.2f}s/step | '
-                             f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}')
+        skipped = (
+            f' | {record["nonfinite_steps"]} non-finite steps skipped'
+            if record['nonfinite_steps']
+            else ''
+        )
+        context.reporter.log(
+            f'[Step {step}/{context.total_steps}] loss={record["loss"]:.3f} '
+            f'ppl={record["ppl"]:.1f} lr={record["lr"]:.5f} | '
+            f'{elapsed / steps:.2f}s/step | '
+            f'{record["tokens_per_s"]:,.0f} tok/s{mfu}{epochs}{skipped}'
+        )
         context.interval.restart()
 
 
@@ -246,14 +282,22 @@ def _flops(per_second: float) -> str:
     return f'{per_second / 1e9:.3g} GFLOP/s'
 
 
-def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: float,
-                    elapsed_s: float) -> dict[str, Any]:
+def interval_record(
+    m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: float, elapsed_s: float
+) -> dict[str, Any]:
     """A training_log record from the summed metrics of one log interval (host values)."""
     loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
     finite_steps = max(int(m['steps']) - int(m['nonfinite']), 1)
-    record = dict(epoch=epoch + 1, loss=loss, ppl=lm_loss.perplexity(loss), lr=lr,
-                  grad_norm=float(m['grad_norm']) / finite_steps, tokens_per_s=tokens_per_s,
-                  elapsed_s=elapsed_s, nonfinite_steps=int(m['nonfinite']))
+    record = dict(
+        epoch=epoch + 1,
+        loss=loss,
+        ppl=lm_loss.perplexity(loss),
+        lr=lr,
+        grad_norm=float(m['grad_norm']) / finite_steps,
+        tokens_per_s=tokens_per_s,
+        elapsed_s=elapsed_s,
+        nonfinite_steps=int(m['nonfinite']),
+    )
     if 'z_sum' in m:  # z_loss_weight > 0: the mean logsumexp^2 (its loss is weight x this).
         record['z_loss'] = float(m['z_sum']) / max(float(m['weight_sum']), 1.0)
     return record
@@ -262,6 +306,7 @@ def interval_record(m: Mapping[str, Any], epoch: int, tokens_per_s: float, lr: f
 @dataclasses.dataclass
 class Evaluate:
     """Every eval_every steps: validation loss, then sample lines; its time is not training time."""
+
     context: RunContext
     # params -> {'val_loss', 'val_ppl', and a mixture's 'val/<name>/loss' and /ppl} or {}.
     evaluate: Callable[[Any], dict[str, float]]
@@ -287,22 +332,31 @@ class Evaluate:
             context.history.add(step, **val)
             context.reporter.write_scalars(step, val)
             prefix = 'Final validation' if step == context.total_steps else 'Validation'
-            names = [key.split('/')[1] for key in val
-                     if key.startswith('val/') and key.endswith('/loss')]
-            per_source = ''.join(f' | {name} loss={val[f"val/{name}/loss"]:.3f} '
-                                 f'ppl={val[f"val/{name}/ppl"]:.1f}' for name in names)
-            ema_line = (f' | EMA loss={val["val_ema_loss"]:.3f} ppl={val["val_ema_ppl"]:.1f}'
-                        if 'val_ema_loss' in val else '')
-            context.reporter.log(f'→ {prefix}: loss={val["val_loss"]:.3f} '
-                                 f'ppl={val["val_ppl"]:.1f}'
-                                 f'{" (weighted)" if names else ""}{per_source}{ema_line}')
+            names = [
+                key.split('/')[1] for key in val if key.startswith('val/') and key.endswith('/loss')
+            ]
+            per_source = ''.join(
+                f' | {name} loss={val[f"val/{name}/loss"]:.3f} ppl={val[f"val/{name}/ppl"]:.1f}'
+                for name in names
+            )
+            ema_line = (
+                f' | EMA loss={val["val_ema_loss"]:.3f} ppl={val["val_ema_ppl"]:.1f}'
+                if 'val_ema_loss' in val
+                else ''
+            )
+            context.reporter.log(
+                f'→ {prefix}: loss={val["val_loss"]:.3f} '
+                f'ppl={val["val_ppl"]:.1f}'
+                f'{" (weighted)" if names else ""}{per_source}{ema_line}'
+            )
         if self.sampler:  # Every process joins: the params may span them all.
             # The samples are of the model load() gives: the average where there is one.
             samples = self.sampler(state.params if average is None else average)
             for line in samples:
                 context.reporter.log(line)
-            context.reporter.write_texts(step, {f'samples/{i}': line.strip()
-                                                for i, line in enumerate(samples)})
+            context.reporter.write_texts(
+                step, {f'samples/{i}': line.strip() for i, line in enumerate(samples)}
+            )
         # Validation time is not training time: keep it out of s/step and tokens/s.
         context.interval.start += time.time() - eval_start
 
@@ -311,6 +365,7 @@ class Evaluate:
 class WriteHistory:
     """Rewrites training_log.json when a record changed. Runs before SaveCheckpoint, so a
     checkpoint is never ahead of the log it resumes."""
+
     context: RunContext
     enabled: bool  # Process 0 only.
     every: int = 1
@@ -326,6 +381,7 @@ class WriteHistory:
 class SaveCheckpoint:
     """Every save_every steps (and on the last): the state, the data position and the metric sums
     of an interval the checkpoint cuts."""
+
     context: RunContext
     checkpointer: Any  # checkpointing.Checkpointer, writable.
     on_stop: bool = True
@@ -340,22 +396,32 @@ class SaveCheckpoint:
         if interval is not None:
             check_nonfinite_limit(interval, plan.step.max_consecutive_nonfinite, last_saved.step)
         if not bool(steps_lib.all_finite(state.params)):
-            raise UserError(f'the params became NaN/Inf at step {step}, so it was not '
-                            f'saved (newest checkpoint: step {last_saved.step}): lower '
-                            'learning_rate or max_grad_norm')
+            raise UserError(
+                f'the params became NaN/Inf at step {step}, so it was not '
+                f'saved (newest checkpoint: step {last_saved.step}): lower '
+                'learning_rate or max_grad_norm'
+            )
         steps_per_epoch = plan.length.steps_per_epoch
-        self.checkpointer.save(step, state, {
-            'step': step, 'epoch': step // steps_per_epoch,
-            'step_in_epoch': step % steps_per_epoch,
-            'steps_per_epoch': steps_per_epoch,
-            # A resume with another mixture is refused.
-            'mixture': plan.data.mixture_record,
-            # A length fitted to schedule_seconds is kept: a resume never measures it again.
-            'schedule_steps': plan.length.total_steps if plan.length.fitted else None,
-            'interval_metrics': None if interval is None else {
-                k: v.item() for k, v in interval.items()}})
+        self.checkpointer.save(
+            step,
+            state,
+            {
+                'step': step,
+                'epoch': step // steps_per_epoch,
+                'step_in_epoch': step % steps_per_epoch,
+                'steps_per_epoch': steps_per_epoch,
+                # A resume with another mixture is refused.
+                'mixture': plan.data.mixture_record,
+                # A length fitted to schedule_seconds is kept: a resume never measures it again.
+                'schedule_steps': plan.length.total_steps if plan.length.fitted else None,
+                'interval_metrics': None
+                if interval is None
+                else {k: v.item() for k, v in interval.items()},
+            },
+        )
         last_saved.step = step
         if last:  # A stopped run must not exit before its save is on disk.
             self.checkpointer.wait()
-        self.context.reporter.log(f'✓ Saved checkpoint: step {step} '
-                                  f'({os.path.join(plan.output.save_dir, str(step))})')
+        self.context.reporter.log(
+            f'✓ Saved checkpoint: step {step} ({os.path.join(plan.output.save_dir, str(step))})'
+        )

@@ -21,7 +21,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,7 +48,7 @@ class StopSignals:
         self._multiprocess = jax.process_count() > 1
         self._jax_handles_sigterm = self._multiprocess and _jax_preemption_service_running()
 
-    def __enter__(self) -> 'StopSignals':
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
         # JAX's preemption service has its own SIGTERM notifier; replacing it would blind it.
@@ -68,8 +69,11 @@ class StopSignals:
             self.__exit__()
             raise KeyboardInterrupt(f'second signal ({name}): aborted without saving')
         self.received = name
-        print(f'\n{name} received: finishing this step and saving a checkpoint '
-              '(send it again to abort without saving)...', flush=True)
+        print(
+            f'\n{name} received: finishing this step and saving a checkpoint '
+            '(send it again to abort without saving)...',
+            flush=True,
+        )
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after `step`; all processes get the same answer at each step.
@@ -99,8 +103,12 @@ class TimeBudget:
     the decision is allgathered after each step.
     """
 
-    def __init__(self, seconds: float, wait_for: Callable[[], Any],
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        seconds: float,
+        wait_for: Callable[[], Any],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.seconds = seconds
         self._wait_for = wait_for  # () -> device values the last step produced.
         self._clock = clock  # Seconds; tests pass a fake one.

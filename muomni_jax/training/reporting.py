@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import jax
 import tqdm
@@ -42,8 +43,10 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     except ValueError:
         start = end = -1
     if len(parts) != 2 or not 1 <= start <= end:
-        raise UserError(f'profile_steps {text!r} must be "start,end" with 1 <= start <= end, '
-                        'e.g. --config.profile_steps=10,20')
+        raise UserError(
+            f'profile_steps {text!r} must be "start,end" with 1 <= start <= end, '
+            'e.g. --config.profile_steps=10,20'
+        )
     return start, end
 
 
@@ -52,7 +55,7 @@ def scalar_tag(name: str) -> str:
     'epochs/wiki' -> 'train/epochs/wiki', 'val/wiki/loss' as it is.
     """
     if name.startswith('val_'):
-        return 'val/' + name[len('val_'):]
+        return 'val/' + name[len('val_') :]
     if name.startswith('val/'):  # A mixture source's: 'val/wiki/loss'.
         return name
     return 'train/' + name
@@ -61,10 +64,18 @@ def scalar_tag(name: str) -> str:
 class Reporter:
     """TensorBoard writer, progress display and profiler of one run (see the module docstring)."""
 
-    def __init__(self, save_dir: str, *, total_steps: int, start_step: int,
-                 profile_steps: tuple[int, int] | None = None, enabled: bool = True,
-                 stream: TextIO | None = None, wandb_project: str = '',
-                 run_config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        save_dir: str,
+        *,
+        total_steps: int,
+        start_step: int,
+        profile_steps: tuple[int, int] | None = None,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        wandb_project: str = '',
+        run_config: Mapping[str, Any] | None = None,
+    ):
         """Opens the event writer and, when `stream` is a terminal, the progress bar.
 
         Args:
@@ -94,9 +105,13 @@ class Reporter:
         if _is_terminal(self._stream):
             # tqdm puts ', ' before the postfix: the loss and tokens/s of the last log interval.
             self._bar = tqdm.tqdm(
-                total=total_steps, initial=start_step, file=self._stream, dynamic_ncols=True,
+                total=total_steps,
+                initial=start_step,
+                file=self._stream,
+                dynamic_ncols=True,
                 bar_format='Step {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}'
-                '{postfix}')
+                '{postfix}',
+            )
         # A resumed run may start inside the profiled range: trace from its first step.
         self._maybe_start_profile(start_step + 1, None)
 
@@ -137,9 +152,11 @@ class Reporter:
         """Writes every numeric field of a training_log.json record (see `scalar_tag`)."""
         if not self.enabled:
             return
-        scalars = {scalar_tag(k): v for k, v in record.items()
-                   if k not in _NOT_SCALARS and isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
+        scalars = {
+            scalar_tag(k): v
+            for k, v in record.items()
+            if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self._writer.write_scalars(step, scalars)
         self._writer.flush()  # Readers see each log interval at once, not every 2 minutes.
         if self._wandb_run is not None:
@@ -174,8 +191,11 @@ class Reporter:
             self._wandb_run = None
 
     def _maybe_start_profile(self, next_step: int, state: Any) -> None:
-        if (self._profile_steps is None or self._profiling
-                or not self._profile_steps[0] <= next_step <= self._profile_steps[1]):
+        if (
+            self._profile_steps is None
+            or self._profiling
+            or not self._profile_steps[0] <= next_step <= self._profile_steps[1]
+        ):
             return
         if state is not None:
             jax.block_until_ready(state)  # Keep earlier steps' device work out of the trace.
@@ -190,23 +210,27 @@ class Reporter:
         jax.profiler.stop_trace()
         self._profiling = False
         newest = max(os.listdir(self.profile_dir))  # jax names each trace by its start time.
-        self.log(f'Profile of steps {self._traced_from}-{self._last_step} written to '
-                 f'{os.path.join(self.profile_dir, newest)}')
+        self.log(
+            f'Profile of steps {self._traced_from}-{self._last_step} written to '
+            f'{os.path.join(self.profile_dir, newest)}'
+        )
 
 
 def check_wandb_installed(project: str) -> None:
     """A set wandb_project needs the optional wandb package; checked without importing it."""
     if project and importlib.util.find_spec('wandb') is None:
-        raise UserError(f'wandb_project {project!r} needs the wandb package: pip install '
-                        'wandb==0.31.0, or leave --config.wandb_project empty')
+        raise UserError(
+            f'wandb_project {project!r} needs the wandb package: pip install '
+            'wandb==0.31.0, or leave --config.wandb_project empty'
+        )
 
 
 def _start_wandb(project: str, save_dir: str, run_config: Mapping[str, Any] | None) -> Any:
-    import wandb  # pylint: disable=import-outside-toplevel
+    import wandb
+
     name = save_dir.rstrip('/').rsplit('/', 1)[-1]
     # WANDB_MODE, WANDB_DIR and the API key come from the environment, as W&B documents.
-    return wandb.init(project=project, name=name, group=save_dir,
-                      config=dict(run_config or {}))
+    return wandb.init(project=project, name=name, group=save_dir, config=dict(run_config or {}))
 
 
 def _is_terminal(stream: TextIO) -> bool:

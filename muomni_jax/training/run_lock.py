@@ -49,9 +49,11 @@ def _describe(holder: dict) -> str:
 
 
 def _in_use(save_dir: str, holder: dict) -> UserError:
-    return UserError(f'save_dir {save_dir} is in use by another run: {_describe(holder)}. Wait '
-                     'for it to end, or stop it (kill -TERM sends it to save and exit), then '
-                     'rerun; or train into another --config.save_dir')
+    return UserError(
+        f'save_dir {save_dir} is in use by another run: {_describe(holder)}. Wait '
+        'for it to end, or stop it (kill -TERM sends it to save and exit), then '
+        'rerun; or train into another --config.save_dir'
+    )
 
 
 class RunLock:
@@ -85,8 +87,10 @@ class RunLock:
             os.close(fd)  # The holder ended and removed the file we locked: lock the new one.
         previous = _read(fd)
         if previous.get('pid'):
-            self._log(f'Took over the lock of save_dir {self.save_dir} from '
-                      f'{_describe(previous)}, which is no longer running.')
+            self._log(
+                f'Took over the lock of save_dir {self.save_dir} from '
+                f'{_describe(previous)}, which is no longer running.'
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         os.fsync(fd)
@@ -157,7 +161,8 @@ class _Lease:
 
     def __init__(self, save_dir: str, log):
         from google.cloud import storage as gcs
-        bucket, _, prefix = save_dir[len('gs://'):].partition('/')
+
+        bucket, _, prefix = save_dir[len('gs://') :].partition('/')
         name = f'{prefix.rstrip("/")}/{run_dir.LEASE}' if prefix.strip('/') else run_dir.LEASE
         self.save_dir = save_dir
         self._bucket = gcs.Client().bucket(bucket)
@@ -170,10 +175,12 @@ class _Lease:
 
     def _write(self, if_generation_match: int) -> bool:
         from google.api_core import exceptions
+
         body = json.dumps({**_holder(), 'heartbeat': time.time()})
         try:
-            self._blob.upload_from_string(body, content_type='application/json',
-                                          if_generation_match=if_generation_match)
+            self._blob.upload_from_string(
+                body, content_type='application/json', if_generation_match=if_generation_match
+            )
         except exceptions.PreconditionFailed:
             return False
         self._generation = self._blob.generation
@@ -181,6 +188,7 @@ class _Lease:
 
     def acquire(self) -> None:
         from google.api_core import exceptions
+
         try:
             if not self._write(if_generation_match=0):  # 0: only if there is no such object.
                 # A fresh handle: its download reads the holder and that version's generation.
@@ -190,14 +198,21 @@ class _Lease:
                     raise _in_use(self.save_dir, holder)
                 if not self._write(if_generation_match=current.generation):
                     raise _in_use(self.save_dir, holder)  # Another run took it first.
-                why = ('which is no longer running' if _dead_here(holder) else
-                       f'whose heartbeat stopped {time.time() - holder.get("heartbeat", 0):.0f} '
-                       's ago')
-                self._log(f'Took over the lease of save_dir {self.save_dir} from '
-                          f'{_describe(holder)}, {why}.')
+                why = (
+                    'which is no longer running'
+                    if _dead_here(holder)
+                    else f'whose heartbeat stopped {time.time() - holder.get("heartbeat", 0):.0f} '
+                    's ago'
+                )
+                self._log(
+                    f'Took over the lease of save_dir {self.save_dir} from '
+                    f'{_describe(holder)}, {why}.'
+                )
         except exceptions.GoogleAPIError as e:
-            raise UserError(f'cannot take the lease {run_dir.LEASE} of save_dir {self.save_dir} '
-                            f'({first_line(e, 200)}): check access to the bucket') from None
+            raise UserError(
+                f'cannot take the lease {run_dir.LEASE} of save_dir {self.save_dir} '
+                f'({first_line(e, 200)}): check access to the bucket'
+            ) from None
         self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lease')
         self._thread.start()
 
@@ -205,8 +220,11 @@ class _Lease:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 if not self._write(if_generation_match=self._generation):
-                    print(f'Warning: the lease of save_dir {self.save_dir} was taken by another '
-                          'run after this one stalled; stop one of them.', file=sys.stderr)
+                    print(
+                        f'Warning: the lease of save_dir {self.save_dir} was taken by another '
+                        'run after this one stalled; stop one of them.',
+                        file=sys.stderr,
+                    )
                     return
             except Exception as e:
                 # A missed beat is retried at the next; LEASE_S allows for three of them.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from muomni_jax.parallel import distributed
 from muomni_jax.training import run_lock

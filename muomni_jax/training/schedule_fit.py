@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -54,9 +55,17 @@ def fit_step(optimizer: run_plan.OptimizerPlan, start_step: int, upper_steps: in
     return min(step, upper_steps)
 
 
-def fitted_total_steps(*, budget_s: float, elapsed_s: float, compile_s: float, step_s: float,
-                       done_steps: int, upper_steps: int, eval_every: int,
-                       eval_batches: int) -> int:
+def fitted_total_steps(
+    *,
+    budget_s: float,
+    elapsed_s: float,
+    compile_s: float,
+    step_s: float,
+    done_steps: int,
+    upper_steps: int,
+    eval_every: int,
+    eval_batches: int,
+) -> int:
     """The run's total steps: as many as fit in what is left of budget_s, validations included,
     between done_steps and upper_steps."""
     validation = eval_batches * EVAL_BATCH_PER_STEP / eval_every
@@ -72,6 +81,7 @@ class ScheduleFit:
     As a periodic action, first in the step's order, it notes when the launch's first step
     (which compiles) ends; the loop stops after fit_at, before that step's actions, and the
     trainer calls fitted_length. Its clock is injectable, so tests fit on a fake one."""
+
     budget_s: float
     start_step: int  # The step this launch started from (earlier launches' steps count too).
     fit_at: int
@@ -105,12 +115,40 @@ class ScheduleFit:
         compile_s = self._first_done - self._loop_start
         step_s = (now_s - self._first_done) / timed if timed else compile_s
         total = fitted_total_steps(
-            budget_s=self.budget_s, elapsed_s=now_s - self._loop_start + self.start_step * step_s,
-            compile_s=compile_s, step_s=step_s, done_steps=step, upper_steps=self.upper_steps,
-            eval_every=self.eval_every, eval_batches=self.eval_batches)
+            budget_s=self.budget_s,
+            elapsed_s=now_s - self._loop_start + self.start_step * step_s,
+            compile_s=compile_s,
+            step_s=step_s,
+            done_steps=step,
+            upper_steps=self.upper_steps,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+        )
         total = distributed.allgather_json(total)[0]  # Every process ends at the same step.
-        end = ('the data or max_steps ends first' if total == self.upper_steps
-               else 'the decay ends at the budget')
-        return total, (f'Schedule fitted to schedule_seconds={self.budget_s:g}: '
-                       f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
-                       f'{compile_s:.1f} s to compile -> {total} steps ({end}).')
+        end = (
+            'the data or max_steps ends first'
+            if total == self.upper_steps
+            else 'the decay ends at the budget'
+        )
+        return total, (
+            f'Schedule fitted to schedule_seconds={self.budget_s:g}: '
+            f'{step_s:.3f} s/step over steps {self.start_step + 2}-{step}, '
+            f'{compile_s:.1f} s to compile -> {total} steps ({end}).'
+        )
+
+
+def for_plan(plan: run_plan.RunPlan, data: Any, start_step: int) -> ScheduleFit | None:
+    """The measurement that fixes the run's length (schedule_seconds); None when the length is
+    already fixed, or not fitted to time. data: the run's host_data.HostData."""
+    length = plan.length
+    if not length.schedule_seconds or length.fitted or start_step >= length.total_steps:
+        return None
+    return ScheduleFit(
+        budget_s=length.schedule_seconds,
+        start_step=start_step,
+        fit_at=fit_step(plan.optimizer, start_step, length.total_steps),
+        upper_steps=length.total_steps,
+        eval_every=plan.output.eval_every,
+        # Each validation reads every source's eval_batches (host_data agreed on them).
+        eval_batches=sum(source.eval_batches for source in data.sources),
+    )

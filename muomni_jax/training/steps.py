@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -19,8 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from muomni_jax.model import attention_kernels
-from muomni_jax.model import lm_loss
+from muomni_jax.model import attention_kernels, lm_loss
 from muomni_jax.model.thinker import Thinker, ThinkerConfig, abstract_model
 from muomni_jax.parallel import partitioning
 from muomni_jax.training import run_plan
@@ -41,19 +41,26 @@ class TrainState:
 class AveragedTrainState(TrainState):
     """The state of a run with ema_decay > 0. A class of its own, so the tree of a run without
     the average is exactly the tree every earlier checkpoint holds."""
+
     # The exponential moving average of params after each finite update (the initial params
     # at step 0); float32, laid out like params.
     ema_params: nnx.State
 
 
 def with_average(state: TrainState, ema_params: Any) -> AveragedTrainState:
-    return AveragedTrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                              rng=state.rng, ema_params=ema_params)
+    return AveragedTrainState(
+        step=state.step,
+        params=state.params,
+        opt_state=state.opt_state,
+        rng=state.rng,
+        ema_params=ema_params,
+    )
 
 
 def without_average(state: TrainState) -> TrainState:
-    return TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                      rng=state.rng)
+    return TrainState(
+        step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,8 +86,12 @@ def learning_rate_schedule(config: run_plan.OptimizerPlan, total_steps: int) -> 
     peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
     if config.lr_schedule == 'cosine':
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup,
-            decay_steps=max(total_steps, warmup + 1), end_value=end)
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
+            end_value=end,
+        )
     decay_start = max(warmup, total_steps - round(config.decay_fraction * total_steps))
     decay_updates = total_steps - 1 - decay_start  # Counts decay_start+1 .. total_steps-1.
     phases = [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)]
@@ -96,10 +107,12 @@ def short_run_note(config: run_plan.OptimizerPlan, total_steps: int) -> str | No
     if not config.warmup_steps or total_steps > config.warmup_steps + 1:
         return None
     last = float(learning_rate_schedule(config, total_steps)(total_steps - 1))
-    return (f'Schedule: warmup_steps={config.warmup_steps} fills this run\'s {total_steps} '
-            f'steps, so the rate rises to {last:.3g} (learning_rate {config.learning_rate:g}) '
-            'and never decays; for a warmup and a decay, lower --config.warmup_steps (e.g. '
-            f'{max(total_steps // 10, 1)}).')
+    return (
+        f"Schedule: warmup_steps={config.warmup_steps} fills this run's {total_steps} "
+        f'steps, so the rate rises to {last:.3g} (learning_rate {config.learning_rate:g}) '
+        'and never decays; for a warmup and a decay, lower --config.warmup_steps (e.g. '
+        f'{max(total_steps // 10, 1)}).'
+    )
 
 
 def weight_decay_mask(params: nnx.State) -> Any:
@@ -118,8 +131,9 @@ def is_muon_matrix(path, x) -> bool:
     return 'blocks' in names and 'router' not in names and x.ndim == 2
 
 
-def make_optimizer(config: run_plan.OptimizerPlan,
-                   total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    config: run_plan.OptimizerPlan, total_steps: int
+) -> optax.GradientTransformation:
     """clip -> AdamW (or Muon for the block matrices, AdamW for the rest), wrapped so a step with
     NaN/Inf gradients leaves params and moments as they were.
 
@@ -129,17 +143,28 @@ def make_optimizer(config: run_plan.OptimizerPlan,
     return _optimizer(config, learning_rate_schedule(config, total_steps))
 
 
-def _optimizer(config: run_plan.OptimizerPlan,
-               schedule: optax.Schedule) -> optax.GradientTransformation:
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                        weight_decay=config.weight_decay, mask=weight_decay_mask)
+def _optimizer(
+    config: run_plan.OptimizerPlan, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        weight_decay=config.weight_decay,
+        mask=weight_decay_mask,
+    )
     if config.optimizer == 'muon':
         # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Moonlight,
         # arXiv:2502.16982), so one learning rate and schedule serve both parts.
-        muon = optax.contrib.muon(schedule, beta=config.muon_momentum,
-                                  weight_decay=config.weight_decay, consistent_rms=0.2)
+        muon = optax.contrib.muon(
+            schedule,
+            beta=config.muon_momentum,
+            weight_decay=config.weight_decay,
+            consistent_rms=0.2,
+        )
         labels = lambda params: jax.tree.map_with_path(
-            lambda path, x: 'muon' if is_muon_matrix(path, x) else 'adamw', params)
+            lambda path, x: 'muon' if is_muon_matrix(path, x) else 'adamw', params
+        )
         adamw = optax.partition({'muon': muon, 'adamw': adamw}, labels)
     tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
@@ -149,12 +174,14 @@ def _optimizer(config: run_plan.OptimizerPlan,
 # Pure steps
 
 
-def init_state(rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTransformation,
-               ema: bool = False) -> TrainState:
+def init_state(
+    rng: jax.Array, model_config: ThinkerConfig, tx: optax.GradientTransformation, ema: bool = False
+) -> TrainState:
     params_rng, dropout_rng = jax.random.split(rng)
     _, params = nnx.split(Thinker(model_config, rngs=nnx.Rngs(params=params_rng)))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=dropout_rng)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
+    )
     return with_average(state, copy_tree(params)) if ema else state
 
 
@@ -163,20 +190,34 @@ def copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def state_from_params(params: nnx.State, tx: optax.GradientTransformation, seed: int = 0,
-                      ema: bool = False) -> TrainState:
+def state_from_params(
+    params: nnx.State, tx: optax.GradientTransformation, seed: int = 0, ema: bool = False
+) -> TrainState:
     """Step 0 of a run that starts from given params (an import) with a fresh optimizer."""
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
     return with_average(state, copy_tree(params)) if ema else state
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, accumulation_steps: int, deterministic: bool,
-               max_consecutive_nonfinite: int = 0, loss_chunk_tokens: int = 0,
-               z_loss_weight: float = 0.0, ema_decay: float = 0.0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps micro-batches.
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    accumulation_steps: int,
+    deterministic: bool,
+    max_consecutive_nonfinite: int = 0,
+    loss_chunk_tokens: int = 0,
+    z_loss_weight: float = 0.0,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps
+    micro-batches.
 
     Gradients are summed over micro-batches and divided by the total weight, so the update equals
     the update on the whole batch at once. A step with NaN/Inf loss or gradients changes nothing
@@ -187,19 +228,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     """
     # Micro-batch j takes rows j, j + A, j + 2A, ...: every micro-batch spans every batch shard.
     micro = jax.tree.map(
-        lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch
+    )
     step_key = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(lm_loss.batch_loss, has_aux=True)
 
     def accumulate(carry, xs):
         index, micro_batch = xs
         (_, sums), grads = grad_fn(
-            state.params, micro_batch, jax.random.fold_in(step_key, index), graphdef,
-            deterministic, loss_chunk_tokens, z_loss_weight)
+            state.params,
+            micro_batch,
+            jax.random.fold_in(step_key, index),
+            graphdef,
+            deterministic,
+            loss_chunk_tokens,
+            z_loss_weight,
+        )
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params),
-             {k: jnp.zeros(()) for k in ('loss_sum', 'weight_sum', 'z_sum')})
+    zeros = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        {k: jnp.zeros(()) for k in ('loss_sum', 'weight_sum', 'z_sum')},
+    )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation_steps), micro))
     loss_sum, weight_sum = sums['loss_sum'], sums['weight_sum']
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
@@ -207,7 +257,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     params = optax.apply_updates(state.params, updates)
     finite = opt_state.last_finite
     streak_done = (max_consecutive_nonfinite > 0) & (
-        opt_state.notfinite_count >= max_consecutive_nonfinite)
+        opt_state.notfinite_count >= max_consecutive_nonfinite
+    )
     metrics = {
         'loss_sum': jnp.where(finite, loss_sum, 0.0),
         'weight_sum': jnp.where(finite, weight_sum, 0.0),
@@ -221,9 +272,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay:
         # A skipped (non-finite) step leaves params, hence the average, as they were.
-        new_state = new_state.replace(ema_params=jax.tree.map(
-            lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
-            state.ema_params, params))
+        new_state = new_state.replace(
+            ema_params=jax.tree.map(
+                lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
+                state.ema_params,
+                params,
+            )
+        )
     return new_state, metrics
 
 
@@ -232,8 +287,12 @@ def add_metrics(total, metrics):
     if total is None:
         return metrics
     # A key the total lacks (z_sum, after a resume that turned z-loss on) starts at this step.
-    return {k: (jnp.minimum if k == 'nonfinite_limit_step' else jnp.add)(total[k], v)
-            if k in total else v for k, v in metrics.items()}
+    return {
+        k: (jnp.minimum if k == 'nonfinite_limit_step' else jnp.add)(total[k], v)
+        if k in total
+        else v
+        for k, v in metrics.items()
+    }
 
 
 @jax.jit
@@ -248,6 +307,7 @@ def all_finite(tree) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """What make_train_setup returns: the state and everything that runs it on the mesh."""
+
     state: TrainState | None  # Initialised from the plan's seed; None: asked for the shape only.
     abstract_state: TrainState  # ShapeDtypeStructs carrying state_shardings: restore onto it.
     state_shardings: TrainState  # NamedSharding per leaf (partitioning.state_shardings).
@@ -261,8 +321,9 @@ class TrainSetup:
     init: Callable[[jax.Array], TrainState]  # PRNG key -> state, jitted onto state_shardings.
 
 
-def make_train_setup(plan: run_plan.RunPlan, mesh, total_steps: int | None = None, *,
-                     initialize: bool = True) -> TrainSetup:
+def make_train_setup(
+    plan: run_plan.RunPlan, mesh, total_steps: int | None = None, *, initialize: bool = True
+) -> TrainSetup:
     """The Thinker's train state for a plan, laid out on the mesh, with its jitted steps.
 
     total_steps sets the learning-rate schedule (default: the plan's; the state's tree does not
@@ -272,8 +333,9 @@ def make_train_setup(plan: run_plan.RunPlan, mesh, total_steps: int | None = Non
     total_steps = plan.length.total_steps if total_steps is None else total_steps
     schedule = learning_rate_schedule(plan.optimizer, total_steps)
     tx = _optimizer(plan.optimizer, schedule)
-    init = functools.partial(init_state, model_config=plan.model, tx=tx,
-                             ema=bool(plan.step.ema_decay))
+    init = functools.partial(
+        init_state, model_config=plan.model, tx=tx, ema=bool(plan.step.ema_decay)
+    )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = partitioning.state_shardings(mesh, abstract)
     graphdef, _ = abstract_model(plan.model)
@@ -282,10 +344,18 @@ def make_train_setup(plan: run_plan.RunPlan, mesh, total_steps: int | None = Non
     return TrainSetup(
         state=jitted_init(jax.random.PRNGKey(plan.step.seed)) if initialize else None,
         abstract_state=jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings),
-        state_shardings=shardings, graphdef=graphdef, total_steps=total_steps,
-        schedule=schedule, tx=tx, model_config=plan.model, train_step=train, eval_step=evaluate,
-        init=jitted_init)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        ),
+        state_shardings=shardings,
+        graphdef=graphdef,
+        total_steps=total_steps,
+        schedule=schedule,
+        tx=tx,
+        model_config=plan.model,
+        train_step=train,
+        eval_step=evaluate,
+        init=jitted_init,
+    )
 
 
 def with_length(setup: TrainSetup, plan: run_plan.RunPlan, mesh) -> TrainSetup:
@@ -296,12 +366,18 @@ def with_length(setup: TrainSetup, plan: run_plan.RunPlan, mesh) -> TrainSetup:
     schedule = learning_rate_schedule(plan.optimizer, total_steps)
     tx = _optimizer(plan.optimizer, schedule)
     train, _ = _jit_steps(plan, mesh, setup.graphdef, tx, setup.state_shardings)
-    return dataclasses.replace(setup, state=None, total_steps=total_steps, schedule=schedule,
-                               tx=tx, train_step=train)
+    return dataclasses.replace(
+        setup, state=None, total_steps=total_steps, schedule=schedule, tx=tx, train_step=train
+    )
 
 
-def _jit_steps(plan: run_plan.RunPlan, mesh, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, state_sharding: Any) -> tuple[Any, Any]:
+def _jit_steps(
+    plan: run_plan.RunPlan,
+    mesh,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    state_sharding: Any,
+) -> tuple[Any, Any]:
     """train_step and eval_step jitted over the mesh: state as laid out, batch rows split over
     every device, metrics replicated."""
     batch_sharding = partitioning.batch_sharding(mesh)
@@ -309,20 +385,32 @@ def _jit_steps(plan: run_plan.RunPlan, mesh, graphdef: nnx.GraphDef,
     step = plan.step
     # on_mesh: the attention kernels are compiled for the mesh's devices and split its rows.
     p_train_step = jax.jit(
-        attention_kernels.on_mesh(mesh, functools.partial(
-                          train_step, graphdef=graphdef, tx=tx,
-                          accumulation_steps=step.gradient_accumulation_steps,
-                          deterministic=plan.model.dropout == 0,
-                          max_consecutive_nonfinite=step.max_consecutive_nonfinite,
-                          loss_chunk_tokens=step.loss_chunk_tokens,
-                          z_loss_weight=step.z_loss_weight,
-                          ema_decay=step.ema_decay)),
+        attention_kernels.on_mesh(
+            mesh,
+            functools.partial(
+                train_step,
+                graphdef=graphdef,
+                tx=tx,
+                accumulation_steps=step.gradient_accumulation_steps,
+                deterministic=plan.model.dropout == 0,
+                max_consecutive_nonfinite=step.max_consecutive_nonfinite,
+                loss_chunk_tokens=step.loss_chunk_tokens,
+                z_loss_weight=step.z_loss_weight,
+                ema_decay=step.ema_decay,
+            ),
+        ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
-        donate_argnums=0)
-    p_eval_step = jax.jit(attention_kernels.on_mesh(mesh, functools.partial(
-                              lm_loss.eval_step, graphdef=graphdef,
-                              loss_chunk_tokens=step.loss_chunk_tokens)),
-                          in_shardings=(state_sharding.params, batch_sharding),
-                          out_shardings=metrics_sharding)
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(
+        attention_kernels.on_mesh(
+            mesh,
+            functools.partial(
+                lm_loss.eval_step, graphdef=graphdef, loss_chunk_tokens=step.loss_chunk_tokens
+            ),
+        ),
+        in_shardings=(state_sharding.params, batch_sharding),
+        out_shardings=metrics_sharding,
+    )
     return p_train_step, p_eval_step

@@ -24,9 +24,17 @@ class TokenizingProgress:
         self.total, self.unit = total, unit
         self.done = self.tokens = 0
         self.start_time = self.last_line = time.time()
-        self.bar = (tqdm.tqdm(total=total or None, unit=unit, unit_scale=True, desc='Tokenizing',
-                              dynamic_ncols=True)
-                    if sys.stdout.isatty() else None)
+        self.bar = (
+            tqdm.tqdm(
+                total=total or None,
+                unit=unit,
+                unit_scale=True,
+                desc='Tokenizing',
+                dynamic_ncols=True,
+            )
+            if sys.stdout.isatty()
+            else None
+        )
 
     def elapsed(self) -> float:
         return time.time() - self.start_time
@@ -37,12 +45,14 @@ class TokenizingProgress:
         rate = self.tokens / max(self.elapsed(), 1e-9)
         if self.bar is not None:
             self.bar.update(done)
-            self.bar.set_postfix_str(f'{self.tokens:,} tokens, {rate:,.0f} tokens/s',
-                                     refresh=False)
+            self.bar.set_postfix_str(f'{self.tokens:,} tokens, {rate:,.0f} tokens/s', refresh=False)
         elif time.time() - self.last_line >= _LINE_EVERY_S:
             self.last_line = time.time()
-            print(f'Tokenizing: {self._amount()}, {self.tokens:,} tokens, {rate:,.0f} tokens/s'
-                  f'{self._eta()}', flush=True)
+            print(
+                f'Tokenizing: {self._amount()}, {self.tokens:,} tokens, {rate:,.0f} tokens/s'
+                f'{self._eta()}',
+                flush=True,
+            )
 
     def _amount(self) -> str:
         scale = (lambda n: f'{n / 1e6:,.1f} MB') if self.unit == 'B' else (lambda n: f'{n:,}')

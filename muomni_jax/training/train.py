@@ -16,28 +16,26 @@ from typing import Any
 
 import jax
 
-from muomni_jax.data import host_data
-from muomni_jax.data import tokenizer_setup
-from muomni_jax.errors import UserError
-from muomni_jax.io import run_dir
-from muomni_jax.io import storage
-from muomni_jax.parallel import distributed
-from muomni_jax.parallel import partitioning
-from muomni_jax.training import checkpointing
-from muomni_jax.training import compilation_cache
-from muomni_jax.training import config_checks
-from muomni_jax.training import console
-from muomni_jax.training import device_batches
-from muomni_jax.training import periodic_actions
-from muomni_jax.training import preemption
-from muomni_jax.training import reporting
-from muomni_jax.training import run_plan
-from muomni_jax.training import sample_prompts
-from muomni_jax.training import save_dir_lock
-from muomni_jax.training import schedule_fit
-from muomni_jax.training import steps
-from muomni_jax.training import tokenizing_progress
-from muomni_jax.training import train_actions
+from muomni_jax.data import host_data, tokenizer_setup
+from muomni_jax.io import run_dir, storage
+from muomni_jax.parallel import distributed, partitioning
+from muomni_jax.training import (
+    checkpointing,
+    compilation_cache,
+    config_checks,
+    console,
+    device_batches,
+    periodic_actions,
+    preemption,
+    reporting,
+    run_plan,
+    sample_prompts,
+    save_dir_lock,
+    schedule_fit,
+    steps,
+    tokenizing_progress,
+    train_actions,
+)
 
 
 def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[str, float]:
@@ -67,31 +65,6 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
     return summary
 
 
-def prepare_data(config) -> dict[str, int]:
-    """The tokenizer and token cache of a run, without training (launch.prepare_data).
-
-    On one machine with the later run's data_shards it builds every shard, so a pod only opens
-    the cache; on every host of a pod it builds each host's own shards. Returns the split totals.
-    """
-    with distributed.fail_together():
-        plan = run_plan.resolve(config)
-        storage.check_writable(plan.output.save_dir)
-    save_dir = plan.output.save_dir
-    is_main = jax.process_index() == 0
-    log = print if is_main else (lambda *a, **k: None)
-    with save_dir_lock.locked(save_dir, is_main, log):
-        tokenizer = tokenizer_setup.shared_tokenizer(plan.data, save_dir)
-        data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
-        if is_main:  # Last, so a bad input leaves save_dir untouched.
-            tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
-    totals = data.totals
-    log(f'Ready: {totals["train_tokens"]:,} training and {totals["validation_tokens"]:,} '
-        f'validation tokens in {plan.data.num_shards} data shard(s); the tokenizer is in '
-        f'{save_dir}.')
-    return totals
-
-
-# ----------------------------------------------------------------------------------------------
 # Set-up
 
 
@@ -101,14 +74,14 @@ def _checked_mesh(plan: run_plan.RunPlan, devices) -> jax.sharding.Mesh:
     storage.check_writable(plan.output.save_dir)
     mesh = partitioning.make_mesh(plan.mesh, devices)
     config_checks.check_platform(plan.model, mesh.devices.flat[0].platform)
-    partitioning.check_batch_size(plan.step.batch_size, mesh,
-                                  plan.step.gradient_accumulation_steps)
+    partitioning.check_batch_size(plan.step.batch_size, mesh, plan.step.gradient_accumulation_steps)
     return mesh
 
 
 @dataclasses.dataclass(frozen=True)
 class _Start:
     """Where the loop starts: a fresh state at step 0, or a checkpoint's."""
+
     plan: run_plan.RunPlan  # With a length recorded by the checkpoint, where one was fitted.
     setup: steps.TrainSetup
     state: steps.TrainState
@@ -116,20 +89,23 @@ class _Start:
     saved_interval: dict | None  # The metric sums of a log interval the checkpoint cut.
 
 
-def _set_up_and_train(plan: run_plan.RunPlan, mesh, is_main: bool, log
-                      ) -> tuple[dict[str, float], str | None]:
+def _set_up_and_train(
+    plan: run_plan.RunPlan, mesh, is_main: bool, log
+) -> tuple[dict[str, float], str | None]:
     """Everything that reads or writes save_dir, under its lock: (summary, stopped_by)."""
     save_dir = plan.output.save_dir
     with distributed.fail_together():
         config_checks.check_same_model(plan.model, plan.optimizer.optimizer, save_dir)
     compile_cache = compilation_cache.enable(  # Before the first compilation.
-        plan.output.compilation_cache, plan.output.compilation_cache_dir)
+        plan.output.compilation_cache, plan.output.compilation_cache_dir
+    )
 
     log(f'Loading data from {plan.data.describe()}...')
     tokenizer = tokenizer_setup.shared_tokenizer(plan.data, save_dir)
     log(f'Vocab size: {tokenizer.vocab_size}')
     sampler = sample_prompts.training_sampler(
-        plan.output.sample_prompts, plan.output.sample_max_new_tokens, plan.model, tokenizer)
+        plan.output.sample_prompts, plan.output.sample_max_new_tokens, plan.model, tokenizer
+    )
     data = host_data.load(plan.data, tokenizer, log, tokenizing_progress.on_main(is_main))
     console.log_totals(data, log)
     plan = run_plan.with_steps_per_epoch(plan, data.steps_per_epoch)
@@ -147,8 +123,13 @@ def _set_up_and_train(plan: run_plan.RunPlan, mesh, is_main: bool, log
     return _train(start, mesh, data, sampler, checkpointer, is_main, log)
 
 
-def _restore_or_init(plan: run_plan.RunPlan, setup: steps.TrainSetup, mesh,
-                     checkpointer: checkpointing.Checkpointer, log) -> _Start:
+def _restore_or_init(
+    plan: run_plan.RunPlan,
+    setup: steps.TrainSetup,
+    mesh,
+    checkpointer: checkpointing.Checkpointer,
+    log,
+) -> _Start:
     restored = checkpointer.restore_latest(setup.abstract_state, plan.output.restore_step)
     if restored is None:
         return _Start(plan, setup, setup.init(jax.random.PRNGKey(plan.step.seed)), 0, None)
@@ -159,31 +140,25 @@ def _restore_or_init(plan: run_plan.RunPlan, setup: steps.TrainSetup, mesh,
         plan = run_plan.with_total_steps(plan, int(recorded))
         setup = steps.with_length(setup, plan, mesh)
         log(f'Schedule: {recorded} steps, as fitted to schedule_seconds when this run began.')
-    # Step 0 (an imported checkpoint, see launch.convert) has no data position to keep.
-    mixture = plan.data.mixture_record
-    if start_step and meta.get('mixture') != mixture:
-        raise UserError(f'the checkpoint in {checkpointer.directory} was trained on '
-                        f'{meta.get("mixture") or "a single data_path"}, not on '
-                        f'{mixture or "a single data_path"}: resume with '
-                        'the same --config.mixture, or use a new save_dir')
-    steps_per_epoch = plan.length.steps_per_epoch
-    if start_step and meta.get('steps_per_epoch') != steps_per_epoch:
-        raise UserError(f'the checkpoint in {checkpointer.directory} was trained with '
-                        f'{meta.get("steps_per_epoch")} steps per epoch, this data and '
-                        f'batch_size give {steps_per_epoch}: '
-                        'resume with the same data, batch_size and data_shards (0 means one '
-                        'per process), or use a new save_dir')
+    checkpointing.check_resumable(
+        meta, checkpointer.directory, plan.data.mixture_record, plan.length.steps_per_epoch
+    )
     log(f'Resuming from checkpoint step {start_step} (epoch {meta["epoch"] + 1}).')
     return _Start(plan, setup, state, start_step, meta.get('interval_metrics'))
 
 
-# ----------------------------------------------------------------------------------------------
 # The loop
 
 
-def _train(start: _Start, mesh, data: host_data.HostData, sampler,
-           checkpointer: checkpointing.Checkpointer, is_main: bool, log
-           ) -> tuple[dict[str, float], str | None]:
+def _train(
+    start: _Start,
+    mesh,
+    data: host_data.HostData,
+    sampler,
+    checkpointer: checkpointing.Checkpointer,
+    is_main: bool,
+    log,
+) -> tuple[dict[str, float], str | None]:
     """Trains from start.step to the plan's total steps, or until a signal asks to stop; closes
     the checkpointer (waiting for its last save) even when training fails.
 
@@ -193,56 +168,102 @@ def _train(start: _Start, mesh, data: host_data.HostData, sampler,
     plan, output = start.plan, start.plan.output
     model_flops = train_actions.model_flops(plan, mesh, log)
     reporter = reporting.Reporter(
-        output.save_dir, total_steps=plan.length.total_steps, start_step=start.step,
-        enabled=is_main, profile_steps=output.profile_steps, wandb_project=output.wandb_project,
-        run_config=dict(plan.config_fields))
+        output.save_dir,
+        total_steps=plan.length.total_steps,
+        start_step=start.step,
+        enabled=is_main,
+        profile_steps=output.profile_steps,
+        wandb_project=output.wandb_project,
+        run_config=dict(plan.config_fields),
+    )
     try:
-        context = train_actions.make_context(plan, start.setup, reporter, mesh,
-                                             start_step=start.step,
-                                             saved_interval=start.saved_interval, is_main=is_main)
+        context = train_actions.make_context(
+            plan,
+            start.setup,
+            reporter,
+            mesh,
+            start_step=start.step,
+            saved_interval=start.saved_interval,
+            is_main=is_main,
+        )
         actions = train_actions.make_actions(
-            context, data=data, eval_step=start.setup.eval_step, mesh=mesh,
-            checkpointer=checkpointer, sampler=sampler, model_flops=model_flops, is_main=is_main)
+            context,
+            data=data,
+            eval_step=start.setup.eval_step,
+            mesh=mesh,
+            checkpointer=checkpointer,
+            sampler=sampler,
+            model_flops=model_flops,
+            is_main=is_main,
+        )
         return _loop(start, context, actions, data, mesh)
     except OSError as e:
         # A write of save_dir's log or history (a failed checkpoint raises its own line).
-        if storage.is_url(output.save_dir) or not (e.filename and os.path.abspath(
-                e.filename).startswith(os.path.abspath(output.save_dir))):
+        if storage.is_url(output.save_dir) or not (
+            e.filename and os.path.abspath(e.filename).startswith(os.path.abspath(output.save_dir))
+        ):
             raise
         checkpointer.wait()  # A save that failed before it (a full disk) is the news.
-        raise checkpointing.write_failed(e.filename, output.save_dir, e,
-                                         checkpointer.newest_intact) from e
+        raise checkpointing.write_failed(
+            e.filename, output.save_dir, e, checkpointer.newest_intact
+        ) from e
     finally:
         reporter.close()
         checkpointer.close()
 
 
-def _loop(start: _Start, context: periodic_actions.RunContext, actions: list[Any],
-          data: host_data.HostData, mesh) -> tuple[dict[str, float], str | None]:
+def _loop(
+    start: _Start,
+    context: periodic_actions.RunContext,
+    actions: list[Any],
+    data: host_data.HostData,
+    mesh,
+) -> tuple[dict[str, float], str | None]:
     """The loop, in two phases where the length is fitted to schedule_seconds: the steps up to
     the fit, the measurement (a new plan), then the rest."""
     plan, setup, state, reporter = start.plan, start.setup, start.state, context.reporter
     if start.step >= plan.length.total_steps:
-        reporter.log(f'Nothing to do: save_dir is already at step {start.step} of '
-                     f'{plan.length.total_steps}.')
+        reporter.log(
+            f'Nothing to do: save_dir is already at step {start.step} of {plan.length.total_steps}.'
+        )
     reporter.log('Starting training...')
-    budget = preemption.TimeBudget(plan.length.max_train_seconds,
-                                   wait_for=lambda: context.interval.sums)
-    fit = _schedule_fit(plan, data, start.step)
-    batches = device_batches.train_batches(data, mesh, seed=plan.step.seed,
-                                           num_epochs=plan.length.num_epochs,
-                                           start_step=start.step, log=reporter.log)
+    budget = preemption.TimeBudget(
+        plan.length.max_train_seconds, wait_for=lambda: context.interval.sums
+    )
+    fit = schedule_fit.for_plan(plan, data, start.step)
+    batches = device_batches.train_batches(
+        data,
+        mesh,
+        seed=plan.step.seed,
+        num_epochs=plan.length.num_epochs,
+        start_step=start.step,
+        log=reporter.log,
+    )
     with preemption.StopSignals(sync_every=plan.output.log_every) as signals:
         should_stop = lambda step: signals.should_stop(step) or budget.should_stop(step)
         first, stopped = start.step + 1, False
         if fit is not None:
             state, stopped = periodic_actions.train_loop(
-                state, range(first, fit.fit_at), batches, setup.train_step, context.interval,
-                [fit] + actions, should_stop, final_step=plan.length.total_steps)
+                state,
+                range(first, fit.fit_at),
+                batches,
+                setup.train_step,
+                context.interval,
+                [fit] + actions,
+                should_stop,
+                final_step=plan.length.total_steps,
+            )
             if not stopped:  # Step fit_at, then the fit, then that step's actions.
                 state, stopped = periodic_actions.train_loop(
-                    state, range(fit.fit_at, fit.fit_at + 1), batches, setup.train_step,
-                    context.interval, actions, should_stop, hold_last_actions=True)
+                    state,
+                    range(fit.fit_at, fit.fit_at + 1),
+                    batches,
+                    setup.train_step,
+                    context.interval,
+                    actions,
+                    should_stop,
+                    hold_last_actions=True,
+                )
                 total, line = fit.fitted_length(state)
                 plan = run_plan.with_total_steps(plan, total)
                 setup = steps.with_length(setup, plan, mesh)
@@ -250,33 +271,29 @@ def _loop(start: _Start, context: periodic_actions.RunContext, actions: list[Any
                 actions = periodic_actions.with_context(actions, context)
                 reporter.set_total_steps(total)
                 reporter.log(line)
-                periodic_actions.run_actions(actions, fit.fit_at, state,
-                                             final=fit.fit_at == total, stop=stopped)
+                periodic_actions.run_actions(
+                    actions, fit.fit_at, state, final=fit.fit_at == total, stop=stopped
+                )
                 first = fit.fit_at + 1
         if not stopped:
             state, stopped = periodic_actions.train_loop(
-                state, range(first, plan.length.total_steps + 1), batches, setup.train_step,
-                context.interval, actions, should_stop, final_step=plan.length.total_steps)
+                state,
+                range(first, plan.length.total_steps + 1),
+                batches,
+                setup.train_step,
+                context.interval,
+                actions,
+                should_stop,
+                final_step=plan.length.total_steps,
+            )
     if not stopped:
         return context.summary, None
-    reason = signals.received or (f'the time budget (max_train_seconds='
-                                  f'{plan.length.max_train_seconds:g})')
-    reporter.log(f'Stopped by {reason} after step {context.last_saved.step}/'
-                 f'{plan.length.total_steps}. Rerun the same command to resume from this '
-                 'checkpoint.')
+    reason = signals.received or (
+        f'the time budget (max_train_seconds={plan.length.max_train_seconds:g})'
+    )
+    reporter.log(
+        f'Stopped by {reason} after step {context.last_saved.step}/'
+        f'{plan.length.total_steps}. Rerun the same command to resume from this '
+        'checkpoint.'
+    )
     return context.summary, reason
-
-
-def _schedule_fit(plan: run_plan.RunPlan, data: host_data.HostData,
-                  start_step: int) -> schedule_fit.ScheduleFit | None:
-    """The measurement that fixes the run's length (schedule_seconds); None when the length is
-    already fixed, or not fitted to time."""
-    length = plan.length
-    if not length.schedule_seconds or length.fitted or start_step >= length.total_steps:
-        return None
-    return schedule_fit.ScheduleFit(
-        budget_s=length.schedule_seconds, start_step=start_step,
-        fit_at=schedule_fit.fit_step(plan.optimizer, start_step, length.total_steps),
-        upper_steps=length.total_steps, eval_every=plan.output.eval_every,
-        # Each validation reads every source's eval_batches (host_data agreed on them).
-        eval_batches=sum(source.eval_batches for source in data.sources))

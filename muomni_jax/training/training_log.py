@@ -1,4 +1,5 @@
-"""training_log.json: one record per logged step, rewritten atomically so a crash never truncates it."""
+"""training_log.json: one record per logged step, rewritten atomically so a crash never
+truncates it."""
 
 import json
 import sys
@@ -16,13 +17,13 @@ def read_records(path: str) -> list[dict[str, Any]]:
     integer "step" (empty, truncated, edited by hand, another file)."""
     records = json.loads(epath.Path(path).read_text())
     if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get('step'), int) for r in records):
+        isinstance(r, dict) and isinstance(r.get('step'), int) for r in records
+    ):
         raise ValueError('not a list of records with an integer "step"')
     return records
 
 
 class TrainingLog:
-
     def __init__(self, path: str, resume_step: int = 0, set_aside_damaged: bool = True):
         """Loads an existing log, dropping records past `resume_step` (they will be trained again).
 
@@ -42,8 +43,11 @@ class TrainingLog:
                 return
             damaged = f'{path}.damaged-{int(time.time())}'
             epath.Path(path).rename(damaged)
-            print(f'Warning: {path} is damaged ({first_line(e, 200)}); moved it to {damaged} and '
-                  f'started the log again at step {resume_step}.', file=sys.stderr)
+            print(
+                f'Warning: {path} is damaged ({first_line(e, 200)}); moved it to {damaged} and '
+                f'started the log again at step {resume_step}.',
+                file=sys.stderr,
+            )
 
     def add(self, step: int, **fields: Any) -> None:
         """Adds fields to the record of `step`, creating it if it is not the last one."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
 
@@ -12,8 +12,9 @@ from muomni_jax.parallel import partitioning
 from muomni_jax.training import steps
 
 
-def validation_metrics(data: host_data.HostData, eval_step: Callable, mesh,
-                       params: nnx.State) -> dict[str, float]:
+def validation_metrics(
+    data: host_data.HostData, eval_step: Callable, mesh, params: nnx.State
+) -> dict[str, float]:
     """Validation loss and perplexity (all windows, or eval_batches per shard) of each source,
     and their mixture-weighted mean; {} when there is no validation text.
 
@@ -25,8 +26,9 @@ def validation_metrics(data: host_data.HostData, eval_step: Callable, mesh,
     for index, source in enumerate(data.sources):
         total = None
         for batch in data.validation_batches(index):
-            total = steps.add_metrics(total, eval_step(
-                params, partitioning.global_batch(batch, batch_sharding)))
+            total = steps.add_metrics(
+                total, eval_step(params, partitioning.global_batch(batch, batch_sharding))
+            )
         if total is not None and float(total['weight_sum']) > 0:
             losses[source.source] = float(total['loss_sum']) / float(total['weight_sum'])
     if not losses:
