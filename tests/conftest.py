@@ -11,6 +11,7 @@ import pytest
 
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.training import train
+
 # Sets the session up on import: before any test or fixture touches a JAX backend.
 from tests.support import environment
 from tests.support.configs import small_config
@@ -19,9 +20,11 @@ from tests.support.configs import small_config
 def pytest_configure(config):
     # Registered here, so `-m "not slow"` and `--strict-markers` know the marker.
     config.addinivalue_line(
-        'markers', 'slow: starts a launcher or another subprocess, an emulator or several '
+        'markers',
+        'slow: starts a launcher or another subprocess, an emulator or several '
         'processes, or works for many seconds in process (trainings of its own, or many '
-        'compiles of the full model); `-m "not slow"` leaves them out (the fast tier).')
+        'compiles of the full model); `-m "not slow"` leaves them out (the fast tier).',
+    )
 
 
 @pytest.fixture(scope='session')
@@ -66,8 +69,13 @@ def trained_run(tmp_path_factory, corpus_sample):
     and a profile of steps 2-3. Its output is not a terminal, as under CI or nohup. Read-only:
     a test that changes a save_dir copies it first (shutil.copytree)."""
     save_dir = tmp_path_factory.mktemp('trained') / 'run'
-    config = small_config(save_dir, corpus_sample, sample_prompts='The cat sat on the|Python is a',
-                          sample_max_new_tokens=5, profile_steps='2,3')
+    config = small_config(
+        save_dir,
+        corpus_sample,
+        sample_prompts='The cat sat on the|Python is a',
+        sample_max_new_tokens=5,
+        profile_steps='2,3',
+    )
     config.mesh.data, config.mesh.fsdp = 1, 8
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -85,7 +93,8 @@ def tokenizer(corpus_tokenizer) -> tokenizer_lib.Tokenizer:
 def gcs():
     """A local GCS emulator (support/gcs_emulator.py), with this process's own clients pointed
     at it too."""
-    from tests.support.gcs_emulator import LocalGcs  # pylint: disable=import-outside-toplevel
+    from tests.support.gcs_emulator import LocalGcs
+
     with LocalGcs() as local_gcs:
         saved = {k: os.environ.get(k) for k in local_gcs.env}
         os.environ.update(local_gcs.env)

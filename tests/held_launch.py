@@ -20,7 +20,7 @@ import time
 from muomni_jax.training import periodic_actions, preemption
 
 HOLD_STEP = int(sys.argv[1])
-RELEASE_FILE = sys.argv[2][len('until='):] if sys.argv[2].startswith('until=') else None
+RELEASE_FILE = sys.argv[2][len('until=') :] if sys.argv[2].startswith('until=') else None
 SIGNALS = 0 if RELEASE_FILE else int(sys.argv[2])
 _handled = []
 
@@ -38,8 +38,9 @@ def _train_loop(state, step_numbers, batches, *args, **kwargs):
         for step, batch in zip(step_numbers, batches):
             if step == HOLD_STEP:
                 print(f'Holding before step {step}', flush=True)
-                while len(_handled) < SIGNALS or (RELEASE_FILE and
-                                                  not os.path.exists(RELEASE_FILE)):
+                while len(_handled) < SIGNALS or (
+                    RELEASE_FILE and not os.path.exists(RELEASE_FILE)
+                ):
                     time.sleep(0.05)
             yield batch
 

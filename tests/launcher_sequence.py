@@ -17,8 +17,10 @@ import runpy
 import sys
 import traceback
 
-from absl import app  # noqa: F401  (its flags, as launchers use it: defined once)
-from absl import flags
+from absl import (
+    app,  # noqa: F401  (its flags, as launchers use it: defined once)
+    flags,
+)
 
 import launch
 import launch.cli  # noqa: F401  (--verbose, shared by every launcher: defined once)
@@ -51,7 +53,7 @@ def run(module: str, *args: str, kept: set[str]) -> dict:
                 returncode = code if isinstance(code, int) else (0 if code is None else 1)
                 if code is not None and not isinstance(code, int):
                     print(code, file=sys.stderr)
-            except BaseException:  # pylint: disable=broad-except
+            except BaseException:
                 traceback.print_exc()
                 returncode = 1
     finally:
@@ -63,7 +65,8 @@ def _initialize_once() -> None:
     """distributed.initialize (which stage_a calls first) for real in the first launcher only:
     a later one finds JAX started in this process, where JAX refuses to initialize; in a
     fresh process it would find no cluster and be the no-op it is for one process."""
-    from muomni_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
+    from muomni_jax.parallel import distributed
+
     original, calls = distributed.initialize, []
 
     def initialize(config):

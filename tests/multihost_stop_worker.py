@@ -21,8 +21,9 @@ from muomni_jax.training import preemption
 
 def main(port: str, process_id: str) -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                               process_id=int(process_id))
+    jax.distributed.initialize(
+        coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=int(process_id)
+    )
     mesh = jax.make_mesh((2,), ('data',))
     sharding = NamedSharding(mesh, P('data'))
     # A collective per step keeps the processes in lockstep, as in training.

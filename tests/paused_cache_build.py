@@ -14,13 +14,11 @@ import runpy
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from muomni_jax.data import token_cache  # pylint: disable=g-import-not-at-top
+from muomni_jax.data import token_cache
 
 PAUSED_FILE = sys.argv[1]
 MODULE = sys.argv[2]
-_real_write = token_cache._write  # pylint: disable=protected-access
+_real_write = token_cache._write
 
 
 def _write(writers, progress, future, done):
@@ -32,6 +30,6 @@ def _write(writers, progress, future, done):
             time.sleep(60)
 
 
-token_cache._write = _write  # pylint: disable=protected-access
+token_cache._write = _write
 sys.argv = [MODULE, *sys.argv[3:]]
 runpy.run_module(MODULE, run_name='__main__', alter_sys=True)

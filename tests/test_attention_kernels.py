@@ -24,13 +24,18 @@ def packed_batch(t, vocab, rows=2, seed=0):
     """Tokens, segment ids (three documents, then padding) and positions restarting per document."""
     rng = np.random.default_rng(seed)
     lengths = [t // 4, t // 2, t // 8]
-    segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] +
-                                 [np.zeros(t - sum(lengths))]).astype(np.int32)
-    positions = np.concatenate([np.arange(n) for n in lengths] +
-                               [np.zeros(t - sum(lengths))]).astype(np.int32)
+    segment_ids = np.concatenate(
+        [np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(t - sum(lengths))]
+    ).astype(np.int32)
+    positions = np.concatenate(
+        [np.arange(n) for n in lengths] + [np.zeros(t - sum(lengths))]
+    ).astype(np.int32)
     tokens = rng.integers(0, vocab, (rows, t)).astype(np.int32)
-    return (jnp.asarray(tokens), jnp.asarray(np.tile(segment_ids, (rows, 1))),
-            jnp.asarray(np.tile(positions, (rows, 1))))
+    return (
+        jnp.asarray(tokens),
+        jnp.asarray(np.tile(segment_ids, (rows, 1))),
+        jnp.asarray(np.tile(positions, (rows, 1))),
+    )
 
 
 def loss_and_grads(cfg, params, tokens, segment_ids, positions, deterministic=True, seed=0):
@@ -38,10 +43,17 @@ def loss_and_grads(cfg, params, tokens, segment_ids, positions, deterministic=Tr
 
     def loss(p):
         model = nnx.merge(graphdef, p)
-        logits = model(tokens, segment_ids=segment_ids, positions=positions,
-                       deterministic=deterministic, rngs=nnx.Rngs(dropout=seed))
+        logits = model(
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            deterministic=deterministic,
+            rngs=nnx.Rngs(dropout=seed),
+        )
         # Padding's outputs are never trained on: leave them out, as the loss weights do.
-        return jnp.sum(jnp.where(segment_ids[..., None] > 0, logits, 0.0) ** 2) / logits.size, logits
+        return jnp.sum(
+            jnp.where(segment_ids[..., None] > 0, logits, 0.0) ** 2
+        ) / logits.size, logits
 
     (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return value, logits, grads
@@ -51,11 +63,13 @@ def assert_same_outputs(reference, kernel, segment_ids):
     """(loss, logits, grads) of a kernel against the XLA path's, padding's logits left out."""
     (value, logits, grads), (k_value, k_logits, k_grads) = reference, kernel
     real = np.asarray(segment_ids) > 0
-    np.testing.assert_allclose(np.asarray(k_logits)[real], np.asarray(logits)[real],
-                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(k_logits)[real], np.asarray(logits)[real], atol=2e-5, rtol=1e-5
+    )
     np.testing.assert_allclose(k_value, value, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                            jax.tree.leaves(k_grads)):
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(k_grads)
+    ):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
@@ -64,20 +78,28 @@ def assert_same_function(base, impl, t):
     params = nnx.state(Thinker(cfg, rngs=nnx.Rngs(1)))
     batch = packed_batch(t, cfg.vocab_size)
     value, logits, grads = loss_and_grads(cfg, params, *batch)
-    k_value, k_logits, k_grads = loss_and_grads(dataclasses.replace(cfg, attention_impl=impl),
-                                                params, *batch)
+    k_value, k_logits, k_grads = loss_and_grads(
+        dataclasses.replace(cfg, attention_impl=impl), params, *batch
+    )
     assert_same_outputs((value, logits, grads), (k_value, k_logits, k_grads), batch[1])
 
 
 # One layer: a kernel replaces each layer's attention alone, so more layers only add compile and
 # interpreter time.
-GQA = ThinkerConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=48, kv_groups=2,
-                    dropout=0.0, attention_block=16)
+GQA = ThinkerConfig(
+    vocab_size=64,
+    n_layers=1,
+    d_model=32,
+    n_heads=4,
+    d_ff=48,
+    kv_groups=2,
+    dropout=0.0,
+    attention_block=16,
+)
 
 
 @pytest.mark.slow  # The kernel interpreted: tens of seconds.
-@pytest.mark.parametrize('base', [GQA, dataclasses.replace(GQA, use_gqa=False)],
-                         ids=['gqa', 'mha'])
+@pytest.mark.parametrize('base', [GQA, dataclasses.replace(GQA, use_gqa=False)], ids=['gqa', 'mha'])
 def test_pallas_computes_the_xla_function(base):
     # 32 tokens, as 64 did, are one kernel block (attention_kernels takes the largest of
     # 128/64/32/16 that divides t), holding three documents and padding.
@@ -94,18 +116,22 @@ def test_splash_computes_the_xla_function():
 def test_kernels_split_the_rows_over_a_mesh_and_compute_the_xla_function(impl, t):
     """Under on_mesh the kernel runs in shard_map, one block of rows per device (here a
     data=2 x fsdp=4 mesh of CPU devices, each interpreting its own rows)."""
-    mesh = jax.make_mesh((2, 4), ('data', 'fsdp'),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
     cfg = dataclasses.replace(GQA, ctx_len=t, attention_impl='xla')
     params = nnx.state(Thinker(cfg, rngs=nnx.Rngs(1)))
     batch = packed_batch(t, cfg.vocab_size, rows=8)
     value, logits, grads = loss_and_grads(cfg, params, *batch)
     kernel_cfg = dataclasses.replace(cfg, attention_impl=impl)
-    sharded = jax.jit(attention_kernels.on_mesh(
-        mesh, lambda p, *b: loss_and_grads(kernel_cfg, p, *b)),
-        in_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                      rows, rows, rows))
+    sharded = jax.jit(
+        attention_kernels.on_mesh(mesh, lambda p, *b: loss_and_grads(kernel_cfg, p, *b)),
+        in_shardings=(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            rows,
+            rows,
+            rows,
+        ),
+    )
     lowered = sharded.lower(params, *batch)
     assert 'shard_map' in lowered.as_text() or 'sdy.manual_computation' in lowered.as_text()
     k_value, k_logits, k_grads = lowered.compile()(params, *batch)
@@ -114,8 +140,8 @@ def test_kernels_split_the_rows_over_a_mesh_and_compute_the_xla_function(impl, t
 
 def test_the_interpreter_is_used_only_when_compiling_for_a_cpu():
     cpu_mesh = jax.make_mesh((1,), ('data',))
-    with attention_kernels._placed_on(cpu_mesh):  # pylint: disable=protected-access
-        assert attention_kernels._interpret()  # pylint: disable=protected-access
+    with attention_kernels._placed_on(cpu_mesh):
+        assert attention_kernels._interpret()
 
     class FakeDevice:  # A compile target's device, as a topology description gives it.
         def __init__(self, platform):
@@ -126,11 +152,11 @@ def test_the_interpreter_is_used_only_when_compiling_for_a_cpu():
             self.devices = np.array([FakeDevice(platform)])
 
     for platform in ('tpu', 'cuda', 'gpu'):
-        with attention_kernels._placed_on(FakeMesh(platform)):  # pylint: disable=protected-access
-            assert not attention_kernels._interpret()  # pylint: disable=protected-access
-            assert attention_kernels.resolve('auto', ctx_len=512, head_dim=64,
-                                             matmul_dtype=jnp.bfloat16) == (
-                'splash' if platform == 'tpu' else 'cudnn')
+        with attention_kernels._placed_on(FakeMesh(platform)):
+            assert not attention_kernels._interpret()
+            assert attention_kernels.resolve(
+                'auto', ctx_len=512, head_dim=64, matmul_dtype=jnp.bfloat16
+            ) == ('splash' if platform == 'tpu' else 'cudnn')
     # auto falls back to xla where its kernel cannot compute the shape, dtype or dropout.
     assert attention_kernels.resolve('auto', 'tpu', ctx_len=96) == 'xla'
     assert attention_kernels.resolve('auto', 'gpu', matmul_dtype=jnp.float32) == 'xla'
@@ -146,32 +172,44 @@ def test_attention_dropout_defaults_to_dropout_and_at_0_the_kernels_train():
     same = dataclasses.replace(cfg, attention_dropout=0.3)
     np.testing.assert_array_equal(
         loss_and_grads(cfg, params, *batch, deterministic=False)[1],
-        loss_and_grads(same, params, *batch, deterministic=False)[1])
+        loss_and_grads(same, params, *batch, deterministic=False)[1],
+    )
     # attention_dropout=0: the residual dropout still applies, and a kernel trains the same
     # function as the explicit path, mask for mask.
     no_attention = dataclasses.replace(cfg, attention_dropout=0.0)
     trained = loss_and_grads(no_attention, params, *batch, deterministic=False)
     clean = loss_and_grads(no_attention, params, *batch, deterministic=True)
     assert float(jnp.max(jnp.abs(trained[1] - clean[1]))) > 1e-2
-    kernel = loss_and_grads(dataclasses.replace(no_attention, attention_impl='pallas'), params,
-                            *batch, deterministic=False)
+    kernel = loss_and_grads(
+        dataclasses.replace(no_attention, attention_impl='pallas'),
+        params,
+        *batch,
+        deterministic=False,
+    )
     real = np.asarray(batch[1]) > 0
-    np.testing.assert_allclose(np.asarray(kernel[1])[real], np.asarray(trained[1])[real],
-                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(kernel[1])[real], np.asarray(trained[1])[real], atol=2e-5, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize('fields, message', [
-    (dict(attention_impl='flash'), 'attention_impl \'flash\' must be one of auto, xla, cudnn'),
-    (dict(attention_impl='splash', ctx_len=96), 'splash needs ctx_len a multiple of 128'),
-    (dict(attention_impl='pallas', ctx_len=40), 'pallas needs ctx_len a multiple of 16'),
-    (dict(attention_impl='pallas', dropout=0.1),
-     'attention_impl pallas computes no dropout on the attention probabilities'),
-    (dict(attention_impl='cudnn', dropout=0.0), 'cudnn needs bfloat16 operands'),
-    (dict(attention_dropout=1.5), 'attention_dropout (1.5) must be in [0, 1)'),
-])
+@pytest.mark.parametrize(
+    'fields, message',
+    [
+        (dict(attention_impl='flash'), "attention_impl 'flash' must be one of auto, xla, cudnn"),
+        (dict(attention_impl='splash', ctx_len=96), 'splash needs ctx_len a multiple of 128'),
+        (dict(attention_impl='pallas', ctx_len=40), 'pallas needs ctx_len a multiple of 16'),
+        (
+            dict(attention_impl='pallas', dropout=0.1),
+            'attention_impl pallas computes no dropout on the attention probabilities',
+        ),
+        (dict(attention_impl='cudnn', dropout=0.0), 'cudnn needs bfloat16 operands'),
+        (dict(attention_dropout=1.5), 'attention_dropout (1.5) must be in [0, 1)'),
+    ],
+)
 def test_impossible_kernel_settings_are_one_line(fields, message):
-    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')
-                       .replace('[', r'\[')):
+    with pytest.raises(
+        ValueError, match=message.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')
+    ):
         dataclasses.replace(ThinkerConfig(), **fields).validate()
 
 

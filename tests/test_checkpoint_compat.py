@@ -27,8 +27,11 @@ OPT_STATE_ABS_SUM = 5.393927574157715
 
 
 def _abs_sum(tree) -> float:
-    return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)
-                     if jnp.issubdtype(x.dtype, jnp.floating)))
+    return float(
+        sum(
+            jnp.abs(x).sum() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+        )
+    )
 
 
 def test_params_of_an_old_checkpoint_restore_and_give_the_same_loss():
@@ -42,10 +45,12 @@ def test_params_of_an_old_checkpoint_restore_and_give_the_same_loss():
 
 def test_the_whole_train_state_of_an_old_checkpoint_restores():
     config = loading.read_config(FIXTURE)
-    setup = steps.make_train_setup(run_plan.resolve(config), partitioning.make_mesh(config.mesh, None),
-                                     initialize=False)
+    setup = steps.make_train_setup(
+        run_plan.resolve(config), partitioning.make_mesh(config.mesh, None), initialize=False
+    )
     state, meta = checkpointing.Checkpointer(FIXTURE, read_only=True).restore_latest(
-        setup.abstract_state)
+        setup.abstract_state
+    )
     assert int(state.step) == 4
     assert meta['step'] == 4 and meta['steps_per_epoch'] == 225
     np.testing.assert_allclose(_abs_sum(state.params), PARAMS_ABS_SUM, rtol=1e-5)
@@ -57,8 +62,7 @@ def test_exporting_into_a_save_dir_refuses_to_replace_its_config(tmp_path):
     shutil.copytree(FIXTURE, save_dir)
     config_json = (save_dir / 'config.json').read_text()
     with pytest.raises(UserError, match='is not an exported config.json'):
-        original_checkpoints.export_checkpoint(str(save_dir),
-                                               str(save_dir / 'thinker.safetensors'))
+        original_checkpoints.export_checkpoint(str(save_dir), str(save_dir / 'thinker.safetensors'))
     assert (save_dir / 'config.json').read_text() == config_json
     assert loading.read_config(str(save_dir)).d_model == 16
     # A folder of its own takes the export, and a second export there replaces the first.

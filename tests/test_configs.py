@@ -22,14 +22,15 @@ def test_tiny_writes_out_every_model_field_at_its_default():
 
 
 def test_loading_every_config_imports_neither_jax_nor_flax():
-    names = sorted(path.stem for path in (REPO / 'configs').glob('*.py')
-                   if path.stem != '__init__')
+    names = sorted(path.stem for path in (REPO / 'configs').glob('*.py') if path.stem != '__init__')
     assert 'tiny' in names and 'cpu_demo' in names
     script = (
         'import importlib, sys\n'
         f'for name in {names!r}:\n'
         '    importlib.import_module("configs." + name).get_config()\n'
-        'print(sorted(m for m in ("jax", "flax", "optax") if m in sys.modules))\n')
-    result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+        'print(sorted(m for m in ("jax", "flax", "optax") if m in sys.modules))\n'
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == '[]'

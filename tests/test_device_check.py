@@ -18,8 +18,13 @@ pytestmark = pytest.mark.slow
 def test_quick_device_check_runs_every_part(tmp_path):
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    result = run_module('launch.device_check', '--quick', f'--output_dir={tmp_path}',
-                        cwd=str(elsewhere), timeout=900)
+    result = run_module(
+        'launch.device_check',
+        '--quick',
+        f'--output_dir={tmp_path}',
+        cwd=str(elsewhere),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / 'device_check.json').read_text())
     table = (tmp_path / 'device_check.md').read_text()
@@ -40,6 +45,7 @@ def test_quick_device_check_runs_every_part(tmp_path):
     # A second route to the speedup than the code's ratio of token rates: both steps take the
     # same batch, so it is the ratio of the median step times the figures also record.
     assert original['speedup'] == pytest.approx(
-        statistics.median(original['step_s']) / statistics.median(original['ours_step_s']))
-    assert f"{original['speedup']:.2f}x |" in table
+        statistics.median(original['step_s']) / statistics.median(original['ours_step_s'])
+    )
+    assert f'{original["speedup"]:.2f}x |' in table
     assert "| batch | original's recipe tokens/s" in table

@@ -17,20 +17,28 @@ from tests.support.trees import assert_trees_equal
 # Wide enough that most matrices pass the size at which partitioning starts to shard; one layer
 # keeps the compiles short.
 MODEL = dict(vocab_size=256, n_layers=1, d_model=128, n_heads=4, d_ff=256)
-MESHES = {'data8': {'data': 8, 'fsdp': 1}, 'fsdp8': {'data': 1, 'fsdp': 8},
-          'data2_fsdp4': {'data': 2, 'fsdp': 4}}
+MESHES = {
+    'data8': {'data': 8, 'fsdp': 1},
+    'fsdp8': {'data': 1, 'fsdp': 8},
+    'data2_fsdp4': {'data': 2, 'fsdp': 4},
+}
 
 
 def _config(save_dir, data_path, **overrides):
-    return small_config(save_dir, data_path, **{
-        **MODEL, 'max_steps': 5, 'log_every': 1, 'eval_every': 5, 'save_every': 3, **overrides})
+    return small_config(
+        save_dir,
+        data_path,
+        **{**MODEL, 'max_steps': 5, 'log_every': 1, 'eval_every': 5, 'save_every': 3, **overrides},
+    )
 
 
 def _losses(save_dir):
     with open(save_dir / 'training_log.json') as f:
         log = json.load(f)
-    return ({r['step']: r['loss'] for r in log if 'loss' in r},
-            {r['step']: r['val_loss'] for r in log if 'val_loss' in r})
+    return (
+        {r['step']: r['loss'] for r in log if 'loss' in r},
+        {r['step']: r['val_loss'] for r in log if 'val_loss' in r},
+    )
 
 
 @pytest.fixture(scope='module')
@@ -40,8 +48,9 @@ def runs(tmp_path_factory, corpus_sample):
     train.train_and_evaluate(_config(root / 'one', corpus_sample), devices=jax.devices()[:1])
     tokenizer = str(root / 'one' / 'tokenizer.model')
     for name, mesh in MESHES.items():
-        train.train_and_evaluate(_config(root / name, corpus_sample, mesh=mesh,
-                                         tokenizer_path=tokenizer))
+        train.train_and_evaluate(
+            _config(root / name, corpus_sample, mesh=mesh, tokenizer_path=tokenizer)
+        )
     return root
 
 
@@ -62,12 +71,17 @@ def test_params_and_adam_moments_are_sharded_along_fsdp(corpus_sample, tmp_path)
     setup = steps.make_train_setup(run_plan.resolve(config), mesh, 10)
     state, p_train_step = setup.state, setup.train_step
     rng = np.random.default_rng(0)
-    batch = {'inputs': rng.integers(3, 256, (8, 32)), 'targets': rng.integers(3, 256, (8, 32)),
-             'segment_ids': np.ones((8, 32)), 'positions': np.tile(np.arange(32), (8, 1)),
-             'weights': np.ones((8, 32), np.float32)}
+    batch = {
+        'inputs': rng.integers(3, 256, (8, 32)),
+        'targets': rng.integers(3, 256, (8, 32)),
+        'segment_ids': np.ones((8, 32)),
+        'positions': np.tile(np.arange(32), (8, 1)),
+        'weights': np.ones((8, 32), np.float32),
+    }
     batch = {k: v.astype(np.float32 if k == 'weights' else np.int32) for k, v in batch.items()}
-    state, _ = p_train_step(state, partitioning.global_batch(
-        batch, partitioning.batch_sharding(mesh)))
+    state, _ = p_train_step(
+        state, partitioning.global_batch(batch, partitioning.batch_sharding(mesh))
+    )
 
     sharded = 0
     for path, value in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
@@ -91,9 +105,11 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys
     """The fsdp=8 run's step-3 checkpoint restores exactly elsewhere, and training goes on."""
     source = runs / 'fsdp8'
     config = _config(source, '/unused')
-    targets = {'fsdp8': partitioning.make_mesh(MESHES['fsdp8']),
-               'one': partitioning.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]),
-               '2x2': partitioning.make_mesh({'data': 2, 'fsdp': 2}, jax.devices()[:4])}
+    targets = {
+        'fsdp8': partitioning.make_mesh(MESHES['fsdp8']),
+        'one': partitioning.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]),
+        '2x2': partitioning.make_mesh({'data': 2, 'fsdp': 2}, jax.devices()[:4]),
+    }
     restored = {}
     checkpointer = checkpointing.Checkpointer(str(source), read_only=True)
     for name, mesh in targets.items():
@@ -111,8 +127,10 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys
 
     # Steps 4 and 5 from that checkpoint match the uninterrupted fsdp=8 run.
     expected, _ = _losses(source)
-    for name, mesh, devices in (('one', {'data': 1, 'fsdp': 1}, jax.devices()[:1]),
-                                ('2x2', {'data': 2, 'fsdp': 2}, jax.devices()[:4])):
+    for name, mesh, devices in (
+        ('one', {'data': 1, 'fsdp': 1}, jax.devices()[:1]),
+        ('2x2', {'data': 2, 'fsdp': 2}, jax.devices()[:4]),
+    ):
         save_dir = tmp_path / name
         shutil.copytree(source, save_dir)
         shutil.rmtree(save_dir / '5')
@@ -122,15 +140,15 @@ def test_checkpoint_moves_to_one_device_and_to_a_2x2_mesh(runs, tmp_path, capsys
         assert 'Resuming from checkpoint step 3' in out and '[Step 3/5]' not in out, out
         losses, _ = _losses(save_dir)
         for step in (4, 5):
-            np.testing.assert_allclose(losses[step], expected[step], rtol=1e-5,
-                                       err_msg=f'{name} step {step}')
+            np.testing.assert_allclose(
+                losses[step], expected[step], rtol=1e-5, err_msg=f'{name} step {step}'
+            )
 
 
 def _resume_config(source, save_dir, mesh):
     with open(source / 'config.json') as f:
         saved = json.load(f)
-    return _config(save_dir, saved['data_path'], mesh=mesh,
-                   tokenizer_path=saved['tokenizer_path'])
+    return _config(save_dir, saved['data_path'], mesh=mesh, tokenizer_path=saved['tokenizer_path'])
 
 
 def test_a_batch_that_does_not_divide_is_a_clear_error(tmp_path):
@@ -159,12 +177,26 @@ def test_a_bad_batch_stops_the_run_before_save_dir_exists(tmp_path, corpus_sampl
 
 def test_too_little_text_for_one_batch_per_shard_is_a_clear_error(tmp_path):
     data = tmp_path / 'short.txt'
-    sentences = ['The cat sat on the mat.', 'The dog sat on the log.',
-                 'A bird sang in the tree.', 'The fish swam in the pond.']
+    sentences = [
+        'The cat sat on the mat.',
+        'The dog sat on the log.',
+        'A bird sang in the tree.',
+        'The fish swam in the pond.',
+    ]
     data.write_text('\n'.join(sentences * 10) + '\n')  # < 2 windows per shard.
-    config = small_config(tmp_path / 'run', data, vocab_size=64, val_split=0.0, ctx_len=256,
-                          batch_size=8, data_shards=4)
-    with pytest.raises(UserError, match=r'smallest of 4 data shards holds \d+, fewer than the 2 '
-                                        r'rows each shard fills per batch'):
+    config = small_config(
+        tmp_path / 'run',
+        data,
+        vocab_size=64,
+        val_split=0.0,
+        ctx_len=256,
+        batch_size=8,
+        data_shards=4,
+    )
+    with pytest.raises(
+        UserError,
+        match=r'smallest of 4 data shards holds \d+, fewer than the 2 '
+        r'rows each shard fills per batch',
+    ):
         train.train_and_evaluate(config, devices=jax.devices()[:1])
     assert not (tmp_path / 'run').exists()

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 
 from muomni_jax.errors import UserError
-from muomni_jax.training import periodic_actions
-from muomni_jax.training import preemption
-from muomni_jax.training import steps
-from muomni_jax.training import train
+from muomni_jax.training import periodic_actions, preemption, steps, train
 from tests.support.checkpoints import restore_state
 from tests.support.configs import small_config
 from tests.support.logs import log_without_timing
@@ -47,8 +44,9 @@ def _steps(save_dir):
 
 
 @pytest.mark.slow  # A training.
-def test_first_ctrl_c_finishes_the_step_saves_and_returns(monkeypatch, tmp_path, corpus_sample,
-                                                          capsys):
+def test_first_ctrl_c_finishes_the_step_saves_and_returns(
+    monkeypatch, tmp_path, corpus_sample, capsys
+):
     _signal_before_step(monkeypatch, 4)
     save_dir = tmp_path / 'run'
     handler = signal.getsignal(signal.SIGINT)
@@ -68,8 +66,9 @@ def test_second_ctrl_c_aborts_without_saving(monkeypatch, tmp_path, corpus_sampl
     save_dir = tmp_path / 'run'
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=10,
-                                              eval_every=100))
+        train.train_and_evaluate(
+            small_config(save_dir, corpus_sample, save_every=10, eval_every=100)
+        )
     assert _steps(save_dir) == []
     assert signal.getsignal(signal.SIGINT) is handler
 
@@ -84,8 +83,10 @@ def test_stop_signals_ask_to_stop_once_then_abort_on_the_second(signum, capsys):
     with preemption.StopSignals(sync_every=4) as stop:
         assert not stop.should_stop(1) and stop.received is None
         os.kill(os.getpid(), signum)  # Python runs the handler before os.kill returns.
-        assert f'{name} received: finishing this step and saving a checkpoint' in \
-            capsys.readouterr().out
+        assert (
+            f'{name} received: finishing this step and saving a checkpoint'
+            in capsys.readouterr().out
+        )
         assert stop.should_stop(2) and stop.received == name
         with pytest.raises(KeyboardInterrupt, match=rf'second signal \({name}\)'):
             os.kill(os.getpid(), signum)
@@ -109,8 +110,11 @@ def _nan_on_steps(monkeypatch, bad_steps):
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_sample, capsys):
     _nan_on_steps(monkeypatch, [3, 4])
     save_dir = tmp_path / 'run'
-    summary = train.train_and_evaluate(small_config(
-        save_dir, corpus_sample, max_consecutive_nonfinite=3, log_every=2, save_every=6))
+    summary = train.train_and_evaluate(
+        small_config(
+            save_dir, corpus_sample, max_consecutive_nonfinite=3, log_every=2, save_every=6
+        )
+    )
     log = json.load(open(save_dir / 'training_log.json'))
     assert [r.get('nonfinite_steps') for r in log if 'loss' in r] == [0, 2, 0]
     assert all(np.isfinite(r['loss']) for r in log if 'loss' in r)
@@ -122,13 +126,21 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, corpus_s
 def test_nonfinite_streak_stops_the_run_and_is_never_saved(monkeypatch, tmp_path, corpus_sample):
     _nan_on_steps(monkeypatch, list(range(4, 20)))
     save_dir = tmp_path / 'run'
-    config = small_config(save_dir, corpus_sample, max_steps=12, max_consecutive_nonfinite=3,
-                          log_every=5, save_every=2, eval_every=100)
+    config = small_config(
+        save_dir,
+        corpus_sample,
+        max_steps=12,
+        max_consecutive_nonfinite=3,
+        log_every=5,
+        save_every=2,
+        eval_every=100,
+    )
     with pytest.raises(UserError) as error:
         train.train_and_evaluate(config)
     assert str(error.value).startswith(
         'steps 4-6 all had NaN/Inf loss or gradients (max_consecutive_nonfinite=3); they were '
-        'skipped and nothing after them was saved (newest checkpoint: step 4)')
+        'skipped and nothing after them was saved (newest checkpoint: step 4)'
+    )
     # Step 4's save came before the limit; its params are step 3's, finite and unchanged.
     assert _steps(save_dir) == [2, 4]
     restored = _restore(config, save_dir, 4)
@@ -148,10 +160,14 @@ def test_params_that_overflow_are_never_saved(monkeypatch, tmp_path, corpus_samp
 
     monkeypatch.setattr(steps, 'train_step', train_step)
     save_dir = tmp_path / 'run'
-    with pytest.raises(UserError, match=r'^the params became NaN/Inf at step 4, so it was not '
-                                        r'saved \(newest checkpoint: step 2\)'):
-        train.train_and_evaluate(small_config(save_dir, corpus_sample, save_every=2, log_every=5,
-                                              eval_every=100))
+    with pytest.raises(
+        UserError,
+        match=r'^the params became NaN/Inf at step 4, so it was not '
+        r'saved \(newest checkpoint: step 2\)',
+    ):
+        train.train_and_evaluate(
+            small_config(save_dir, corpus_sample, save_every=2, log_every=5, eval_every=100)
+        )
     assert _steps(save_dir) == [2]
 
 
@@ -168,8 +184,9 @@ def _truncate_files(folder):
 
 
 @pytest.mark.slow  # Four trainings.
-def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path, corpus_sample,
-                                                                       capsys):
+def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(
+    tmp_path, corpus_sample, capsys
+):
     save_dir = tmp_path / 'run'
     config = small_config(save_dir, corpus_sample, max_steps=6, save_every=3, log_every=1)
     train.train_and_evaluate(config)
@@ -201,8 +218,9 @@ def test_corrupted_newest_checkpoint_falls_back_and_restore_step_picks(tmp_path,
     _truncate_files(save_dir / '3')
     _truncate_files(save_dir / '6')
     before = sorted(os.listdir(save_dir))
-    with pytest.raises(UserError,
-                       match=r'no checkpoint in .* could be restored \(steps \[3, 6\]\)'):
+    with pytest.raises(
+        UserError, match=r'no checkpoint in .* could be restored \(steps \[3, 6\]\)'
+    ):
         train.train_and_evaluate(config)
     assert sorted(os.listdir(save_dir)) == before
 
@@ -214,15 +232,20 @@ def test_two_processes_agree_on_the_step_to_stop(signum, target):
     port = free_port()
     worker = os.path.join('tests', 'multihost_stop_worker.py')
     with contextlib.ExitStack() as stack:
-        workers = [stack.enter_context(launched([sys.executable, worker, str(port), str(i)],
-                                                stderr=True)) for i in range(2)]
+        workers = [
+            stack.enter_context(launched([sys.executable, worker, str(port), str(i)], stderr=True))
+            for i in range(2)
+        ]
         for process in workers:  # Gloo prints its own lines first.
             process.wait_for_line('ready', timeout=120)
         workers[target].send_signal(signum)
         assert [process.wait(timeout=120) for process in workers] == [0, 0], [
-            process.output_tail() for process in workers]
-        outs = [[line for line in process.stdout.splitlines() if line.startswith('stop ')]
-                for process in workers]
+            process.output_tail() for process in workers
+        ]
+        outs = [
+            [line for line in process.stdout.splitlines() if line.startswith('stop ')]
+            for process in workers
+        ]
     assert all(len(out) == 1 for out in outs), outs
     outs = [out[0].split() for out in outs]
     assert outs[0][1] == outs[1][1], outs  # The same step on both processes.

@@ -26,8 +26,12 @@ pytestmark = pytest.mark.slow
 
 def _args(save_dir, data_path):
     # test_resume's run, cut to 6 steps: every save to the emulator takes seconds.
-    return [*RESUME_ARGS, '--config.max_steps=6', f'--config.data_path={data_path}',
-            f'--config.save_dir={save_dir}']
+    return [
+        *RESUME_ARGS,
+        '--config.max_steps=6',
+        f'--config.data_path={data_path}',
+        f'--config.save_dir={save_dir}',
+    ]
 
 
 def _env(gcs, **extra):
@@ -39,9 +43,10 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
     with launched(stage_a_command(*_args(reference_dir, corpus_sample))) as reference:
         # SIGKILL inside the save of step 4, after its files went to the bucket and before the
         # commit: on gs:// Orbax writes into 4/ itself and commits with 4/commit_success.txt.
-        with launched(paused_save_launch.command(4, '--config=configs/tiny.py',
-                                                 *_args(url, corpus_sample)),
-                      env=_env(gcs)) as run:
+        with launched(
+            paused_save_launch.command(4, '--config=configs/tiny.py', *_args(url, corpus_sample)),
+            env=_env(gcs),
+        ) as run:
             run.wait_for_line('Paused in the save of step 4', timeout=300)
             run.kill()
         root = epath.Path(url)
@@ -67,7 +72,8 @@ def test_train_kill_resume_bitwise_then_load_and_export(gcs, tmp_path, corpus_sa
     events = [n for n in names if n.startswith('events.out.tfevents')]
     assert len(events) == 2, names  # One per launch, each written through TensorFlow's client.
     assert (root / 'tokenizer.model').read_bytes() == (
-        epath.Path(reference_dir) / 'tokenizer.model').read_bytes()
+        epath.Path(reference_dir) / 'tokenizer.model'
+    ).read_bytes()
 
     assert [r['step'] for r in plotting.load_run(url)] == [r['step'] for r in records]
     plotting.plot_runs([url], f'{url}/training_curves.png')  # launch.plot's default output.
@@ -127,7 +133,10 @@ def test_missing_bucket_is_one_line_after_few_retries(gcs, corpus_sample, monkey
 def test_unreachable_server_fails_after_few_retries(gcs, monkeypatch):
     monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', 'http://127.0.0.1:9')  # Nothing listens.
     specs = _recorded_contexts(monkeypatch)
-    with pytest.raises(UserError, match=r'^save_dir gs://bucket/run is not writable \(ABORTED: '
-                                        r'.*Could not connect'):
+    with pytest.raises(
+        UserError,
+        match=r'^save_dir gs://bucket/run is not writable \(ABORTED: '
+        r'.*Could not connect',
+    ):
         storage.check_writable('gs://bucket/run')
     _assert_few_retries(specs)

@@ -9,7 +9,9 @@ from muomni_jax.errors import UserError
 from tests import stream_batches
 from tests.support.environment import CORPUS
 
-DOCS = [f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)]
+DOCS = [
+    f'document number {i} says {" ".join(["word"] * (i % 7 + 1))} and stops.' for i in range(200)
+]
 
 
 def _corpus(data_path, **fields) -> input_pipeline.CorpusSpec:
@@ -19,7 +21,9 @@ def _corpus(data_path, **fields) -> input_pipeline.CorpusSpec:
 @pytest.fixture
 def corpus_file(tmp_path):
     path = tmp_path / 'docs.txt'
-    path.write_text('\n\n'.join(DOCS) + '\n   \n', encoding='utf-8')  # Blank lines are not documents.
+    path.write_text(
+        '\n\n'.join(DOCS) + '\n   \n', encoding='utf-8'
+    )  # Blank lines are not documents.
     return path
 
 
@@ -63,11 +67,12 @@ def test_packing_has_eos_between_documents_and_padding_only_at_the_end(corpus_fi
     # Reassemble the stream: window k covers stream[k*ctx : k*ctx + ctx + 1].
     valid = segment_ids > 0
     assert valid[:-1].all(), 'only the last window may hold padding'
-    assert not valid[-1][np.argmin(valid[-1]):].any(), 'padding is a suffix of the last window'
+    assert not valid[-1][np.argmin(valid[-1]) :].any(), 'padding is a suffix of the last window'
     stream = np.concatenate([tokens[:-1, :ctx].ravel(), tokens[-1][valid[-1]]])
     assert len(stream) == split.num_tokens
-    expected = np.concatenate([[tokenizer_lib.BOS_ID] + tokenizer.encode(d) + [tokenizer_lib.EOS_ID]
-                               for d in DOCS])
+    expected = np.concatenate(
+        [[tokenizer_lib.BOS_ID] + tokenizer.encode(d) + [tokenizer_lib.EOS_ID] for d in DOCS]
+    )
     np.testing.assert_array_equal(stream, expected)
     # Overlap by one: the last token of a window is the first of the next.
     np.testing.assert_array_equal(tokens[:-1, -1], tokens[1:, 0])
@@ -119,7 +124,7 @@ def test_eval_batches_cover_the_split_and_mask_filler_rows(corpus_file, tokenize
     full = input_pipeline.features(*_all_windows(split, 8))['weights']
     assert weights.sum() == full.sum()
     assert split.num_windows(8) % 4, 'the test needs filler rows'
-    assert weights[split.num_windows(8):].sum() == 0
+    assert weights[split.num_windows(8) :].sum() == 0
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
@@ -131,11 +136,14 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer):
     assert split.num_documents == 2 and invalid == 1
 
 
-@pytest.mark.parametrize('make, message', [
-    (lambda d: str(d / 'missing.txt'), 'does not exist'),
-    (lambda d: str(d), r'a directory with no data files \(\.txt'),
-    (lambda d: str(d / '*.nothing'), 'matches no files'),
-])
+@pytest.mark.parametrize(
+    'make, message',
+    [
+        (lambda d: str(d / 'missing.txt'), 'does not exist'),
+        (lambda d: str(d), r'a directory with no data files \(\.txt'),
+        (lambda d: str(d / '*.nothing'), 'matches no files'),
+    ],
+)
 def test_bad_data_paths_are_named(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         input_pipeline.documents(_corpus(make(tmp_path)), 'train')
@@ -146,21 +154,22 @@ def test_directory_and_glob_sources(tmp_path):
     (tmp_path / 'sub').mkdir()
     (tmp_path / 'sub' / 'b.txt').write_text('beta one\n')
     (tmp_path / 'c.md').write_text('gamma one\n')
-    docs = lambda path: sorted(_texts(input_pipeline.documents(_corpus(path, val_split=0.0), 'train')))
+    docs = lambda path: sorted(
+        _texts(input_pipeline.documents(_corpus(path, val_split=0.0), 'train'))
+    )
     assert docs(tmp_path) == ['alpha one', 'alpha two', 'beta one']
     assert docs(str(tmp_path / '*.md')) == ['gamma one']
 
 
 def test_tfds_source_offline_with_mock_data(tokenizer):
     import tensorflow_datasets as tfds
+
     corpus = _corpus('', tfds_name='lm1b', tfds_split='train', tfds_text_key='text', val_split=0.0)
     with tfds.testing.mock_data(num_examples=12):
         docs = _texts(input_pipeline.documents(corpus, 'train'))
         split = _stream(corpus, tokenizer)
     assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
     assert split.num_documents == 12
-
-
 
 
 def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
@@ -171,7 +180,8 @@ def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
 
         def _info(self):
             return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict({'body': tfds.features.Text()}))
+                builder=self, features=tfds.features.FeaturesDict({'body': tfds.features.Text()})
+            )
 
         def _split_generators(self, dl_manager):
             del dl_manager
@@ -182,12 +192,21 @@ def test_tfds_source_from_a_locally_built_dataset(tmp_path, tokenizer):
                 yield i, {'body': doc}
 
     MuomniTinyText(data_dir=str(tmp_path)).download_and_prepare()
-    corpus = _corpus('', tfds_name='muomni_tiny_text', tfds_text_key='body',
-                     tfds_data_dir=str(tmp_path), val_split=0.0)
+    corpus = _corpus(
+        '',
+        tfds_name='muomni_tiny_text',
+        tfds_text_key='body',
+        tfds_data_dir=str(tmp_path),
+        val_split=0.0,
+    )
     assert sorted(_texts(input_pipeline.documents(corpus, 'train'))) == sorted(DOCS[:30])
     with pytest.raises(UserError, match="no feature 'text'"):
-        input_pipeline.documents(_corpus('', tfds_name='muomni_tiny_text', tfds_text_key='text',
-                                         tfds_data_dir=str(tmp_path)), 'train')
+        input_pipeline.documents(
+            _corpus(
+                '', tfds_name='muomni_tiny_text', tfds_text_key='text', tfds_data_dir=str(tmp_path)
+            ),
+            'train',
+        )
 
 
 def test_unknown_tfds_dataset_is_named():
@@ -199,19 +218,32 @@ def test_unknown_tfds_dataset_is_named():
 # Documents longer than one encode call (input_pipeline._MAX_ENCODE_CHARS, cut by
 # Tokenizer.pieces): their ids must be exactly those of the whole document.
 
+
 def _tokenizer_with(add_dummy_prefix: bool, remove_extra_whitespaces: bool):
     """A BPE model on the bundled corpus with the given normalizer (our own trainer keeps
     SentencePiece's defaults, True and True; Llama's tokenizer, loaded with tokenizer_path, has
     True and False)."""
-    import io  # pylint: disable=import-outside-toplevel
-    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    import io
+
+    import sentencepiece as spm
+
     with open(CORPUS, encoding='utf-8') as f:
         lines = [next(f) for _ in range(2000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type='bpe', vocab_size=400,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type='bpe',
+        vocab_size=400,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=remove_extra_whitespaces,
+    )
     return tokenizer_lib.Tokenizer(model.getvalue())
 
 
@@ -220,7 +252,7 @@ def _long_documents() -> dict[str, str]:
     word, on a space, after a multi-byte character, in a run of spaces or in a space-free run."""
     with open(CORPUS, encoding='utf-8') as f:
         prose = ' '.join(line.strip() for line in f)
-    limit = input_pipeline._MAX_ENCODE_CHARS  # pylint: disable=protected-access
+    limit = input_pipeline._MAX_ENCODE_CHARS
     return {
         'a word across the cut': 'x' * (limit - 2) + ' method defined here',
         'a space at the cut': 'y' * limit + ' after the space',
@@ -233,8 +265,10 @@ def _long_documents() -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize('add_dummy_prefix,remove_extra_whitespaces',
-                         [(True, True), (True, False), (False, False), (False, True)])
+@pytest.mark.parametrize(
+    'add_dummy_prefix,remove_extra_whitespaces',
+    [(True, True), (True, False), (False, False), (False, True)],
+)
 def test_long_documents_encode_exactly_as_a_whole(add_dummy_prefix, remove_extra_whitespaces):
     tokenizer = _tokenizer_with(add_dummy_prefix, remove_extra_whitespaces)
     docs = _long_documents()
@@ -242,7 +276,7 @@ def test_long_documents_encode_exactly_as_a_whole(add_dummy_prefix, remove_extra
     starts = np.concatenate([[0], np.cumsum(lengths)])
     for i, (name, doc) in enumerate(docs.items()):
         expected = [tokenizer_lib.BOS_ID, *tokenizer.encode(doc), tokenizer_lib.EOS_ID]
-        assert tokens[starts[i]:starts[i + 1]].tolist() == expected, name
+        assert tokens[starts[i] : starts[i + 1]].tolist() == expected, name
     if add_dummy_prefix or not remove_extra_whitespaces:  # Cut into pieces near the limit.
         pieces = tokenizer.pieces(docs['prose, 1M'], 100_000)
         assert len(pieces) >= 10 and max(map(len, pieces)) <= 100_000

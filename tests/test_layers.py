@@ -11,8 +11,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'muomni_jax'
 # Bottom up. A top-level module is its own layer: errors at the bottom, and the package's lazy
 # public face (muomni_jax/__init__.py) over everything.
-LAYERS = ('errors', 'io', 'parallel', 'model', 'data', 'inference', 'training', 'interop',
-          'face')
+LAYERS = ('errors', 'io', 'parallel', 'model', 'data', 'inference', 'training', 'interop', 'face')
 # Pairs the ranks alone would allow but the design does not.
 FORBIDDEN = {('data', 'model')}
 
@@ -38,8 +37,12 @@ def imported_modules(path: pathlib.Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith('muomni_jax')]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                node.module.startswith('muomni_jax'):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.startswith('muomni_jax')
+        ):
             if node.module == 'muomni_jax':
                 found += [(node.lineno, f'muomni_jax.{a.name}') for a in node.names]
             else:
@@ -71,15 +74,24 @@ def test_no_module_imports_a_layer_above_its_own():
 def test_at_most_eight_modules_at_the_top():
     top = sorted(p.name for p in PACKAGE.glob('*.py'))
     assert len(top) <= 8, top
-    assert all((PACKAGE / layer / '__init__.py').exists() for layer in LAYERS
-               if layer != 'face' and not (PACKAGE / f'{layer}.py').exists())
+    assert all(
+        (PACKAGE / layer / '__init__.py').exists()
+        for layer in LAYERS
+        if layer != 'face' and not (PACKAGE / f'{layer}.py').exists()
+    )
 
 
-@pytest.mark.parametrize('source, expected', [
-    ('from muomni_jax.training import steps\n', 'imports muomni_jax.training (training)'),
-    ('from muomni_jax import interop\n', 'imports muomni_jax.interop (interop)'),
-    ('def f():\n    from muomni_jax.model import thinker\n', 'imports muomni_jax.model (model)'),
-])
+@pytest.mark.parametrize(
+    'source, expected',
+    [
+        ('from muomni_jax.training import steps\n', 'imports muomni_jax.training (training)'),
+        ('from muomni_jax import interop\n', 'imports muomni_jax.interop (interop)'),
+        (
+            'def f():\n    from muomni_jax.model import thinker\n',
+            'imports muomni_jax.model (model)',
+        ),
+    ],
+)
 def test_the_check_finds_an_upward_or_forbidden_import(tmp_path, source, expected):
     path = tmp_path / 'probe.py'
     path.write_text(source)
@@ -94,8 +106,13 @@ def test_the_model_and_data_layers_never_see_the_config_dict():
     for layer in ('model', 'data'):
         for path in sorted((PACKAGE / layer).glob('*.py')):
             for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or '']
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(name.split('.')[0] == 'ml_collections' for name in names):
                     readers.append(f'{layer}/{path.name}:{node.lineno}')
     assert readers == []

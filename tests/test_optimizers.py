@@ -10,16 +10,15 @@ import pytest
 
 from muomni_jax.errors import UserError
 from muomni_jax.model.thinker import ThinkerConfig, abstract_model
-from muomni_jax.training import run_plan
-from muomni_jax.training import steps
-from muomni_jax.training import train
+from muomni_jax.training import run_plan, steps, train
 from tests.support.configs import small_config, tiny_config
 from tests.support.logs import log_without_timing
 
 
 def _config(**overrides):
-    return tiny_config(**{'learning_rate': 1.0, 'warmup_steps': 10, 'min_lr_ratio': 0.1,
-                          **overrides})
+    return tiny_config(
+        **{'learning_rate': 1.0, 'warmup_steps': 10, 'min_lr_ratio': 0.1, **overrides}
+    )
 
 
 def _optimizer(**overrides) -> run_plan.OptimizerPlan:
@@ -56,8 +55,12 @@ def test_wsd_without_room_to_decay_holds_the_peak():
 LOGGED_RATES = {  # (lr_schedule, warmup_steps, max_steps): {step: the rate its log line shows}
     # learning_rate 1e-2, min_lr_ratio 0.1. Step k logs the rate of update k, which is
     # 1e-2 * (k - 1) / warmup during warmup (the original's LambdaLR).
-    ('cosine', 4, 12): {1: 0.0, 4: 7.5e-3, 5: 1e-2,
-                        12: 1e-2 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))},
+    ('cosine', 4, 12): {
+        1: 0.0,
+        4: 7.5e-3,
+        5: 1e-2,
+        12: 1e-2 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8))),
+    },
     ('cosine', 20, 12): {1: 0.0, 12: 1e-2 * 11 / 20},  # Still warming up at its end.
     # Warmup 4, stable to count 16 (the last 20% of 20 steps decays), then 3 linear updates.
     ('wsd', 4, 20): {1: 0.0, 4: 7.5e-3, 5: 1e-2, 17: 1e-2, 18: 7e-3, 19: 4e-3, 20: 1e-3},
@@ -67,19 +70,31 @@ LOGGED_RATES = {  # (lr_schedule, warmup_steps, max_steps): {step: the rate its 
 
 @pytest.mark.slow  # Four short trainings.
 @pytest.mark.parametrize('lr_schedule,warmup_steps,max_steps', list(LOGGED_RATES))
-def test_the_logged_rate_at_the_edges_of_the_schedule(tmp_path, corpus_sample, capsys,
-                                                       lr_schedule, warmup_steps, max_steps):
-    config = small_config(tmp_path / 'run', corpus_sample, lr_schedule=lr_schedule,
-                          warmup_steps=warmup_steps, max_steps=max_steps, learning_rate=1e-2,
-                          min_lr_ratio=0.1, decay_fraction=0.2, log_every=1, eval_every=100,
-                          save_every=100)
+def test_the_logged_rate_at_the_edges_of_the_schedule(
+    tmp_path, corpus_sample, capsys, lr_schedule, warmup_steps, max_steps
+):
+    config = small_config(
+        tmp_path / 'run',
+        corpus_sample,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        min_lr_ratio=0.1,
+        decay_fraction=0.2,
+        log_every=1,
+        eval_every=100,
+        save_every=100,
+    )
     train.train_and_evaluate(config)
     logged = {r['step']: r['lr'] for r in log_without_timing(tmp_path / 'run') if 'lr' in r}
     expected = LOGGED_RATES[lr_schedule, warmup_steps, max_steps]
     assert {step: logged[step] for step in expected} == pytest.approx(expected, abs=1e-9)
-    note = ('Schedule: warmup_steps=20 fills this run\'s 12 steps, so the rate rises to 0.0055 '
-            '(learning_rate 0.01) and never decays; for a warmup and a decay, lower '
-            '--config.warmup_steps (e.g. 1).')
+    note = (
+        "Schedule: warmup_steps=20 fills this run's 12 steps, so the rate rises to 0.0055 "
+        '(learning_rate 0.01) and never decays; for a warmup and a decay, lower '
+        '--config.warmup_steps (e.g. 1).'
+    )
     assert (note in capsys.readouterr().out) == (warmup_steps >= max_steps)
 
 
@@ -91,20 +106,23 @@ def _one_update(optimizer, params, grads):
 
 @pytest.mark.slow  # Compiles both optimizers' updates.
 def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
-    model_config = ThinkerConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=64,
-                                 ctx_len=16)
+    model_config = ThinkerConfig(
+        vocab_size=64, n_layers=1, d_model=32, n_heads=4, d_ff=64, ctx_len=16
+    )
     _, abstract = abstract_model(model_config)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 100))
     params = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
     grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), abstract)
     optimizer = _optimizer(optimizer='muon', warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9)
     muon = _one_update(optimizer, params, grads)
-    adamw = _one_update(_optimizer(warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9), params,
-                        grads)
+    adamw = _one_update(
+        _optimizer(warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9), params, grads
+    )
     leaves = jax.tree_util.tree_flatten_with_path(muon)[0]
     checked = set()
-    for (path, update), adamw_update, grad in zip(leaves, jax.tree.leaves(adamw),
-                                                  jax.tree.leaves(grads)):
+    for (path, update), adamw_update, grad in zip(
+        leaves, jax.tree.leaves(adamw), jax.tree.leaves(grads)
+    ):
         name = jax.tree_util.keystr(path)
         if steps.is_muon_matrix(path, update):
             # An orthogonalized update: singular values close together (Newton-Schulz leaves
@@ -122,16 +140,23 @@ def test_muon_orthogonalizes_the_block_matrices_and_adamw_updates_the_rest():
             grad = np.asarray(grad)
             expected = -grad / (np.abs(grad) + 1e-8)
             np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-7, err_msg=name)
-            np.testing.assert_allclose(adamw_update, expected, rtol=1e-5, atol=1e-7,
-                                       err_msg=name)
+            np.testing.assert_allclose(adamw_update, expected, rtol=1e-5, atol=1e-7, err_msg=name)
             checked.add(name.split('[')[1])
     assert checked == {'muon', "'blocks']", "'lm_head']", "'norm']", "'tok_emb']"}
 
 
 @pytest.mark.slow  # A training.
 def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, corpus_sample):
-    config = small_config(tmp_path / 'run', corpus_sample, optimizer='muon', max_steps=4,
-                          log_every=1, eval_every=2, save_every=4, learning_rate=3e-3)
+    config = small_config(
+        tmp_path / 'run',
+        corpus_sample,
+        optimizer='muon',
+        max_steps=4,
+        log_every=1,
+        eval_every=2,
+        save_every=4,
+        learning_rate=3e-3,
+    )
     train.train_and_evaluate(config)
     log = json.loads((tmp_path / 'run' / 'training_log.json').read_text())
     losses = [r['loss'] for r in log if 'loss' in r]
@@ -144,12 +169,15 @@ def test_muon_trains_and_a_resume_with_another_optimizer_is_refused(tmp_path, co
         train.train_and_evaluate(config)
 
 
-@pytest.mark.parametrize('field, value, expected', [
-    ('optimizer', 'sgd', "optimizer 'sgd' is not one of adamw, muon"),
-    ('lr_schedule', 'linear', "lr_schedule 'linear' is not one of cosine, wsd"),
-    ('decay_fraction', 0.0, 'decay_fraction (0.0) must be in (0, 1]'),
-    ('max_train_seconds', -1, 'max_train_seconds (-1) must be >= 0'),
-])
+@pytest.mark.parametrize(
+    'field, value, expected',
+    [
+        ('optimizer', 'sgd', "optimizer 'sgd' is not one of adamw, muon"),
+        ('lr_schedule', 'linear', "lr_schedule 'linear' is not one of cosine, wsd"),
+        ('decay_fraction', 0.0, 'decay_fraction (0.0) must be in (0, 1]'),
+        ('max_train_seconds', -1, 'max_train_seconds (-1) must be >= 0'),
+    ],
+)
 def test_bad_recipe_fields_are_one_line(field, value, expected):
     with pytest.raises(UserError) as error:
         run_plan.resolve(_config(**{field: value}))
@@ -163,5 +191,11 @@ def test_every_shipped_config_is_valid(name):
     if name == 'cpu_fast':  # cpu_demo's model and batches; only the recipe differs.
         demo = importlib.import_module('configs.cpu_demo').get_config()
         differ = {k for k in config.keys() if config[k] != demo[k]}
-        assert differ == {'learning_rate', 'lr_schedule', 'max_steps', 'eval_every', 'save_every',
-                          'save_dir'}
+        assert differ == {
+            'learning_rate',
+            'lr_schedule',
+            'max_steps',
+            'eval_every',
+            'save_every',
+            'save_dir',
+        }

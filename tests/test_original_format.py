@@ -16,13 +16,22 @@ from muomni_jax.model.thinker import ThinkerConfig, abstract_model
 from tests.support.models import forward, perturbed_model
 from tests.support.trees import assert_trees_equal
 
-BASE = dict(vocab_size=96, n_layers=2, d_model=32, n_heads=4, d_ff=48, ctx_len=32, dropout=0.0,
-            rope_theta=500.0)
+BASE = dict(
+    vocab_size=96,
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    d_ff=48,
+    ctx_len=32,
+    dropout=0.0,
+    rope_theta=500.0,
+)
 VARIANTS = {
     'gqa_swiglu': ThinkerConfig(**BASE),
     'mha_gelu': ThinkerConfig(**BASE, use_gqa=False, use_swiglu=False),
-    'moe_gelu': ThinkerConfig(**BASE, use_swiglu=False, use_moe=True, num_experts=3,
-                              num_experts_per_tok=2),
+    'moe_gelu': ThinkerConfig(
+        **BASE, use_swiglu=False, use_moe=True, num_experts=3, num_experts_per_tok=2
+    ),
 }
 
 
@@ -38,6 +47,7 @@ def _reference_class():
     """(torch, ThinkerLM), or a skip where torch is not installed."""
     torch = pytest.importorskip('torch')
     from muomni_jax.interop import torch_reference
+
     return torch, torch_reference.ThinkerLM
 
 
@@ -67,14 +77,14 @@ def test_a_compiled_pytorch_state_dict_imports(tmp_path):
     path = str(tmp_path / 'thinker_step_7.pt')
     torch.save({'model': state_dict, 'optimizer': {}, 'scheduler': {}}, path)
     imported, params = original_format.read_weights(
-        path, {'rope_theta': config.rope_theta, 'ctx_len': config.ctx_len, 'dropout': 0.0})
+        path, {'rope_theta': config.rope_theta, 'ctx_len': config.ctx_len, 'dropout': 0.0}
+    )
     assert imported == config
     model = nnx.merge(abstract_model(config)[0], params)
     tokens = _tokens(config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).numpy()
-    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens))), expected,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens))), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize('suffix', ['.pt', '.safetensors'])
@@ -86,13 +96,17 @@ def test_export_then_import_gives_identical_params(name, suffix, tmp_path):
     params = nnx.state(perturbed_model(config))
     path = str(tmp_path / f'thinker{suffix}')
     written = original_format.write_weights(path, params, config)
-    base = {} if suffix == '.safetensors' else {'rope_theta': config.rope_theta,
-                                                'ctx_len': config.ctx_len, 'dropout': 0.0}
+    base = (
+        {}
+        if suffix == '.safetensors'
+        else {'rope_theta': config.rope_theta, 'ctx_len': config.ctx_len, 'dropout': 0.0}
+    )
     imported, restored = original_format.read_weights(path, base)
     assert imported == config
     assert_trees_equal(params, restored)
     if suffix == '.safetensors':
         from safetensors.numpy import load_file
+
         assert all(k.startswith('thinker.') for k in load_file(path))
         assert written[1].endswith('config.json')
 
@@ -103,6 +117,7 @@ def test_the_group_count_comes_from_the_weights_not_the_config(tmp_path):
     original_format.write_weights(path, nnx.state(perturbed_model(config)), config)
     # A config.json that claims 2 groups, as the original's configs may.
     import json
+
     config_path = tmp_path / 'config.json'
     saved = json.loads(config_path.read_text())
     saved['thinker']['kv_groups'] = 2
@@ -130,21 +145,29 @@ def test_import_names_every_mismatch():
 def test_wrong_suffix_and_missing_file_are_user_errors(tmp_path):
     config = VARIANTS['gqa_swiglu']
     with pytest.raises(UserError, match='.pt or .safetensors'):
-        original_format.write_weights(str(tmp_path / 'x.bin'), nnx.state(perturbed_model(config)), config)
+        original_format.write_weights(
+            str(tmp_path / 'x.bin'), nnx.state(perturbed_model(config)), config
+        )
     with pytest.raises(UserError, match='does not exist'):
         original_format.read_weights(str(tmp_path / 'missing.pt'))
 
 
-@pytest.mark.parametrize('content, raised', [
-    (b'hello world\n', 'KeyError'),  # What torch.load raised as a traceback before.
-    (bytes(range(256)) * 8, 'UnpicklingError'),
-])
+@pytest.mark.parametrize(
+    'content, raised',
+    [
+        (b'hello world\n', 'KeyError'),  # What torch.load raised as a traceback before.
+        (bytes(range(256)) * 8, 'UnpicklingError'),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content, raised):
     pytest.importorskip('torch')
     path = tmp_path / 'x.pt'
     path.write_bytes(content)
-    with pytest.raises(UserError, match=rf'^cannot read {path} as a PyTorch checkpoint '
-                       rf'\({raised}'):
+    with pytest.raises(
+        UserError,
+        match=rf'^cannot read {path} as a PyTorch checkpoint '
+        rf'\({raised}',
+    ):
         original_format.read_weights(str(path))
     junk = tmp_path / 'x.safetensors'
     junk.write_bytes(content)

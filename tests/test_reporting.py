@@ -55,16 +55,24 @@ def test_event_files_hold_the_logged_scalars_and_samples(profiled_run):
     log = json.load(open(save_dir / 'training_log.json'))
     train_records = [r for r in log if 'loss' in r]
     val_records = [r for r in log if 'val_loss' in r]
-    for field, tag in (('loss', 'train/loss'), ('ppl', 'train/ppl'), ('lr', 'train/lr'),
-                       ('grad_norm', 'train/grad_norm'), ('tokens_per_s', 'train/tokens_per_s'),
-                       ('nonfinite_steps', 'train/nonfinite_steps'), ('tokens', 'train/tokens')):
+    for field, tag in (
+        ('loss', 'train/loss'),
+        ('ppl', 'train/ppl'),
+        ('lr', 'train/lr'),
+        ('grad_norm', 'train/grad_norm'),
+        ('tokens_per_s', 'train/tokens_per_s'),
+        ('nonfinite_steps', 'train/nonfinite_steps'),
+        ('tokens', 'train/tokens'),
+    ):
         assert [s for s, _ in events[tag]] == [2, 4, 6], tag
-        np.testing.assert_allclose([v for _, v in events[tag]],
-                                   [r[field] for r in train_records], rtol=1e-5, err_msg=tag)
+        np.testing.assert_allclose(
+            [v for _, v in events[tag]], [r[field] for r in train_records], rtol=1e-5, err_msg=tag
+        )
     for field, tag in (('val_loss', 'val/loss'), ('val_ppl', 'val/ppl')):
         assert [s for s, _ in events[tag]] == [3, 6], tag
-        np.testing.assert_allclose([v for _, v in events[tag]],
-                                   [r[field] for r in val_records], rtol=1e-5, err_msg=tag)
+        np.testing.assert_allclose(
+            [v for _, v in events[tag]], [r[field] for r in val_records], rtol=1e-5, err_msg=tag
+        )
     # The evaluation samples of the default sample_prompts, as text summaries.
     for tag, prompt in (('samples/0', 'The cat sat on the'), ('samples/1', 'Python is a')):
         assert [s for s, _ in events[tag]] == [3, 6], tag
@@ -92,26 +100,39 @@ def test_plot_command_writes_png_comparing_runs(profiled_run, tmp_path):
     # A second, different run beside the trained one: a hand-written log.
     other = tmp_path / 'other'
     other.mkdir()
-    (other / 'training_log.json').write_text(json.dumps([
-        {'step': 1, 'loss': 6.0, 'ppl': 403.4, 'tokens': 256},
-        {'step': 2, 'loss': 5.5, 'ppl': 244.7, 'tokens': 512},
-        {'step': 2, 'val_loss': 5.75, 'val_ppl': 314.2}]))
+    (other / 'training_log.json').write_text(
+        json.dumps(
+            [
+                {'step': 1, 'loss': 6.0, 'ppl': 403.4, 'tokens': 256},
+                {'step': 2, 'loss': 5.5, 'ppl': 244.7, 'tokens': 512},
+                {'step': 2, 'val_loss': 5.75, 'val_ppl': 314.2},
+            ]
+        )
+    )
     output = tmp_path / 'curves.png'
-    result = run_module('launch.plot', f'--checkpoint_dir={save_dir}',
-                        f'--checkpoint_dir={other}', f'--output={output}', timeout=120)
+    result = run_module(
+        'launch.plot',
+        f'--checkpoint_dir={save_dir}',
+        f'--checkpoint_dir={other}',
+        f'--output={output}',
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Wrote {output}' in result.stdout
     assert png_size(output) == (1200, 800)
     # What is drawn of the same two runs: each run's own curves against step, from its log.
     log = json.load(open(save_dir / 'training_log.json'))
     fig = plotting.plot_runs([str(save_dir), str(other)])
-    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-             for line in fig.axes[0].get_lines()}
+    drawn = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in fig.axes[0].get_lines()
+    }
     assert drawn == {
         'run train': ([2, 4, 6], [r['loss'] for r in log if 'loss' in r]),
         'run validation': ([3, 6], [r['val_loss'] for r in log if 'val_loss' in r]),
         'other train': ([1, 2], [6.0, 5.5]),
-        'other validation': ([2], [5.75])}
+        'other validation': ([2], [5.75]),
+    }
 
     missing = run_module('launch.plot', f'--checkpoint_dir={tmp_path / "nope"}', timeout=120)
     assert missing.returncode == 2
@@ -122,10 +143,15 @@ def test_plot_command_writes_png_comparing_runs(profiled_run, tmp_path):
 def test_plot_runs_uses_tokens_or_config_for_the_tokens_axis(tmp_path):
     new, old = tmp_path / 'new', tmp_path / 'old'
     new.mkdir(), old.mkdir()
-    (new / 'training_log.json').write_text(json.dumps([
-        {'step': 10, 'loss': 5.0, 'ppl': 148.4, 'tokens': 1000},
-        {'step': 20, 'val_loss': 4.5, 'val_ppl': 90.0},  # A validation-only record.
-        {'step': 30, 'loss': 4.0, 'ppl': 54.6, 'tokens': 3000}]))
+    (new / 'training_log.json').write_text(
+        json.dumps(
+            [
+                {'step': 10, 'loss': 5.0, 'ppl': 148.4, 'tokens': 1000},
+                {'step': 20, 'val_loss': 4.5, 'val_ppl': 90.0},  # A validation-only record.
+                {'step': 30, 'loss': 4.0, 'ppl': 54.6, 'tokens': 3000},
+            ]
+        )
+    )
     # A log from before 'tokens' existed: tokens come from config.json's batch_size * ctx_len.
     (old / 'training_log.json').write_text(json.dumps([{'step': 10, 'loss': 6.0, 'ppl': 403.4}]))
     (old / 'config.json').write_text(json.dumps({'batch_size': 4, 'ctx_len': 8}))
@@ -146,7 +172,6 @@ def test_plot_runs_uses_tokens_or_config_for_the_tokens_axis(tmp_path):
 
 
 class _Terminal(io.StringIO):
-
     def isatty(self):
         return True
 
@@ -178,22 +203,41 @@ def test_not_a_terminal_gets_only_the_lines(tmp_path):
 
 
 def test_write_texts_and_numeric_fields_reach_tensorboard(tmp_path):
-    reporter = reporting.Reporter(str(tmp_path), total_steps=10, start_step=0,
-                                  stream=io.StringIO())
+    reporter = reporting.Reporter(str(tmp_path), total_steps=10, start_step=0, stream=io.StringIO())
     # Any numeric field a record gains (MFU, say) is written; strings and bookkeeping are not.
-    reporter.write_scalars(4, {'step': 4, 'epoch': 1, 'elapsed_s': 3.0, 'loss': 2.5, 'mfu': 0.25,
-                               'val_loss': 2.75, 'note': 'text'})
+    reporter.write_scalars(
+        4,
+        {
+            'step': 4,
+            'epoch': 1,
+            'elapsed_s': 3.0,
+            'loss': 2.5,
+            'mfu': 0.25,
+            'val_loss': 2.75,
+            'note': 'text',
+        },
+    )
     reporter.write_texts(4, {'samples/0': 'The cat sat on the mat.'})
     reporter.close()
     events = read_events(tmp_path)
-    assert events == {'train/loss': [(4, 2.5)], 'train/mfu': [(4, 0.25)],
-                      'val/loss': [(4, 2.75)], 'samples/0': [(4, 'The cat sat on the mat.')]}
+    assert events == {
+        'train/loss': [(4, 2.5)],
+        'train/mfu': [(4, 0.25)],
+        'val/loss': [(4, 2.75)],
+        'samples/0': [(4, 'The cat sat on the mat.')],
+    }
 
 
 def test_reporter_on_other_processes_writes_nothing(tmp_path):
     stream = io.StringIO()
-    reporter = reporting.Reporter(str(tmp_path / 'run'), total_steps=10, start_step=0,
-                                  profile_steps=(1, 2), enabled=False, stream=stream)
+    reporter = reporting.Reporter(
+        str(tmp_path / 'run'),
+        total_steps=10,
+        start_step=0,
+        profile_steps=(1, 2),
+        enabled=False,
+        stream=stream,
+    )
     reporter.advance(1, state=None)
     reporter.write_scalars(1, {'loss': 1.0})
     reporter.write_texts(1, {'samples/0': 'x'})
@@ -214,8 +258,9 @@ def test_bad_profile_steps_is_a_clear_error(tmp_path, corpus_sample, text):
 def test_profile_of_a_resumed_run_that_ends_early(tmp_path):
     # Resumed at step 2 inside profile_steps 2-5, and stopped after step 3: the trace covers step 3.
     stream = io.StringIO()
-    reporter = reporting.Reporter(str(tmp_path), total_steps=3, start_step=2,
-                                  profile_steps=(2, 5), stream=stream)
+    reporter = reporting.Reporter(
+        str(tmp_path), total_steps=3, start_step=2, profile_steps=(2, 5), stream=stream
+    )
     state = jax.numpy.ones((4, 4))
     reporter.advance(3, state @ state)
     reporter.close()
@@ -223,4 +268,5 @@ def test_profile_of_a_resumed_run_that_ends_early(tmp_path):
     assert len(traces) == 1
     assert stream.getvalue().splitlines() == [
         'Profiling steps 3-5...',
-        f'Profile of steps 3-3 written to {tmp_path / "plugins" / "profile" / traces[0]}']
+        f'Profile of steps 3-3 written to {tmp_path / "plugins" / "profile" / traces[0]}',
+    ]

@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from muomni_jax.training import preemption
-from muomni_jax.training import train
+from muomni_jax.training import preemption, train
 from tests import paused_save_launch
 from tests.support.checkpoints import saved_state
 from tests.support.clock import Clock
@@ -23,6 +22,7 @@ from tests.support.configs import RESUME_ARGS, small_config
 from tests.support.logs import log_without_timing
 from tests.support.processes import launched, one_device_env, stage_a_command
 from tests.support.trees import assert_trees_equal
+
 
 def _args(save_dir, data_path):
     return [*RESUME_ARGS, f'--config.data_path={data_path}', f'--config.save_dir={save_dir}']
@@ -47,13 +47,15 @@ def _names(save_dir):
 @pytest.mark.slow
 def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
     reference_dir, resumed_dir = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
-    with launched(stage_a_command(*_args(reference_dir, corpus_sample)),
-                  env=_env()) as reference:
+    with launched(stage_a_command(*_args(reference_dir, corpus_sample)), env=_env()) as reference:
         # 1. SIGKILL while step 4 is being written (step 2 is complete): the run pauses inside
         #    that save, after its files went into Orbax's temporary folder and before the commit.
-        with launched(paused_save_launch.command(4, '--config=configs/tiny.py',
-                                                 *_args(resumed_dir, corpus_sample)),
-                      env=_env()) as run:
+        with launched(
+            paused_save_launch.command(
+                4, '--config=configs/tiny.py', *_args(resumed_dir, corpus_sample)
+            ),
+            env=_env(),
+        ) as run:
             run.wait_for_line('Paused in the save of step 4')
             names = _names(resumed_dir)
             assert any(n.startswith('4.orbax-checkpoint-tmp') for n in names), names
@@ -85,8 +87,7 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
         assert 'Training complete' not in out
 
         # 4. The last rerun completes.
-        with launched(stage_a_command(*_args(resumed_dir, corpus_sample)),
-                      env=_env()) as run:
+        with launched(stage_a_command(*_args(resumed_dir, corpus_sample)), env=_env()) as run:
             assert run.wait(timeout=240) == 0, run.output_tail()
             assert 'Resuming from checkpoint step 9' in run.stdout
             assert 'Training complete' in run.stdout
@@ -101,8 +102,7 @@ def test_kill_anywhere_then_rerun_is_bitwise_identical(tmp_path, corpus_sample):
 def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
     save_dir = str(tmp_path / 'run')
     # Held before step 3 until it handled two signals: the second Ctrl-C finds it still there.
-    with launched(_held(3, 2, *_args(save_dir, corpus_sample)),
-                  env=_env()) as run:
+    with launched(_held(3, 2, *_args(save_dir, corpus_sample)), env=_env()) as run:
         run.wait_for_line('Holding before step 3')
         run.send_signal(signal.SIGINT)
         # Python runs a handler once for signals that arrive together: send the second after
@@ -116,18 +116,19 @@ def test_second_ctrl_c_aborts_with_status_130(tmp_path, corpus_sample):
     assert sorted(n for n in _names(save_dir) if n.isdigit()) == ['2']
 
 
-@pytest.mark.parametrize('seconds, times, steps, stop_after', [
-    (0, [0.0], 3, None),  # No budget: never stops, and never reads the clock after the start.
-    # 6 s in, a 3 s step would end at 9 s: go on; 9 s in, at 12 s: stop after step 3.
-    (10, [0.0, 3.0, 6.0, 9.0], 3, 3),
-    (10, [0.0, 2.0, 9.0], 2, 2),  # The second step took 7 s: another would cross the budget.
-    (1, [0.0, 30.0], 1, 1),  # The first step runs, however long it takes, and is the last.
-])
-def test_the_time_budget_stops_when_one_more_step_would_cross_it(seconds, times, steps,
-                                                                 stop_after):
+@pytest.mark.parametrize(
+    'seconds, times, steps, stop_after',
+    [
+        (0, [0.0], 3, None),  # No budget: never stops, and never reads the clock after the start.
+        # 6 s in, a 3 s step would end at 9 s: go on; 9 s in, at 12 s: stop after step 3.
+        (10, [0.0, 3.0, 6.0, 9.0], 3, 3),
+        (10, [0.0, 2.0, 9.0], 2, 2),  # The second step took 7 s: another would cross the budget.
+        (1, [0.0, 30.0], 1, 1),  # The first step runs, however long it takes, and is the last.
+    ],
+)
+def test_the_time_budget_stops_when_one_more_step_would_cross_it(seconds, times, steps, stop_after):
     waited = []
-    budget = preemption.TimeBudget(seconds, wait_for=lambda: waited.append(1),
-                                   clock=Clock(times))
+    budget = preemption.TimeBudget(seconds, wait_for=lambda: waited.append(1), clock=Clock(times))
     decisions = [budget.should_stop(step) for step in range(1, steps + 1)]
     if stop_after is None:
         assert decisions == [False] * steps and not waited
@@ -137,21 +138,32 @@ def test_the_time_budget_stops_when_one_more_step_would_cross_it(seconds, times,
 
 
 @pytest.mark.slow  # Three trainings.
-def test_time_budget_saves_returns_and_resumes_bitwise(monkeypatch, tmp_path, corpus_sample,
-                                                       capsys):
+def test_time_budget_saves_returns_and_resumes_bitwise(
+    monkeypatch, tmp_path, corpus_sample, capsys
+):
     """max_train_seconds stops like SIGTERM: it saves the step it stops at and returns (the
     launcher then exits 0, as after SIGTERM above), and the rerun continues exactly where an
     uninterrupted run would be. A fake clock makes each step take 1 s, so a 4 s budget stops
     after step 4: 4 s in, a fifth step would end at 5 s."""
     config = lambda save_dir, **extra: small_config(
-        save_dir, corpus_sample, dropout=0.1, max_steps=10, log_every=3, eval_every=4,
-        save_every=5, **extra)
+        save_dir,
+        corpus_sample,
+        dropout=0.1,
+        max_steps=10,
+        log_every=3,
+        eval_every=4,
+        save_every=5,
+        **extra,
+    )
     reference_dir, budget_dir = tmp_path / 'reference', tmp_path / 'budget'
     train.train_and_evaluate(config(reference_dir))
 
     ticks = iter(range(1000))
-    monkeypatch.setattr(preemption, 'TimeBudget', functools.partial(
-        preemption.TimeBudget, clock=lambda: float(next(ticks))))
+    monkeypatch.setattr(
+        preemption,
+        'TimeBudget',
+        functools.partial(preemption.TimeBudget, clock=lambda: float(next(ticks))),
+    )
     capsys.readouterr()
     train.train_and_evaluate(config(budget_dir, max_train_seconds=4))
     out = capsys.readouterr().out

@@ -17,20 +17,26 @@ BASE = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, ctx_len=4
 VARIANTS = {
     'gqa_swiglu': ThinkerConfig(**BASE),
     'mha_gelu': ThinkerConfig(**BASE, use_gqa=False, use_swiglu=False),
-    'gqa1_moe': ThinkerConfig(**{**BASE, 'n_layers': 1}, kv_groups=1, use_moe=True,
-                              num_experts=3, num_experts_per_tok=2),
+    'gqa1_moe': ThinkerConfig(
+        **{**BASE, 'n_layers': 1}, kv_groups=1, use_moe=True, num_experts=3, num_experts_per_tok=2
+    ),
 }
 
 
 def _last_logits(model, seq, length=16):
     """Logits after each prefix of seq, from one compiled full forward over a padded row."""
-    padded = jnp.zeros((1, length), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
+    padded = jnp.zeros((1, length), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
     return forward(model, padded)[0, len(seq) - 1]  # Causal: the padding after it is unseen.
 
 
 # The other variants compile their own decode steps; the fast tier keeps one.
-@pytest.mark.parametrize('name', [pytest.param(name, marks=[] if name == 'gqa_swiglu' else
-                                                pytest.mark.slow) for name in sorted(VARIANTS)])
+@pytest.mark.parametrize(
+    'name',
+    [
+        pytest.param(name, marks=[] if name == 'gqa_swiglu' else pytest.mark.slow)
+        for name in sorted(VARIANTS)
+    ],
+)
 def test_cached_decode_equals_full_forward(name):
     model = perturbed_model(VARIANTS[name])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 20)), jnp.int32)
@@ -41,7 +47,7 @@ def test_cached_decode_equals_full_forward(name):
     prefill, cache = step(model, tokens[:, :12], positions[:, :12], cache)
     logits = [prefill]
     for t in range(12, 20):  # Then one token at a time, as the sampler does.
-        out, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        out, cache = step(model, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
         logits.append(out)
     assert int(cache.index) == 20
     np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, atol=1e-5, rtol=0)
@@ -94,12 +100,14 @@ def test_sampling_is_deterministic_under_a_seed():
 @pytest.mark.slow
 def test_generation_stops_at_eos():
     model = perturbed_model(VARIANTS['gqa_swiglu'])
-    greedy = sampling.generate_ids(model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0,
-                                   eos_id=-5)[0]
+    greedy = sampling.generate_ids(
+        model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0, eos_id=-5
+    )[0]
     eos = greedy[3]  # Call the 4th greedy token EOS: generation must end just before it.
-    stopped = sampling.generate_ids(model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0,
-                                    eos_id=eos)[0]
-    assert stopped == greedy[:greedy.index(eos)]
+    stopped = sampling.generate_ids(
+        model, [[1, 5, 9]], max_new_tokens=8, temperature=0.0, eos_id=eos
+    )[0]
+    assert stopped == greedy[: greedy.index(eos)]
 
 
 def _allowed(logits, top_k, top_p):
@@ -132,8 +140,9 @@ def test_top_k_and_top_p_never_leave_their_set(top_k, top_p):
 @pytest.mark.slow
 def test_generation_respects_top_k_end_to_end():
     model = perturbed_model(VARIANTS['gqa_swiglu'])
-    out = sampling.generate_ids(model, [[1, 5]] * 4, max_new_tokens=8, temperature=1.0,
-                                top_k=2, seed=0, eos_id=-5)
+    out = sampling.generate_ids(
+        model, [[1, 5]] * 4, max_new_tokens=8, temperature=1.0, top_k=2, seed=0, eos_id=-5
+    )
     top2 = set(np.argsort(-np.asarray(_last_logits(model, [1, 5])))[:2].tolist())
     assert {row[0] for row in out} <= top2
 

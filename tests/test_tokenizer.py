@@ -3,8 +3,12 @@ import pytest
 from muomni_jax.data import tokenizer as tokenizer_lib
 from muomni_jax.errors import UserError
 
-TEXTS = ['The cat sat on the mat.', 'A dog slept on the couch.', 'Naïve café — déjà vu!',
-         'Python is a programming language.'] * 20
+TEXTS = [
+    'The cat sat on the mat.',
+    'A dog slept on the couch.',
+    'Naïve café — déjà vu!',
+    'Python is a programming language.',
+] * 20
 
 
 def test_trains_saves_reloads_and_round_trips(tmp_path):
@@ -24,7 +28,7 @@ def test_trains_saves_reloads_and_round_trips(tmp_path):
 
 def test_special_ids_are_sentencepiece_defaults():
     tok = tokenizer_lib.train_tokenizer(TEXTS, vocab_size=80, sample_size=1000)
-    pieces = [tok._sp.id_to_piece(i) for i in range(3)]  # pylint: disable=protected-access
+    pieces = [tok._sp.id_to_piece(i) for i in range(3)]
     assert pieces == ['<unk>', '<s>', '</s>']
     assert (tokenizer_lib.UNK_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID) == (0, 1, 2)
 

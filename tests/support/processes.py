@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,34 +20,50 @@ def one_device_env(**extra: str) -> dict[str, str]:
     """This environment without the 8-device XLA_FLAGS, so a subprocess sees one CPU device as a
     user's run does; it shares the session's compilation cache. extra: variables to add."""
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+    )
     env.update(extra)
     return env
 
 
-def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 300,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, cwd: str = REPO, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m module args...` to completion, output captured (default: one_device_env());
     subprocess.run kills it if it outlives the timeout."""
-    return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd,
-                          env=env or one_device_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-m', module, *args],
+        cwd=cwd,
+        env=env or one_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_code(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -c code args...` from the repository, to completion, on one CPU device."""
-    return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, env=one_device_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-c', code, *args],
+        cwd=REPO,
+        env=one_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_stage_a(*args: str, cwd: str = REPO, timeout: int = 300,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_stage_a(
+    *args: str, cwd: str = REPO, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """launch.stage_a --config=configs/tiny.py args..., to completion (the config's path as a
     user in the repository types it; absolute from elsewhere)."""
     config = 'configs/tiny.py' if cwd == REPO else os.path.join(REPO, 'configs', 'tiny.py')
-    return run_module('launch.stage_a', f'--config={config}', *args, cwd=cwd, timeout=timeout,
-                      env=env)
+    return run_module(
+        'launch.stage_a', f'--config={config}', *args, cwd=cwd, timeout=timeout, env=env
+    )
 
 
 class Launched:
@@ -60,9 +76,11 @@ class Launched:
         self._lines = {'stdout': [], 'stderr': []}
         self._new_lines = queue.Queue()  # (stream name, line); None per stream at its end.
         self._ended = 0  # Streams whose end wait_for_line has seen.
-        self._readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
-                         for name, stream in (('stdout', process.stdout),
-                                              ('stderr', process.stderr)) if stream is not None]
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (('stdout', process.stdout), ('stderr', process.stderr))
+            if stream is not None
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -135,15 +153,22 @@ class Launched:
 
 
 @contextlib.contextmanager
-def launched(command: list[str], env: dict[str, str] | None = None, cwd: str = REPO,
-             stderr: bool = False) -> Iterator[Launched]:
+def launched(
+    command: list[str], env: dict[str, str] | None = None, cwd: str = REPO, stderr: bool = False
+) -> Iterator[Launched]:
     """Starts `command` (a list, as for Popen) and ends it on leaving the block, however the
     test left it: SIGKILL unless it already ended, then wait. stderr: read it apart from
     stdout (default: merged into stdout, in order). The child's Python is unbuffered, so what
     a killed run printed is not lost in its buffers."""
     env = dict(env or one_device_env(), PYTHONUNBUFFERED='1')
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE if stderr else subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if stderr else subprocess.STDOUT,
+        text=True,
+    )
     started = None
     try:
         started = Launched(process)
@@ -152,7 +177,7 @@ def launched(command: list[str], env: dict[str, str] | None = None, cwd: str = R
         if process.poll() is None:
             process.kill()
         process.wait()
-        for reader in started._readers if started else []:  # pylint: disable=protected-access
+        for reader in started._readers if started else []:
             reader.join(timeout=30)  # The pipes end with the process; then close them.
         for stream in (process.stdout, process.stderr):
             if stream is not None:

@@ -28,7 +28,12 @@ def corpus_source(config) -> input_pipeline.DocumentSource:
 def open_cache(config, tokenizer, num_shards=1, shards=(0,), lines=None):
     """{(split, shard): stream} of config's corpus, built first if needed; `lines` collects
     what the build printed."""
-    log = (lines.append if lines is not None else lambda line: None)
-    return token_cache.open_or_build(run_plan.resolve(config).data.cache_dir,
-                                     corpus_source(config), tokenizer, num_shards, list(shards),
-                                     log=log)
+    log = lines.append if lines is not None else lambda line: None
+    return token_cache.open_or_build(
+        run_plan.resolve(config).data.cache_dir,
+        corpus_source(config),
+        tokenizer,
+        num_shards,
+        list(shards),
+        log=log,
+    )
