@@ -9,7 +9,6 @@ point instead of racing a timer. The patch is made here, before the launcher run
 holds no hook for it.
 """
 
-import os
 import runpy
 import sys
 import time
