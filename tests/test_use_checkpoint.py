@@ -151,7 +151,7 @@ def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
     # Zero logits give each of the 256 tokens 1/256, whatever the text: a loss of ln 256 =
     # 5.5451774 nats per token and a perplexity of 256.
     uniform = muomni_jax.load(save_dir, 6).model()
-    uniform.lm_head.kernel.value = jax.numpy.zeros_like(uniform.lm_head.kernel.value)
+    uniform.lm_head.kernel[...] = jax.numpy.zeros_like(uniform.lm_head.kernel[...])
     score = evaluation.evaluate_text(uniform, checkpoint.tokenizer, str(corpus_sample), 8)
     assert score['loss'] == pytest.approx(5.5451774, rel=1e-6)
     assert score['perplexity'] == pytest.approx(256.0, rel=1e-5)

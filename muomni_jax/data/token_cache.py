@@ -184,6 +184,7 @@ def _stale_partials(directory: str, names: Sequence[str]) -> list[str]:
     ]
 
 
+# One decision, in order: open an intact cache, else say why and build it under the lock.
 def open_or_build(
     cache_dir: str,
     source: input_pipeline.DocumentSource,
@@ -342,6 +343,8 @@ def _tokenize_groups(groups: dict, tokenizer, dtype) -> dict:
     }
 
 
+# One streaming pipeline (read, tokenize in a pool, write in order); split, its parts would
+# share every local.
 def _build(
     source: input_pipeline.DocumentSource,
     tokenizer: tokenizer_lib.Tokenizer,

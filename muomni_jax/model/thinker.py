@@ -117,6 +117,7 @@ class ThinkerConfig:
             return self.compute_dtype
         return jnp.dtype(_DTYPES[self.matmul_dtype])
 
+    # A list of independent checks, one per field or pair of fields, read top to bottom.
     def validate(self) -> None:
         """Raises ValueError naming the first inconsistency and how to fix it."""
         for name in ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'd_ff'):

@@ -137,28 +137,10 @@ def compile_steps(plan: run_plan.RunPlan, devices: list) -> Compiled:
     try:
         train = setup.train_step.lower(setup.abstract_state, batch).compile()
     except jax.errors.JaxRuntimeError as e:
-        # The TPU compiler refuses a program that cannot fit, naming what it would need.
-        need = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\)', str(e))
-        if need is None:
+        refused = _refused(e, state_bytes, batch_bytes, time.perf_counter() - start)
+        if refused is None:
             raise
-        temporaries = int(float(need.group(1)) * 1024 ** ('KMGT'.index(need.group(2)) + 1))
-        return Compiled(
-            memory={
-                'state': state_bytes,
-                'batch': batch_bytes,
-                'temporaries': temporaries,
-                'code': 0,
-                'total': state_bytes + batch_bytes + temporaries,
-            },
-            compiler_flops=None,
-            bytes_accessed=None,
-            collectives={},
-            custom_calls=[],
-            compile_s=time.perf_counter() - start,
-            eval_compile_s=0.0,
-            eval_temp_bytes=0,
-            refused=str(e).strip().splitlines()[-1][:300],
-        )
+        return refused
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     evaluate = setup.eval_step.lower(setup.abstract_state.params, batch).compile()
@@ -192,6 +174,35 @@ def compile_steps(plan: run_plan.RunPlan, devices: list) -> Compiled:
         compile_s=compile_s,
         eval_compile_s=eval_compile_s,
         eval_temp_bytes=int(evaluate.memory_analysis().temp_size_in_bytes),
+    )
+
+
+def _refused(
+    error: Exception, state_bytes: int, batch_bytes: int, compile_s: float
+) -> Compiled | None:
+    """A Compiled that records the compiler's refusal to fit the step, with the temporaries it
+    said it would need; None when the error is not such a refusal."""
+    # The TPU compiler refuses a program that cannot fit, naming what it would need.
+    need = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\)', str(error))
+    if need is None:
+        return None
+    temporaries = int(float(need.group(1)) * 1024 ** ('KMGT'.index(need.group(2)) + 1))
+    return Compiled(
+        memory={
+            'state': state_bytes,
+            'batch': batch_bytes,
+            'temporaries': temporaries,
+            'code': 0,
+            'total': state_bytes + batch_bytes + temporaries,
+        },
+        compiler_flops=None,
+        bytes_accessed=None,
+        collectives={},
+        custom_calls=[],
+        compile_s=compile_s,
+        eval_compile_s=0.0,
+        eval_temp_bytes=0,
+        refused=str(error).strip().splitlines()[-1][:300],
     )
 
 

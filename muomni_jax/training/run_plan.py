@@ -101,6 +101,7 @@ class RunPlan:
     config_fields: Mapping[str, Any]
 
 
+# Long as a table is long: one statement per plan section, each copying its fields.
 def resolve(config) -> RunPlan:
     """Checks every field up front, so a bad value fails before anything is written; the plan.
 
@@ -193,6 +194,7 @@ def with_total_steps(plan: RunPlan, total_steps: int) -> RunPlan:
     )
 
 
+# A list of independent checks, one per field or pair of fields, read top to bottom.
 def _check_fields(config) -> None:
     """Every training field's range and the names it picks from."""
     positive = (

@@ -203,29 +203,17 @@ def state_from_params(
     return with_average(state, copy_tree(params)) if ema else state
 
 
-def train_step(
+def _summed_gradients(
     state: TrainState,
     batch: dict[str, jax.Array],
-    *,
     graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
     accumulation_steps: int,
     deterministic: bool,
-    max_consecutive_nonfinite: int = 0,
-    loss_chunk_tokens: int = 0,
-    z_loss_weight: float = 0.0,
-    ema_decay: float = 0.0,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps
-    micro-batches.
-
-    Gradients are summed over micro-batches and divided by the total weight, so the update equals
-    the update on the whole batch at once. A step with NaN/Inf loss or gradients changes nothing
-    but the step and the optimizer's non-finite counters; its loss and gradient norm count as 0 in
-    the metrics. metrics['nonfinite_limit_step'] is the step number once max_consecutive_nonfinite
-    such steps have come in a row (else NO_STEP), so the loop learns the exact step without
-    reading the device every step.
-    """
+    loss_chunk_tokens: int,
+    z_loss_weight: float,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the summed (not averaged) loss over a (B, T) batch, in accumulation_steps
+    micro-batches, with the sums {'loss_sum', 'weight_sum', 'z_sum'} (scalars)."""
     # Micro-batch j takes rows j, j + A, j + 2A, ...: every micro-batch spans every batch shard.
     micro = jax.tree.map(
         lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch
@@ -251,6 +239,35 @@ def train_step(
         {k: jnp.zeros(()) for k in ('loss_sum', 'weight_sum', 'z_sum')},
     )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation_steps), micro))
+    return grads, sums
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    accumulation_steps: int,
+    deterministic: bool,
+    max_consecutive_nonfinite: int = 0,
+    loss_chunk_tokens: int = 0,
+    z_loss_weight: float = 0.0,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update over a global batch of (B, T) arrays, in accumulation_steps
+    micro-batches.
+
+    Gradients are summed over micro-batches and divided by the total weight, so the update equals
+    the update on the whole batch at once. A step with NaN/Inf loss or gradients changes nothing
+    but the step and the optimizer's non-finite counters; its loss and gradient norm count as 0 in
+    the metrics. metrics['nonfinite_limit_step'] is the step number once max_consecutive_nonfinite
+    such steps have come in a row (else NO_STEP), so the loop learns the exact step without
+    reading the device every step.
+    """
+    grads, sums = _summed_gradients(
+        state, batch, graphdef, accumulation_steps, deterministic, loss_chunk_tokens, z_loss_weight
+    )
     loss_sum, weight_sum = sums['loss_sum'], sums['weight_sum']
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

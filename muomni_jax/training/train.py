@@ -243,38 +243,10 @@ def _loop(
         should_stop = lambda step: signals.should_stop(step) or budget.should_stop(step)
         first, stopped = start.step + 1, False
         if fit is not None:
-            state, stopped = periodic_actions.train_loop(
-                state,
-                range(first, fit.fit_at),
-                batches,
-                setup.train_step,
-                context.interval,
-                [fit] + actions,
-                should_stop,
-                final_step=plan.length.total_steps,
+            state, stopped, setup, context, actions = _train_through_fit(
+                state, fit, batches, setup, context, actions, should_stop, mesh
             )
-            if not stopped:  # Step fit_at, then the fit, then that step's actions.
-                state, stopped = periodic_actions.train_loop(
-                    state,
-                    range(fit.fit_at, fit.fit_at + 1),
-                    batches,
-                    setup.train_step,
-                    context.interval,
-                    actions,
-                    should_stop,
-                    hold_last_actions=True,
-                )
-                total, line = fit.fitted_length(state)
-                plan = run_plan.with_total_steps(plan, total)
-                setup = steps.with_length(setup, plan, mesh)
-                context = dataclasses.replace(context, plan=plan, schedule=setup.schedule)
-                actions = periodic_actions.with_context(actions, context)
-                reporter.set_total_steps(total)
-                reporter.log(line)
-                periodic_actions.run_actions(
-                    actions, fit.fit_at, state, final=fit.fit_at == total, stop=stopped
-                )
-                first = fit.fit_at + 1
+            plan, first = context.plan, fit.fit_at + 1
         if not stopped:
             state, stopped = periodic_actions.train_loop(
                 state,
@@ -297,3 +269,45 @@ def _loop(
         'checkpoint.'
     )
     return context.summary, reason
+
+
+def _train_through_fit(state, fit, batches, setup, context, actions, should_stop, mesh):
+    """The first phase of a run fitted to schedule_seconds: the steps before fit.fit_at, step
+    fit_at, the fit (a new plan, schedule and actions), then step fit_at's actions under the
+    fitted length.
+
+    Returns (state, stopped, setup, context, actions), the last three for the fitted plan.
+    """
+    state, stopped = periodic_actions.train_loop(
+        state,
+        range(fit.start_step + 1, fit.fit_at),
+        batches,
+        setup.train_step,
+        context.interval,
+        [fit] + actions,
+        should_stop,
+        final_step=context.plan.length.total_steps,
+    )
+    if stopped:
+        return state, stopped, setup, context, actions
+    state, stopped = periodic_actions.train_loop(
+        state,
+        range(fit.fit_at, fit.fit_at + 1),
+        batches,
+        setup.train_step,
+        context.interval,
+        actions,
+        should_stop,
+        hold_last_actions=True,
+    )
+    total, line = fit.fitted_length(state)
+    plan = run_plan.with_total_steps(context.plan, total)
+    setup = steps.with_length(setup, plan, mesh)
+    context = dataclasses.replace(context, plan=plan, schedule=setup.schedule)
+    actions = periodic_actions.with_context(actions, context)
+    context.reporter.set_total_steps(total)
+    context.reporter.log(line)
+    periodic_actions.run_actions(
+        actions, fit.fit_at, state, final=fit.fit_at == total, stop=stopped
+    )
+    return state, stopped, setup, context, actions
