@@ -26,7 +26,7 @@ from muomni_jax.inference import evaluation, loading, sampling
 from muomni_jax.interop import hf_format, original_checkpoints
 from muomni_jax.model.thinker import SHAPE_FIELDS, ThinkerConfig, abstract_model
 from muomni_jax.training import train
-from tests.support.configs import PEAK_FLOPS
+from tests.support.configs import PEAK_FLOPS, describing
 from tests.support.environment import REPO
 from tests.support.models import perturbed_model
 from tests.support.processes import run_module
@@ -236,9 +236,7 @@ def test_cli_export_of_an_hf_import_gives_the_same_folder(exports, tmp_path):
     test_use_checkpoint.py trains on."""
     config, model, folder = exports['gqa']
     save_dir = tmp_path / 'imported'
-    base = tiny.get_config()
-    base.dropout = 0.0
-    original_checkpoints.import_weights(folder, str(save_dir), None, base)
+    original_checkpoints.import_weights(folder, str(save_dir), None, describing(config))
     ckpt = loading.load(str(save_dir))
     assert_trees_equal(nnx.state(model), ckpt.params)
     assert ckpt.config.ctx_len == config.ctx_len and ckpt.config.rope_theta == config.rope_theta
@@ -263,10 +261,13 @@ def test_an_hf_import_trains_further(exports, tmp_path, corpus_sample):
     weights, and lowers the loss on held-out text."""
     config, model, folder = exports['gqa']
     save_dir = tmp_path / 'imported'
-    original_checkpoints.import_weights(folder, str(save_dir), None, tiny.get_config())
-    run = loading.read_config(str(save_dir))
-    run.update(
-        dict(
+    original_checkpoints.import_weights(folder, str(save_dir), None, describing(config))
+    # The same --config as the import, with training fields only: no model field is taken
+    # from save_dir.
+    run = describing(
+        config,
+        **dict(
+            save_dir=str(save_dir),
             data_path=str(corpus_sample),
             batch_size=8,
             max_steps=2,
@@ -278,7 +279,7 @@ def test_an_hf_import_trains_further(exports, tmp_path, corpus_sample):
             sample_prompts='',
             num_epochs=1,
             peak_flops_per_device=PEAK_FLOPS,
-        )
+        ),
     )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -457,6 +458,20 @@ def test_bad_folders_are_one_line_each(tmp_path, exports):
     assert 'has no tokenizer.model: an imported checkpoint needs the tokenizer.model' in _one_line(
         error
     )
+    assert not (tmp_path / 'run').exists()
+
+
+def test_an_import_refuses_a_config_that_does_not_describe_the_weights(exports, tmp_path):
+    """Importing with --config=X, then training with --config=X, must build one model: weights
+    that X does not describe are refused before anything is written, naming each field."""
+    config, _, folder = exports['gqa']
+    base = describing(config, d_ff=config.d_ff * 2, ctx_len=config.ctx_len + 1)
+    with pytest.raises(UserError) as error:
+        original_checkpoints.import_weights(folder, str(tmp_path / 'run'), None, base)
+    message = _one_line(error)
+    assert f'd_ff {config.d_ff} (--config: {config.d_ff * 2})' in message
+    assert f'ctx_len {config.ctx_len} (--config: {config.ctx_len + 1})' in message
+    assert message.endswith(f'--config.d_ff={config.d_ff} --config.ctx_len={config.ctx_len}')
     assert not (tmp_path / 'run').exists()
 
 

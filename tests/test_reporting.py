@@ -1,9 +1,11 @@
 """TensorBoard events, console progress, profiling and plots: what a person watching a run sees."""
 
+import contextlib
 import io
 import json
 import os
 import pathlib
+import shutil
 import struct
 import types
 
@@ -12,8 +14,8 @@ import numpy as np
 import pytest
 
 from muomni_jax.errors import UserError
-from muomni_jax.inference import plotting
-from muomni_jax.training import reporting, run_plan
+from muomni_jax.inference import loading, plotting
+from muomni_jax.training import reporting, run_plan, train
 from tests.support.configs import small_config
 from tests.support.logs import read_events
 from tests.support.processes import run_module
@@ -80,6 +82,45 @@ def test_event_files_hold_the_logged_scalars_and_samples(profiled_run):
         assert f'  {events[tag][-1][1]}\n' in result.stdout  # The line printed at step 6.
     # Tokens seen: step * batch_size * ctx_len, so runs can be plotted against data seen.
     assert [r['tokens'] for r in train_records] == [2 * 8 * 32, 4 * 8 * 32, 6 * 8 * 32]
+
+
+def _rerun(save_dir, corpus_sample, **fields):
+    """small_config on save_dir again (one device), its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.train_and_evaluate(small_config(save_dir, corpus_sample, **fields))
+    return out.getvalue()
+
+
+def test_a_finished_run_says_so_once_and_names_the_profile_it_drops(
+    trained_run, tmp_path, corpus_sample
+):
+    save_dir = tmp_path / 'run'
+    shutil.copytree(trained_run[0], save_dir)
+    before = sorted(os.listdir(save_dir / 'plugins' / 'profile'))
+    out = _rerun(save_dir, corpus_sample, profile_steps='4,5')
+    assert out.count('Nothing to train') == 1
+    assert (
+        f'Nothing to train: {save_dir} is complete at step 6 of 6. To train further, raise '
+        '--config.max_steps (or --config.num_epochs), or give a new --config.save_dir. '
+        'profile_steps=4,5 is not traced: no step runs.'
+    ) in out.splitlines()
+    for contradiction in ('Starting training', 'Training complete', 'Final validation', '[Step'):
+        assert contradiction not in out
+    assert sorted(os.listdir(save_dir / 'plugins' / 'profile')) == before
+    assert loading.available_steps(str(save_dir)) == [3, 6]
+
+
+def test_a_profile_behind_the_resumed_step_is_named(trained_run, tmp_path, corpus_sample):
+    save_dir = tmp_path / 'run'
+    shutil.copytree(trained_run[0], save_dir)
+    before = sorted(os.listdir(save_dir / 'plugins' / 'profile'))
+    out = _rerun(save_dir, corpus_sample, max_steps=7, profile_steps='2,3')
+    assert (
+        'profile_steps=2,3 is not traced: this run resumes after step 6. Give later steps to trace.'
+    ) in out.splitlines()
+    assert '[Step 7/7]' in out and 'Training complete!' in out
+    assert sorted(os.listdir(save_dir / 'plugins' / 'profile')) == before
 
 
 def test_profile_steps_write_a_trace_under_save_dir(profiled_run):

@@ -19,11 +19,12 @@ from muomni_jax.errors import UserError
 from muomni_jax.inference import evaluation, loading
 from muomni_jax.interop import original_checkpoints, original_format
 from muomni_jax.training import train
-from tests.support.configs import small_config
+from tests.support.configs import PEAK_FLOPS, small_config
 from tests.support.environment import REPO
-from tests.support.processes import run_code, run_module
+from tests.support.processes import one_device_env, run_code, run_module
 from tests.support.trees import assert_trees_equal
 
+LM_EVAL_TASKS = os.path.join(REPO, 'tests', 'fixtures', 'lm_eval_tiny')
 NOTEBOOK = os.path.join(REPO, 'examples', 'restore_and_sample.ipynb')
 
 
@@ -135,6 +136,58 @@ def test_launch_sample_and_evaluate(trained, corpus_sample):
     assert 'Traceback' not in bad.stderr
 
 
+@pytest.mark.slow
+def test_lm_eval_without_its_data_is_one_line(trained, tmp_path):
+    """A task whose data cannot be fetched (here: offline, with an empty Hugging Face cache)
+    is one line that names the local-task way out, and exit status 2."""
+    pytest.importorskip('lm_eval')
+    env = {
+        **one_device_env(),
+        'HF_HOME': str(tmp_path / 'hf_home'),
+        'HF_HUB_OFFLINE': '1',
+        'HF_DATASETS_OFFLINE': '1',
+    }
+    result = run_module(
+        'launch.evaluate', f'--checkpoint_dir={trained[0]}', '--lm_eval_tasks=hellaswag', env=env
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: the data of lm-eval task hellaswag could not be fetched (')
+    assert "Couldn't reach" in line and '--lm_eval_include_path' in line
+
+
+@pytest.mark.parametrize(
+    'case, expected',
+    [
+        ('unknown task', 'unknown lm-eval task no_such_task: see `lm_eval --tasks list`'),
+        ('missing folder', 'is not a folder: give the folder that holds the task YAML files'),
+        ('folder without tasks', 'holds no lm-eval task that loads: it needs a YAML file'),
+        ('folder of a broken YAML', 'holds no lm-eval task that loads: it needs a YAML file'),
+    ],
+)
+def test_lm_eval_input_errors_are_one_line(trained, tmp_path, case, expected):
+    lm_eval_model = pytest.importorskip('muomni_jax.interop.lm_eval_model')
+    include_path, task = str(tmp_path / 'tasks'), 'muomni_tiny_choice'
+    if case == 'unknown task':
+        include_path, task = LM_EVAL_TASKS, 'no_such_task'
+    elif case != 'missing folder':
+        os.makedirs(include_path)
+        if case == 'folder of a broken YAML':
+            with open(os.path.join(include_path, 'task.yaml'), 'w') as f:
+                f.write('task: [muomni_tiny_choice\n')
+    checkpoint = muomni_jax.load(trained[0])
+    with pytest.raises(UserError) as error:
+        lm_eval_model.evaluate_tasks(
+            checkpoint.model(),
+            checkpoint.tokenizer,
+            [task],
+            include_path=include_path,
+            include_defaults=False,
+        )
+    assert expected in str(error.value) and '\n' not in str(error.value)
+
+
 def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
     """Each step scores its own params: step 6, three more steps of training, is below step 3
     (an untrained or wrong checkpoint would not be), and the counts are the text's."""
@@ -162,8 +215,10 @@ def test_evaluate_scores_the_step_it_is_given(trained, corpus_sample):
 
 
 @pytest.mark.slow
-def test_convert_round_trips_a_pt(trained, tmp_path):
-    """launch.convert's CLI smoke run: export to the original's .pt, import it back."""
+def test_convert_round_trips_a_pt_with_one_config(trained, tmp_path, corpus_sample):
+    """launch.convert to the original's .pt and back, then launch.stage_a with the import's
+    --config: a --config that does not describe the weights is refused at the import, in one
+    line naming the overrides that do; with them, the import and the training both run."""
     pytest.importorskip('torch')
     save_dir = trained[0]
     pt = tmp_path / 'export' / 'thinker.pt'
@@ -171,19 +226,50 @@ def test_convert_round_trips_a_pt(trained, tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert f'Wrote {pt}' in export.stdout
     imported_dir = tmp_path / 'imported'
-    imported = run_module(
-        'launch.convert',
+    import_flags = [
         f'--input={pt}',
         f'--save_dir={imported_dir}',
         f'--tokenizer={save_dir}/tokenizer.model',
         '--config=configs/tiny.py',
-        '--config.ctx_len=32',
-    )
+        '--config.ctx_len=32',  # What a .pt cannot show.
+    ]
+    refused = run_module('launch.convert', *import_flags)
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: ') and 'vocab_size 256 (--config: 32000)' in line, line
+    assert not imported_dir.exists()
+    overrides = line.split('launch.stage_a: ')[1].split()
+    assert sorted(overrides) == [
+        '--config.d_ff=128',
+        '--config.d_model=64',
+        '--config.n_layers=2',
+        '--config.vocab_size=256',
+    ]
+
+    imported = run_module('launch.convert', *import_flags, *overrides)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert 'Imported a Thinker with n_layers=2 d_model=64 n_heads=4 kv_groups=2' in imported.stdout
     original, restored = muomni_jax.load(save_dir), muomni_jax.load(str(imported_dir))
     assert restored.config.ctx_len == 32 and restored.config.vocab_size == 256
     assert_trees_equal(original.params, restored.params)
+
+    trains = run_module(
+        'launch.stage_a',
+        '--config=configs/tiny.py',
+        '--config.ctx_len=32',
+        *overrides,
+        f'--config.save_dir={imported_dir}',
+        f'--config.data_path={corpus_sample}',
+        '--config.max_steps=1',
+        '--config.batch_size=8',
+        '--config.warmup_steps=1',
+        '--config.eval_batches=1',
+        '--config.sample_prompts=',
+        f'--config.peak_flops_per_device={PEAK_FLOPS}',
+    )
+    assert trains.returncode == 0, trains.stderr[-3000:]
+    assert 'Resuming from checkpoint step 0' in trains.stdout
+    assert loading.available_steps(str(imported_dir)) == [0, 1]
 
 
 def test_export_import_round_trips(trained, tmp_path, corpus_sample):

@@ -13,6 +13,7 @@ Shapes: B requests per batch, T padded tokens, V vocab.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from muomni_jax.data import tokenizer as tokenizer_lib
-from muomni_jax.errors import UserError
+from muomni_jax.errors import UserError, first_line
 from muomni_jax.inference import sampling
 from muomni_jax.model.thinker import Thinker
 
@@ -180,6 +181,8 @@ def evaluate_tasks(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if include_path:
+        _check_include_path(include_path)
     manager = TaskManager(include_path=include_path or None, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -187,13 +190,37 @@ def evaluate_tasks(
             f'unknown lm-eval task {", ".join(unknown)}: see `lm_eval --tasks list`, '
             'or pass the folder of its YAML as --lm_eval_include_path'
         )
-    return lm_eval.simple_evaluate(
-        model=ThinkerLM(model, tokenizer, batch_size),
-        tasks=list(tasks),
-        task_manager=manager,
-        limit=limit,
-        log_samples=log_samples,
-    )
+    try:
+        return lm_eval.simple_evaluate(
+            model=ThinkerLM(model, tokenizer, batch_size),
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            log_samples=log_samples,
+        )
+    except ConnectionError as e:  # datasets' "Couldn't reach ..." (no network, offline mode).
+        raise UserError(
+            f'the data of lm-eval task {", ".join(tasks)} could not be fetched '
+            f'({first_line(e, 200)}): run where the Hugging Face Hub is reachable, or use a '
+            'local task with --lm_eval_include_path (e.g. tests/fixtures/lm_eval_tiny)'
+        ) from None
+
+
+def _check_include_path(include_path: str) -> None:
+    """A folder of task YAML files that lm-eval loads; lm-eval itself skips a wrong one
+    without a word, and the task is then only 'unknown'."""
+    from lm_eval.tasks import TaskManager
+
+    if not os.path.isdir(include_path):
+        raise UserError(
+            f'--lm_eval_include_path {include_path} is not a folder: give the folder that '
+            'holds the task YAML files (e.g. tests/fixtures/lm_eval_tiny)'
+        )
+    if not TaskManager(include_path=include_path, include_defaults=False).all_tasks:
+        raise UserError(
+            f'--lm_eval_include_path {include_path} holds no lm-eval task that loads: it needs '
+            'a YAML file with a `task:` name (see tests/fixtures/lm_eval_tiny)'
+        )
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -78,6 +78,7 @@ def import_weights(
         tokenizer = tokenizer or found
     else:
         model_config, params = original_format.read_weights(source, base_fields)
+    _check_config_describes(model_config, base_config, source)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserError(
             f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the weights have '
@@ -93,3 +94,20 @@ def import_weights(
     checkpointing.write_step_zero(save_dir, state, config)
     tokenizer.save(run_dir.tokenizer_path(save_dir))
     return model_config
+
+
+def _check_config_describes(model_config: ThinkerConfig, base_config: Any, source: str) -> None:
+    """Refuses weights whose model fields differ from --config's: a later run of launch.stage_a
+    with the same --config would build another model than the one imported."""
+    differ = {
+        k: getattr(model_config, k)
+        for k in original_format.CONFIG_FIELDS
+        if k in base_config and base_config[k] != getattr(model_config, k)
+    }
+    if differ:
+        found = ', '.join(f'{k} {v!r} (--config: {base_config[k]!r})' for k, v in differ.items())
+        overrides = ' '.join(f'--config.{k}={v}' for k, v in differ.items())
+        raise UserError(
+            f'{source} holds a Thinker that --config does not describe: {found}. Give the same '
+            f'overrides to this import and to launch.stage_a: {overrides}'
+        )

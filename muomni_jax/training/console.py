@@ -57,6 +57,38 @@ def devices_line(mesh) -> str:
     return f'Using device: {kind} ({count}); mesh {axes}'
 
 
+def nothing_to_train(plan: run_plan.RunPlan, step: int) -> str:
+    """The one line of a run that has nothing left to train, naming any request it drops."""
+    total, save_dir = plan.length.total_steps, plan.output.save_dir
+    where = f'at step {step} of {total}' if step == total else f'at step {step}, past step {total}'
+    line = (
+        f'Nothing to train: {save_dir} is complete {where}. To train further, raise '
+        '--config.max_steps (or --config.num_epochs), or give a new --config.save_dir.'
+    )
+    if plan.output.profile_steps:
+        first, last = plan.output.profile_steps
+        line += f' profile_steps={first},{last} is not traced: no step runs.'
+    return line
+
+
+def unreachable_requests(plan: run_plan.RunPlan, start_step: int) -> list[str]:
+    """A line for each request of the plan that this run's steps cannot honour."""
+    if not plan.output.profile_steps:
+        return []
+    (first, last), total = plan.output.profile_steps, plan.length.total_steps
+    if last <= start_step:
+        return [
+            f'profile_steps={first},{last} is not traced: this run resumes after step '
+            f'{start_step}. Give later steps to trace.'
+        ]
+    if first > total:
+        return [
+            f'profile_steps={first},{last} is not traced: this run ends at step {total}. '
+            'Give steps up to the last to trace.'
+        ]
+    return []
+
+
 def format_duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     return f'{hours}h {rest // 60:02d}m {rest % 60:02d}s'

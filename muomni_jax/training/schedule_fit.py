@@ -34,7 +34,7 @@ from typing import Any
 import jax
 
 from muomni_jax.parallel import distributed
-from muomni_jax.training import run_plan
+from muomni_jax.training import periodic_actions, run_plan, steps
 
 MEASURED_STEPS = 10  # Steps timed after a launch's first, before the length is fixed.
 # A validation batch is a forward pass: about a third of a training step's FLOPs.
@@ -152,3 +152,45 @@ def for_plan(plan: run_plan.RunPlan, data: Any, start_step: int) -> ScheduleFit 
         # Each validation reads every source's eval_batches (host_data agreed on them).
         eval_batches=sum(source.eval_batches for source in data.sources),
     )
+
+
+def train_through_fit(state, fit, batches, setup, context, actions, should_stop, mesh):
+    """The first phase of a run fitted to schedule_seconds: the steps before fit.fit_at, step
+    fit_at, the fit (a new plan, schedule and actions), then step fit_at's actions under the
+    fitted length.
+
+    Returns (state, stopped, setup, context, actions), the last three for the fitted plan.
+    """
+    state, stopped = periodic_actions.train_loop(
+        state,
+        range(fit.start_step + 1, fit.fit_at),
+        batches,
+        setup.train_step,
+        context.interval,
+        [fit] + actions,
+        should_stop,
+        final_step=context.plan.length.total_steps,
+    )
+    if stopped:
+        return state, stopped, setup, context, actions
+    state, stopped = periodic_actions.train_loop(
+        state,
+        range(fit.fit_at, fit.fit_at + 1),
+        batches,
+        setup.train_step,
+        context.interval,
+        actions,
+        should_stop,
+        hold_last_actions=True,
+    )
+    total, line = fit.fitted_length(state)
+    plan = run_plan.with_total_steps(context.plan, total)
+    setup = steps.with_length(setup, plan, mesh)
+    context = dataclasses.replace(context, plan=plan, schedule=setup.schedule)
+    actions = periodic_actions.with_context(actions, context)
+    context.reporter.set_total_steps(total)
+    context.reporter.log(line)
+    periodic_actions.run_actions(
+        actions, fit.fit_at, state, final=fit.fit_at == total, stop=stopped
+    )
+    return state, stopped, setup, context, actions

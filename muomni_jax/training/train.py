@@ -149,6 +149,9 @@ def _restore_or_init(
 
 # The loop
 
+# _train's stopped_by for a save_dir that already holds the plan's last step.
+ALREADY_COMPLETE = 'already complete'
+
 
 def _train(
     start: _Start,
@@ -166,6 +169,12 @@ def _train(
     to the end).
     """
     plan, output = start.plan, start.plan.output
+    if start.step >= plan.length.total_steps:
+        checkpointer.close()
+        log(console.nothing_to_train(plan, start.step))
+        return {}, ALREADY_COMPLETE
+    for line in console.unreachable_requests(plan, start.step):
+        log(line)
     model_flops = train_actions.model_flops(plan, mesh, log)
     reporter = reporting.Reporter(
         output.save_dir,
@@ -222,10 +231,6 @@ def _loop(
     """The loop, in two phases where the length is fitted to schedule_seconds: the steps up to
     the fit, the measurement (a new plan), then the rest."""
     plan, setup, state, reporter = start.plan, start.setup, start.state, context.reporter
-    if start.step >= plan.length.total_steps:
-        reporter.log(
-            f'Nothing to do: save_dir is already at step {start.step} of {plan.length.total_steps}.'
-        )
     reporter.log('Starting training...')
     budget = preemption.TimeBudget(
         plan.length.max_train_seconds, wait_for=lambda: context.interval.sums
@@ -243,7 +248,7 @@ def _loop(
         should_stop = lambda step: signals.should_stop(step) or budget.should_stop(step)
         first, stopped = start.step + 1, False
         if fit is not None:
-            state, stopped, setup, context, actions = _train_through_fit(
+            state, stopped, setup, context, actions = schedule_fit.train_through_fit(
                 state, fit, batches, setup, context, actions, should_stop, mesh
             )
             plan, first = context.plan, fit.fit_at + 1
@@ -269,45 +274,3 @@ def _loop(
         'checkpoint.'
     )
     return context.summary, reason
-
-
-def _train_through_fit(state, fit, batches, setup, context, actions, should_stop, mesh):
-    """The first phase of a run fitted to schedule_seconds: the steps before fit.fit_at, step
-    fit_at, the fit (a new plan, schedule and actions), then step fit_at's actions under the
-    fitted length.
-
-    Returns (state, stopped, setup, context, actions), the last three for the fitted plan.
-    """
-    state, stopped = periodic_actions.train_loop(
-        state,
-        range(fit.start_step + 1, fit.fit_at),
-        batches,
-        setup.train_step,
-        context.interval,
-        [fit] + actions,
-        should_stop,
-        final_step=context.plan.length.total_steps,
-    )
-    if stopped:
-        return state, stopped, setup, context, actions
-    state, stopped = periodic_actions.train_loop(
-        state,
-        range(fit.fit_at, fit.fit_at + 1),
-        batches,
-        setup.train_step,
-        context.interval,
-        actions,
-        should_stop,
-        hold_last_actions=True,
-    )
-    total, line = fit.fitted_length(state)
-    plan = run_plan.with_total_steps(context.plan, total)
-    setup = steps.with_length(setup, plan, mesh)
-    context = dataclasses.replace(context, plan=plan, schedule=setup.schedule)
-    actions = periodic_actions.with_context(actions, context)
-    context.reporter.set_total_steps(total)
-    context.reporter.log(line)
-    periodic_actions.run_actions(
-        actions, fit.fit_at, state, final=fit.fit_at == total, stop=stopped
-    )
-    return state, stopped, setup, context, actions

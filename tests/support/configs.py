@@ -16,6 +16,14 @@ def tiny_config(**fields):
     return config
 
 
+def describing(model_config, **fields):
+    """configs/tiny.py with every field of model_config (a ThinkerConfig) that the original's
+    config holds: the --config an import of those weights takes; fields win."""
+    from muomni_jax.model.thinker import ORIGINAL_FIELDS
+
+    return tiny_config(**{**{k: getattr(model_config, k) for k in ORIGINAL_FIELDS}, **fields})
+
+
 def corpus_config(data_path, cache_dir=None, **fields):
     """configs/tiny.py reading the documents of data_path, a fifth of them held out (and its
     token cache in cache_dir, if given); fields win."""
