@@ -1,8 +1,10 @@
 """Every fenced bash block of README.md and docs/*.md runs as written.
 
-The blocks run in page order (README.md, then docs/ by name), each in `bash -e`, all in one
-scratch copy of the repository: a block may use what an earlier one made (the quick start's
-checkpoints/cpu_demo), as it does for a reader who pastes them in order. pytest-codeblocks reads
+The blocks run in page order (README.md, then docs/ by name), each in `bash -e`, in a scratch
+copy of the repository: a block may use what an earlier one made (the quick start's
+checkpoints/cpu_demo), as it does for a reader who pastes them in order. Three groups of pages
+run side by side on pytest's workers; the README and docs/interop.md, which starts from the
+quick start's checkpoint, are one group. pytest-codeblocks reads
 the blocks and the page's markers:
 
 - `<!--pytest.mark.skip(reason="...")-->` before a block skips it, with the reason the page
@@ -35,9 +37,9 @@ _TIME_STAMP = re.compile(r'\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}')
 _STAGE_A = re.compile(r'python -m launch\.stage_a\b')
 
 
-def _blocks():
+def _blocks(pages):
     params = []
-    for page in PAGES:
+    for page in pages:
         for block in extract_from_file(os.path.join(REPO, page)):
             if block.syntax != 'bash':
                 continue
@@ -135,9 +137,35 @@ def test_the_one_change_is_the_length_of_runs_that_set_none():
     assert not pattern.search('Profile written to b/2027_01_02_03_04_05')
 
 
+# Three groups that pytest.ini's --dist loadscope runs on different workers: interop's examples
+# start from the quick start's checkpoints/cpu_demo, so they follow the README on one worker.
+README_AND_INTEROP = ['README.md', 'docs/interop.md']
+DEVICES = ['docs/devices.md']
+OTHER_PAGES = [page for page in PAGES if page not in README_AND_INTEROP + DEVICES]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('where, block', _blocks())
-def test_block_runs_as_written(where, block, scratch):
+class TestReadmeAndInterop:
+    @pytest.mark.parametrize('where, block', _blocks(README_AND_INTEROP))
+    def test_block_runs_as_written(self, where, block, scratch):
+        _run_as_written(where, block, scratch)
+
+
+@pytest.mark.slow
+class TestDevices:
+    @pytest.mark.parametrize('where, block', _blocks(DEVICES))
+    def test_block_runs_as_written(self, where, block, scratch):
+        _run_as_written(where, block, scratch)
+
+
+@pytest.mark.slow
+class TestOtherPages:
+    @pytest.mark.parametrize('where, block', _blocks(OTHER_PAGES))
+    def test_block_runs_as_written(self, where, block, scratch):
+        _run_as_written(where, block, scratch)
+
+
+def _run_as_written(where, block, scratch):
     if reason := _skip_reason(block):
         pytest.skip(f'{where}: {reason}')
     if block.importorskip:
