@@ -43,6 +43,9 @@ def _use_compilers(argv: list[str]) -> None:
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+    # libtpu's one-process-per-host lockfile guards TPU chips; a compile uses none, so several
+    # pre-flights (and the tests') may run side by side.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     # Nothing to autotune on: no device runs here.
     os.environ['XLA_FLAGS'] = (
         os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_autotune_level=0'
