@@ -67,6 +67,9 @@ def train_and_evaluate(config, devices: list[jax.Device] | None = None) -> dict[
 
 # Set-up
 
+# The stopped_by of a run whose save_dir already holds the plan's last step.
+ALREADY_COMPLETE = 'already complete'
+
 
 def _checked_mesh(plan: run_plan.RunPlan, devices) -> jax.sharding.Mesh:
     """The mesh, once save_dir is writable and the devices can run the plan (none of these
@@ -120,6 +123,12 @@ def _set_up_and_train(
         tokenizer_setup.keep_in_save_dir(save_dir, tokenizer)
         run_dir.write_config(save_dir, plan.config_fields)
     checkpointer.start_writing(start.step)
+    if start.step >= start.plan.length.total_steps:
+        checkpointer.close()
+        log(console.nothing_to_train(start.plan, start.step))
+        return {}, ALREADY_COMPLETE
+    for line in console.unreachable_requests(start.plan, start.step):
+        log(line)
     return _train(start, mesh, data, sampler, checkpointer, is_main, log)
 
 
@@ -149,9 +158,6 @@ def _restore_or_init(
 
 # The loop
 
-# _train's stopped_by for a save_dir that already holds the plan's last step.
-ALREADY_COMPLETE = 'already complete'
-
 
 def _train(
     start: _Start,
@@ -169,12 +175,6 @@ def _train(
     to the end).
     """
     plan, output = start.plan, start.plan.output
-    if start.step >= plan.length.total_steps:
-        checkpointer.close()
-        log(console.nothing_to_train(plan, start.step))
-        return {}, ALREADY_COMPLETE
-    for line in console.unreachable_requests(plan, start.step):
-        log(line)
     model_flops = train_actions.model_flops(plan, mesh, log)
     reporter = reporting.Reporter(
         output.save_dir,
