@@ -18,10 +18,12 @@ A comment line `# prints: TEXT` in a block is output the block must print; a dat
 in TEXT matches any.
 """
 
+import contextlib
 import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -176,16 +178,24 @@ def _run_as_written(where, block, scratch):
             'requirements-preflight.txt'
         )
     code = shortened(block.code)
-    result = subprocess.run(
+    # Its own process group: a block's `&` jobs end with it, even when it fails or times out.
+    block_process = subprocess.Popen(
         ['bash', '-e', '-o', 'pipefail', '-c', code],
         cwd=scratch,
         env=one_device_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f'{code}\n{output[-4000:]}'
+    try:
+        stdout, stderr = block_process.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(block_process.pid, signal.SIGKILL)
+        block_process.wait()
+    output = stdout + stderr
+    assert block_process.returncode == 0, f'{code}\n{output[-4000:]}'
     # A command that failed in the background (a `&` job) leaves its error, not a status.
     assert 'Traceback' not in output and not re.search(r'^error: ', output, re.M), output[-4000:]
     for pattern in expected_lines(block.code):
